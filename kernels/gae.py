@@ -1,0 +1,80 @@
+"""GAE for a whole batch in one launch: a reverse scan of two affine recurrences per sequence.
+
+Going backwards in time, with m_t the mask, both quantities of the loop in reference.gae are
+affine in their successor, x_t = a_t·x_{t+1} + b_t, and affine maps compose associatively:
+
+    V^next_t = (1 − m_{t+1})·V^next_{t+1} + m_{t+1}·V_{t+1}       value of the next unmasked token
+    A_t      = (m_t·γλ + 1 − m_t)·A_{t+1} + m_t·(r_t + γ·V^next_t − V_t)
+
+One program scans one sequence in chunks of BLOCK_T from its end; the chunk is loaded in reverse
+time order so a forward ``tl.associative_scan`` composes the maps, and the value after each chunk
+carries into the next. Positions outside the sequence load as masked tokens, whose maps are the
+identity (a = 1, b = 0), so the last scan element always holds the carry for the next chunk.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _compose_affine(a_prev, b_prev, a_cur, b_cur):
+    """x ↦ a_cur·(a_prev·x + b_prev) + b_cur: apply the later-in-scan map last."""
+    return a_prev * a_cur, a_cur * b_prev + b_cur
+
+
+@triton.jit
+def _gae_kernel(
+    rewards_ptr,  # [total] packed tokens
+    values_ptr,  # [total]
+    mask_ptr,  # [total], same dtype as the accumulation
+    cu_seqlens_ptr,  # [S + 1] int, sequence s is [cu[s], cu[s+1])
+    adv_ptr,  # [total] out
+    ret_ptr,  # [total] out
+    gamma,
+    gamma_lam,
+    BLOCK_T: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    lane = tl.arange(0, BLOCK_T)
+    last_lane = lane == BLOCK_T - 1
+    carry_next_value = tl.zeros((), ACC)
+    carry_adv = tl.zeros((), ACC)
+    n_chunks = tl.cdiv(end - start, BLOCK_T)
+    for chunk in range(0, n_chunks):
+        t = end - 1 - chunk * BLOCK_T - lane
+        valid = t >= start
+        succ_valid = valid & (t + 1 < end)
+        m_succ = tl.load(mask_ptr + t + 1, mask=succ_valid, other=0.0).to(ACC)
+        v_succ = tl.load(values_ptr + t + 1, mask=succ_valid, other=0.0).to(ACC)
+        a_next, b_next = tl.associative_scan(
+            (1.0 - m_succ, m_succ * v_succ), 0, _compose_affine
+        )
+        next_value = a_next * carry_next_value + b_next
+
+        m = tl.load(mask_ptr + t, mask=valid, other=0.0).to(ACC)
+        v = tl.load(values_ptr + t, mask=valid, other=0.0).to(ACC)
+        r = tl.load(rewards_ptr + t, mask=valid, other=0.0).to(ACC)
+        a_adv, b_adv = tl.associative_scan(
+            (m * gamma_lam + 1.0 - m, m * (r + gamma * next_value - v)), 0, _compose_affine
+        )
+        adv = a_adv * carry_adv + b_adv
+        tl.store(adv_ptr + t, adv, mask=valid)
+        tl.store(ret_ptr + t, adv + v, mask=valid)
+
+        carry_adv = tl.sum(tl.where(last_lane, adv, 0.0), axis=0)
+        carry_next_value = tl.sum(tl.where(last_lane, next_value, 0.0), axis=0)
+
+
+def gae(rewards, values, mask, cu_seqlens, advantages, returns, gamma, lam, max_len, acc):
+    """Launch over packed 1-D inputs (all contiguous, ``mask`` already in the ``acc`` dtype)."""
+    n_seqs = cu_seqlens.numel() - 1
+    if n_seqs <= 0 or rewards.numel() == 0:
+        return
+    block = min(triton.next_power_of_2(max(int(max_len), 1)), 1024)
+    _gae_kernel[(n_seqs,)](
+        rewards, values, mask, cu_seqlens, advantages, returns, float(gamma), float(gamma * lam),
+        BLOCK_T=block, ACC=acc, num_warps=4 if block <= 256 else 8,
+    )

@@ -1,0 +1,161 @@
+"""Token log-probabilities and entropy from logits, forward and backward, one pass each.
+
+For a row of logits z (length V), label y and temperature τ, with s = z/τ:
+
+    lse     = log Σ_j exp(s_j)                  (online: running max m, running sum d)
+    logp    = s_y − lse
+    E[s]    = Σ_j p_j s_j = (Σ_j e^(s_j − m) s_j) / d
+    entropy = lse − E[s]
+
+Backward, for upstream gradients g (of logp) and h (of entropy), with p_j = exp(s_j − lse):
+
+    ∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(s_j − E[s]) ) / τ
+
+The forward saves only lse per token (entropy is an output, E[s] = lse − entropy), so the
+backward recomputes p from one read of the logits and writes dlogits in the logits' dtype.
+
+Each row is reduced by one program in a fixed order that depends only on V and the dtype, so a
+token's log-prob is bitwise the same whatever batch, padding or row order it is computed in.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_lse_expected(
+    row_ptr,  # pointer to logits[row, 0]; the row is contiguous
+    V,
+    inv_temp,
+    active,  # scalar bool: inactive rows are not read
+    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 logits
+):
+    """(lse, E[s]) of one row of s = logits·inv_temp in one pass; E[s] is 0 without entropy."""
+    m = tl.full((), float("-inf"), ACC)
+    d = tl.zeros((), ACC)
+    t = tl.zeros((), ACC)
+    n_read = tl.where(active, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_read
+        s = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(ACC) * inv_temp
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        # A row of −inf so far keeps m_new = −inf; exp(−inf − −inf) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(s - m_safe)
+        d = d * rescale + tl.sum(e, axis=0)
+        if WITH_ENTROPY:
+            t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    if WITH_ENTROPY:
+        expected = t / d
+    else:
+        expected = tl.zeros((), ACC)
+    return lse, expected
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,  # [N, V] any float dtype, rows at stride_row, unit column stride
+    stride_row,
+    labels_ptr,  # [N] int32/int64, contiguous
+    logp_ptr,  # [N] out, ACC dtype
+    entropy_ptr,  # [N] out, ACC dtype (unused without entropy)
+    lse_ptr,  # [N] out, ACC dtype
+    V,
+    inv_temp,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    active = label != ignore_index
+    row_ptr = logits_ptr + row * stride_row
+    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active, BLOCK_V, WITH_ENTROPY, ACC)
+    safe_label = tl.where(active, label, 0)
+    s_label = tl.load(row_ptr + safe_label, mask=active, other=0.0).to(ACC) * inv_temp
+    tl.store(logp_ptr + row, tl.where(active, s_label - lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(active, lse - expected, 0.0))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,  # [N, V] read, rows at stride_row
+    stride_row,
+    dlogits_ptr,  # [N, V] out, rows at stride_drow; may be logits_ptr itself (in place)
+    stride_drow,
+    labels_ptr,  # [N]
+    lse_ptr,  # [N] saved by the forward
+    entropy_ptr,  # [N] forward output (needed only with HAS_GRAD_ENTROPY)
+    grad_logp_ptr,  # [N]
+    grad_entropy_ptr,  # [N]
+    V,
+    inv_temp,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    active = label != ignore_index
+    lse = tl.load(lse_ptr + row).to(ACC)
+    g = tl.load(grad_logp_ptr + row).to(ACC)
+    if HAS_GRAD_ENTROPY:
+        h = tl.load(grad_entropy_ptr + row).to(ACC)
+        expected = lse - tl.load(entropy_ptr + row).to(ACC)
+    row_ptr = logits_ptr + row * stride_row
+    drow_ptr = dlogits_ptr + row * stride_drow
+    n_read = tl.where(active, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        s = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_temp
+        p = tl.where(active, tl.exp(s - lse), 0.0)
+        ds = tl.where(cols == label, g, 0.0) - g * p
+        if HAS_GRAD_ENTROPY:
+            ds -= h * tl.where(p > 0, p * (s - expected), 0.0)
+        ds = tl.where(active, ds * inv_temp, 0.0)
+        tl.store(drow_ptr + cols, ds.to(dlogits_ptr.dtype.element_ty), mask=in_row)
+
+
+def block_config(V: int, element_size: int):
+    """(BLOCK_V, num_warps) from the vocabulary size and dtype only: batch invariance needs it."""
+    block = min(triton.next_power_of_2(V), 16384 // element_size)
+    return block, 8 if block >= 4096 else 4
+
+
+def logprobs_fwd(logits2d, labels, logp, entropy, lse, inv_temp, ignore_index, with_entropy, acc):
+    """Launch the forward over N rows. Outputs are preallocated [N] tensors of dtype ``acc``."""
+    n_rows, V = logits2d.shape
+    if n_rows == 0:
+        return
+    block, warps = block_config(V, logits2d.element_size())
+    _logprobs_fwd_kernel[(n_rows,)](
+        logits2d, logits2d.stride(0), labels, logp, entropy, lse, V, inv_temp, ignore_index,
+        BLOCK_V=block, WITH_ENTROPY=with_entropy, ACC=acc, num_warps=warps,
+    )
+
+
+def logprobs_bwd(logits2d, dlogits2d, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
+                 ignore_index, acc):
+    """Launch the backward; ``grad_entropy`` None means the entropy got no gradient."""
+    n_rows, V = logits2d.shape
+    if n_rows == 0:
+        return
+    block, warps = block_config(V, logits2d.element_size())
+    has_h = grad_entropy is not None
+    _logprobs_bwd_kernel[(n_rows,)](
+        logits2d, logits2d.stride(0), dlogits2d, dlogits2d.stride(0), labels, lse,
+        entropy if has_h else lse, grad_logp, grad_entropy if has_h else grad_logp,
+        V, inv_temp, ignore_index,
+        BLOCK_V=block, HAS_GRAD_ENTROPY=has_h, ACC=acc, num_warps=warps,
+    )

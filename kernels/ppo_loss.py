@@ -1,0 +1,165 @@
+"""Fused PPO actor loss forward: one pass over each logits row, then the per-token loss math.
+
+Per token, with logp and entropy H from the row (see logprobs.py), Δ = logp − old_logp:
+
+    ratio = exp(clamp(Δ, ±20))
+    pg    = max(−A·ratio, −A·clip(ratio, 1 − ε_low, 1 + ε_high))         clipped := second wins
+    dual clip (c > 1), A < 0:  pg = min(pg, −A·c)                          clipped_lower := cap wins
+    truncated IS:  pg ·= min(exp(clamp(old − rollout, ±20)), cap)
+    kl    = estimator(logp, ref_logp)                                      (see KL modes below)
+    token_loss = pg + β·kl − η·H
+
+and the derivative ∂token_loss/∂logp, so the backward is the log-prob backward with
+g = upstream·∂loss/∂logp and h = −upstream·η: one read of the logits and one write of dlogits.
+
+Rows whose label is ``ignore_index`` (masked-out tokens: the launcher folds the mask into the
+labels) are never read and give zeros everywhere.
+"""
+
+import triton
+import triton.language as tl
+
+from .logprobs import block_config, row_lse_expected
+
+KL_MODES = {None: 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4, "k1+": 5, "k3+": 6}
+
+
+@triton.jit
+def _kl_and_grad(logp, ref, KL_MODE: tl.constexpr):
+    """(kl, ∂kl/∂logp) of one token; k1+/k3+ take the k2 gradient."""
+    diff = logp - ref
+    if KL_MODE == 1:
+        kl = diff
+        dkl = tl.full(diff.shape, 1.0, diff.dtype)
+    elif KL_MODE == 2:
+        kl = tl.abs(diff)
+        dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    elif KL_MODE == 3:
+        kl = 0.5 * diff * diff
+        dkl = diff
+    elif KL_MODE == 5:
+        kl = diff
+        dkl = diff
+    else:
+        # k3 (mode 4) and k3+ (mode 6): e^x − x − 1 with x = clamp(ref − logp, ±20), result ±10.
+        x = -diff
+        x_in = (x >= -20.0) & (x <= 20.0)
+        x = tl.minimum(tl.maximum(x, -20.0), 20.0)
+        raw = tl.exp(x) - x - 1.0
+        kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+        if KL_MODE == 6:
+            dkl = diff
+        else:
+            dkl = tl.where(x_in & (raw >= -10.0) & (raw <= 10.0), 1.0 - tl.exp(x), 0.0)
+    return kl, dkl
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    logits_ptr,  # [N, V] rows at stride_row
+    stride_row,
+    labels_ptr,  # [N] int, ignore_index where the token is masked out
+    old_logp_ptr,  # [N]
+    adv_ptr,  # [N]
+    ref_logp_ptr,  # [N] (read only with KL_MODE > 0)
+    rollout_logp_ptr,  # [N] (read only with HAS_TIS)
+    token_loss_ptr,  # [N] out: pg + β·kl − η·H
+    dloss_dlogp_ptr,  # [N] out
+    logp_ptr,  # [N] out
+    entropy_ptr,  # [N] out
+    lse_ptr,  # [N] out
+    pg_ptr,  # [N] out
+    kl_ptr,  # [N] out
+    log_ratio_ptr,  # [N] out: clamped Δ
+    flags_ptr,  # [N] int8 out: bit 0 clipped, bit 1 clipped_lower
+    V,
+    inv_temp,
+    ignore_index,
+    clip_low,
+    clip_high,
+    dual_clip,
+    tis_cap,
+    kl_coef,
+    entropy_coef,
+    BLOCK_V: tl.constexpr,
+    KL_MODE: tl.constexpr,
+    HAS_DUAL_CLIP: tl.constexpr,
+    HAS_TIS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    active = label != ignore_index
+    row_ptr = logits_ptr + row * stride_row
+    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active, BLOCK_V, True, ACC)
+    s_label = tl.load(row_ptr + tl.where(active, label, 0), mask=active, other=0.0).to(ACC)
+    logp = s_label * inv_temp - lse
+    entropy = lse - expected
+
+    adv = tl.load(adv_ptr + row).to(ACC)
+    raw_log_ratio = logp - tl.load(old_logp_ptr + row).to(ACC)
+    ratio_in = (raw_log_ratio >= -20.0) & (raw_log_ratio <= 20.0)
+    log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -20.0), 20.0)
+    ratio = tl.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped_loss = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clipped = clipped_loss > unclipped
+    pg = tl.where(clipped, clipped_loss, unclipped)
+    dpg = tl.where(clipped | (~ratio_in), 0.0, unclipped)
+    clipped_lower = tl.zeros((), tl.int1)
+    if HAS_DUAL_CLIP:
+        cap = -adv * dual_clip
+        clipped_lower = (adv < 0) & (pg > cap)
+        pg = tl.where(clipped_lower, cap, pg)
+        dpg = tl.where(clipped_lower, 0.0, dpg)
+    if HAS_TIS:
+        old = tl.load(old_logp_ptr + row).to(ACC)
+        is_log_ratio = old - tl.load(rollout_logp_ptr + row).to(ACC)
+        is_log_ratio = tl.minimum(tl.maximum(is_log_ratio, -20.0), 20.0)
+        is_weight = tl.minimum(tl.exp(is_log_ratio), tis_cap)
+        pg = pg * is_weight
+        dpg = dpg * is_weight
+    if KL_MODE > 0:
+        kl, dkl = _kl_and_grad(logp, tl.load(ref_logp_ptr + row).to(ACC), KL_MODE)
+    else:
+        kl = tl.zeros((), ACC)
+        dkl = tl.zeros((), ACC)
+
+    token_loss = pg + kl_coef * kl - entropy_coef * entropy
+    dloss = dpg + kl_coef * dkl
+    tl.store(token_loss_ptr + row, tl.where(active, token_loss, 0.0))
+    tl.store(dloss_dlogp_ptr + row, tl.where(active, dloss, 0.0))
+    tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
+    tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
+    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    tl.store(pg_ptr + row, tl.where(active, pg, 0.0))
+    tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
+    tl.store(log_ratio_ptr + row, tl.where(active, log_ratio, 0.0))
+    flags = clipped.to(tl.int8) + 2 * clipped_lower.to(tl.int8)
+    tl.store(flags_ptr + row, tl.where(active, flags, 0).to(tl.int8))
+
+
+def ppo_fwd(logits2d, labels, old_logp, adv, ref_logp, rollout_logp, outputs, *, inv_temp,
+            ignore_index, clip_low, clip_high, dual_clip, tis_cap, kl_coef, entropy_coef,
+            kl_mode, acc):
+    """Launch the fused forward. ``outputs`` is a dict of preallocated [N] tensors named as the
+    kernel's out-pointers (token_loss, dloss_dlogp, logp, entropy, lse, pg, kl, log_ratio, flags).
+    """
+    n_rows, V = logits2d.shape
+    if n_rows == 0:
+        return
+    block, warps = block_config(V, logits2d.element_size())
+    o = outputs
+    _ppo_fwd_kernel[(n_rows,)](
+        logits2d, logits2d.stride(0), labels, old_logp, adv,
+        old_logp if ref_logp is None else ref_logp,
+        old_logp if rollout_logp is None else rollout_logp,
+        o["token_loss"], o["dloss_dlogp"], o["logp"], o["entropy"], o["lse"], o["pg"], o["kl"],
+        o["log_ratio"], o["flags"],
+        V, float(inv_temp), ignore_index, float(clip_low), float(clip_high),
+        0.0 if dual_clip is None else float(dual_clip), float(tis_cap), float(kl_coef),
+        float(entropy_coef),
+        BLOCK_V=block, KL_MODE=KL_MODES[kl_mode if ref_logp is not None else None],
+        HAS_DUAL_CLIP=dual_clip is not None, HAS_TIS=rollout_logp is not None, ACC=acc,
+        num_warps=warps,
+    )

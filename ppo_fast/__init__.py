@@ -1,0 +1,44 @@
+"""ppo_fast: fused, exact PPO ops for RLHF of language models.
+
+    import ppo_fast as pf
+    logp = pf.token_logprobs(logits, labels)
+    loss, metrics = pf.ppo_loss(logits, labels, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.05)
+
+The reference ops (``ppo_fast.reference``) are the specification; on CUDA the same functions run
+fused Triton kernels (``ppo_fast.kernels``). ``PPO_FAST_BACKEND=reference|triton|native`` forces a
+backend.
+"""
+
+from .backend import BackendUnavailable
+from .functional import (
+    gae,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    ppo_loss,
+    token_logprobs,
+    value_loss,
+)
+from .kl_control import AdaptiveKLController, FixedKLController
+from .losses import PPOLoss, ValueLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveKLController",
+    "BackendUnavailable",
+    "FixedKLController",
+    "PPOLoss",
+    "ValueLoss",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "masked_mean",
+    "masked_whiten",
+    "policy_loss",
+    "ppo_loss",
+    "token_logprobs",
+    "value_loss",
+]

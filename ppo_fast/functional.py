@@ -1,0 +1,330 @@
+"""The public functional API: check the inputs, pick a backend, run.
+
+Shapes use ``N`` (tokens, any leading shape), ``V`` (vocabulary), ``B``/``T`` (sequences, time).
+Semantics are those of :mod:`ppo_fast.reference`, the spec; the docstrings there give formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as check
+from . import backend, reference
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+):
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, differentiable.
+
+    Args:
+        logits: ``[..., V]`` float32 / bfloat16 / float16 / float64.
+        labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (gives logp 0, entropy 0,
+            zero gradient).
+        return_entropy: also return the entropy of each position's distribution.
+        inplace_backward: on the Triton path, write the gradient into the logits buffer itself
+            during backward (saves one ``[N, V]`` buffer; the logits are overwritten).
+
+    Returns:
+        ``logp`` ``[...]`` float32 (float64 for float64 logits), or ``(logp, entropy)``.
+        On CUDA one read of the logits forward and one read + one write backward; no float32
+        copy of the logits is made.
+    """
+    check.logits_and_labels(logits, labels, ignore_index)
+    check.positive("temperature", temperature)
+    if backend.select("token_logprobs", logits.device) == "triton":
+        from . import _triton_ops
+
+        return _triton_ops.token_logprobs(logits, labels, temperature=temperature,
+                                          ignore_index=ignore_index, return_entropy=return_entropy,
+                                          inplace_backward=inplace_backward)
+    return reference.token_logprobs(logits, labels, temperature=temperature,
+                                    ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Generalised advantage estimation; returns ``(advantages, returns)``.
+
+    Padded form: ``rewards``, ``values``, ``mask`` are ``[B, T]``. Packed form: they are 1-D
+    ``[total]`` and ``cu_seqlens`` ``[S + 1]`` (int, as flash-attn's varlen API) delimits the
+    sequences. ``mask`` (default all ones) marks the tokens that count; masked tokens add no TD
+    error and do not break the chain. No whitening (see :func:`masked_whiten`). On CUDA, one
+    kernel launch for the whole batch.
+    """
+    for name, t in (("rewards", rewards), ("values", values)):
+        check.floating(name, check.tensor(name, t))
+    packed = cu_seqlens is not None
+    if packed:
+        if rewards.dim() != 1:
+            raise ValueError(f"rewards must be 1-D [total] with cu_seqlens, got shape {tuple(rewards.shape)}")
+        check.integer("cu_seqlens", check.tensor("cu_seqlens", cu_seqlens))
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+    elif rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T] (or 1-D with cu_seqlens), got shape {tuple(rewards.shape)}")
+    check.shape("values", values, rewards.shape, "rewards.shape")
+    if mask is None:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    check.mask_like("mask", mask, rewards.shape, "rewards.shape")
+    check.same_device("rewards", rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
+    check.in_unit_interval("gamma", gamma)
+    check.in_unit_interval("lam", lam)
+    use_triton = backend.select("gae", rewards.device) == "triton"
+    if packed:
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != rewards.numel() or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to rewards.numel()={rewards.numel()}, "
+                             f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+        if use_triton:
+            from . import _triton_ops
+
+            max_len = int(lengths.max()) if lengths.numel() else 0
+            return _triton_ops.gae_packed(rewards, values, mask, cu_seqlens, gamma=gamma, lam=lam,
+                                          max_len=max_len)
+        return reference.gae_packed(rewards, values, mask, cu_seqlens, gamma=gamma, lam=lam)
+    if use_triton:
+        from . import _triton_ops
+
+        return _triton_ops.gae_padded(rewards, values, mask, gamma=gamma, lam=lam)
+    return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True):
+    """Whiten with the masked mean and Bessel-corrected masked variance (eps 1e-8).
+
+    ``values`` and ``mask`` share a shape; needs at least 2 masked tokens. ``shift_mean=False``
+    keeps the mean (scales only).
+    """
+    check.floating("values", check.tensor("values", values))
+    check.mask_like("mask", mask, values.shape, "values.shape")
+    count = int(mask.to(torch.bool).sum())
+    if count < 2:
+        raise ValueError(f"mask must select at least 2 tokens to estimate a variance, selects {count}")
+    return reference.masked_whiten(values, mask, shift_mean=shift_mean)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (0 for an empty mask)."""
+    check.floating("values", check.tensor("values", values))
+    check.mask_like("mask", mask, values.shape, "values.shape")
+    return reference.masked_mean(values, mask)
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+):
+    """GRPO (``normalize_std=True``) or Dr. GRPO (``False``) outcome advantages.
+
+    ``scores`` ``[B]`` (one score per sequence), ``group_ids`` ``[B]`` integer (samples of the
+    same prompt share an id). Returns ``[B]``, or ``[B, T]`` broadcast over the tokens and
+    multiplied by ``mask`` when a ``[B, T]`` mask is given.
+    """
+    check.floating("scores", check.tensor("scores", scores))
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D [B], got shape {tuple(scores.shape)}")
+    check.integer("group_ids", check.tensor("group_ids", group_ids))
+    check.shape("group_ids", group_ids, scores.shape, "scores.shape")
+    check.positive("eps", eps)
+    adv = reference.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
+    if mask is None:
+        return adv
+    check.tensor("mask", mask)
+    if mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
+        raise ValueError(f"mask must be [B, T] with B={scores.shape[0]}, got shape {tuple(mask.shape)}")
+    return adv.unsqueeze(-1) * mask.to(adv.dtype)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate (``k1``, ``abs``, ``k2``, ``k3``, ``k1+``, ``k3+``; verl's ``kl``,
+    ``mse``, ``low_var_kl`` too). Same shape as ``logp``; differentiable in ``logp``."""
+    check.floating("logp", check.tensor("logp", logp))
+    check.token_tensor("ref_logp", ref_logp, logp.shape, "logp.shape")
+    estimator = check.kl_estimator(estimator)
+    return reference.kl_penalty(logp, ref_logp, estimator)
+
+
+def _check_policy(logp_shape, old_logp, advantages, mask, rollout_logp, clip_low, clip_high,
+                  dual_clip, tis_cap, agg, num_tokens, num_seqs, dp_size, horizon):
+    what = "the log-probs' shape"
+    check.token_tensor("old_logp", old_logp, logp_shape, what)
+    check.token_tensor("advantages", advantages, logp_shape, what)
+    check.mask_like("mask", mask, logp_shape, what)
+    if rollout_logp is not None:
+        check.token_tensor("rollout_logp", rollout_logp, logp_shape, what)
+    check.positive("tis_cap", tis_cap)
+    check.clip_options(clip_low, clip_high, dual_clip)
+    check.agg_options(agg, mask, num_tokens, num_seqs, dp_size, horizon)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+):
+    """PPO clipped surrogate loss from per-token log-probs; returns ``(loss, metrics)``.
+
+    All tensors share the shape of ``logp`` (``[B, T]`` for the ``seq-*`` aggregations).
+    ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
+    (> 1) caps the loss of negative-advantage tokens at ``−A·dual_clip``. ``rollout_logp`` turns
+    on the truncated importance-sampling correction ``min(π_old / π_rollout, tis_cap)``.
+    ``num_tokens`` / ``num_seqs`` / ``dp_size``: global normalisers (see
+    :func:`ppo_fast.reference.agg_weights`). Metrics: ``pg_loss``, ``clipfrac``,
+    ``clipfrac_lower``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (detached 0-d tensors).
+    """
+    check.floating("logp", check.tensor("logp", logp))
+    _check_policy(logp.shape, old_logp, advantages, mask, rollout_logp, clip_low, clip_high,
+                  dual_clip, tis_cap, agg, num_tokens, num_seqs, dp_size, horizon)
+    return reference.policy_loss(
+        logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, agg=agg, rollout_logp=rollout_logp, tis_cap=tis_cap,
+        num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
+    )
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+):
+    """Clipped value loss ``½·agg(max((v − R)², (clip(v, v_old ± clip) − R)²))``.
+
+    Returns ``(loss, {"vf_loss", "vf_clipfrac"})``. ``clip=None`` disables clipping.
+    """
+    check.floating("values", check.tensor("values", values))
+    check.token_tensor("old_values", old_values, values.shape, "values.shape")
+    check.token_tensor("returns", returns, values.shape, "values.shape")
+    check.mask_like("mask", mask, values.shape, "values.shape")
+    if clip is not None:
+        check.positive("clip", clip)
+    check.agg_options(agg, mask, num_tokens, num_seqs, dp_size, horizon)
+    return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg,
+                                num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+                                horizon=horizon)
+
+
+def ppo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+    inplace_backward: bool = False,
+):
+    """The whole actor loss from logits, fused on CUDA; returns ``(loss, metrics)``.
+
+    ``loss = policy_loss + kl_coef·agg(KL(logp ‖ ref_logp)) − entropy_coef·agg(entropy)``, with
+    the options of :func:`policy_loss`. logits ``[..., V]``, labels and every per-token tensor
+    ``[...]``. Differentiable in ``logits`` only (old/ref/rollout log-probs and advantages are
+    data). Tokens with mask 0 or label ``ignore_index`` are skipped: on CUDA their logits are
+    never read. Metrics: those of :func:`policy_loss` plus ``kl_loss``, ``entropy_loss`` (the
+    aggregated terms), ``entropy`` and ``kl`` (masked means).
+
+    On CUDA: one kernel reads each logits row once and computes log-prob, entropy, ratio, clipped
+    surrogate, KL and the per-token gradient coefficient; the backward reads the row once more and
+    writes dlogits (into the logits buffer with ``inplace_backward=True``).
+    """
+    check.logits_and_labels(logits, labels, ignore_index)
+    check.positive("temperature", temperature)
+    lead = logits.shape[:-1]
+    _check_policy(lead, old_logp, advantages, mask, rollout_logp, clip_low, clip_high, dual_clip,
+                  tis_cap, agg, num_tokens, num_seqs, dp_size, horizon)
+    estimator = check.kl_estimator(kl_estimator)
+    if ref_logp is not None:
+        check.token_tensor("ref_logp", ref_logp, lead, "the log-probs' shape")
+    check.non_negative("kl_coef", kl_coef)
+    check.non_negative("entropy_coef", entropy_coef)
+    check.same_device("logits", logits, old_logp=old_logp, advantages=advantages, mask=mask,
+                      ref_logp=ref_logp, rollout_logp=rollout_logp)
+    clip_high = clip_low if clip_high is None else clip_high
+    options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                   rollout_logp=rollout_logp, tis_cap=tis_cap, num_tokens=num_tokens,
+                   num_seqs=num_seqs, dp_size=dp_size, horizon=horizon, ref_logp=ref_logp,
+                   kl_coef=kl_coef, kl_estimator=estimator, entropy_coef=entropy_coef,
+                   temperature=temperature, ignore_index=ignore_index)
+    if backend.select("ppo_loss", logits.device) == "triton":
+        return _fused_ppo_loss(logits, labels, old_logp, advantages, mask,
+                               inplace_backward=inplace_backward, **options)
+    return reference.ppo_loss(logits, labels, old_logp, advantages, mask, **options)
+
+
+def _fused_ppo_loss(logits, labels, old_logp, advantages, mask, *, agg, num_tokens, num_seqs,
+                    dp_size, horizon, ref_logp, kl_coef, entropy_coef, ignore_index, **options):
+    from . import _triton_ops
+
+    active = mask.bool() & (labels != ignore_index)
+    tokens = _triton_ops.ppo_loss_tokens(
+        logits, labels.masked_fill(~active, ignore_index), old_logp, advantages,
+        ref_logp=ref_logp, kl_coef=kl_coef, entropy_coef=entropy_coef, ignore_index=ignore_index,
+        **options,
+    )
+    weights = reference.agg_weights(active, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                    dp_size=dp_size, horizon=horizon,
+                                    dtype=tokens["token_loss"].dtype)
+    loss = reference.aggregate(tokens["token_loss"], weights)
+    flags = tokens["flags"]
+    metrics = reference.policy_metrics(tokens["log_ratio"], (flags & 1) != 0, (flags & 2) != 0,
+                                       active)
+    metrics.update(
+        pg_loss=reference.aggregate(tokens["pg"], weights).detach(),
+        kl_loss=reference.aggregate(tokens["kl"], weights).detach(),
+        entropy_loss=reference.aggregate(tokens["entropy"], weights).detach(),
+        entropy=reference.masked_mean(tokens["entropy"], active),
+        kl=reference.masked_mean(tokens["kl"], active),
+    )
+    return loss, metrics

@@ -1,0 +1,457 @@
+"""The specification of every ppo_fast op, in plain PyTorch.
+
+These functions are the CPU fallback and the oracle every fast path (Triton, native) is tested
+against, in float64. They favour reading like the math over speed. Inputs are assumed valid: the
+public functions in :mod:`ppo_fast.functional` check shapes, dtypes and options before calling here.
+
+Conventions
+-----------
+* ``N`` is the number of tokens (any leading shape flattened), ``V`` the vocabulary size,
+  ``B`` the number of sequences and ``T`` their padded length.
+* Computation happens in float32, or float64 when an input is float64; outputs follow.
+* ``mask`` marks the tokens that count (response tokens). Masked-out tokens contribute neither
+  loss nor gradient.
+* Where a choice exists, the semantics follow verl's ``core_algos.py``, which users already know.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+"""|log-ratio| clamp before ``exp`` in policy ratios and k3, so no ratio overflows."""
+
+K3_VALUE_CLAMP = 10.0
+"""|k3| clamp, as verl's ``low_var_kl``."""
+
+WHITEN_EPS = 1e-8
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "k3+")
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+"""verl's names for the same estimators."""
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Token log-probabilities and entropy
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    logits: ``[..., V]`` float32/bfloat16/float16/float64; labels: ``[...]`` integer.
+    Returns logp ``[...]`` (and entropy ``[...]`` if ``return_entropy``), float32 (float64 for
+    float64 logits). With ``s = logits / τ``:
+
+        logp    = s_y − logsumexp(s)
+        entropy = logsumexp(s) − Σ_j softmax(s)_j · s_j
+
+    Positions whose label is ``ignore_index`` give logp 0 and entropy 0, with zero gradient.
+    """
+    s = logits.to(compute_dtype(logits)) / temperature
+    ignored = labels == ignore_index
+    safe_labels = labels.masked_fill(ignored, 0).long()
+    lse = torch.logsumexp(s, dim=-1)
+    logp = s.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - lse
+    logp = logp.masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return logp
+    p = torch.softmax(s, dim=-1)
+    # p·s with p = 0 is 0 even where s = −inf (a banned token), never NaN.
+    expected_s = (p * s.masked_fill(p == 0, 0.0)).sum(-1)
+    entropy = (lse - expected_s).masked_fill(ignored, 0.0)
+    return logp, entropy
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+):
+    """Generalised advantage estimation over ``[B, T]`` (padded), as the plain loop over time.
+
+    Walking backwards with ``A_next = V_next = 0`` after the last token:
+
+        δ_t = r_t + γ·V_next − V_t
+        A_t = δ_t + γλ·A_next
+        where mask_t = 1:  V_next ← V_t,  A_next ← A_t
+        where mask_t = 0:  A_t = A_next, and V_next, A_next carry over the token unchanged
+
+    so masked tokens (padding, tool or observation tokens inside a multi-turn response) add no TD
+    error and do not break the chain. ``returns = advantages + values``. No whitening.
+    """
+    dtype = compute_dtype(rewards, values)
+    r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
+    T = r.shape[-1]
+    next_value = torch.zeros_like(r[..., 0])
+    next_adv = torch.zeros_like(r[..., 0])
+    advantages = torch.empty_like(r)
+    for t in reversed(range(T)):
+        delta = r[..., t] + gamma * next_value - v[..., t]
+        adv_t = delta + gamma * lam * next_adv
+        next_value = m[..., t] * v[..., t] + (1 - m[..., t]) * next_value
+        next_adv = m[..., t] * adv_t + (1 - m[..., t]) * next_adv
+        advantages[..., t] = next_adv
+    return advantages, advantages + v
+
+
+def gae_packed(rewards, values, mask, cu_seqlens, *, gamma=1.0, lam=0.95):
+    """:func:`gae` over packed 1-D tokens; sequence ``i`` is ``[cu_seqlens[i], cu_seqlens[i+1])``."""
+    dtype = compute_dtype(rewards, values)
+    advantages = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
+    returns = torch.empty_like(advantages)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        a, r = gae(rewards[start:end], values[start:end], mask[start:end], gamma=gamma, lam=lam)
+        advantages[start:end], returns[start:end] = a, r
+    return advantages, returns
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where mask is 1; 0 when the mask is empty."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True):
+    """``(x − mean) / sqrt(var + 1e-8)`` with the masked mean and Bessel-corrected masked variance.
+
+    Statistics come from the masked tokens only; every position is transformed. With
+    ``shift_mean=False`` the mean is added back (only the scale changes). Needs ≥ 2 masked tokens.
+    """
+    m = mask.to(values.dtype)
+    count = m.sum()
+    mean = (values * m).sum() / count
+    var = ((values - mean) ** 2 * m).sum() / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(var + WHITEN_EPS)
+    return whitened if shift_mean else whitened + mean
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+):
+    """GRPO outcome advantages: each sequence's score against its group.
+
+    scores ``[B]``, group_ids ``[B]`` (any integer labels). ``A_i = (s_i − mean_g) / (std_g + eps)``
+    with the unbiased std of the group; ``normalize_std=False`` gives Dr. GRPO's ``s_i − mean_g``.
+    A group of one sample has mean 0 and std 1 (its advantage is its score), as in verl.
+    """
+    dtype = compute_dtype(scores)
+    s = scores.to(dtype)
+    _, group = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    count = torch.zeros(n_groups, dtype=dtype, device=s.device).index_add_(0, group, torch.ones_like(s))
+    total = torch.zeros_like(count).index_add_(0, group, s)
+    mean = total / count
+    sq = torch.zeros_like(count).index_add_(0, group, (s - mean[group]) ** 2)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    singleton = count == 1
+    mean = mean.masked_fill(singleton, 0.0)
+    std = std.masked_fill(singleton, 1.0)
+    if normalize_std:
+        return (s - mean[group]) / (std[group] + eps)
+    return s - mean[group]
+
+
+# --------------------------------------------------------------------------------------------
+# KL penalty
+# --------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from sampled-token log-probs (Schulman's k1/k2/k3).
+
+    With ``Δ = logp − ref_logp``:
+      k1 = Δ;  abs = |Δ|;  k2 = ½Δ²;
+      k3 = e^(−Δ) + Δ − 1, with −Δ clamped to ±20 before exp and the result clamped to ±10;
+      k1+ / k3+ = the value of k1 / k3 with the gradient of k2 (unbiased value, low-variance grad).
+    """
+    estimator = KL_ALIASES.get(estimator, estimator)
+    if estimator.endswith("+"):
+        value = kl_penalty(logp, ref_logp, estimator[:-1])
+        k2 = kl_penalty(logp, ref_logp, "k2")
+        return k2 - k2.detach() + value.detach()
+    diff = logp - ref_logp
+    if estimator == "k1":
+        return diff
+    if estimator == "abs":
+        return diff.abs()
+    if estimator == "k2":
+        return 0.5 * diff.square()
+    log_ratio = (-diff).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (log_ratio.exp() - log_ratio - 1).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def agg_weights(
+    mask: torch.Tensor,
+    agg: str,
+    *,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-token weights ``w`` such that the aggregated loss is ``Σ w ⊙ loss``.
+
+    Every aggregation is linear in the per-token losses, so one weight tensor describes it. The
+    last dimension of ``mask`` is time; leading dimensions are sequences.
+
+    * ``token-mean``:  Σ m·ℓ / num_tokens · dp_size
+    * ``token-sum``:   Σ m·ℓ
+    * ``seq-mean-token-sum``:   Σ_seq (Σ_t m·ℓ) / num_seqs · dp_size
+    * ``seq-mean-token-mean``:  Σ_seq (Σ_t m·ℓ / Σ_t m) / num_seqs · dp_size
+    * ``seq-mean-token-sum-norm`` (Dr. GRPO):  Σ_seq Σ_t m·ℓ / horizon / num_seqs · dp_size
+
+    ``num_tokens`` / ``num_seqs`` default to this batch's masked tokens / sequences with at least
+    one masked token (at least 1, so an empty batch gives loss 0). Passing the global counts
+    across data-parallel ranks with their ``dp_size`` makes the loss, after the usual gradient
+    averaging over ranks, independent of how the batch was sharded. ``horizon`` defaults to ``T``.
+    """
+    m = mask.to(dtype)
+    if agg == "token-sum":
+        return m
+    if agg == "token-mean":
+        denom = m.sum().clamp(min=1) if num_tokens is None else num_tokens
+        return m * (dp_size / denom)
+    seq_tokens = m.sum(-1, keepdim=True)
+    if num_seqs is None:
+        num_seqs = (seq_tokens > 0).sum().clamp(min=1).to(dtype)
+    if agg == "seq-mean-token-sum":
+        per_seq = m
+    elif agg == "seq-mean-token-mean":
+        per_seq = m / seq_tokens.clamp(min=1)
+    else:
+        per_seq = m / (mask.shape[-1] if horizon is None else horizon)
+    return per_seq * (dp_size / num_seqs)
+
+
+def aggregate(loss_mat, weights):
+    return (loss_mat * weights).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Policy and value losses
+# --------------------------------------------------------------------------------------------
+
+
+def policy_token_terms(
+    logp,
+    old_logp,
+    advantages,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None = None,
+    rollout_logp=None,
+    tis_cap: float = 2.0,
+):
+    """Per-token clipped surrogate loss and the indicators the metrics need.
+
+    ratio = exp(clamp(logp − old_logp, ±20))
+    ℓ = max(−A·ratio, −A·clip(ratio, 1 − clip_low, 1 + clip_high))
+    dual clip (c > 1): where A < 0, ℓ = min(ℓ, −A·c)
+    truncated IS: ℓ ·= min(exp(clamp(old_logp − rollout_logp, ±20)), tis_cap)   (no gradient)
+
+    Returns ``(loss, log_ratio, clipped, clipped_lower)``; the last two are booleans.
+    """
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = clipped_loss > unclipped
+    loss = torch.maximum(unclipped, clipped_loss)
+    clipped_lower = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        clipped_lower = (advantages < 0) & (loss > cap)
+        loss = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
+    if rollout_logp is not None:
+        is_log_ratio = (old_logp - rollout_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        loss = loss * is_log_ratio.exp().clamp(max=tis_cap).detach()
+    return loss, log_ratio, clipped, clipped_lower
+
+
+def policy_metrics(log_ratio, clipped, clipped_lower, mask) -> dict[str, torch.Tensor]:
+    """clipfrac, clipfrac_lower, approx_kl (mean of old − new, as verl), ratio_mean, ratio_max."""
+    log_ratio = log_ratio.detach()
+    ratio = log_ratio.exp()
+    valid = mask.bool()
+    ratio_max = ratio.masked_fill(~valid, 0.0).max() if ratio.numel() else ratio.new_zeros(())
+    return {
+        "clipfrac": masked_mean(clipped.to(ratio.dtype), mask),
+        "clipfrac_lower": masked_mean(clipped_lower.to(ratio.dtype), mask),
+        "approx_kl": masked_mean(-log_ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": ratio_max,
+    }
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    rollout_logp=None,
+    tis_cap: float = 2.0,
+    num_tokens=None,
+    num_seqs=None,
+    dp_size: int = 1,
+    horizon=None,
+):
+    """PPO clipped policy loss (see :func:`policy_token_terms`), aggregated with ``agg``.
+
+    Returns ``(loss, metrics)``; ``metrics`` holds detached 0-d tensors plus ``pg_loss``.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    dtype = compute_dtype(logp, old_logp, advantages)
+    token_loss, log_ratio, clipped, clipped_lower = policy_token_terms(
+        logp.to(dtype), old_logp.to(dtype), advantages.to(dtype),
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        rollout_logp=None if rollout_logp is None else rollout_logp.to(dtype), tis_cap=tis_cap,
+    )
+    weights = agg_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+                          horizon=horizon, dtype=dtype)
+    loss = aggregate(token_loss, weights)
+    metrics = policy_metrics(log_ratio, clipped, clipped_lower, mask)
+    metrics["pg_loss"] = loss.detach()
+    return loss, metrics
+
+
+def value_loss(
+    values,
+    old_values,
+    returns,
+    mask,
+    *,
+    clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens=None,
+    num_seqs=None,
+    dp_size: int = 1,
+    horizon=None,
+):
+    """½·agg(max((v − R)², (clip(v, v_old − clip, v_old + clip) − R)²)); no clipping if clip is None.
+
+    Returns ``(loss, {"vf_loss", "vf_clipfrac"})``.
+    """
+    dtype = compute_dtype(values, old_values, returns)
+    v, v_old, R = values.to(dtype), old_values.to(dtype), returns.to(dtype)
+    unclipped = (v - R).square()
+    if clip is None:
+        token_loss, clipped = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        clipped_sq = (torch.clamp(v, v_old - clip, v_old + clip) - R).square()
+        token_loss = torch.maximum(unclipped, clipped_sq)
+        clipped = clipped_sq > unclipped
+    weights = agg_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+                          horizon=horizon, dtype=dtype)
+    loss = 0.5 * aggregate(token_loss, weights)
+    return loss, {"vf_loss": loss.detach(), "vf_clipfrac": masked_mean(clipped.to(dtype), mask)}
+
+
+def ppo_loss(
+    logits,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    ref_logp=None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    rollout_logp=None,
+    tis_cap: float = 2.0,
+    num_tokens=None,
+    num_seqs=None,
+    dp_size: int = 1,
+    horizon=None,
+):
+    """The actor loss from logits: policy loss + kl_coef·agg(KL) − entropy_coef·agg(entropy).
+
+    Labels equal to ``ignore_index`` are treated as masked out. Returns ``(loss, metrics)`` with
+    the policy metrics plus ``entropy`` and ``kl`` (masked means) and ``kl_loss``,
+    ``entropy_loss`` (the aggregated terms before their coefficients).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    mask = mask.bool() & (labels != ignore_index)
+    logp, entropy = token_logprobs(logits, labels, temperature=temperature,
+                                   ignore_index=ignore_index, return_entropy=True)
+    dtype = logp.dtype
+    weights = agg_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+                          horizon=horizon, dtype=dtype)
+    pg_tokens, log_ratio, clipped, clipped_lower = policy_token_terms(
+        logp, old_logp.to(dtype), advantages.to(dtype),
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        rollout_logp=None if rollout_logp is None else rollout_logp.to(dtype), tis_cap=tis_cap,
+    )
+    pg_loss = aggregate(pg_tokens, weights)
+    entropy_loss = aggregate(entropy, weights)
+    loss = pg_loss - entropy_coef * entropy_loss
+    metrics = policy_metrics(log_ratio, clipped, clipped_lower, mask)
+    kl_tokens = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl_tokens = kl_penalty(logp, ref_logp.to(dtype), kl_estimator)
+        kl_loss = aggregate(kl_tokens, weights)
+        loss = loss + kl_coef * kl_loss
+    else:
+        kl_loss = logp.new_zeros(())
+    metrics.update(
+        pg_loss=pg_loss.detach(),
+        kl_loss=kl_loss.detach(),
+        entropy_loss=entropy_loss.detach(),
+        entropy=masked_mean(entropy.detach(), mask),
+        kl=masked_mean(kl_tokens.detach(), mask),
+    )
+    return loss, metrics
