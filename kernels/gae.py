@@ -30,12 +30,13 @@ def _gae_kernel(
     cu_seqlens_ptr,  # [S + 1] int, sequence s is [cu[s], cu[s+1])
     adv_ptr,  # [total] out
     ret_ptr,  # [total] out
-    gamma,
-    gamma_lam,
+    scalars_ptr,  # [2] ACC dtype: gamma, gamma·lambda (a tensor: float64 keeps full precision)
     BLOCK_T: tl.constexpr,
     ACC: tl.constexpr,
 ):
     seq = tl.program_id(0)
+    gamma = tl.load(scalars_ptr + 0)
+    gamma_lam = tl.load(scalars_ptr + 1)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
     end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
     lane = tl.arange(0, BLOCK_T)
@@ -68,13 +69,14 @@ def _gae_kernel(
         carry_next_value = tl.sum(tl.where(last_lane, next_value, 0.0), axis=0)
 
 
-def gae(rewards, values, mask, cu_seqlens, advantages, returns, gamma, lam, max_len, acc):
-    """Launch over packed 1-D inputs (all contiguous, ``mask`` already in the ``acc`` dtype)."""
+def gae(rewards, values, mask, cu_seqlens, advantages, returns, scalars, max_len, acc):
+    """Launch over packed 1-D inputs (all contiguous, ``mask`` already in the ``acc`` dtype);
+    ``scalars`` is a device tensor ``[gamma, gamma·lam]`` in that dtype."""
     n_seqs = cu_seqlens.numel() - 1
     if n_seqs <= 0 or rewards.numel() == 0:
         return
     block = min(triton.next_power_of_2(max(int(max_len), 1)), 1024)
     _gae_kernel[(n_seqs,)](
-        rewards, values, mask, cu_seqlens, advantages, returns, float(gamma), float(gamma * lam),
+        rewards, values, mask, cu_seqlens, advantages, returns, scalars,
         BLOCK_T=block, ACC=acc, num_warps=4 if block <= 256 else 8,
     )

@@ -66,14 +66,15 @@ def _logprobs_fwd_kernel(
     logp_ptr,  # [N] out, ACC dtype
     entropy_ptr,  # [N] out, ACC dtype (unused without entropy)
     lse_ptr,  # [N] out, ACC dtype
+    scalars_ptr,  # [1] ACC dtype: 1/temperature (a tensor, so float64 runs keep full precision)
     V,
-    inv_temp,
     ignore_index,
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = tl.load(scalars_ptr)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
     row_ptr = logits_ptr + row * stride_row
@@ -97,14 +98,15 @@ def _logprobs_bwd_kernel(
     entropy_ptr,  # [N] forward output (needed only with HAS_GRAD_ENTROPY)
     grad_logp_ptr,  # [N]
     grad_entropy_ptr,  # [N]
+    scalars_ptr,  # [1] ACC dtype: 1/temperature
     V,
-    inv_temp,
     ignore_index,
     BLOCK_V: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = tl.load(scalars_ptr)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
     lse = tl.load(lse_ptr + row).to(ACC)
@@ -133,19 +135,20 @@ def block_config(V: int, element_size: int):
     return block, 8 if block >= 4096 else 4
 
 
-def logprobs_fwd(logits2d, labels, logp, entropy, lse, inv_temp, ignore_index, with_entropy, acc):
-    """Launch the forward over N rows. Outputs are preallocated [N] tensors of dtype ``acc``."""
+def logprobs_fwd(logits2d, labels, logp, entropy, lse, scalars, ignore_index, with_entropy, acc):
+    """Launch the forward over N rows. Outputs are preallocated [N] tensors of dtype ``acc``;
+    ``scalars`` is a device tensor ``[1/temperature]`` of that dtype."""
     n_rows, V = logits2d.shape
     if n_rows == 0:
         return
     block, warps = block_config(V, logits2d.element_size())
     _logprobs_fwd_kernel[(n_rows,)](
-        logits2d, logits2d.stride(0), labels, logp, entropy, lse, V, inv_temp, ignore_index,
+        logits2d, logits2d.stride(0), labels, logp, entropy, lse, scalars, V, ignore_index,
         BLOCK_V=block, WITH_ENTROPY=with_entropy, ACC=acc, num_warps=warps,
     )
 
 
-def logprobs_bwd(logits2d, dlogits2d, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
+def logprobs_bwd(logits2d, dlogits2d, labels, lse, entropy, grad_logp, grad_entropy, scalars,
                  ignore_index, acc):
     """Launch the backward; ``grad_entropy`` None means the entropy got no gradient."""
     n_rows, V = logits2d.shape
@@ -155,7 +158,7 @@ def logprobs_bwd(logits2d, dlogits2d, labels, lse, entropy, grad_logp, grad_entr
     has_h = grad_entropy is not None
     _logprobs_bwd_kernel[(n_rows,)](
         logits2d, logits2d.stride(0), dlogits2d, dlogits2d.stride(0), labels, lse,
-        entropy if has_h else lse, grad_logp, grad_entropy if has_h else grad_logp,
-        V, inv_temp, ignore_index,
+        entropy if has_h else lse, grad_logp, grad_entropy if has_h else grad_logp, scalars,
+        V, ignore_index,
         BLOCK_V=block, HAS_GRAD_ENTROPY=has_h, ACC=acc, num_warps=warps,
     )

@@ -22,6 +22,8 @@ import triton.language as tl
 from .logprobs import block_config, row_lse_expected
 
 KL_MODES = {None: 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4, "k1+": 5, "k3+": 6}
+SCALARS = ("inv_temp", "clip_low", "clip_high", "dual_clip", "tis_cap", "kl_coef", "entropy_coef")
+"""Per-step coefficients, passed at run time (in a tensor) so changing them never recompiles."""
 
 
 @triton.jit
@@ -33,7 +35,7 @@ def _kl_and_grad(logp, ref, KL_MODE: tl.constexpr):
         dkl = tl.full(diff.shape, 1.0, diff.dtype)
     elif KL_MODE == 2:
         kl = tl.abs(diff)
-        dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(diff.dtype)
     elif KL_MODE == 3:
         kl = 0.5 * diff * diff
         dkl = diff
@@ -72,15 +74,9 @@ def _ppo_fwd_kernel(
     kl_ptr,  # [N] out
     log_ratio_ptr,  # [N] out: clamped Δ
     flags_ptr,  # [N] int8 out: bit 0 clipped, bit 1 clipped_lower
+    scalars_ptr,  # [7] ACC dtype, SCALARS order; a tensor so float64 runs keep full precision
     V,
-    inv_temp,
     ignore_index,
-    clip_low,
-    clip_high,
-    dual_clip,
-    tis_cap,
-    kl_coef,
-    entropy_coef,
     BLOCK_V: tl.constexpr,
     KL_MODE: tl.constexpr,
     HAS_DUAL_CLIP: tl.constexpr,
@@ -88,6 +84,13 @@ def _ppo_fwd_kernel(
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = tl.load(scalars_ptr + 0)
+    clip_low = tl.load(scalars_ptr + 1)
+    clip_high = tl.load(scalars_ptr + 2)
+    dual_clip = tl.load(scalars_ptr + 3)
+    tis_cap = tl.load(scalars_ptr + 4)
+    kl_coef = tl.load(scalars_ptr + 5)
+    entropy_coef = tl.load(scalars_ptr + 6)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
     row_ptr = logits_ptr + row * stride_row
@@ -139,11 +142,11 @@ def _ppo_fwd_kernel(
     tl.store(flags_ptr + row, tl.where(active, flags, 0).to(tl.int8))
 
 
-def ppo_fwd(logits2d, labels, old_logp, adv, ref_logp, rollout_logp, outputs, *, inv_temp,
-            ignore_index, clip_low, clip_high, dual_clip, tis_cap, kl_coef, entropy_coef,
-            kl_mode, acc):
+def ppo_fwd(logits2d, labels, old_logp, adv, ref_logp, rollout_logp, outputs, scalars, *,
+            ignore_index, has_dual_clip, kl_mode, acc):
     """Launch the fused forward. ``outputs`` is a dict of preallocated [N] tensors named as the
-    kernel's out-pointers (token_loss, dloss_dlogp, logp, entropy, lse, pg, kl, log_ratio, flags).
+    kernel's out-pointers (token_loss, dloss_dlogp, logp, entropy, lse, pg, kl, log_ratio, flags);
+    ``scalars`` a device tensor of the ``SCALARS`` values in the accumulation dtype.
     """
     n_rows, V = logits2d.shape
     if n_rows == 0:
@@ -155,11 +158,8 @@ def ppo_fwd(logits2d, labels, old_logp, adv, ref_logp, rollout_logp, outputs, *,
         old_logp if ref_logp is None else ref_logp,
         old_logp if rollout_logp is None else rollout_logp,
         o["token_loss"], o["dloss_dlogp"], o["logp"], o["entropy"], o["lse"], o["pg"], o["kl"],
-        o["log_ratio"], o["flags"],
-        V, float(inv_temp), ignore_index, float(clip_low), float(clip_high),
-        0.0 if dual_clip is None else float(dual_clip), float(tis_cap), float(kl_coef),
-        float(entropy_coef),
+        o["log_ratio"], o["flags"], scalars, V, ignore_index,
         BLOCK_V=block, KL_MODE=KL_MODES[kl_mode if ref_logp is not None else None],
-        HAS_DUAL_CLIP=dual_clip is not None, HAS_TIS=rollout_logp is not None, ACC=acc,
+        HAS_DUAL_CLIP=has_dual_clip, HAS_TIS=rollout_logp is not None, ACC=acc,
         num_warps=warps,
     )

@@ -30,6 +30,11 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scalars(values, dtype: torch.dtype, device) -> Tensor:
+    """Kernel coefficients as a device tensor: Triton passes Python floats as float32."""
+    return torch.tensor(values, dtype=_out_dtype(dtype), device=device)
+
+
 def rows(logits: Tensor) -> Tensor:
     """``logits`` as [N, V] with unit column stride, as a view whenever the layout allows.
 
@@ -63,7 +68,8 @@ def token_logprobs_op(
     entropy = torch.zeros(lead, dtype=out_dtype, device=logits.device)
     lse = torch.empty(lead, dtype=out_dtype, device=logits.device)
     k.logprobs_fwd(rows(logits), labels.reshape(-1).contiguous(), logp.view(-1),
-                   entropy.view(-1), lse.view(-1), inv_temp, ignore_index, with_entropy,
+                   entropy.view(-1), lse.view(-1), _scalars([inv_temp], logits.dtype, logits.device),
+                   ignore_index, with_entropy,
                    _acc(logits.dtype))
     return logp, entropy, lse
 
@@ -88,7 +94,7 @@ def token_logprobs_bwd_op(
         rows(logits), dlogits.view(-1, logits.shape[-1]), labels.reshape(-1).contiguous(),
         lse.reshape(-1), entropy.reshape(-1), grad_logp.reshape(-1).contiguous(),
         None if grad_entropy is None else grad_entropy.reshape(-1).contiguous(),
-        inv_temp, ignore_index, _acc(logits.dtype),
+        _scalars([inv_temp], logits.dtype, logits.device), ignore_index, _acc(logits.dtype),
     )
 
 
@@ -166,9 +172,10 @@ def ppo_loss_tokens_op(
     k.ppo_fwd(
         rows(logits), flat(labels), flat(old_logp), flat(advantages), flat(ref_logp),
         flat(rollout_logp), {name: t.view(-1) for name, t in outputs.items()},
-        inv_temp=inv_temp, ignore_index=ignore_index, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, tis_cap=tis_cap, kl_coef=kl_coef, entropy_coef=entropy_coef,
-        kl_mode=kl_estimator, acc=_acc(logits.dtype),
+        _scalars([inv_temp, clip_low, clip_high, dual_clip or 0.0, tis_cap, kl_coef, entropy_coef],
+                 logits.dtype, logits.device),
+        ignore_index=ignore_index, has_dual_clip=dual_clip is not None, kl_mode=kl_estimator,
+        acc=_acc(logits.dtype),
     )
     return tuple(outputs[name] for name in _PPO_OUTPUTS)
 
@@ -235,7 +242,8 @@ def gae_op(rewards: Tensor, values: Tensor, mask: Tensor, cu_seqlens: Tensor, ga
     advantages = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
     returns = torch.empty_like(advantages)
     k.gae(rewards.contiguous(), values.contiguous(), mask.to(dtype).contiguous(),
-          cu_seqlens.contiguous(), advantages, returns, gamma, lam, max_len, _acc(dtype))
+          cu_seqlens.contiguous(), advantages, returns,
+          _scalars([gamma, gamma * lam], dtype, rewards.device), max_len, _acc(dtype))
     return advantages, returns
 
 

@@ -8,7 +8,7 @@ can or cannot serve (read at every call, so it can be changed at run time).
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -21,19 +21,13 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run this op on these inputs."""
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not importable ({exc}); pip install triton"
-    return None
+# Looked up once without importing triton, so `import ppo_fast` stays light.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _triton_reason(device: torch.device) -> str | None:
-    missing = _triton_import_error()
-    if missing:
-        return missing
+    if not _TRITON_INSTALLED:
+        return "triton is not installed (pip install 'ppo-fast[triton]')"
     if device.type == "cuda":
         return None
     if device.type == "cpu":

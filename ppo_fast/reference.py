@@ -113,8 +113,8 @@ def gae(
     dtype = compute_dtype(rewards, values)
     r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
     T = r.shape[-1]
-    next_value = torch.zeros_like(r[..., 0])
-    next_adv = torch.zeros_like(r[..., 0])
+    next_value = r.new_zeros(r.shape[:-1])
+    next_adv = r.new_zeros(r.shape[:-1])
     advantages = torch.empty_like(r)
     for t in reversed(range(T)):
         delta = r[..., t] + gamma * next_value - v[..., t]

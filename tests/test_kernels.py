@@ -1,0 +1,336 @@
+"""The Triton fast paths against the reference ops, on fresh random inputs.
+
+On this CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py); with
+PPO_FAST_TEST_DEVICE=cuda the same tests run the compiled kernels on the GPU. Exactness is
+checked in float64; low precision against an error budget of 2x eager PyTorch in that dtype.
+"""
+
+import pytest
+import torch
+
+import ppo_fast as pf
+from ppo_fast import reference as R
+
+from helpers import backend, max_err
+
+F64 = torch.float64
+
+LOGPROB_SHAPES = [
+    (1, 7),
+    (5, 1000),
+    (17, 97),
+    (3, 50257),
+    (2, 151936),
+]
+
+
+def _logits(shape, dtype, device, scale=4.0):
+    return (torch.randn(shape, dtype=F64, device=device) * scale).to(dtype)
+
+
+def _labels(lead, V, device, ignore_fraction=0.2):
+    labels = torch.randint(0, V, lead, device=device)
+    ignored = torch.rand(lead, device=device) < ignore_fraction
+    return labels.masked_fill(ignored, -100)
+
+
+def _both(fn):
+    with backend("triton"):
+        fast = fn()
+    with backend("reference"):
+        ref = fn()
+    return fast, ref
+
+
+@pytest.mark.parametrize("N,V", LOGPROB_SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_token_logprobs_float64_forward_and_backward(N, V, temperature, device):
+    logits = _logits((N, V), F64, device).requires_grad_()
+    labels = _labels((N,), V, device)
+    g_logp, g_ent = torch.randn(N, dtype=F64, device=device), torch.randn(N, dtype=F64, device=device)
+
+    def run():
+        logp, ent = pf.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+        grad = torch.autograd.grad((logp * g_logp + ent * g_ent).sum(), logits)[0]
+        return logp, ent, grad
+
+    (lp, ent, grad), (lp_r, ent_r, grad_r) = _both(run)
+    assert lp.dtype == F64 and lp.shape == (N,)
+    torch.testing.assert_close(lp, lp_r, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(ent, ent_r, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N,V", [(6, 1000), (2, 151936)])
+def test_token_logprobs_low_precision_within_twice_eager_error(dtype, N, V, device):
+    logits = _logits((N, V), dtype, device, scale=2.0).requires_grad_()
+    labels = torch.randint(0, V, (N,), device=device)
+    upstream = torch.randn(N, device=device)
+    exact = logits.detach().double().requires_grad_()
+    lp_exact = R.token_logprobs(exact, labels)
+    (g_exact,) = torch.autograd.grad((lp_exact * upstream.double()).sum(), exact)
+
+    eager_in = logits.detach().requires_grad_()
+    lp_eager = torch.log_softmax(eager_in, -1).gather(-1, labels[:, None]).squeeze(-1)
+    (g_eager,) = torch.autograd.grad((lp_eager * upstream.to(dtype)).sum(), eager_in)
+
+    with backend("triton"):
+        lp = pf.token_logprobs(logits, labels)
+        (g,) = torch.autograd.grad((lp * upstream).sum(), logits)
+    assert lp.dtype == torch.float32 and g.dtype == dtype
+    # The floor covers float32 eager, which can be as exact as ours on short rows.
+    floor = 1e-6 if dtype == torch.float32 else 0.0
+    assert max_err(lp, lp_exact) <= 2 * max_err(lp_eager, lp_exact) + floor
+    assert max_err(g, g_exact) <= 2 * max_err(g_eager, g_exact) + floor
+
+
+def test_token_logprobs_leading_shape_and_non_contiguous(device):
+    base = _logits((3, 40, 2 * 333), torch.float32, device)
+    logits = base[:, 1:30, ::2].requires_grad_(False)  # strided columns, shifted rows
+    logits = logits.detach().requires_grad_()
+    labels = _labels((3, 29), 333, device)
+    (lp, g), (lp_r, g_r) = _both(lambda: (
+        lambda out: (out, torch.autograd.grad(out.sum() * 1.5, logits)[0])
+    )(pf.token_logprobs(logits, labels)))
+    assert lp.shape == (3, 29)
+    torch.testing.assert_close(lp, lp_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_r, rtol=1e-5, atol=1e-6)
+
+
+def test_token_logprobs_extreme_rows(device):
+    """All-negative rows, −inf (banned) tokens, and a huge logit."""
+    V = 1000
+    logits = _logits((4, V), F64, device) - 1e4
+    logits[1, :500] = float("-inf")
+    logits[2, 7] = 1e4
+    labels = torch.tensor([3, 600, 7, 999], device=device)
+    (lp, ent), (lp_r, ent_r) = _both(lambda: pf.token_logprobs(logits, labels, return_entropy=True))
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    torch.testing.assert_close(lp, lp_r, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ent, ent_r, rtol=1e-9, atol=1e-9)
+
+
+def test_ignored_rows_have_zero_output_and_gradient(device):
+    logits = _logits((4, 300), torch.float32, device).requires_grad_()
+    labels = torch.tensor([-100, 5, -100, 7], device=device)
+    with backend("triton"):
+        lp, ent = pf.token_logprobs(logits, labels, return_entropy=True)
+        (g,) = torch.autograd.grad((lp + ent).sum(), logits)
+    assert (lp[[0, 2]] == 0).all() and (ent[[0, 2]] == 0).all()
+    assert (g[[0, 2]] == 0).all() and (g[[1, 3]] != 0).any()
+
+
+def test_inplace_backward_writes_gradient_into_logits(device):
+    source = _logits((5, 777), torch.bfloat16, device)
+    labels = _labels((5,), 777, device)
+    upstream = torch.randn(5, device=device)
+    with backend("triton"):
+        x = source.clone().requires_grad_()
+        (expected,) = torch.autograd.grad((pf.token_logprobs(x, labels) * upstream).sum(), x)
+        buffer = source.clone()
+        y = buffer.requires_grad_()
+        lp = pf.token_logprobs(y * 1, labels, inplace_backward=True)  # non-leaf, as a model's logits
+        (got,) = torch.autograd.grad((lp * upstream).sum(), y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_batch_invariance_is_bitwise(device):
+    """A token's log-prob does not depend on what else is in the batch or where it sits."""
+    V = 50257
+    logits = _logits((9, V), torch.bfloat16, device)
+    labels = torch.randint(0, V, (9,), device=device)
+    perm = torch.randperm(9, device=device)
+    with backend("triton"):
+        full = pf.token_logprobs(logits, labels, return_entropy=True)
+        alone = [pf.token_logprobs(logits[i:i + 1], labels[i:i + 1], return_entropy=True)
+                 for i in range(9)]
+        shuffled = pf.token_logprobs(logits[perm], labels[perm], return_entropy=True)
+        padded = pf.token_logprobs(torch.cat([logits, logits[:3]]),
+                                   torch.cat([labels, torch.full((3,), -100, device=device)]),
+                                   return_entropy=True)
+    for k in range(2):
+        assert torch.equal(torch.cat([a[k] for a in alone]), full[k])
+        assert torch.equal(shuffled[k], full[k][perm])
+        assert torch.equal(padded[k][:9], full[k])
+
+
+# --------------------------------------------------------------------------------------------
+# Fused PPO loss
+# --------------------------------------------------------------------------------------------
+
+
+def _ppo_inputs(B, T, V, dtype, device):
+    logits = _logits((B, T, V), dtype, device, scale=2.0).requires_grad_()
+    labels = torch.randint(0, V, (B, T), device=device)
+    labels[0, -1] = -100
+    with torch.no_grad():
+        lp = R.token_logprobs(logits.double(), labels)
+    old = lp + 0.5 * torch.randn(B, T, dtype=F64, device=device)
+    ref = lp + 0.5 * torch.randn(B, T, dtype=F64, device=device)
+    ref[0, 0] = lp[0, 0] - 30  # beyond the ±20 log-ratio clamp
+    rollout = old + 0.3 * torch.randn(B, T, dtype=F64, device=device)
+    adv = torch.randn(B, T, dtype=F64, device=device)
+    mask = torch.rand(B, T, device=device) > 0.25
+    mask[-1] = False  # one sequence with no tokens at all
+    return logits, labels, old, adv, mask, ref, rollout
+
+
+PPO_OPTIONS = [
+    dict(),
+    dict(kl_coef=0.1, kl_estimator="k1"),
+    dict(kl_coef=0.1, kl_estimator="abs", entropy_coef=0.02),
+    dict(kl_coef=0.2, kl_estimator="k2", dual_clip=3.0),
+    dict(kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01, clip_high=0.28, dual_clip=2.0),
+    dict(kl_coef=0.1, kl_estimator="k1+", tis=True, tis_cap=1.5),
+    dict(kl_coef=0.1, kl_estimator="low_var_kl", entropy_coef=0.01, temperature=0.7),
+    dict(kl_coef=0.1, kl_estimator="k3+", entropy_coef=0.03, dual_clip=3.0, tis=True),
+]
+
+
+@pytest.mark.parametrize("options", PPO_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("agg", R.AGG_MODES)
+def test_fused_ppo_loss_matches_reference_float64(options, agg, device):
+    options = dict(options)
+    B, T, V = 3, 7, 389
+    logits, labels, old, adv, mask, ref, rollout = _ppo_inputs(B, T, V, F64, device)
+    use_tis = options.pop("tis", False)
+    kw = dict(options, agg=agg, ref_logp=ref if "kl_coef" in options else None,
+              rollout_logp=rollout if use_tis else None)
+
+    def run():
+        loss, metrics = pf.ppo_loss(logits, labels, old, adv, mask, **kw)
+        (grad,) = torch.autograd.grad(loss * 2.5, logits)
+        return loss, metrics, grad
+
+    (loss, metrics, grad), (loss_r, metrics_r, grad_r) = _both(run)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-9, atol=1e-12)
+    assert metrics.keys() == metrics_r.keys()
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_ppo_loss_low_precision(dtype, device):
+    logits, labels, old, adv, mask, ref, _ = _ppo_inputs(4, 9, 1000, dtype, device)
+    kw = dict(ref_logp=ref.float(), kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0)
+    with backend("triton"):
+        loss, _ = pf.ppo_loss(logits, labels, old.float(), adv.float(), mask, **kw)
+        (grad,) = torch.autograd.grad(loss, logits)
+    exact = logits.detach().double().requires_grad_()
+    loss_r, _ = R.ppo_loss(exact, labels, old, adv, mask, **{**kw, "ref_logp": ref})
+    (grad_r,) = torch.autograd.grad(loss_r, exact)
+    assert grad.dtype == dtype
+    eager_in = logits.detach().requires_grad_()
+    logp_eager = torch.log_softmax(eager_in, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    (g_eager,) = torch.autograd.grad((logp_eager * torch.randn_like(logp_eager)).sum(), eager_in)
+    assert abs(loss.item() - loss_r.item()) <= 1e-4 * max(1.0, abs(loss_r.item()))
+    rel = (grad.double() - grad_r).norm() / grad_r.norm()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_fused_ppo_loss_all_masked_is_zero_not_nan(device):
+    logits, labels, old, adv, mask, ref, _ = _ppo_inputs(2, 5, 100, torch.float32, device)
+    with backend("triton"):
+        loss, metrics = pf.ppo_loss(logits, labels, old.float(), adv.float(), torch.zeros_like(mask),
+                                    ref_logp=ref.float(), kl_coef=0.1, entropy_coef=0.1)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == 0 and (grad == 0).all()
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+def test_fused_ppo_loss_inplace_backward(device):
+    logits, labels, old, adv, mask, ref, _ = _ppo_inputs(2, 6, 500, torch.bfloat16, device)
+    kw = dict(ref_logp=ref.float(), kl_coef=0.1, entropy_coef=0.01)
+    with backend("triton"):
+        (expected,) = torch.autograd.grad(
+            pf.ppo_loss(logits, labels, old.float(), adv.float(), mask, **kw)[0], logits)
+        x = logits.detach().clone().requires_grad_()
+        loss, _ = pf.ppo_loss(x * 1, labels, old.float(), adv.float(), mask, inplace_backward=True, **kw)
+        (got,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# GAE
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (4, 1000), (2, 2500)])
+@pytest.mark.parametrize("mask_kind", ["ones", "random", "left_and_right_padding"])
+def test_gae_scan_matches_loop(B, T, mask_kind, device):
+    rewards = torch.randn(B, T, dtype=F64, device=device)
+    values = torch.randn(B, T, dtype=F64, device=device)
+    if mask_kind == "ones":
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    elif mask_kind == "random":
+        mask = torch.rand(B, T, device=device) > 0.4
+        mask[0] = False
+    else:
+        idx = torch.arange(T, device=device)
+        mask = (idx >= T // 4) & (idx < T - T // 5)
+        mask = mask.expand(B, T)
+    (adv, ret), (adv_r, ret_r) = _both(lambda: pf.gae(rewards, values, mask, gamma=0.99, lam=0.95))
+    torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
+
+
+def test_gae_float32_and_bfloat16_inputs(device):
+    rewards = torch.randn(3, 300, device=device).to(torch.bfloat16)
+    values = torch.randn(3, 300, device=device)
+    mask = torch.rand(3, 300, device=device) > 0.1
+    with backend("triton"):
+        adv, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    adv_r, _ = R.gae(rewards.double(), values.double(), mask, gamma=1.0, lam=0.95)
+    assert adv.dtype == torch.float32
+    assert (adv.double() - adv_r).abs().max() < 1e-4 * adv_r.abs().max()
+
+
+def test_gae_packed_varlen(device):
+    lengths = [0, 1, 17, 1030, 3, 0, 64]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device, dtype=torch.int32)
+    total = sum(lengths)
+    rewards = torch.randn(total, dtype=F64, device=device)
+    values = torch.randn(total, dtype=F64, device=device)
+    mask = torch.rand(total, device=device) > 0.3
+    (adv, ret), (adv_r, ret_r) = _both(
+        lambda: pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, cu_seqlens=cu))
+    torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+
+def test_ops_pass_torch_library_opcheck(device):
+    from ppo_fast import _triton_ops as ops
+
+    logits = _logits((3, 5, 33), torch.float32, device).requires_grad_()
+    labels = _labels((3, 5), 33, device)
+    torch.library.opcheck(ops.token_logprobs_op, (logits, labels, 1.0, -100, True, False))
+    old, adv = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    torch.library.opcheck(
+        ops.ppo_loss_tokens_op,
+        (logits, labels, old, adv, old + 0.1, None, 1.0, -100, 0.2, 0.3, 3.0, 2.0, 0.1, 0.01, "k3", False),
+    )
+    r, v = torch.randn(20, device=device), torch.randn(20, device=device)
+    cu = torch.tensor([0, 7, 20], device=device)
+    torch.library.opcheck(ops.gae_op, (r, v, torch.ones(20, device=device), cu, 0.99, 0.95, 13))
+
+
+def test_ppo_loss_under_torch_compile(device):
+    logits, labels, old, adv, mask, ref, _ = _ppo_inputs(2, 5, 129, torch.float32, device)
+    old, adv, ref = old.float(), adv.float(), ref.float()
+
+    def step(x):
+        loss, metrics = pf.ppo_loss(x, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1)
+        return loss
+
+    with backend("triton"):
+        eager = torch.autograd.grad(step(logits), logits)[0]
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+        got = torch.autograd.grad(compiled(logits), logits)[0]
+    torch.testing.assert_close(got, eager)
