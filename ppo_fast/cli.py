@@ -1,0 +1,60 @@
+"""``ppo-fast``: the command line.
+
+    ppo-fast                 run the default job (for now the ops demo: a PPO run on a toy policy)
+    ppo-fast demo [--key v]  the same, with any DemoConfig field overridden
+    ppo-fast backends        which backend serves each device, and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from . import __version__
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:
+    for field in dataclasses.fields(config_cls):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type
+                            if callable(field.type) else type(field.default),
+                            default=field.default, help=f"(default: {field.default})")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="ppo-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ppo-fast {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="PPO on a toy policy with ppo_fast's ops (CPU, seconds)")
+    _add_config_options(demo, DemoConfig)
+    sub.add_parser("backends", help="which backend serves each device, and why")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "backends":
+        import torch
+
+        from . import backend
+
+        for device in ("cpu", "cuda"):
+            for name, reason in backend.reasons(torch.device(device)).items():
+                print(f"{device:5} {name:10} {reason or 'available'}")
+        return 0
+    from .demo import DemoConfig, run
+
+    if args.command is None:
+        config = DemoConfig()
+    else:
+        config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    summary = run(config)
+    return 0 if summary["score_after"] > summary["score_before"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
