@@ -23,6 +23,14 @@ import triton.language as tl
 
 
 @triton.jit
+def row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner):
+    """Row ``row`` of logits laid out as [outer, rows_inner, V] with unit column stride. Covers a
+    shifted slice such as ``logits[:, :-1]`` without a copy; a plain [N, V] matrix has
+    rows_inner = N."""
+    return base_ptr + (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
+
+
+@triton.jit
 def row_lse_expected(
     row_ptr,  # pointer to logits[row, 0]; the row is contiguous
     V,
@@ -60,8 +68,10 @@ def row_lse_expected(
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr,  # [N, V] any float dtype, rows at stride_row, unit column stride
-    stride_row,
+    logits_ptr,  # [N, V] any float dtype, unit column stride, rows as in row_pointer
+    rows_inner,
+    stride_outer,
+    stride_inner,
     labels_ptr,  # [N] int32/int64, contiguous
     logp_ptr,  # [N] out, ACC dtype
     entropy_ptr,  # [N] out, ACC dtype (unused without entropy)
@@ -77,7 +87,7 @@ def _logprobs_fwd_kernel(
     inv_temp = tl.load(scalars_ptr)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
     lse, expected = row_lse_expected(row_ptr, V, inv_temp, active, BLOCK_V, WITH_ENTROPY, ACC)
     safe_label = tl.where(active, label, 0)
     s_label = tl.load(row_ptr + safe_label, mask=active, other=0.0).to(ACC) * inv_temp
@@ -89,10 +99,14 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr,  # [N, V] read, rows at stride_row
-    stride_row,
-    dlogits_ptr,  # [N, V] out, rows at stride_drow; may be logits_ptr itself (in place)
-    stride_drow,
+    logits_ptr,  # [N, V] read, rows as in row_pointer
+    rows_inner,
+    stride_outer,
+    stride_inner,
+    dlogits_ptr,  # [N, V] out, rows as in row_pointer; may be logits_ptr itself (in place)
+    drows_inner,
+    dstride_outer,
+    dstride_inner,
     labels_ptr,  # [N]
     lse_ptr,  # [N] saved by the forward
     entropy_ptr,  # [N] forward output (needed only with HAS_GRAD_ENTROPY)
@@ -114,8 +128,8 @@ def _logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         h = tl.load(grad_entropy_ptr + row).to(ACC)
         expected = lse - tl.load(entropy_ptr + row).to(ACC)
-    row_ptr = logits_ptr + row * stride_row
-    drow_ptr = dlogits_ptr + row * stride_drow
+    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
+    drow_ptr = row_pointer(dlogits_ptr, row, drows_inner, dstride_outer, dstride_inner)
     n_read = tl.where(active, V, 0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -129,35 +143,59 @@ def _logprobs_bwd_kernel(
         tl.store(drow_ptr + cols, ds.to(dlogits_ptr.dtype.element_ty), mask=in_row)
 
 
+def row_layout(logits):
+    """``(logits, (rows_inner, stride_outer, stride_inner))`` for the kernels' row addressing,
+    copying only when the rows cannot be addressed as [outer, inner, V] with unit column stride."""
+    V = logits.shape[-1]
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    lead = logits.shape[:-1]
+    n_rows = 1
+    for size in lead:
+        n_rows *= size
+    try:
+        flat = logits.view(-1, V)
+        return logits, (max(n_rows, 1), 0, flat.stride(0))
+    except RuntimeError:
+        pass
+    if logits.dim() == 3:
+        return logits, (max(lead[1], 1), logits.stride(0), logits.stride(1))
+    logits = logits.contiguous()
+    return logits, (max(n_rows, 1), 0, V)
+
+
 def block_config(V: int, element_size: int):
     """(BLOCK_V, num_warps) from the vocabulary size and dtype only: batch invariance needs it."""
     block = min(triton.next_power_of_2(V), 16384 // element_size)
     return block, 8 if block >= 4096 else 4
 
 
-def logprobs_fwd(logits2d, labels, logp, entropy, lse, scalars, ignore_index, with_entropy, acc):
-    """Launch the forward over N rows. Outputs are preallocated [N] tensors of dtype ``acc``;
-    ``scalars`` is a device tensor ``[1/temperature]`` of that dtype."""
-    n_rows, V = logits2d.shape
+def logprobs_fwd(logits, layout, labels, logp, entropy, lse, scalars, ignore_index, with_entropy,
+                 acc):
+    """Launch the forward over the N rows of ``logits`` (addressed by ``layout``, from
+    ``row_layout``). Outputs are preallocated [N] tensors of dtype ``acc``; ``scalars`` is a
+    device tensor ``[1/temperature]`` of that dtype."""
+    n_rows, V = labels.numel(), logits.shape[-1]
     if n_rows == 0:
         return
-    block, warps = block_config(V, logits2d.element_size())
+    block, warps = block_config(V, logits.element_size())
     _logprobs_fwd_kernel[(n_rows,)](
-        logits2d, logits2d.stride(0), labels, logp, entropy, lse, scalars, V, ignore_index,
+        logits, *layout, labels, logp, entropy, lse, scalars, V, ignore_index,
         BLOCK_V=block, WITH_ENTROPY=with_entropy, ACC=acc, num_warps=warps,
     )
 
 
-def logprobs_bwd(logits2d, dlogits2d, labels, lse, entropy, grad_logp, grad_entropy, scalars,
-                 ignore_index, acc):
-    """Launch the backward; ``grad_entropy`` None means the entropy got no gradient."""
-    n_rows, V = logits2d.shape
+def logprobs_bwd(logits, layout, dlogits, dlayout, labels, lse, entropy, grad_logp, grad_entropy,
+                 scalars, ignore_index, acc):
+    """Launch the backward; ``grad_entropy`` None means the entropy got no gradient. Both tensors
+    are addressed by their layouts from ``row_layout``."""
+    n_rows, V = labels.numel(), logits.shape[-1]
     if n_rows == 0:
         return
-    block, warps = block_config(V, logits2d.element_size())
+    block, warps = block_config(V, logits.element_size())
     has_h = grad_entropy is not None
     _logprobs_bwd_kernel[(n_rows,)](
-        logits2d, logits2d.stride(0), dlogits2d, dlogits2d.stride(0), labels, lse,
+        logits, *layout, dlogits, *dlayout, labels, lse,
         entropy if has_h else lse, grad_logp, grad_entropy if has_h else grad_logp, scalars,
         V, ignore_index,
         BLOCK_V=block, HAS_GRAD_ENTROPY=has_h, ACC=acc, num_warps=warps,

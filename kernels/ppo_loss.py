@@ -19,7 +19,7 @@ labels) are never read and give zeros everywhere.
 import triton
 import triton.language as tl
 
-from .logprobs import block_config, row_lse_expected
+from .logprobs import block_config, row_lse_expected, row_pointer
 
 KL_MODES = {None: 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4, "k1+": 5, "k3+": 6}
 SCALARS = ("inv_temp", "clip_low", "clip_high", "dual_clip", "tis_cap", "kl_coef", "entropy_coef")
@@ -58,8 +58,10 @@ def _kl_and_grad(logp, ref, KL_MODE: tl.constexpr):
 
 @triton.jit
 def _ppo_fwd_kernel(
-    logits_ptr,  # [N, V] rows at stride_row
-    stride_row,
+    logits_ptr,  # [N, V] unit column stride, rows as in logprobs.row_pointer
+    rows_inner,
+    stride_outer,
+    stride_inner,
     labels_ptr,  # [N] int, ignore_index where the token is masked out
     old_logp_ptr,  # [N]
     adv_ptr,  # [N]
@@ -93,7 +95,7 @@ def _ppo_fwd_kernel(
     entropy_coef = tl.load(scalars_ptr + 6)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
     lse, expected = row_lse_expected(row_ptr, V, inv_temp, active, BLOCK_V, True, ACC)
     s_label = tl.load(row_ptr + tl.where(active, label, 0), mask=active, other=0.0).to(ACC)
     logp = s_label * inv_temp - lse
@@ -142,19 +144,19 @@ def _ppo_fwd_kernel(
     tl.store(flags_ptr + row, tl.where(active, flags, 0).to(tl.int8))
 
 
-def ppo_fwd(logits2d, labels, old_logp, adv, ref_logp, rollout_logp, outputs, scalars, *,
+def ppo_fwd(logits, layout, labels, old_logp, adv, ref_logp, rollout_logp, outputs, scalars, *,
             ignore_index, has_dual_clip, kl_mode, acc):
     """Launch the fused forward. ``outputs`` is a dict of preallocated [N] tensors named as the
     kernel's out-pointers (token_loss, dloss_dlogp, logp, entropy, lse, pg, kl, log_ratio, flags);
     ``scalars`` a device tensor of the ``SCALARS`` values in the accumulation dtype.
     """
-    n_rows, V = logits2d.shape
+    n_rows, V = labels.numel(), logits.shape[-1]
     if n_rows == 0:
         return
-    block, warps = block_config(V, logits2d.element_size())
+    block, warps = block_config(V, logits.element_size())
     o = outputs
     _ppo_fwd_kernel[(n_rows,)](
-        logits2d, logits2d.stride(0), labels, old_logp, adv,
+        logits, *layout, labels, old_logp, adv,
         old_logp if ref_logp is None else ref_logp,
         old_logp if rollout_logp is None else rollout_logp,
         o["token_loss"], o["dloss_dlogp"], o["logp"], o["entropy"], o["lse"], o["pg"], o["kl"],

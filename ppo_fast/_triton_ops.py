@@ -35,21 +35,6 @@ def _scalars(values, dtype: torch.dtype, device) -> Tensor:
     return torch.tensor(values, dtype=_out_dtype(dtype), device=device)
 
 
-def rows(logits: Tensor) -> Tensor:
-    """``logits`` as [N, V] with unit column stride, as a view whenever the layout allows.
-
-    A shifted slice such as ``logits[:, :-1]`` is not a view of [N, V]; it is copied (the kernels
-    take one row stride). Callers who care pass contiguous logits.
-    """
-    V = logits.shape[-1]
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    try:
-        return logits.view(-1, V)
-    except RuntimeError:
-        return logits.reshape(-1, V)
-
-
 # --------------------------------------------------------------------------------------------
 # token_logprobs
 # --------------------------------------------------------------------------------------------
@@ -67,7 +52,8 @@ def token_logprobs_op(
     logp = torch.empty(lead, dtype=out_dtype, device=logits.device)
     entropy = torch.zeros(lead, dtype=out_dtype, device=logits.device)
     lse = torch.empty(lead, dtype=out_dtype, device=logits.device)
-    k.logprobs_fwd(rows(logits), labels.reshape(-1).contiguous(), logp.view(-1),
+    logits, layout = k.row_layout(logits)
+    k.logprobs_fwd(logits, layout, labels.reshape(-1).contiguous(), logp.view(-1),
                    entropy.view(-1), lse.view(-1), _scalars([inv_temp], logits.dtype, logits.device),
                    ignore_index, with_entropy,
                    _acc(logits.dtype))
@@ -86,12 +72,17 @@ def token_logprobs_bwd_op(
     dlogits: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
     grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float, ignore_index: int,
 ) -> None:
-    """Write ∂loss/∂logits into ``dlogits`` (which may be ``logits`` itself: each element is read
-    before it is overwritten, by the same program)."""
+    """Write ∂loss/∂logits into ``dlogits``, of the logits' shape with unit column stride. It may
+    be ``logits`` itself: each element is read before it is overwritten, by the same program."""
     from .kernels import logprobs as k
 
+    logits, layout = k.row_layout(logits)
+    dlogits_rows, dlayout = k.row_layout(dlogits)
+    if dlogits_rows is not dlogits:
+        raise ValueError("dlogits must have unit column stride and rows addressable as "
+                         f"[outer, inner, V]; got strides {tuple(dlogits.stride())}")
     k.logprobs_bwd(
-        rows(logits), dlogits.view(-1, logits.shape[-1]), labels.reshape(-1).contiguous(),
+        logits, layout, dlogits, dlayout, labels.reshape(-1).contiguous(),
         lse.reshape(-1), entropy.reshape(-1), grad_logp.reshape(-1).contiguous(),
         None if grad_entropy is None else grad_entropy.reshape(-1).contiguous(),
         _scalars([inv_temp], logits.dtype, logits.device), ignore_index, _acc(logits.dtype),
@@ -104,7 +95,7 @@ def _(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
 
 
 def _dlogits(ctx, logits, labels, lse, entropy, grad_logp, grad_entropy):
-    if ctx.inplace_backward and logits.is_contiguous():
+    if ctx.inplace_backward and logits.stride(-1) == 1:
         dlogits = logits
     else:
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -159,6 +150,7 @@ def ppo_loss_tokens_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token outputs in the order of ``_PPO_OUTPUTS``; only ``token_loss`` is differentiable."""
     from .kernels import ppo_loss as k
+    from .kernels.logprobs import row_layout
 
     lead = logits.shape[:-1]
     out_dtype = _out_dtype(logits.dtype)
@@ -169,8 +161,9 @@ def ppo_loss_tokens_op(
     def flat(t):
         return None if t is None else t.reshape(-1).contiguous()
 
+    logits, layout = row_layout(logits)
     k.ppo_fwd(
-        rows(logits), flat(labels), flat(old_logp), flat(advantages), flat(ref_logp),
+        logits, layout, flat(labels), flat(old_logp), flat(advantages), flat(ref_logp),
         flat(rollout_logp), {name: t.view(-1) for name, t in outputs.items()},
         _scalars([inv_temp, clip_low, clip_high, dual_clip or 0.0, tis_cap, kl_coef, entropy_coef],
                  logits.dtype, logits.device),

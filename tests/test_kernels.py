@@ -98,6 +98,32 @@ def test_token_logprobs_leading_shape_and_non_contiguous(device):
     torch.testing.assert_close(g, g_r, rtol=1e-5, atol=1e-6)
 
 
+def test_shifted_logits_are_read_in_place_without_a_copy(device):
+    """``logits[:, :-1]`` (the usual next-token shift) is addressed directly, forward, backward
+    and in-place backward."""
+    from ppo_fast.kernels.logprobs import row_layout
+
+    full = _logits((3, 12, 401), torch.bfloat16, device)
+    shifted = full[:, :-1]
+    addressed, layout = row_layout(shifted)
+    assert addressed.data_ptr() == shifted.data_ptr() and layout == (11, 12 * 401, 401)
+    labels = _labels((3, 11), 401, device)
+    upstream = torch.randn(3, 11, device=device)
+    exact = shifted.detach().double().requires_grad_()
+    (g_exact,) = torch.autograd.grad((R.token_logprobs(exact, labels) * upstream).sum(), exact)
+    with backend("triton"):
+        x = full.clone().requires_grad_()
+        lp = pf.token_logprobs(x[:, :-1], labels)
+        (g,) = torch.autograd.grad((lp * upstream).sum(), x)
+        y = full.clone().requires_grad_()
+        lp_inplace = pf.token_logprobs((y * 1)[:, :-1], labels, inplace_backward=True)
+        (g_inplace,) = torch.autograd.grad((lp_inplace * upstream).sum(), y)
+    torch.testing.assert_close(lp, R.token_logprobs(shifted.double(), labels).float(), rtol=1e-5, atol=1e-5)
+    assert (g[:, -1] == 0).all()
+    torch.testing.assert_close(g[:, :-1].double(), g_exact, rtol=8e-3, atol=1e-5)  # bf16 rounding
+    torch.testing.assert_close(g_inplace, g, rtol=0, atol=0)
+
+
 def test_token_logprobs_extreme_rows(device):
     """All-negative rows, −inf (banned) tokens, and a huge logit."""
     V = 1000
