@@ -5,6 +5,8 @@ PPO_FAST_TEST_DEVICE=cuda the same tests run the compiled kernels on the GPU. Ex
 checked in float64; low precision against an error budget of 2x eager PyTorch in that dtype.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -360,3 +362,68 @@ def test_ppo_loss_under_torch_compile(device):
         compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
         got = torch.autograd.grad(compiled(logits), logits)[0]
     torch.testing.assert_close(got, eager)
+
+
+# --------------------------------------------------------------------------------------------
+# Every output element is written
+# --------------------------------------------------------------------------------------------
+
+
+def test_launchers_write_every_output_element(device):
+    """Outputs poisoned with NaN before each launch must come back fully written and right."""
+    from ppo_fast.kernels import gae as gae_k
+    from ppo_fast.kernels import logprobs as lp_k
+    from ppo_fast.kernels import ppo_loss as ppo_k
+    import triton.language as tl
+
+    N, V = 13, 1031
+    logits = _logits((N, V), F64, device)
+    labels = _labels((N,), V, device, ignore_fraction=0.3)
+    layout = lp_k.row_layout(logits)[1]
+    poison = lambda *shape, dtype=F64: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
+    inv_temp = torch.tensor([1.0], dtype=F64, device=device)
+    logp, ent, lse = poison(N), poison(N), poison(N)
+    lp_k.logprobs_fwd(logits, layout, labels, logp, ent, lse, inv_temp, -100, True, tl.float64)
+    logp_r, ent_r = R.token_logprobs(logits, labels, return_entropy=True)
+    torch.testing.assert_close(logp, logp_r)
+    torch.testing.assert_close(ent, ent_r)
+
+    dlogits = poison(N, V)
+    lp_k.logprobs_bwd(logits, layout, dlogits, lp_k.row_layout(dlogits)[1], labels, lse, ent,
+                      torch.randn(N, dtype=F64, device=device), torch.randn(N, dtype=F64, device=device),
+                      inv_temp, -100, tl.float64)
+    assert not dlogits.isnan().any()
+
+    outputs = {name: poison(N) for name in ("token_loss", "dloss_dlogp", "logp", "entropy", "lse",
+                                            "pg", "kl", "log_ratio")}
+    outputs["flags"] = torch.full((N,), 99, dtype=torch.int8, device=device)
+    scalars = torch.tensor([1.0, 0.2, 0.2, 3.0, 2.0, 0.1, 0.01], dtype=F64, device=device)
+    old, adv = logp_r + 0.1, torch.randn(N, dtype=F64, device=device)
+    ppo_k.ppo_fwd(logits, layout, labels, old, adv, old, old, outputs, scalars, ignore_index=-100,
+                  has_dual_clip=True, kl_mode="k3", acc=tl.float64)
+    assert all(not t.isnan().any() for t in outputs.values() if t.is_floating_point())
+    assert ((outputs["flags"] >= 0) & (outputs["flags"] <= 3)).all()
+    torch.testing.assert_close(outputs["logp"], logp_r)
+
+    cu = torch.tensor([0, 0, 5, 1500, 1501], device=device)
+    r, v = torch.randn(1501, dtype=F64, device=device), torch.randn(1501, dtype=F64, device=device)
+    m = (torch.rand(1501, device=device) > 0.5).double()
+    adv_out, ret_out = poison(1501), poison(1501)
+    gae_k.gae(r, v, m, cu, adv_out, ret_out, torch.tensor([0.99, 0.99 * 0.95], dtype=F64, device=device),
+              1495, tl.float64)
+    adv_r, ret_r = R.gae_packed(r, v, m, cu, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv_out, adv_r)
+    torch.testing.assert_close(ret_out, ret_r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("PPO_FAST_TEST_DEVICE") != "cuda",
+                    reason="needs a GPU: 2^21 rows, more than 2^31 logits elements")
+def test_int64_offsets_past_two_billion_elements(device):
+    N, V = 1 << 21, 1100
+    logits = torch.randn(N, V, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, V, (N,), device=device)
+    with backend("triton"):
+        lp = pf.token_logprobs(logits, labels)
+    tail = slice(N - 64, N)
+    torch.testing.assert_close(lp[tail], R.token_logprobs(logits[tail].double(), labels[tail]).float(),
+                               rtol=1e-5, atol=1e-5)
