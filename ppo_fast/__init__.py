@@ -21,6 +21,7 @@ from .functional import (
     token_logprobs,
     value_loss,
 )
+from .hybrid import GenerationOutput, HybridEngine
 from .kl_control import AdaptiveKLController, FixedKLController
 from .losses import PPOLoss, ValueLoss
 
@@ -30,6 +31,8 @@ __all__ = [
     "AdaptiveKLController",
     "BackendUnavailable",
     "FixedKLController",
+    "GenerationOutput",
+    "HybridEngine",
     "PPOLoss",
     "ValueLoss",
     "gae",

@@ -1,0 +1,133 @@
+"""HybridEngine: two CPU ranks through the real ``deepspeed`` launcher (ZeRO-2 and ZeRO-3, a tiny
+Llama built from a config), plus single-process checks of bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+transformers = pytest.importorskip("transformers")
+
+import ppo_fast as pf  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def _launch(stage, tmp_path):
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("PPO_FAST_BACKEND", None)
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", str(29500 + stage + os.getpid() % 1000),
+         str(HERE / "hybrid_worker.py"), "--stage", str(stage), "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hybrid_engine_under_deepspeed_two_ranks(stage, tmp_path):
+    for r in _launch(stage, tmp_path):
+        where = f"rank {r['rank']}, ZeRO-{stage}"
+        assert r["static_equal"], f"static-cache greedy decode differs from the full model ({where})"
+        assert r["hf_equal"] and r["hf_decode"] == "hf", where
+        assert r["static_metrics"]["decode"] == "static", where
+        assert r["repeat_equal"] and r["eval_inside"] and r["resident_inside"], where
+        assert r["restored_training"] and r["checkpointing_restored"], where
+        assert r["completion_mask_ok"], where
+        assert r["size_before"] == r["size_after"] == r["size_after_context"], where
+        assert r["loss_after_generate"] == r["loss_fresh"] and r["max_grad_diff"] == 0, where
+        if stage == 3:
+            assert r["size_before"] == 0, "parameters were not partitioned to begin with"
+            assert r["static_metrics"]["gathered"] == "all"
+            assert r["bucket_equal"] and r["bucket_mode"] == "buckets", where
+            assert 0 < r["bucket_resident_fraction"] < 1, where
+            assert r["size_after_bucket"] == 0, where
+            assert r["raised"] and r["training_after_error"] and r["size_after_error"] == 0, where
+
+
+def _tiny(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         eos_token_id=2, pad_token_id=0, **overrides)
+    return LlamaForCausalLM(config)
+
+
+def test_single_process_generate_matches_hf_generate_and_restores_mode():
+    model = _tiny()
+    hybrid = pf.HybridEngine(model, max_new_tokens=6)
+    ids = torch.randint(3, 50, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    ids = ids.masked_fill(mask == 0, 0)
+    model.train()
+    out = hybrid.generate(ids, attention_mask=mask)
+    model.eval()
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0, eos_token_id=2)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.metrics["decode"] == "static" and out.metrics["tokens_per_second"] > 0
+    assert out.completions.shape[1] == out.sequences.shape[1] - 5
+
+
+def test_sampling_respects_top_k():
+    model = _tiny()
+    hybrid = pf.HybridEngine(model, max_new_tokens=8)
+    ids = torch.randint(3, 50, (16, 4))
+    torch.manual_seed(0)
+    out = hybrid.generate(ids, do_sample=True, top_k=1, temperature=0.7, eos_token_id=[])
+    greedy = hybrid.generate(ids, do_sample=False, eos_token_id=[])
+    assert out.sequences.tolist() == greedy.sequences.tolist()
+    sampled = hybrid.generate(ids, do_sample=True, top_p=0.9, temperature=1.5, eos_token_id=[])
+    assert sampled.sequences.shape == (16, 12)
+
+
+def test_completion_mask_stops_after_eos():
+    mask = pf.HybridEngine._completion_mask(torch.tensor([[4, 2, 7, 2], [4, 5, 6, 7]]), [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_beams=4), "unsupported generation keyword"),
+    (dict(max_new_tokens=0), "max_new_tokens must be"),
+    (dict(temperature=0.0), "temperature must be"),
+    (dict(top_p=1.5), "top_p must be"),
+    (dict(max_new_tokens=40), "exceeds the model's context of 32"),
+])
+def test_bad_generation_arguments(kwargs, match):
+    hybrid = pf.HybridEngine(_tiny())
+    with pytest.raises(ValueError, match=match):
+        hybrid.generate(torch.randint(3, 50, (1, 4)), **kwargs)
+
+
+def test_right_padded_prompts_are_rejected():
+    hybrid = pf.HybridEngine(_tiny())
+    with pytest.raises(ValueError, match="left-padded"):
+        hybrid.generate(torch.randint(3, 50, (1, 4)), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+
+
+def test_non_causal_models_are_rejected():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32,
+                                             num_layers=1, num_heads=2))
+    with pytest.raises(TypeError, match="encoder-decoder"):
+        pf.HybridEngine(t5)
+    with pytest.raises(TypeError, match="causal LM"):
+        pf.HybridEngine(torch.nn.Linear(3, 3))
+
+
+def test_pick_attn_implementation_never_requires_flash_attn():
+    from ppo_fast.hybrid import pick_attn_implementation
+
+    assert pick_attn_implementation(torch.float32, "cpu") == "sdpa"
+    assert pick_attn_implementation(torch.bfloat16, "cpu") == "sdpa"
