@@ -2,6 +2,8 @@
 
     ppo-fast                 run the default job (for now the ops demo: a PPO run on a toy policy)
     ppo-fast demo [--key v]  the same, with any DemoConfig field overridden
+    ppo-fast rollout [...]   generate with the hybrid engine under DeepSpeed, and time it
+                             (deepspeed --num_gpus 2 --module ppo_fast.cli rollout --compare)
     ppo-fast backends        which backend serves each device, and why
 """
 
@@ -27,10 +29,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppo-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ppo-fast {__version__}")
+    # The deepspeed launcher passes --local_rank before the subcommand; the env var LOCAL_RANK
+    # carries the same value, so it is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="PPO on a toy policy with ppo_fast's ops (CPU, seconds)")
     _add_config_options(demo, DemoConfig)
     sub.add_parser("backends", help="which backend serves each device, and why")
+    from .rollout import add_arguments
+
+    add_arguments(sub.add_parser("rollout", help="hybrid-engine rollouts under DeepSpeed, timed"))
     return parser
 
 
@@ -45,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         for device in ("cpu", "cuda"):
             for name, reason in backend.reasons(torch.device(device)).items():
                 print(f"{device:5} {name:10} {reason or 'available'}")
+        return 0
+    if args.command == "rollout":
+        from .rollout import run as rollout
+
+        rollout(args)
         return 0
     from .demo import DemoConfig, run
 
