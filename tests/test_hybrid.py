@@ -21,7 +21,8 @@ HERE = Path(__file__).parent
 
 def _launch(stage, tmp_path):
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # CPU ranks (gloo) on any machine, also where a GPU is visible.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("PPO_FAST_BACKEND", None)
     proc = subprocess.run(
         [launcher, "--num_gpus", "2", "--master_port", str(29500 + stage + os.getpid() % 1000),
