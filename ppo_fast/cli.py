@@ -1,7 +1,9 @@
 """``ppo-fast``: the command line.
 
-    ppo-fast                 run the default job (for now the ops demo: a PPO run on a toy policy)
-    ppo-fast demo [--key v]  the same, with any DemoConfig field overridden
+    ppo-fast                 the default job: RLHF with PPO on the embedded default task (CPU, minutes)
+    ppo-fast train [--config run.yaml] [--key value ...]
+                             the PPO trainer; every PPOConfig field is an option (see train --help)
+    ppo-fast demo [--key v]  the ops alone: PPO on a toy policy in seconds
     ppo-fast rollout [...]   generate with the hybrid engine under DeepSpeed, and time it
                              (deepspeed --num_gpus 2 --module ppo_fast.cli rollout --compare)
     ppo-fast backends        which backend serves each device, and why
@@ -39,6 +41,12 @@ def _build_parser() -> argparse.ArgumentParser:
     from .rollout import add_arguments
 
     add_arguments(sub.add_parser("rollout", help="hybrid-engine rollouts under DeepSpeed, timed"))
+    from .trainer.config import add_arguments as add_train_arguments
+
+    add_train_arguments(sub.add_parser(
+        "train", help="RLHF with PPO (default: the embedded task)",
+        description="RLHF with PPO. Runs as one process or under the deepspeed launcher "
+                    "(deepspeed --num_gpus N --module ppo_fast.cli train ...)."))
     return parser
 
 
@@ -54,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, reason in backend.reasons(torch.device(device)).items():
                 print(f"{device:5} {name:10} {reason or 'available'}")
         return 0
+    if args.command in (None, "train"):
+        from .trainer import TrainingStopped, train
+        from .trainer.config import PPOConfig, from_args
+
+        config = PPOConfig() if args.command is None else from_args(args)
+        try:
+            train(config)
+        except TrainingStopped as exc:
+            print(exc, file=sys.stderr)
+            return 3
+        return 0
     if args.command == "rollout":
         from .rollout import run as rollout
 
@@ -61,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .demo import DemoConfig, run
 
-    if args.command is None:
-        config = DemoConfig()
-    else:
-        config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
     summary = run(config)
     return 0 if summary["score_after"] > summary["score_before"] else 1
 

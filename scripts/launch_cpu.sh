@@ -6,7 +6,7 @@
 # share of the cores through OMP_NUM_THREADS instead.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-command=${1:-rollout}; shift $(( $# > 0 ? 1 : 0 ))
+command=${1:-train}; shift $(( $# > 0 ? 1 : 0 ))
 ranks=${NUM_RANKS:-2}
 export CUDA_VISIBLE_DEVICES=""
 bind=()

@@ -4,7 +4,7 @@
 # offloads parameters and optimizer state to CPU memory when the model does not fit).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-command=${1:-rollout}; shift $(( $# > 0 ? 1 : 0 ))
+command=${1:-train}; shift $(( $# > 0 ? 1 : 0 ))
 gpus=${NUM_GPUS:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 exec deepspeed --num_gpus "$gpus" --module ppo_fast.cli "$command" \
     --ds-config "${DS_CONFIG:-$here/ds/zero3_gpu_bf16.json}" "$@"

@@ -5,7 +5,7 @@
 # same path. NUM_NODES limits the nodes used (default: all in the hostfile).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-command=${1:-rollout}; shift $(( $# > 0 ? 1 : 0 ))
+command=${1:-train}; shift $(( $# > 0 ? 1 : 0 ))
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (lines: <host> slots=<gpus>)}"
 : "${MASTER_ADDR:?set MASTER_ADDR to an address of node 0 that the other nodes can reach}"
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \

@@ -30,3 +30,12 @@ def grad_of(fn, *inputs, upstream=None):
         upstream = torch.randn_like(out)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     return torch.autograd.grad((out * upstream).sum(), leaves)
+
+
+def subprocess_env(**extra):
+    """The environment for a child run: CPU only, unbuffered, and without the rendezvous variables
+    an in-process test may have set (a child would reuse the parent's port)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **extra)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PPO_FAST_BACKEND"):
+        env.pop(name, None)
+    return env

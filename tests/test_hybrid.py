@@ -16,14 +16,15 @@ transformers = pytest.importorskip("transformers")
 
 import ppo_fast as pf  # noqa: E402
 
+from helpers import subprocess_env  # noqa: E402
+
 HERE = Path(__file__).parent
 
 
 def _launch(stage, tmp_path):
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     # CPU ranks (gloo) on any machine, also where a GPU is visible.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("PPO_FAST_BACKEND", None)
+    env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [launcher, "--num_gpus", "2", "--master_port", str(29500 + stage + os.getpid() % 1000),
          str(HERE / "hybrid_worker.py"), "--stage", str(stage), "--out", str(tmp_path)],

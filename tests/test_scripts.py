@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import subprocess_env
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "scripts").glob("launch_*.sh"))
 CONFIGS = sorted((ROOT / "scripts" / "ds").glob("*.json"))
@@ -33,8 +35,7 @@ def test_ds_configs(config):
 
 def test_cpu_launcher_runs_the_rollout_entry_point():
     pytest.importorskip("deepspeed")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PPO_FAST_BACKEND", None)
+    env = subprocess_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     assert shutil.which("deepspeed", path=env["PATH"]), "the deepspeed launcher is not installed"
     proc = subprocess.run(
         [str(ROOT / "scripts" / "launch_cpu.sh"), "rollout", "--preset", "tiny", "--batch-size", "2",

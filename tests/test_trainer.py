@@ -1,0 +1,185 @@
+"""The PPO trainer on the embedded default task: a short run in one process and under the deepspeed
+launcher with ZeRO-3, resume after kill -9, faults, and bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components, train  # noqa: E402
+from ppo_fast.trainer import ppo as ppo_module  # noqa: E402
+from ppo_fast.trainer.ppo import load_prompts  # noqa: E402
+
+from helpers import subprocess_env  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = dict(warmup_steps=60, reward_train_steps=120, rollout_batch_size=16, minibatch_size=8,
+             micro_batch_size=8, eval_prompts=32)
+TIMING = {"seconds_generate", "seconds_score", "seconds_train", "generate_share",
+          "tokens_per_second_generate", "tokens_per_second_train"}
+
+
+def _config(tmp_path, **overrides):
+    return PPOConfig(output_dir=str(tmp_path), **{**QUICK, **overrides})
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli(args):
+    return [sys.executable, "-m", "ppo_fast.cli", *args], subprocess_env()
+
+
+def _quick_flags(tmp_path, run_name, **extra):
+    flags = {**QUICK, "output_dir": str(tmp_path), "run_name": run_name, **extra}
+    return [item for key, value in flags.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def test_default_run_raises_the_gold_reward_and_writes_its_files(tmp_path):
+    summary = train(_config(tmp_path, steps=10, save_every=5, eval_every=5))
+    run = tmp_path / "default"
+    for key in ("gold_reward_before", "gold_reward_after", "proxy_reward_before", "proxy_reward_after",
+                "kl_final", "seconds_total", "tokens_per_second_generate", "tokens_per_second_train"):
+        assert key in summary, key
+    assert summary["gold_reward_after"] > summary["gold_reward_before"] + 1.0
+    assert summary["proxy_reward_after"] > summary["proxy_reward_before"]
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert (run / "rewards.png").stat().st_size > 1000
+    assert (run / "checkpoints" / "latest").read_text() == "step10"
+    assert (run / "final_policy" / "config.json").exists()
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(11))
+    for name in ("score", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "explained_variance",
+                 "response_length", "tokens_per_second_generate", "seconds_generate",
+                 "seconds_train", "generate_share", "kl_coef"):
+        assert name in rows[-1], name
+
+
+def test_resume_after_kill_9_reproduces_the_uninterrupted_run(tmp_path):
+    steps = ["--steps", "8", "--save-every", "2", "--eval-every", "4"]
+    cmd, env = _cli(["train", *_quick_flags(tmp_path, "straight"), *steps])
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600, cwd=tmp_path)
+
+    cmd, env = _cli(["train", *_quick_flags(tmp_path, "killed"), *steps])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:  # steps 0..5 logged
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = (tmp_path / "killed" / "checkpoints" / "latest").read_text()
+    assert latest in ("step4", "step6"), latest
+
+    cmd, env = _cli(["train", *_quick_flags(tmp_path, "killed"), *steps, "--resume", "true"])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from step {latest[4:]}" in out.stdout
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+    assert strip(_rows(tmp_path / "killed")) == strip(_rows(tmp_path / "straight"))
+
+
+def test_two_ranks_with_zero3_through_the_deepspeed_launcher(tmp_path):
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), "--module",
+         "ppo_fast.cli", "train", *_quick_flags(tmp_path, "zero3"), "--zero-stage", "3",
+         "--steps", "3", "--save-every", "3"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "zero3" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["gold_reward_after"] is not None
+    assert (tmp_path / "zero3" / "checkpoints" / "actor" / "step3").is_dir()
+
+
+def _trainer(tmp_path, **overrides):
+    config = _config(tmp_path, **{"steps": 3, "save_every": 100, **overrides})
+    return config, build_components(config)
+
+
+def test_reward_fn_with_the_wrong_shape_or_nan_is_a_clear_error(tmp_path):
+    config, components = _trainer(tmp_path)
+    components.reward_model = None
+    components.reward_fn = lambda prompts, completions: [1.0] * (len(prompts) - 1)
+    with pytest.raises(ValueError, match=r"reward_fn must return (\d+) scores \(one per prompt\), got shape \(\d+,\)"):
+        PPOTrainer(config, components).train()
+    config, components = _trainer(tmp_path, run_name="nan")
+    components.reward_model = None
+    components.reward_fn = lambda prompts, completions: [float("nan")] * len(prompts)
+    with pytest.raises(ValueError, match="the reward is not finite"):
+        PPOTrainer(config, components).train()
+
+
+def test_empty_prompt_file_and_too_long_prompts(tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(str(empty))
+    config, components = _trainer(tmp_path, max_prompt_len=4)
+    with pytest.raises(ValueError, match="longer than max_prompt_len=4"):
+        PPOTrainer(config, components).train()
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    config, components = _trainer(tmp_path, steps=5, max_nonfinite_in_a_row=3)
+    real = ppo_module.pf.ppo_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
+        return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+
+    monkeypatch.setattr(ppo_module.pf, "ppo_loss", poisoned)
+    trainer = PPOTrainer(config, components)
+    with pytest.raises(TrainingStopped, match="3 updates in a row had a non-finite loss") as info:
+        trainer.train()
+    assert "A checkpoint of step" in str(info.value)
+    assert trainer.nonfinite_total == 3
+    latest = (tmp_path / "default" / "checkpoints" / "latest").read_text()
+    assert latest == f"step{trainer.step}"
+    assert torch.isfinite(torch.stack([p.detach().abs().sum() for p in trainer.actor.module.parameters()])).all()
+
+
+def test_train_help_documents_every_field():
+    from dataclasses import fields
+
+    out = subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", "--help"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    for f in fields(PPOConfig):
+        assert f"--{f.name.replace('_', '-')}" in out, f.name
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    from argparse import ArgumentParser
+
+    from ppo_fast.trainer.config import add_arguments, from_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 7\nactor_lr: 0.001\nadaptive_kl: false\n")
+    parser = ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--config", str(path), "--steps", "9"]))
+    assert (config.steps, config.actor_lr, config.adaptive_kl) == (9, 0.001, False)
+    path.write_text("stepz: 7\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        PPOConfig.from_yaml(str(path))
