@@ -241,7 +241,7 @@ class PPOTrainer:
     def _frozen(self, model: nn.Module):
         """Inference-only copy: a ZeRO-3 engine when training is ZeRO-3, else the plain module."""
         model.requires_grad_(False).eval()
-        if self.config.zero_stage == 3 and self.world > 1:
+        if self.actor.zero_optimization_stage() == 3 and self.world > 1:
             import deepspeed
 
             engine, *_ = deepspeed.initialize(model=model, config={
