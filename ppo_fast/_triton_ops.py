@@ -95,7 +95,10 @@ def _(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
 
 
 def _dlogits(ctx, logits, labels, lse, entropy, grad_logp, grad_entropy):
-    if ctx.inplace_backward and logits.stride(-1) == 1:
+    from .kernels.logprobs import row_layout
+
+    # In place only where the kernels address the logits directly (no copy was needed).
+    if ctx.inplace_backward and row_layout(logits)[0] is logits:
         dlogits = logits
     else:
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -252,6 +255,10 @@ def gae_packed(rewards, values, mask, cu_seqlens, *, gamma, lam, max_len):
 
 def gae_padded(rewards, values, mask, *, gamma, lam):
     B, T = rewards.shape
+    if T == 0:
+        dtype = reference.compute_dtype(rewards, values)
+        empty = torch.empty(B, 0, dtype=dtype, device=rewards.device)
+        return empty, empty.clone()
     cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=rewards.device)
     adv, ret = gae_packed(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), cu,
                           gamma=gamma, lam=lam, max_len=T)

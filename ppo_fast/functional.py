@@ -324,7 +324,7 @@ def _fused_ppo_loss(logits, labels, old_logp, advantages, mask, *, agg, num_toke
         pg_loss=reference.aggregate(tokens["pg"], weights).detach(),
         kl_loss=reference.aggregate(tokens["kl"], weights).detach(),
         entropy_loss=reference.aggregate(tokens["entropy"], weights).detach(),
-        entropy=reference.masked_mean(tokens["entropy"], active),
-        kl=reference.masked_mean(tokens["kl"], active),
+        entropy=reference.masked_mean(tokens["entropy"], active).detach(),
+        kl=reference.masked_mean(tokens["kl"], active).detach(),
     )
     return loss, metrics

@@ -237,6 +237,7 @@ def test_fused_ppo_loss_matches_reference_float64(options, agg, device):
     assert metrics.keys() == metrics_r.keys()
     for name in metrics:
         torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert not metrics[name].requires_grad, name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -302,6 +303,24 @@ def test_gae_scan_matches_loop(B, T, mask_kind, device):
     (adv, ret), (adv_r, ret_r) = _both(lambda: pf.gae(rewards, values, mask, gamma=0.99, lam=0.95))
     torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
+
+
+def test_gae_with_no_time_steps(device):
+    empty = torch.empty(3, 0, device=device)
+    with backend("triton"):
+        adv, ret = pf.gae(empty, empty)
+    assert adv.shape == ret.shape == (3, 0)
+
+
+def test_inplace_backward_on_logits_that_need_a_copy_falls_back(device):
+    """Logits the kernels cannot address directly are copied, so the gradient cannot go into them."""
+    base = _logits((2, 3, 6, 41), torch.float32, device)
+    logits = base[:, :, :5].detach().requires_grad_()
+    labels = _labels((2, 3, 5), 41, device)
+    (expected,) = torch.autograd.grad(R.token_logprobs(logits, labels).sum(), logits)
+    with backend("triton"):
+        (got,) = torch.autograd.grad(pf.token_logprobs(logits, labels, inplace_backward=True).sum(), logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gae_float32_and_bfloat16_inputs(device):

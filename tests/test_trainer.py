@@ -183,3 +183,22 @@ def test_yaml_config_and_overrides(tmp_path):
     path.write_text("stepz: 7\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         PPOConfig.from_yaml(str(path))
+
+
+def test_old_logprobs_use_the_sampling_temperature(tmp_path):
+    """Rollouts sample from softmax(z / T); old and reference log-probs must score that
+    distribution, not softmax(z)."""
+    import ppo_fast as pf
+    from ppo_fast.trainer.ppo import position_ids
+
+    config = _config(tmp_path, temperature=0.7)
+    trainer = PPOTrainer(config, build_components(config))
+    exp, _ = trainer.generate_experience(trainer.sampler.next_batch())
+    P = exp.prompt_length
+    with torch.no_grad():
+        logits = trainer.actor.module(input_ids=exp.sequences, attention_mask=exp.attention_mask,
+                                      position_ids=position_ids(exp.attention_mask)).logits[:, P - 1:-1]
+        tempered = pf.token_logprobs(logits, exp.sequences[:, P:], temperature=0.7)
+        plain = pf.token_logprobs(logits, exp.sequences[:, P:])
+    torch.testing.assert_close(exp.old_logp, tempered)
+    assert not torch.allclose(exp.old_logp, plain)

@@ -46,7 +46,9 @@ def _default_task(config: PPOConfig, log) -> Components:
 
     from . import default_task as task
 
-    artifacts = Path(config.output_dir) / config.run_name / "default_task"
+    # Keyed by what made them, so a rerun with another seed does not reuse them.
+    artifacts = (Path(config.output_dir) / config.run_name / "default_task"
+                 / f"seed{config.seed}-warmup{config.warmup_steps}-rm{config.reward_train_steps}")
     rank = torch.distributed.get_rank()
     if rank == 0 and not (artifacts / "reward_model" / "config.json").exists():
         log("default task: warming up the policy and training the reward model "

@@ -249,7 +249,7 @@ class PPOTrainer:
                 "zero_optimization": {"stage": 3},
                 "bf16": {"enabled": torch.cuda.is_available()}})
             return engine.module
-        return model.to(self.device)
+        return model.to(device=self.device, dtype=next(self.actor.module.parameters()).dtype)
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.c.tokenizer
@@ -270,7 +270,9 @@ class PPOTrainer:
     def _token_logprobs(self, model, sequences, attention_mask, prompt_len):
         logits = model(input_ids=sequences, attention_mask=attention_mask,
                        position_ids=position_ids(attention_mask)).logits
-        return pf.token_logprobs(logits[:, prompt_len - 1:-1], sequences[:, prompt_len:])
+        # The rollouts sample from softmax(z / T): score them under the same distribution.
+        return pf.token_logprobs(logits[:, prompt_len - 1:-1], sequences[:, prompt_len:],
+                                 temperature=self.config.temperature)
 
     def _scores(self, prompts, sequences, attention_mask, prompt_len) -> torch.Tensor:
         if self.c.reward_fn is not None:
@@ -352,15 +354,21 @@ class PPOTrainer:
                     actor_loss, metrics = pf.ppo_loss(
                         logits[:, P - 1:-1], seqs[:, P:], exp.old_logp[idx], exp.advantages[idx],
                         exp.action_mask[idx], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg)
+                        entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
+                        temperature=cfg.temperature)
                     values = self.critic(seqs, attn, position_ids(attn))[:, P - 1:-1]
                     critic_loss, vmetrics = pf.value_loss(
                         values, exp.values[idx], exp.returns[idx], exp.action_mask[idx],
                         clip=cfg.value_clip or None, agg=cfg.loss_agg)
-                    if not (torch.isfinite(actor_loss) and torch.isfinite(critic_loss)):
+                    if not self._finite_on_every_rank(actor_loss, critic_loss):
                         self._skip_nonfinite(actor_loss, critic_loss)
                         if self._stop_reason == "nonfinite":
                             return self._averages(sums, updates)
+                        if self.actor.gradient_accumulation_steps() > 1:
+                            # Keep DeepSpeed's accumulation boundaries where they were: the
+                            # skipped micro-batch contributes nothing to its minibatch's update.
+                            self.actor.step()
+                            self.critic.step()
                         continue
                     self.nonfinite_in_a_row = 0
                     self.actor.backward(actor_loss)
@@ -376,6 +384,16 @@ class PPOTrainer:
     @staticmethod
     def _averages(sums: dict, updates: int) -> dict:
         return {name: total / max(updates, 1) for name, total in sums.items()}
+
+    def _finite_on_every_rank(self, *losses) -> bool:
+        """Whether every rank's losses are finite: ranks skip together or not at all, since the
+        backward passes are collective."""
+        finite = all(bool(torch.isfinite(loss)) for loss in losses)
+        if self.world == 1:
+            return finite
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return flag.item() == 1.0
 
     def _skip_nonfinite(self, actor_loss, critic_loss):
         self.nonfinite_in_a_row += 1
@@ -503,6 +521,7 @@ class PPOTrainer:
             progress = self._progress(cfg.steps, self.step)
             while self.step < cfg.steps and self._stop_reason is None:
                 row = self._one_step()
+                self._agree_on_interrupt()
                 self._log_metrics(row)
                 if progress is not None:
                     progress.update(1)
@@ -524,6 +543,16 @@ class PPOTrainer:
                 f"than the updates since then were lost. Continue with --resume after lowering the "
                 f"learning rates or inspecting the rewards.")
         return self.finish(time.perf_counter() - start)
+
+    def _agree_on_interrupt(self) -> None:
+        """A Ctrl-C seen by any rank stops every rank after the same step (a rank that went on
+        alone would wait forever in the next collective)."""
+        if self.world == 1:
+            return
+        flag = torch.tensor([1.0 if self._stop_reason == "interrupt" else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() == 1.0 and self._stop_reason is None:
+            self._stop_reason = "interrupt"
 
     def _on_interrupt(self, signum, frame):
         if self._stop_reason == "interrupt":
@@ -549,7 +578,8 @@ class PPOTrainer:
         update = self.train_on(exp)
         t2 = time.perf_counter()
         self.step += 1
-        self.kl_ctl.update(stats["kl"], n_steps=cfg.rollout_batch_size * self.world)
+        self.kl_ctl.update(self._mean_over_ranks({"kl": stats["kl"]})["kl"],
+                           n_steps=cfg.rollout_batch_size * self.world)
         trained_tokens = exp.attention_mask.sum().item() * cfg.ppo_epochs
         generate_seconds = stats.pop("generate_seconds")
         score_seconds = stats.pop("score_seconds")
