@@ -70,19 +70,21 @@ def token_logprobs(
 
     Positions whose label is ``ignore_index`` give logp 0 and entropy 0, with zero gradient.
     """
-    s = logits.to(compute_dtype(logits)) / temperature
+    s = logits.to(compute_dtype(logits))
+    if temperature != 1.0:
+        s = s / temperature
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0).long()
-    lse = torch.logsumexp(s, dim=-1)
-    logp = s.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - lse
+    # log_softmax(s) = s − logsumexp(s); one fused kernel on the CPU, where this is the fast path.
+    log_probs = torch.log_softmax(s, dim=-1)
+    logp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     logp = logp.masked_fill(ignored, 0.0)
     if not return_entropy:
         return logp
-    p = torch.softmax(s, dim=-1)
-    # p·s with p = 0 is 0 even where s = −inf (a banned token), never NaN.
-    expected_s = (p * s.masked_fill(p == 0, 0.0)).sum(-1)
-    entropy = (lse - expected_s).masked_fill(ignored, 0.0)
-    return logp, entropy
+    p = log_probs.exp()
+    # p·log p with p = 0 is 0 even where s = −inf (a banned token), never NaN.
+    entropy = -(p * log_probs.masked_fill(p == 0, 0.0)).sum(-1)
+    return logp, entropy.masked_fill(ignored, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
