@@ -18,7 +18,9 @@ across several calls of one rollout):
   until every rank is done;
 * decoding runs our own loop over a preallocated (static) KV cache where the model supports one —
   per step only the model's forward and sampling — and Hugging Face ``generate`` otherwise
-  (``metrics["decode"]`` says which).
+  (``metrics["decode"]`` says which);
+* PEFT LoRA adapters are merged into the base weights for generation and the saved base weights
+  put back afterwards, bit for bit.
 """
 
 from __future__ import annotations
@@ -119,12 +121,15 @@ class HybridEngine:
             smaller budget gathers whole decoder blocks up to it and the rest block by block.
         decode: ``"auto"`` (our static-cache loop where supported, else HF ``generate``),
             ``"static"`` (require it) or ``"hf"``.
+        merge_lora: for a PEFT model, merge the LoRA adapters into the (gathered) base weights for
+            generation and put the saved base weights back afterwards, bit for bit; ``False``
+            generates through the unmerged adapters (no weight copy, slower decoding).
         **generation_defaults: defaults for :meth:`generate` (any of
             ``SUPPORTED_GENERATION_KWARGS``).
     """
 
     def __init__(self, engine, tokenizer=None, *, max_gathered_bytes: int | None = None,
-                 decode: str = "auto", **generation_defaults):
+                 decode: str = "auto", merge_lora: bool = True, **generation_defaults):
         self.engine = engine
         self.model: nn.Module = getattr(engine, "module", engine)
         config = getattr(self.model, "config", None)
@@ -134,11 +139,6 @@ class HybridEngine:
         if getattr(config, "is_encoder_decoder", False):
             raise TypeError(f"HybridEngine needs a decoder-only causal LM; "
                             f"{type(self.model).__name__} is an encoder-decoder model")
-        if _is_peft(self.model):
-            raise NotImplementedError(
-                "PEFT/LoRA adapters are not supported by HybridEngine yet: merging an adapter into "
-                "ZeRO-3 partitioned weights and restoring them bit for bit is not implemented. "
-                "Merge the adapter before wrapping (model.merge_and_unload()) or use full fine-tuning.")
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if max_gathered_bytes is not None and max_gathered_bytes <= 0:
@@ -146,6 +146,7 @@ class HybridEngine:
         check_generation_kwargs(generation_defaults)
         self.decode = decode
         self.max_gathered_bytes = max_gathered_bytes
+        self.merge_lora = merge_lora and _is_peft(self.model)
         generation_config = getattr(self.model, "generation_config", None)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
@@ -194,6 +195,8 @@ class HybridEngine:
             with ExitStack() as stack:
                 start = time.perf_counter()
                 self._gather_mode = stack.enter_context(self._gathered())
+                if self.merge_lora:
+                    stack.enter_context(self._merged_adapters())
                 self._gather_seconds = time.perf_counter() - start
                 self._depth = 1
                 try:
@@ -205,6 +208,30 @@ class HybridEngine:
             for module, flag in checkpointing:
                 module.gradient_checkpointing = flag
             model.config.use_cache = use_cache
+
+    @contextmanager
+    def _merged_adapters(self):
+        """LoRA merged into the base weights for decoding speed. Unmerging by subtraction would
+        drift by rounding every rollout, so the base weights are saved and restored instead."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        if any(layer.merged_adapters for layer in layers):
+            raise RuntimeError("the PEFT model already has merged adapters; HybridEngine merges "
+                               "and restores them itself (unmerge them first)")
+        saved = [(layer, layer.base_layer.weight.detach().clone(),
+                  None if getattr(layer.base_layer, "bias", None) is None
+                  else layer.base_layer.bias.detach().clone()) for layer in layers]
+        self.model.merge_adapter()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight, bias in saved:
+                    layer.base_layer.weight.copy_(weight)
+                    if bias is not None:
+                        layer.base_layer.bias.copy_(bias)
+                    layer.merged_adapters.clear()
 
     def _param_offload(self):
         optimizer = getattr(self.engine, "optimizer", None)
@@ -362,7 +389,8 @@ class HybridEngine:
         return (eos_before == 0).long()
 
     def _supports_static(self) -> bool:
-        return bool(getattr(self.model, "_can_compile_fullgraph", False))
+        model = self.model.get_base_model() if _is_peft(self.model) else self.model
+        return bool(getattr(model, "_can_compile_fullgraph", False))
 
     def _hf_generate(self, input_ids, attention_mask, options, synced):
         kwargs = dict(max_new_tokens=options["max_new_tokens"], do_sample=options["do_sample"],
@@ -379,7 +407,8 @@ class HybridEngine:
         """Prefill, then one forward per token over a preallocated KV cache."""
         from transformers import StaticCache
 
-        model = self.model
+        # A PeftModel forwards **kwargs; its base model's signature says what it accepts.
+        model = self.model.get_base_model() if _is_peft(self.model) else self.model
         B, P = input_ids.shape
         max_new = options["max_new_tokens"]
         cache = StaticCache(config=model.config, max_cache_len=P + max_new)

@@ -128,6 +128,33 @@ def test_non_causal_models_are_rejected():
         pf.HybridEngine(torch.nn.Linear(3, 3))
 
 
+def test_lora_adapters_are_merged_for_generation_and_restored_bit_for_bit():
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    # float64, so merged and unmerged decoding agree on every greedy argmax.
+    model = peft.get_peft_model(_tiny().double(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(3, 50, (3, 6))
+    model.eval()
+    expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                              do_sample=False, pad_token_id=0, eos_token_id=2)
+    model.train()
+    hybrid = pf.HybridEngine(model, max_new_tokens=8)
+    with hybrid.inference_mode():
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(layer.merged_adapters for layer in layers)
+        out = hybrid.generate(ids)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.metrics["decode"] == "static"
+    assert not any(layer.merged_adapters for layer in layers) and model.training
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    unmerged = pf.HybridEngine(model, merge_lora=False, max_new_tokens=8).generate(ids)
+    assert unmerged.sequences.tolist() == expected.tolist()
+
+
 def test_pick_attn_implementation_never_requires_flash_attn():
     from ppo_fast.hybrid import pick_attn_implementation
 
