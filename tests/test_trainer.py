@@ -202,3 +202,23 @@ def test_old_logprobs_use_the_sampling_temperature(tmp_path):
         plain = pf.token_logprobs(logits, exp.sequences[:, P:])
     torch.testing.assert_close(exp.old_logp, tempered)
     assert not torch.allclose(exp.old_logp, plain)
+
+
+@pytest.mark.parametrize("mode", ["nan", "interrupt"])
+def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
+    """A NaN loss or a Ctrl-C seen by rank 1 only: both ranks stop after the same step with the
+    same checkpoint, and the launcher exits (no rank left waiting in a collective)."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
+         str(ROOT / "tests" / "trainer_worker.py"), "--mode", mode, "--out", str(tmp_path)],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["step"] == ranks[1]["step"] and ranks[0]["latest"] == ranks[1]["latest"] == f"step{ranks[0]['step']}"
+    if mode == "nan":
+        assert all("non-finite loss" in r["stopped"] for r in ranks)
+        assert ranks[0]["nonfinite_total"] == ranks[1]["nonfinite_total"] == 2
+    else:
+        assert all(r["returned"] == {"interrupted_at": 2} for r in ranks)

@@ -398,8 +398,9 @@ class PPOTrainer:
     def _skip_nonfinite(self, actor_loss, critic_loss):
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
-        self.log(f"step {self.step + 1}: non-finite loss (actor {actor_loss.item()}, critic "
-                 f"{critic_loss.item()}); update skipped ({self.nonfinite_in_a_row} in a row)")
+        where = "" if self.world == 1 else f" on at least one of {self.world} ranks"
+        self.log(f"step {self.step + 1}: non-finite loss{where} (here: actor {actor_loss.item()}, "
+                 f"critic {critic_loss.item()}); update skipped ({self.nonfinite_in_a_row} in a row)")
         if self.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
             self._stop_reason = "nonfinite"
 
