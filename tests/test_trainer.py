@@ -222,3 +222,18 @@ def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
         assert ranks[0]["nonfinite_total"] == ranks[1]["nonfinite_total"] == 2
     else:
         assert all(r["returned"] == {"interrupted_at": 2} for r in ranks)
+
+
+def test_offloaded_frozen_models_give_the_same_run(tmp_path):
+    """Reference and reward models as ZeRO-3 inference engines with parameters in CPU memory
+    score exactly as the plain modules do."""
+    plain = _config(tmp_path, steps=2, run_name="plain", save_every=100, eval_every=2)
+    offload = _config(tmp_path, steps=2, run_name="offload", save_every=100, eval_every=2,
+                      offload_frozen=True)
+    train(plain)
+    train(offload)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+    assert strip(_rows(tmp_path / "offload")) == strip(_rows(tmp_path / "plain"))

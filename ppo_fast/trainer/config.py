@@ -103,6 +103,9 @@ class PPOConfig:
     defaults); empty: built from the fields above."""
     max_gathered_bytes: int = 0
     """ZeRO-3 rollouts: gather at most this many bytes of weights at once (0: the whole model)."""
+    offload_frozen: bool = False
+    """Keep the reference and reward models as ZeRO-3 inference engines with their parameters in
+    CPU memory (they are gathered layer by layer for each forward)."""
 
     # --- faults, checkpoints, logging --------------------------------------------------------
     max_nonfinite_in_a_row: int = 3

@@ -239,14 +239,19 @@ class PPOTrainer:
     # -- model plumbing ------------------------------------------------------------------------
 
     def _frozen(self, model: nn.Module):
-        """Inference-only copy: a ZeRO-3 engine when training is ZeRO-3, else the plain module."""
+        """Inference-only model: a ZeRO-3 engine when training is ZeRO-3 (parameters partitioned,
+        and offloaded to CPU memory with offload_frozen), else the plain module in the actor's
+        dtype."""
         model.requires_grad_(False).eval()
-        if self.actor.zero_optimization_stage() == 3 and self.world > 1:
+        if self.actor.zero_optimization_stage() == 3 or self.config.offload_frozen:
             import deepspeed
 
+            zero = {"stage": 3}
+            if self.config.offload_frozen:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
             engine, *_ = deepspeed.initialize(model=model, config={
                 "train_micro_batch_size_per_gpu": self.config.micro_batch_size,
-                "zero_optimization": {"stage": 3},
+                "zero_optimization": zero,
                 "bf16": {"enabled": torch.cuda.is_available()}})
             return engine.module
         return model.to(device=self.device, dtype=next(self.actor.module.parameters()).dtype)
