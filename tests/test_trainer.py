@@ -237,3 +237,24 @@ def test_offloaded_frozen_models_give_the_same_run(tmp_path):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
     assert strip(_rows(tmp_path / "offload")) == strip(_rows(tmp_path / "plain"))
+
+
+def test_training_from_hugging_face_directories(tmp_path):
+    """The general path: policy, critic trunk and reward model loaded from local Hugging Face
+    directories (here the ones the default task exports, tokenizer included), prompts from a file."""
+    train(_config(tmp_path, steps=1, run_name="source", save_every=100))
+    source = tmp_path / "source"
+    (reward_dir,) = (source / "default_task").glob("*/reward_model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nworld\nabcdef\nqrstu\n")
+    cmd, env = _cli(["train", "--policy-model", str(source / "final_policy"), "--reward-model",
+                     str(reward_dir), "--prompts-file", str(prompts), "--output-dir", str(tmp_path),
+                     "--run-name", "dirs", "--steps", "2", "--rollout-batch-size", "8",
+                     "--minibatch-size", "8", "--micro-batch-size", "8", "--eval-prompts", "4"])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "dirs" / "summary.json").read_text())
+    assert summary["gold_reward_before"] is None and summary["steps"] == 2
+    rows = _rows(tmp_path / "dirs")
+    assert [r["step"] for r in rows if "eval_proxy_reward" in r] == [0, 2]
+    assert (tmp_path / "dirs" / "final_policy" / "tokenizer.json").exists()

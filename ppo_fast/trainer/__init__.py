@@ -56,6 +56,8 @@ def _default_task(config: PPOConfig, log) -> Components:
         task.warm_up_policy(config.warmup_steps, config.seed, log).save_pretrained(artifacts / "policy")
         task.train_reward_model(config.reward_train_steps, config.seed, log).save_pretrained(
             artifacts / "reward_model")
+        for name in ("policy", "reward_model"):
+            task.char_tokenizer().save_pretrained(artifacts / name)
     torch.distributed.barrier()
     policy = LlamaForCausalLM.from_pretrained(artifacts / "policy")
     prompts = (load_prompts(config.prompts_file) if config.prompts_file
@@ -65,7 +67,7 @@ def _default_task(config: PPOConfig, log) -> Components:
         reference=copy.deepcopy(policy),
         critic=CriticModel(copy.deepcopy(policy.model)),
         reward_model=LlamaForSequenceClassification.from_pretrained(artifacts / "reward_model"),
-        tokenizer=task.CharTokenizer(),
+        tokenizer=task.char_tokenizer(),
         prompts=prompts,
         gold_fn=task.gold_reward,
         eval_prompts=task.make_prompts(config.eval_prompts, config.seed + 999),

@@ -113,7 +113,8 @@ class PPOConfig:
     save_every: int = 10
     """Checkpoint every this many steps (and at the end, and on Ctrl-C)."""
     eval_every: int = 5
-    """Measure the gold reward every this many steps (when a gold function exists)."""
+    """Measure the proxy reward (and the gold reward, when a gold function exists) on the
+    evaluation prompts every this many steps."""
     eval_prompts: int = 64
     """Prompts per gold-reward evaluation."""
 

@@ -1,6 +1,7 @@
 """The embedded default task: RLHF end to end on a CPU in minutes, with no download.
 
-* Tokens: a character tokenizer over the 26 lowercase letters plus <pad>, <bos>, <eos>, <sep>.
+* Tokens: a character tokenizer (a Hugging Face fast tokenizer) over the 26 lowercase letters
+  plus <pad>, <bos>, <eos>, <sep>.
 * Prompts: ``<bos> 4-8 random letters <sep>``; a response is letters ending in ``<eos>``.
 * Warm-up: supervised training of a tiny Llama-style policy on random well-formed responses
   (uniform letters, 3-9 of them), so it answers in the right format before RL starts.
@@ -25,27 +26,20 @@ PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<sep>"]
 
 
-class CharTokenizer:
-    """A character tokenizer with the Hugging Face attributes the trainer uses."""
+def char_tokenizer():
+    """A Hugging Face ``PreTrainedTokenizerFast`` over single letters (``<bos>`` and ``<sep>``
+    added around a prompt), so the exported models load with ``AutoTokenizer`` like any other."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    pad_token_id, bos_token_id, eos_token_id, sep_token_id = PAD, BOS, EOS, SEP
-    vocab_size = len(SPECIALS) + len(LETTERS)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        unknown = sorted(set(text) - set(LETTERS))
-        if unknown:
-            raise ValueError(f"the default task's tokenizer knows only lowercase letters; got {unknown}")
-        ids = [len(SPECIALS) + LETTERS.index(c) for c in text]
-        return [BOS, *ids, SEP] if add_special_tokens else ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        out = []
-        for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
-            if i >= len(SPECIALS):
-                out.append(LETTERS[i - len(SPECIALS)])
-            elif not skip_special_tokens:
-                out.append(SPECIALS[i])
-        return "".join(out)
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(LETTERS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <sep>", special_tokens=[("<bos>", BOS), ("<sep>", SEP)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", sep_token="<sep>")
 
 
 def gold_reward(prompt: str, completion_ids: list[int]) -> float:
@@ -100,7 +94,7 @@ def warm_up_policy(steps: int, seed: int, log=print) -> nn.Module:
 
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
-    tok = CharTokenizer()
+    tok = char_tokenizer()
     model = LlamaForCausalLM(llama_config(tok.vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
@@ -129,7 +123,7 @@ def train_reward_model(steps: int, seed: int, log=print) -> nn.Module:
 
     torch.manual_seed(seed + 2)
     rng = random.Random(seed + 3)
-    tok = CharTokenizer()
+    tok = char_tokenizer()
     model = LlamaForSequenceClassification(llama_config(tok.vocab_size, num_labels=1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     accuracy = 0.0

@@ -281,7 +281,8 @@ class PPOTrainer:
 
     def _scores(self, prompts, sequences, attention_mask, prompt_len) -> torch.Tensor:
         if self.c.reward_fn is not None:
-            completions = [self.c.tokenizer.decode(row) for row in sequences[:, prompt_len:].tolist()]
+            completions = [self.c.tokenizer.decode(row, skip_special_tokens=True)
+                           for row in sequences[:, prompt_len:].tolist()]
             scores = self.c.reward_fn(prompts, completions)
             scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device)
             if scores.shape != (len(prompts),):
@@ -605,7 +606,7 @@ class PPOTrainer:
             "tokens_per_second_train": trained_tokens / max(t2 - t1, 1e-9),
         }
         row = {"step": self.step, **self._mean_over_ranks({k: v for k, v in row.items() if k != "step"})}
-        if self.c.gold_fn is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+        if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
             row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
         return row
 
@@ -646,6 +647,8 @@ class PPOTrainer:
         with deepspeed.zero.GatheredParameters(params, enabled=self.actor.zero_optimization_stage() == 3):
             if self.rank == 0 and hasattr(model, "save_pretrained"):
                 model.save_pretrained(str(self.run_dir / "final_policy"))
+                if hasattr(self.c.tokenizer, "save_pretrained"):
+                    self.c.tokenizer.save_pretrained(str(self.run_dir / "final_policy"))
 
     def _plot(self) -> None:
         try:
