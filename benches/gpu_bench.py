@@ -177,7 +177,7 @@ def run_op(op: Op, shapes, device, timer, copy_bw, log):
                 runs = [make(inp) for inp in sets]
                 row["peak"] = peak_extra_bytes(runs[0], device)
                 rotation = itertools.cycle(runs)
-                row["ms"] = timer(lambda: next(rotation)())
+                row["ms"] = timer(lambda rotation=rotation: next(rotation)())
                 del runs
         except Unavailable as exc:
             row["note"] = f"skipped: {exc}"

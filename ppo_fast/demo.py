@@ -87,7 +87,8 @@ def score(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens % 2 == 0).float().mean(-1)
 
 
-def run(config: DemoConfig = DemoConfig(), log=print) -> dict:
+def run(config: DemoConfig | None = None, log=print) -> dict:
+    config = config or DemoConfig()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     policy = ToyPolicy(config.vocab, config.length)

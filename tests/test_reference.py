@@ -94,7 +94,7 @@ def test_gae_packed_equals_padded_per_sequence():
     r, v = torch.randn(total, dtype=F64), torch.randn(total, dtype=F64)
     m = torch.rand(total) > 0.2
     adv, ret = R.gae_packed(r, v, m, cu, gamma=0.95, lam=0.9)
-    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if b > a:
             pa, pr = R.gae(r[None, a:b], v[None, a:b], m[None, a:b], gamma=0.95, lam=0.9)
             torch.testing.assert_close(adv[a:b], pa[0])
