@@ -16,6 +16,7 @@ Per step:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -272,11 +273,22 @@ class PPOTrainer:
             mask[i, width - len(r):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _token_logprobs(self, model, sequences, attention_mask, prompt_len):
+    @staticmethod
+    def _completion_logits(model, sequences, attention_mask, prompt_len):
+        """Logits that predict the completion tokens, ``[B, N, V]``. Where the model takes
+        ``logits_to_keep``, the LM head skips the prompt positions: no [B, P, V] is computed."""
+        n_completion = sequences.shape[1] - prompt_len
+        forward = getattr(model, "module", model).forward
+        keep = ({"logits_to_keep": n_completion + 1}
+                if "logits_to_keep" in inspect.signature(forward).parameters else {})
         logits = model(input_ids=sequences, attention_mask=attention_mask,
-                       position_ids=position_ids(attention_mask)).logits
+                       position_ids=position_ids(attention_mask), **keep).logits
+        return logits[:, -(n_completion + 1):-1]
+
+    def _token_logprobs(self, model, sequences, attention_mask, prompt_len):
+        logits = self._completion_logits(model, sequences, attention_mask, prompt_len)
         # The rollouts sample from softmax(z / T): score them under the same distribution.
-        return pf.token_logprobs(logits[:, prompt_len - 1:-1], sequences[:, prompt_len:],
+        return pf.token_logprobs(logits, sequences[:, prompt_len:],
                                  temperature=self.config.temperature)
 
     def _scores(self, prompts, sequences, attention_mask, prompt_len) -> torch.Tensor:
@@ -355,10 +367,9 @@ class PPOTrainer:
             for minibatch in order.split(cfg.minibatch_size):
                 for idx in minibatch.split(cfg.micro_batch_size):
                     seqs, attn = exp.sequences[idx], exp.attention_mask[idx]
-                    logits = self.actor(input_ids=seqs, attention_mask=attn,
-                                        position_ids=position_ids(attn)).logits
+                    logits = self._completion_logits(self.actor, seqs, attn, P)
                     actor_loss, metrics = pf.ppo_loss(
-                        logits[:, P - 1:-1], seqs[:, P:], exp.old_logp[idx], exp.advantages[idx],
+                        logits, seqs[:, P:], exp.old_logp[idx], exp.advantages[idx],
                         exp.action_mask[idx], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
                         temperature=cfg.temperature)
