@@ -25,6 +25,7 @@ across several calls of one rollout):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from contextlib import ExitStack, contextmanager
@@ -59,6 +60,35 @@ class GenerationOutput:
     @property
     def completions(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length:]
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as left-padded ``(input_ids, attention_mask)`` ``[B, max_len]``, the layout
+    generation expects."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: every forward that scores a generated sequence must use
+    the positions generation used."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_accepts(cls: type, keyword: str) -> bool:
+    return keyword in inspect.signature(cls.forward).parameters
+
+
+def accepts_keyword(model: nn.Module, keyword: str) -> bool:
+    """Whether the model's forward (a DeepSpeed engine's wrapped module) names ``keyword``;
+    looked up once per class, not per call."""
+    return _forward_accepts(type(getattr(model, "module", model)), keyword)
 
 
 def pick_attn_implementation(dtype: torch.dtype, device: torch.device | str) -> str:
@@ -388,9 +418,13 @@ class HybridEngine:
         eos_before = is_eos.long().cumsum(-1) - is_eos.long()
         return (eos_before == 0).long()
 
+    def _decoder(self) -> nn.Module:
+        """The model that decodes: a PeftModel forwards **kwargs, so its base model (with the
+        adapters injected) is the one whose signature says what it accepts."""
+        return self.model.get_base_model() if _is_peft(self.model) else self.model
+
     def _supports_static(self) -> bool:
-        model = self.model.get_base_model() if _is_peft(self.model) else self.model
-        return bool(getattr(model, "_can_compile_fullgraph", False))
+        return bool(getattr(self._decoder(), "_can_compile_fullgraph", False))
 
     def _hf_generate(self, input_ids, attention_mask, options, synced):
         kwargs = dict(max_new_tokens=options["max_new_tokens"], do_sample=options["do_sample"],
@@ -407,18 +441,16 @@ class HybridEngine:
         """Prefill, then one forward per token over a preallocated KV cache."""
         from transformers import StaticCache
 
-        # A PeftModel forwards **kwargs; its base model's signature says what it accepts.
-        model = self.model.get_base_model() if _is_peft(self.model) else self.model
+        model = self._decoder()
         B, P = input_ids.shape
         max_new = options["max_new_tokens"]
         cache = StaticCache(config=model.config, max_cache_len=P + max_new)
-        accepted = inspect.signature(model.forward).parameters
-        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        keep_last = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
         # transformers renamed past_key_values to cache (5.2x); take whichever this one has.
-        cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        cache_arg = "cache" if accepts_keyword(model, "cache") else "past_key_values"
         mask = torch.ones(B, P + max_new, dtype=attention_mask.dtype, device=input_ids.device)
         mask[:, :P] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(attention_mask)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        cache_position=torch.arange(P, device=input_ids.device), use_cache=True,
                        **{cache_arg: cache}, **keep_last).logits[:, -1]

@@ -20,6 +20,8 @@ import string
 import torch
 from torch import nn
 
+from ..hybrid import left_pad, position_ids
+
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
@@ -74,20 +76,6 @@ def _random_response(rng: random.Random, vowel_prob: float) -> list[int]:
     return [len(SPECIALS) + LETTERS.index(c) for c in letters] + [EOS]
 
 
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def warm_up_policy(steps: int, seed: int, log=print) -> nn.Module:
     """Supervised warm-up on random well-formed responses (uniform letters)."""
     from transformers import LlamaForCausalLM
@@ -103,7 +91,7 @@ def warm_up_policy(steps: int, seed: int, log=print) -> nn.Module:
             p = tok.encode(prompt, add_special_tokens=True)
             rows.append(p + _random_response(rng, vowel_prob=5 / 26))
             prompt_lens.append(len(p))
-        ids, mask = _left_pad(rows)
+        ids, mask = left_pad(rows, PAD)
         labels = ids.clone()
         for i, (row, p_len) in enumerate(zip(rows, prompt_lens)):
             labels[i, : ids.shape[1] - len(row) + p_len] = -100  # learn the response only
@@ -140,7 +128,7 @@ def train_reward_model(steps: int, seed: int, log=print) -> nn.Module:
                 continue
             chosen.append(prompt + (a if ga > gb else b))
             rejected.append(prompt + (b if ga > gb else a))
-        ids, mask = _left_pad(chosen + rejected)
+        ids, mask = left_pad(chosen + rejected, PAD)
         scores = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, 0]
         margin = scores[:32] - scores[32:]
         loss = -torch.nn.functional.logsigmoid(margin).mean()

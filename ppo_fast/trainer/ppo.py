@@ -16,7 +16,6 @@ Per step:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
@@ -32,6 +31,7 @@ from torch import nn
 
 import ppo_fast as pf
 
+from ..hybrid import accepts_keyword, left_pad, position_ids
 from .config import PPOConfig
 
 
@@ -83,11 +83,6 @@ class Components:
     """``gold_fn(prompt, completion_ids) -> float``: evaluation only, never optimised."""
     eval_prompts: list[str] = field(default_factory=list)
     """Fixed prompts for the gold / proxy evaluations."""
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as generation uses them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -265,12 +260,7 @@ class PPOTrainer:
             i, n = too_long[0]
             raise ValueError(f"prompt {prompts[i][:40]!r} is {n} tokens, longer than max_prompt_len="
                              f"{self.config.max_prompt_len} ({len(too_long)} such prompts in the batch)")
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+        ids, mask = left_pad(rows, tok.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
@@ -278,9 +268,7 @@ class PPOTrainer:
         """Logits that predict the completion tokens, ``[B, N, V]``. Where the model takes
         ``logits_to_keep``, the LM head skips the prompt positions: no [B, P, V] is computed."""
         n_completion = sequences.shape[1] - prompt_len
-        forward = getattr(model, "module", model).forward
-        keep = ({"logits_to_keep": n_completion + 1}
-                if "logits_to_keep" in inspect.signature(forward).parameters else {})
+        keep = {"logits_to_keep": n_completion + 1} if accepts_keyword(model, "logits_to_keep") else {}
         logits = model(input_ids=sequences, attention_mask=attention_mask,
                        position_ids=position_ids(attention_mask), **keep).logits
         return logits[:, -(n_completion + 1):-1]
