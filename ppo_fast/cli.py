@@ -66,17 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import TrainingStopped, train
         from .trainer.config import PPOConfig, from_args
 
+        from .distributed import shutdown_distributed
+
         config = PPOConfig() if args.command is None else from_args(args)
         try:
             train(config)
         except TrainingStopped as exc:
+            # Every rank stops on the same step (the decision is collective), so all get here.
             print(exc, file=sys.stderr)
+            shutdown_distributed()
             return 3
+        shutdown_distributed()
         return 0
     if args.command == "rollout":
+        from .distributed import shutdown_distributed
         from .rollout import run as rollout
 
         rollout(args)
+        shutdown_distributed()
         return 0
     from .demo import DemoConfig, run
 

@@ -34,6 +34,14 @@ def init_distributed(backend: str | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down before the process exits: a rank
+    that exits while another still uses the group can abort in the backend's teardown."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def default_ds_config(*, stage: int = 2, micro_batch_size: int = 1, lr: float = 1e-5,
                       offload: bool = False, grad_clip: float = 1.0) -> dict:
     """A sane DeepSpeed config when none is given: bf16 on CUDA, fp32 on the CPU."""

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ppo_fast as pf
-from ppo_fast.distributed import init_distributed
+from ppo_fast.distributed import init_distributed, shutdown_distributed
 
 EOS_IDS = [5, 17, 29, 41, 53, 65, 77, 89]
 
@@ -153,6 +153,7 @@ def main():
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import json
 import os
 import signal
 
-import torch
-
+from ppo_fast.distributed import shutdown_distributed
 from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components
 from ppo_fast.trainer import ppo as ppo_module
 
@@ -58,7 +57,7 @@ def main():
     result["nonfinite_total"] = trainer.nonfinite_total
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
