@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import ppo_fast
-from ppo_fast import backend, reference
+from ppo_fast import dispatch, reference
 
 GAMMA, LAM = 1.0, 0.95
 
@@ -249,14 +249,14 @@ class ForcedBackend:
         self.name = name
 
     def __enter__(self):
-        self.saved = os.environ.get(backend.ENV_VAR)
-        os.environ[backend.ENV_VAR] = self.name
+        self.saved = os.environ.get(dispatch.ENV_VAR)
+        os.environ[dispatch.ENV_VAR] = self.name
 
     def __exit__(self, *exc):
         if self.saved is None:
-            os.environ.pop(backend.ENV_VAR, None)
+            os.environ.pop(dispatch.ENV_VAR, None)
         else:
-            os.environ[backend.ENV_VAR] = self.saved
+            os.environ[dispatch.ENV_VAR] = self.saved
 
 
 def _grad_of(loss_fn, logits, *args):

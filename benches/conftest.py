@@ -11,10 +11,10 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from bench_providers import SUITE_DEVICE as DEVICE  # noqa: E402
 from bench_providers import Unavailable  # noqa: E402
+from floors import peak_extra_bytes, sync  # noqa: E402
 
 
 def pytest_collect_file(file_path, parent):
@@ -22,23 +22,6 @@ def pytest_collect_file(file_path, parent):
             and file_path.name != "bench_providers.py":
         return pytest.Module.from_parent(parent, path=file_path)
     return None
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_extra_bytes(run) -> int:
-    """Bytes allocated above what was live before one call, at the peak (CUDA only)."""
-    _sync()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = run()
-    _sync()
-    peak = torch.cuda.max_memory_allocated() - before
-    del result
-    return peak
 
 
 @pytest.fixture
@@ -63,12 +46,12 @@ def measure(benchmark):
         benchmark.extra_info["backend"] = backend_label
         benchmark.extra_info["bytes"] = n_bytes
         if DEVICE.type == "cuda":
-            benchmark.extra_info["peak_extra_MiB"] = peak_extra_bytes(runs[0]) / 2**20
+            benchmark.extra_info["peak_extra_MiB"] = peak_extra_bytes(runs[0], DEVICE) / 2**20
         rotation = itertools.cycle(runs)
 
         def one_call():
             out = next(rotation)()
-            _sync()
+            sync(DEVICE)
             return out
 
         benchmark(one_call)

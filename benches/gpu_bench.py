@@ -16,9 +16,8 @@ import argparse
 import contextlib
 import itertools
 import math
-import statistics
+import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch
 import bench_providers as bp
 import ppo_fast
 from bench_providers import ForcedBackend, Unavailable
+from floors import Timer, copy_bandwidth, l2_bytes, peak_extra_bytes, sync
 
 # Tolerances on ‖out − ref‖ / ‖ref‖ against float64 (see the device METHOD notes): float32
 # accumulation lands far under 1e-4; a gradient stored in bf16 carries its rounding, ~4e-3.
@@ -33,58 +33,6 @@ FORWARD_TOL = 1e-4
 GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 CHECK_ROWS = 512  # rows compared against float64 (the full batch in float64 would be 10 GB)
 MIN_INPUT_SETS = 3
-
-
-class Timer:
-    """Median milliseconds of fn(): CUDA events via triton's do_bench, or a host clock (smoke)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, fn) -> float:
-        if self.device.type == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-        fn()
-        samples = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_extra_bytes(run, device) -> int | None:
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = run()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated() - before
-    del result
-    return peak
-
-
-def copy_bandwidth(device, timer, n_bytes: int) -> float:
-    """Bytes/s of a device-to-device copy, counting the read and the write."""
-    src = torch.randn(n_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * n_bytes / (ms * 1e-3)
-
-
-def l2_bytes(device) -> int:
-    if device.type != "cuda":
-        return 0
-    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20))
 
 
 def n_input_sets(set_bytes: int, device) -> int:
@@ -136,8 +84,11 @@ OPS = [
 
 
 def provider_context(provider: str, device):
-    """ppo_fast on a GPU must be the Triton path: force it, so a silent fallback fails loudly."""
-    if provider == "ppo_fast" and device.type == "cuda":
+    """ppo_fast must be the Triton path: forced, so a silent fallback fails loudly. On a CPU that
+    takes Triton's interpreter (TRITON_INTERPRET=1, as gpu.sh --smoke sets); without it the
+    public functions run their reference backend."""
+    triton_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if provider == "ppo_fast" and triton_here:
         return ForcedBackend("triton")
     return contextlib.nullcontext()
 
@@ -320,7 +271,8 @@ def main(argv=None) -> int:
 
     if args.smoke:
         device, shapes = torch.device("cpu"), bp.SMOKE_SHAPES
-        device_name = "CPU (smoke run: tiny shapes, host timer, reference backend)"
+        backend = "Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+        device_name = f"CPU (smoke run: tiny shapes, host timer, {backend} backend)"
         copy_bytes = 64 * 2**20
     else:
         if not torch.cuda.is_available():

@@ -15,6 +15,8 @@ identity (a = 1, b = 0), so the last scan element always holds the carry for the
 import triton
 import triton.language as tl
 
+from .launch import Launch
+
 
 @triton.jit
 def _compose_affine(a_prev, b_prev, a_cur, b_cur):
@@ -69,14 +71,20 @@ def _gae_kernel(
         carry_next_value = tl.sum(tl.where(last_lane, next_value, 0.0), axis=0)
 
 
-def gae(rewards, values, mask, cu_seqlens, advantages, returns, scalars, max_len, acc):
-    """Launch over packed 1-D inputs (all contiguous, ``mask`` already in the ``acc`` dtype);
-    ``scalars`` is a device tensor ``[gamma, gamma·lam]`` in that dtype."""
-    n_seqs = cu_seqlens.numel() - 1
-    if n_seqs <= 0 or rewards.numel() == 0:
-        return
+def plan_gae(rewards, values, mask, cu_seqlens, advantages, returns, scalars, max_len,
+             acc) -> Launch:
+    """Over packed 1-D inputs (all contiguous, ``mask`` already in the ``acc`` dtype);
+    ``scalars`` is a device tensor ``[gamma, gamma·lam]`` in that dtype and ``max_len`` the
+    longest sequence, which sizes the chunks."""
     block = min(triton.next_power_of_2(max(int(max_len), 1)), 1024)
-    _gae_kernel[(n_seqs,)](
-        rewards, values, mask, cu_seqlens, advantages, returns, scalars,
-        BLOCK_T=block, ACC=acc, num_warps=4 if block <= 256 else 8,
-    )
+    return Launch(
+        _gae_kernel, (cu_seqlens.numel() - 1,),
+        (rewards, values, mask, cu_seqlens, advantages, returns, scalars),
+        dict(BLOCK_T=block, ACC=acc),
+        4 if block <= 256 else 8)
+
+
+def gae(rewards, values, mask, cu_seqlens, advantages, returns, scalars, max_len, acc) -> None:
+    if cu_seqlens.numel() <= 1 or rewards.numel() == 0:
+        return
+    plan_gae(rewards, values, mask, cu_seqlens, advantages, returns, scalars, max_len, acc)()

@@ -14,20 +14,40 @@ Backward, for upstream gradients g (of logp) and h (of entropy), with p_j = exp(
 The forward saves only lse per token (entropy is an output, E[s] = lse − entropy), so the
 backward recomputes p from one read of the logits and writes dlogits in the logits' dtype.
 
-Each row is reduced by one program in a fixed order that depends only on V and the dtype, so a
-token's log-prob is bitwise the same whatever batch, padding or row order it is computed in.
+Each row is reduced by one program in a fixed order that depends only on V and the dtype. The
+compiled code depends on nothing else either: the row-addressing integers and every pointer are
+left unspecialised, and alignment reaches the compiler only as ``ALIGNED``, which the launcher
+decides from the base address and the row strides. A row alone, sliced from a batch, inside a
+permuted or padded batch: the same machine code reads the same bytes in the same order, so a
+token's log-prob and entropy are bitwise the same whatever batch they are computed in. (Letting
+Triton specialise ``rows_inner == 1`` gave a single row different code from a batch; on an H100
+its entropy then differed in the last bits.)
+
+A label outside ``[0, V)`` that is not ``ignore_index`` gives NaN outputs and gradient rather than
+an out-of-bounds read: the host check that rejects it is skipped under ``torch.compile``.
 """
 
 import triton
 import triton.language as tl
 
 
+from .launch import Launch, rows_aligned
+
+# Integers that locate a row, and every pointer: specialising on their values (== 1, % 16) or on
+# a pointer's alignment would give a row different code depending on the batch it sits in.
+ROW_ADDRESSING = ["rows_inner", "stride_outer", "stride_inner"]
+
+
 @triton.jit
-def row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner):
+def row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED: tl.constexpr):
     """Row ``row`` of logits laid out as [outer, rows_inner, V] with unit column stride. Covers a
     shifted slice such as ``logits[:, :-1]`` without a copy; a plain [N, V] matrix has
-    rows_inner = N."""
-    return base_ptr + (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
+    rows_inner = N. ``ALIGNED``: the launcher checked that every row starts 16-byte aligned,
+    which lets the loads be 128 bits wide."""
+    ptr = base_ptr + (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -66,7 +86,9 @@ def row_lse_expected(
     return lse, expected
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_ADDRESSING,
+            do_not_specialize_on_alignment=["logits_ptr", "labels_ptr", "logp_ptr", "entropy_ptr",
+                                            "lse_ptr", "scalars_ptr"])
 def _logprobs_fwd_kernel(
     logits_ptr,  # [N, V] any float dtype, unit column stride, rows as in row_pointer
     rows_inner,
@@ -81,23 +103,30 @@ def _logprobs_fwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    ALIGNED: tl.constexpr,
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     inv_temp = tl.load(scalars_ptr)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
-    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active, BLOCK_V, WITH_ENTROPY, ACC)
-    safe_label = tl.where(active, label, 0)
-    s_label = tl.load(row_ptr + safe_label, mask=active, other=0.0).to(ACC) * inv_temp
+    in_range = (label >= 0) & (label < V)
+    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
+    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active & in_range, BLOCK_V,
+                                     WITH_ENTROPY, ACC)
+    lse = tl.where(in_range, lse, float("nan"))
+    s_label = tl.load(row_ptr + tl.where(in_range, label, 0), mask=active & in_range,
+                      other=0.0).to(ACC) * inv_temp
     tl.store(logp_ptr + row, tl.where(active, s_label - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(active, lse - expected, 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_ADDRESSING + ["drows_inner", "dstride_outer", "dstride_inner"],
+            do_not_specialize_on_alignment=["logits_ptr", "dlogits_ptr", "labels_ptr", "lse_ptr",
+                                            "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr",
+                                            "scalars_ptr"])
 def _logprobs_bwd_kernel(
     logits_ptr,  # [N, V] read, rows as in row_pointer
     rows_inner,
@@ -117,6 +146,7 @@ def _logprobs_bwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    ALIGNED: tl.constexpr,  # rows of both logits and dlogits start 16-byte aligned
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -128,8 +158,8 @@ def _logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         h = tl.load(grad_entropy_ptr + row).to(ACC)
         expected = lse - tl.load(entropy_ptr + row).to(ACC)
-    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
-    drow_ptr = row_pointer(dlogits_ptr, row, drows_inner, dstride_outer, dstride_inner)
+    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
+    drow_ptr = row_pointer(dlogits_ptr, row, drows_inner, dstride_outer, dstride_inner, ALIGNED)
     n_read = tl.where(active, V, 0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -170,33 +200,44 @@ def block_config(V: int, element_size: int):
     return block, 8 if block >= 4096 else 4
 
 
-def logprobs_fwd(logits, layout, labels, logp, entropy, lse, scalars, ignore_index, with_entropy,
-                 acc):
-    """Launch the forward over the N rows of ``logits`` (addressed by ``layout``, from
-    ``row_layout``). Outputs are preallocated [N] tensors of dtype ``acc``; ``scalars`` is a
-    device tensor ``[1/temperature]`` of that dtype."""
+def plan_logprobs_fwd(logits, layout, labels, logp, entropy, lse, scalars, ignore_index,
+                      with_entropy, acc) -> Launch:
+    """The forward over the N rows of ``logits`` (addressed by ``layout``, from ``row_layout``).
+    Outputs are preallocated [N] tensors of dtype ``acc``; ``scalars`` is a device tensor
+    ``[1/temperature]`` of that dtype."""
     n_rows, V = labels.numel(), logits.shape[-1]
-    if n_rows == 0:
-        return
     block, warps = block_config(V, logits.element_size())
-    _logprobs_fwd_kernel[(n_rows,)](
-        logits, *layout, labels, logp, entropy, lse, scalars, V, ignore_index,
-        BLOCK_V=block, WITH_ENTROPY=with_entropy, ACC=acc, num_warps=warps,
-    )
+    return Launch(
+        _logprobs_fwd_kernel, (n_rows,),
+        (logits, *layout, labels, logp, entropy, lse, scalars, V, ignore_index),
+        dict(BLOCK_V=block, WITH_ENTROPY=with_entropy, ALIGNED=rows_aligned(logits, layout[1:]),
+             ACC=acc),
+        warps)
 
 
-def logprobs_bwd(logits, layout, dlogits, dlayout, labels, lse, entropy, grad_logp, grad_entropy,
-                 scalars, ignore_index, acc):
-    """Launch the backward; ``grad_entropy`` None means the entropy got no gradient. Both tensors
-    are addressed by their layouts from ``row_layout``."""
+def plan_logprobs_bwd(logits, layout, dlogits, dlayout, labels, lse, entropy, grad_logp,
+                      grad_entropy, scalars, ignore_index, acc) -> Launch:
+    """The backward; ``grad_entropy`` None means the entropy got no gradient. Both tensors are
+    addressed by their layouts from ``row_layout``."""
     n_rows, V = labels.numel(), logits.shape[-1]
-    if n_rows == 0:
-        return
     block, warps = block_config(V, logits.element_size())
     has_h = grad_entropy is not None
-    _logprobs_bwd_kernel[(n_rows,)](
-        logits, *layout, dlogits, *dlayout, labels, lse,
-        entropy if has_h else lse, grad_logp, grad_entropy if has_h else grad_logp, scalars,
-        V, ignore_index,
-        BLOCK_V=block, HAS_GRAD_ENTROPY=has_h, ACC=acc, num_warps=warps,
-    )
+    aligned = rows_aligned(logits, layout[1:]) and rows_aligned(dlogits, dlayout[1:])
+    return Launch(
+        _logprobs_bwd_kernel, (n_rows,),
+        (logits, *layout, dlogits, *dlayout, labels, lse, entropy if has_h else lse, grad_logp,
+         grad_entropy if has_h else grad_logp, scalars, V, ignore_index),
+        dict(BLOCK_V=block, HAS_GRAD_ENTROPY=has_h, ALIGNED=aligned, ACC=acc),
+        warps)
+
+
+def logprobs_fwd(*args, **kwargs) -> None:
+    plan = plan_logprobs_fwd(*args, **kwargs)
+    if plan.grid[0]:
+        plan()
+
+
+def logprobs_bwd(*args, **kwargs) -> None:
+    plan = plan_logprobs_bwd(*args, **kwargs)
+    if plan.grid[0]:
+        plan()

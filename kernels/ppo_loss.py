@@ -13,13 +13,15 @@ and the derivative ∂token_loss/∂logp, so the backward is the log-prob backwa
 g = upstream·∂loss/∂logp and h = −upstream·η: one read of the logits and one write of dlogits.
 
 Rows whose label is ``ignore_index`` (masked-out tokens: the launcher folds the mask into the
-labels) are never read and give zeros everywhere.
+labels) are never read and give zeros everywhere. Rows are addressed, specialised and reduced as
+in logprobs.py, so a token's outputs do not depend on the batch it is in.
 """
 
 import triton
 import triton.language as tl
 
-from .logprobs import block_config, row_lse_expected, row_pointer
+from .launch import Launch, rows_aligned
+from .logprobs import ROW_ADDRESSING, block_config, row_lse_expected, row_pointer
 
 KL_MODES = {None: 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4, "k1+": 5, "k3+": 6}
 SCALARS = ("inv_temp", "clip_low", "clip_high", "dual_clip", "tis_cap", "kl_coef", "entropy_coef")
@@ -56,7 +58,12 @@ def _kl_and_grad(logp, ref, KL_MODE: tl.constexpr):
     return kl, dkl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_ADDRESSING,
+            do_not_specialize_on_alignment=["logits_ptr", "labels_ptr", "old_logp_ptr", "adv_ptr",
+                                            "ref_logp_ptr", "rollout_logp_ptr", "token_loss_ptr",
+                                            "dloss_dlogp_ptr", "logp_ptr", "entropy_ptr", "lse_ptr",
+                                            "pg_ptr", "kl_ptr", "log_ratio_ptr", "flags_ptr",
+                                            "scalars_ptr"])
 def _ppo_fwd_kernel(
     logits_ptr,  # [N, V] unit column stride, rows as in logprobs.row_pointer
     rows_inner,
@@ -83,6 +90,7 @@ def _ppo_fwd_kernel(
     KL_MODE: tl.constexpr,
     HAS_DUAL_CLIP: tl.constexpr,
     HAS_TIS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -95,9 +103,12 @@ def _ppo_fwd_kernel(
     entropy_coef = tl.load(scalars_ptr + 6)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
-    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active, BLOCK_V, True, ACC)
-    s_label = tl.load(row_ptr + tl.where(active, label, 0), mask=active, other=0.0).to(ACC)
+    in_range = (label >= 0) & (label < V)
+    row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
+    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active & in_range, BLOCK_V, True, ACC)
+    lse = tl.where(in_range, lse, float("nan"))
+    s_label = tl.load(row_ptr + tl.where(in_range, label, 0), mask=active & in_range,
+                      other=0.0).to(ACC)
     logp = s_label * inv_temp - lse
     entropy = lse - expected
 
@@ -144,24 +155,30 @@ def _ppo_fwd_kernel(
     tl.store(flags_ptr + row, tl.where(active, flags, 0).to(tl.int8))
 
 
-def ppo_fwd(logits, layout, labels, old_logp, adv, ref_logp, rollout_logp, outputs, scalars, *,
-            ignore_index, has_dual_clip, kl_mode, acc):
-    """Launch the fused forward. ``outputs`` is a dict of preallocated [N] tensors named as the
-    kernel's out-pointers (token_loss, dloss_dlogp, logp, entropy, lse, pg, kl, log_ratio, flags);
-    ``scalars`` a device tensor of the ``SCALARS`` values in the accumulation dtype.
+def plan_ppo_fwd(logits, layout, labels, old_logp, adv, ref_logp, rollout_logp, outputs, scalars,
+                 *, ignore_index, has_dual_clip, kl_mode, acc) -> Launch:
+    """The fused forward. ``outputs`` is a dict of preallocated [N] tensors named as the kernel's
+    out-pointers (token_loss, dloss_dlogp, logp, entropy, lse, pg, kl, log_ratio, flags);
+    ``scalars`` a device tensor of the ``SCALARS`` values in the accumulation dtype; ``kl_mode``
+    a key of ``KL_MODES`` (None: no KL term).
     """
     n_rows, V = labels.numel(), logits.shape[-1]
-    if n_rows == 0:
-        return
     block, warps = block_config(V, logits.element_size())
     o = outputs
-    _ppo_fwd_kernel[(n_rows,)](
-        logits, *layout, labels, old_logp, adv,
-        old_logp if ref_logp is None else ref_logp,
-        old_logp if rollout_logp is None else rollout_logp,
-        o["token_loss"], o["dloss_dlogp"], o["logp"], o["entropy"], o["lse"], o["pg"], o["kl"],
-        o["log_ratio"], o["flags"], scalars, V, ignore_index,
-        BLOCK_V=block, KL_MODE=KL_MODES[kl_mode if ref_logp is not None else None],
-        HAS_DUAL_CLIP=has_dual_clip, HAS_TIS=rollout_logp is not None, ACC=acc,
-        num_warps=warps,
-    )
+    return Launch(
+        _ppo_fwd_kernel, (n_rows,),
+        (logits, *layout, labels, old_logp, adv,
+         old_logp if ref_logp is None else ref_logp,
+         old_logp if rollout_logp is None else rollout_logp,
+         o["token_loss"], o["dloss_dlogp"], o["logp"], o["entropy"], o["lse"], o["pg"], o["kl"],
+         o["log_ratio"], o["flags"], scalars, V, ignore_index),
+        dict(BLOCK_V=block, KL_MODE=KL_MODES[kl_mode if ref_logp is not None else None],
+             HAS_DUAL_CLIP=has_dual_clip, HAS_TIS=rollout_logp is not None,
+             ALIGNED=rows_aligned(logits, layout[1:]), ACC=acc),
+        warps)
+
+
+def ppo_fwd(*args, **kwargs) -> None:
+    plan = plan_ppo_fwd(*args, **kwargs)
+    if plan.grid[0]:
+        plan()

@@ -5,11 +5,11 @@
     loss, metrics = pf.ppo_loss(logits, labels, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.05)
 
 The reference ops (``ppo_fast.reference``) are the specification; on CUDA the same functions run
-fused Triton kernels (``ppo_fast.kernels``). ``PPO_FAST_BACKEND=reference|triton|native`` forces a
-backend.
+fused Triton kernels (``ppo_fast.kernels``). ``ppo_fast.dispatch`` says which backend serves each
+op; ``PPO_FAST_BACKEND=reference|triton|native`` forces one.
 """
 
-from .backend import BackendUnavailable
+from .dispatch import BackendUnavailable
 from .functional import (
     gae,
     group_advantages,

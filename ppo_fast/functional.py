@@ -1,7 +1,11 @@
-"""The public functional API: check the inputs, pick a backend, run.
+"""The public functional API. Every function reads the same way: check the inputs, dispatch to the
+backend that serves the device (:mod:`ppo_fast.dispatch`), compute, and for the losses reduce the
+per-token terms with :func:`ppo_fast.reference.reduce`.
 
 Shapes use ``N`` (tokens, any leading shape), ``V`` (vocabulary), ``B``/``T`` (sequences, time).
 Semantics are those of :mod:`ppo_fast.reference`, the spec; the docstrings there give formulas.
+Every function works under ``torch.compile(fullgraph=True)``; while it traces, the checks that
+read values on the device (label ranges, ``cu_seqlens``, mask counts) are skipped.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from . import backend, reference
+from . import dispatch, ops, reference
+from .options import LossOptions, in_unit_interval, positive
 
 
 def token_logprobs(
@@ -26,7 +31,8 @@ def token_logprobs(
     Args:
         logits: ``[..., V]`` float32 / bfloat16 / float16 / float64.
         labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (gives logp 0, entropy 0,
-            zero gradient).
+            zero gradient). Under ``torch.compile`` the range is not checked; on the Triton
+            path an out-of-range label then gives NaN.
         return_entropy: also return the entropy of each position's distribution.
         inplace_backward: on the Triton path, write the gradient into the logits buffer itself
             during backward (saves one ``[N, V]`` buffer; the logits are overwritten).
@@ -37,15 +43,11 @@ def token_logprobs(
         copy of the logits is made.
     """
     check.logits_and_labels(logits, labels, ignore_index)
-    check.positive("temperature", temperature)
-    if backend.select("token_logprobs", logits.device) == "triton":
-        from . import _triton_ops
-
-        return _triton_ops.token_logprobs(logits, labels, temperature=temperature,
-                                          ignore_index=ignore_index, return_entropy=return_entropy,
-                                          inplace_backward=inplace_backward)
-    return reference.token_logprobs(logits, labels, temperature=temperature,
-                                    ignore_index=ignore_index, return_entropy=return_entropy)
+    positive("temperature", temperature)
+    logp, entropy, _ = ops.token_logprobs_op(logits, labels, 1.0 / float(temperature),
+                                             int(ignore_index), bool(return_entropy),
+                                             bool(inplace_backward))
+    return (logp, entropy) if return_entropy else logp
 
 
 def gae(
@@ -61,9 +63,9 @@ def gae(
 
     Padded form: ``rewards``, ``values``, ``mask`` are ``[B, T]``. Packed form: they are 1-D
     ``[total]`` and ``cu_seqlens`` ``[S + 1]`` (int, as flash-attn's varlen API) delimits the
-    sequences. ``mask`` (default all ones) marks the tokens that count; masked tokens add no TD
-    error and do not break the chain. No whitening (see :func:`masked_whiten`). On CUDA, one
-    kernel launch for the whole batch.
+    sequences (its values are not checked under ``torch.compile``). ``mask`` (default all ones)
+    marks the tokens that count; masked tokens add no TD error and do not break the chain. No
+    whitening (see :func:`masked_whiten`). On CUDA, one kernel launch for the whole batch.
     """
     for name, t in (("rewards", rewards), ("values", values)):
         check.floating(name, check.tensor(name, t))
@@ -81,47 +83,42 @@ def gae(
         mask = torch.ones_like(rewards, dtype=torch.bool)
     check.mask_like("mask", mask, rewards.shape, "rewards.shape")
     check.same_device("rewards", rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
-    check.in_unit_interval("gamma", gamma)
-    check.in_unit_interval("lam", lam)
-    use_triton = backend.select("gae", rewards.device) == "triton"
-    if packed:
+    in_unit_interval("gamma", gamma)
+    in_unit_interval("lam", lam)
+    if not packed:
+        B, T = rewards.shape
+        cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=rewards.device) * T
+    elif check.values_checked():
         lengths = cu_seqlens.diff()
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != rewards.numel() or bool((lengths < 0).any()):
             raise ValueError(f"cu_seqlens must rise from 0 to rewards.numel()={rewards.numel()}, "
                              f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
-        if use_triton:
-            from . import _triton_ops
-
-            max_len = int(lengths.max()) if lengths.numel() else 0
-            return _triton_ops.gae_packed(rewards, values, mask, cu_seqlens, gamma=gamma, lam=lam,
-                                          max_len=max_len)
-        return reference.gae_packed(rewards, values, mask, cu_seqlens, gamma=gamma, lam=lam)
-    if use_triton:
-        from . import _triton_ops
-
-        return _triton_ops.gae_padded(rewards, values, mask, gamma=gamma, lam=lam)
-    return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    advantages, returns = ops.gae_op(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1),
+                                     cu_seqlens, float(gamma), float(lam))
+    return advantages.view(rewards.shape), returns.view(rewards.shape)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True):
     """Whiten with the masked mean and Bessel-corrected masked variance (eps 1e-8).
 
-    ``values`` and ``mask`` share a shape; needs at least 2 masked tokens. ``shift_mean=False``
-    keeps the mean (scales only).
+    ``values`` and ``mask`` share a shape; needs at least 2 masked tokens (not checked under
+    ``torch.compile``). ``shift_mean=False`` keeps the mean (scales only).
     """
     check.floating("values", check.tensor("values", values))
     check.mask_like("mask", mask, values.shape, "values.shape")
-    count = int(mask.to(torch.bool).sum())
-    if count < 2:
-        raise ValueError(f"mask must select at least 2 tokens to estimate a variance, selects {count}")
-    return reference.masked_whiten(values, mask, shift_mean=shift_mean)
+    if check.values_checked():
+        count = int(mask.to(torch.bool).sum())
+        if count < 2:
+            raise ValueError(f"mask must select at least 2 tokens to estimate a variance, selects {count}")
+    impl = dispatch.resolve("masked_whiten", values.device).impl
+    return impl.masked_whiten(values, mask, shift_mean=shift_mean)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` is 1 (0 for an empty mask)."""
     check.floating("values", check.tensor("values", values))
     check.mask_like("mask", mask, values.shape, "values.shape")
-    return reference.masked_mean(values, mask)
+    return dispatch.resolve("masked_mean", values.device).impl.masked_mean(values, mask)
 
 
 def group_advantages(
@@ -143,8 +140,9 @@ def group_advantages(
         raise ValueError(f"scores must be 1-D [B], got shape {tuple(scores.shape)}")
     check.integer("group_ids", check.tensor("group_ids", group_ids))
     check.shape("group_ids", group_ids, scores.shape, "scores.shape")
-    check.positive("eps", eps)
-    adv = reference.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
+    positive("eps", eps)
+    impl = dispatch.resolve("group_advantages", scores.device).impl
+    adv = impl.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
     if mask is None:
         return adv
     check.tensor("mask", mask)
@@ -158,21 +156,15 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     ``mse``, ``low_var_kl`` too). Same shape as ``logp``; differentiable in ``logp``."""
     check.floating("logp", check.tensor("logp", logp))
     check.token_tensor("ref_logp", ref_logp, logp.shape, "logp.shape")
-    estimator = check.kl_estimator(estimator)
-    return reference.kl_penalty(logp, ref_logp, estimator)
+    estimator = LossOptions(kl_estimator=estimator).kl_estimator
+    return dispatch.resolve("kl_penalty", logp.device).impl.kl_penalty(logp, ref_logp, estimator)
 
 
-def _check_policy(logp_shape, old_logp, advantages, mask, rollout_logp, clip_low, clip_high,
-                  dual_clip, tis_cap, agg, num_tokens, num_seqs, dp_size, horizon):
-    what = "the log-probs' shape"
-    check.token_tensor("old_logp", old_logp, logp_shape, what)
-    check.token_tensor("advantages", advantages, logp_shape, what)
-    check.mask_like("mask", mask, logp_shape, what)
-    if rollout_logp is not None:
-        check.token_tensor("rollout_logp", rollout_logp, logp_shape, what)
-    check.positive("tis_cap", tis_cap)
-    check.clip_options(clip_low, clip_high, dual_clip)
-    check.agg_options(agg, mask, num_tokens, num_seqs, dp_size, horizon)
+def _check_per_token(shape, what, mask, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            check.token_tensor(name, t, shape, what)
+    check.mask_like("mask", mask, shape, what)
 
 
 def policy_loss(
@@ -202,14 +194,20 @@ def policy_loss(
     :func:`ppo_fast.reference.agg_weights`). Metrics: ``pg_loss``, ``clipfrac``,
     ``clipfrac_lower``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (detached 0-d tensors).
     """
+    opts = LossOptions(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                       tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs,
+                       dp_size=dp_size, horizon=horizon)
     check.floating("logp", check.tensor("logp", logp))
-    _check_policy(logp.shape, old_logp, advantages, mask, rollout_logp, clip_low, clip_high,
-                  dual_clip, tis_cap, agg, num_tokens, num_seqs, dp_size, horizon)
-    return reference.policy_loss(
-        logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, agg=agg, rollout_logp=rollout_logp, tis_cap=tis_cap,
-        num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
-    )
+    _check_per_token(logp.shape, "the log-probs' shape", mask, old_logp=old_logp,
+                     advantages=advantages, rollout_logp=rollout_logp)
+    check.seq_mask(agg, mask)
+    check.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
+                      rollout_logp=rollout_logp)
+    impl = dispatch.resolve("policy_loss", logp.device).impl
+    dtype = reference.compute_dtype(logp, old_logp, advantages)
+    terms = impl.ppo_token_terms(logp.to(dtype), old_logp, advantages, opts,
+                                 rollout_logp=rollout_logp)
+    return reference.reduce(terms, mask, opts)
 
 
 def value_loss(
@@ -229,16 +227,18 @@ def value_loss(
 
     Returns ``(loss, {"vf_loss", "vf_clipfrac"})``. ``clip=None`` disables clipping.
     """
-    check.floating("values", check.tensor("values", values))
-    check.token_tensor("old_values", old_values, values.shape, "values.shape")
-    check.token_tensor("returns", returns, values.shape, "values.shape")
-    check.mask_like("mask", mask, values.shape, "values.shape")
+    opts = LossOptions(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+                       horizon=horizon)
     if clip is not None:
-        check.positive("clip", clip)
-    check.agg_options(agg, mask, num_tokens, num_seqs, dp_size, horizon)
-    return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg,
-                                num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
-                                horizon=horizon)
+        positive("clip", clip)
+    check.floating("values", check.tensor("values", values))
+    _check_per_token(values.shape, "values.shape", mask, old_values=old_values, returns=returns)
+    check.seq_mask(agg, mask)
+    check.same_device("values", values, old_values=old_values, returns=returns, mask=mask)
+    impl = dispatch.resolve("value_loss", values.device).impl
+    return impl.value_loss(values, old_values, returns, mask, clip=clip, agg=opts.agg,
+                           num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
+                           dp_size=opts.dp_size, horizon=opts.horizon)
 
 
 def ppo_loss(
@@ -279,52 +279,18 @@ def ppo_loss(
     surrogate, KL and the per-token gradient coefficient; the backward reads the row once more and
     writes dlogits (into the logits buffer with ``inplace_backward=True``).
     """
+    opts = LossOptions(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                       tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs,
+                       dp_size=dp_size, horizon=horizon, kl_coef=kl_coef,
+                       kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                       temperature=temperature, ignore_index=ignore_index)
     check.logits_and_labels(logits, labels, ignore_index)
-    check.positive("temperature", temperature)
-    lead = logits.shape[:-1]
-    _check_policy(lead, old_logp, advantages, mask, rollout_logp, clip_low, clip_high, dual_clip,
-                  tis_cap, agg, num_tokens, num_seqs, dp_size, horizon)
-    estimator = check.kl_estimator(kl_estimator)
-    if ref_logp is not None:
-        check.token_tensor("ref_logp", ref_logp, lead, "the log-probs' shape")
-    check.non_negative("kl_coef", kl_coef)
-    check.non_negative("entropy_coef", entropy_coef)
+    _check_per_token(logits.shape[:-1], "the labels' shape", mask, old_logp=old_logp,
+                     advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp)
+    check.seq_mask(agg, mask)
     check.same_device("logits", logits, old_logp=old_logp, advantages=advantages, mask=mask,
                       ref_logp=ref_logp, rollout_logp=rollout_logp)
-    clip_high = clip_low if clip_high is None else clip_high
-    options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                   rollout_logp=rollout_logp, tis_cap=tis_cap, num_tokens=num_tokens,
-                   num_seqs=num_seqs, dp_size=dp_size, horizon=horizon, ref_logp=ref_logp,
-                   kl_coef=kl_coef, kl_estimator=estimator, entropy_coef=entropy_coef,
-                   temperature=temperature, ignore_index=ignore_index)
-    if backend.select("ppo_loss", logits.device) == "triton":
-        return _fused_ppo_loss(logits, labels, old_logp, advantages, mask,
-                               inplace_backward=inplace_backward, **options)
-    return reference.ppo_loss(logits, labels, old_logp, advantages, mask, **options)
-
-
-def _fused_ppo_loss(logits, labels, old_logp, advantages, mask, *, agg, num_tokens, num_seqs,
-                    dp_size, horizon, ref_logp, kl_coef, entropy_coef, ignore_index, **options):
-    from . import _triton_ops
-
     active = mask.bool() & (labels != ignore_index)
-    tokens = _triton_ops.ppo_loss_tokens(
-        logits, labels.masked_fill(~active, ignore_index), old_logp, advantages,
-        ref_logp=ref_logp, kl_coef=kl_coef, entropy_coef=entropy_coef, ignore_index=ignore_index,
-        **options,
-    )
-    weights = reference.agg_weights(active, agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                                    dp_size=dp_size, horizon=horizon,
-                                    dtype=tokens["token_loss"].dtype)
-    loss = reference.aggregate(tokens["token_loss"], weights)
-    flags = tokens["flags"]
-    metrics = reference.policy_metrics(tokens["log_ratio"], (flags & 1) != 0, (flags & 2) != 0,
-                                       active)
-    metrics.update(
-        pg_loss=reference.aggregate(tokens["pg"], weights).detach(),
-        kl_loss=reference.aggregate(tokens["kl"], weights).detach(),
-        entropy_loss=reference.aggregate(tokens["entropy"], weights).detach(),
-        entropy=reference.masked_mean(tokens["entropy"], active).detach(),
-        kl=reference.masked_mean(tokens["kl"], active).detach(),
-    )
-    return loss, metrics
+    terms = ops.ppo_token_terms(logits, labels.masked_fill(~active, ignore_index), old_logp,
+                                advantages, ref_logp, rollout_logp, opts, inplace_backward)
+    return reference.reduce(terms, active, opts)

@@ -25,14 +25,14 @@ across several calls of one rollout):
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .sequences import accepts_keyword, completion_mask, position_ids
 
 SUPPORTED_GENERATION_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                                "pad_token_id", "eos_token_id")
@@ -60,35 +60,6 @@ class GenerationOutput:
     @property
     def completions(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length:]
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as left-padded ``(input_ids, attention_mask)`` ``[B, max_len]``, the layout
-    generation expects."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: every forward that scores a generated sequence must use
-    the positions generation used."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_accepts(cls: type, keyword: str) -> bool:
-    return keyword in inspect.signature(cls.forward).parameters
-
-
-def accepts_keyword(model: nn.Module, keyword: str) -> bool:
-    """Whether the model's forward (a DeepSpeed engine's wrapped module) names ``keyword``;
-    looked up once per class, not per call."""
-    return _forward_accepts(type(getattr(model, "module", model)), keyword)
 
 
 def pick_attn_implementation(dtype: torch.dtype, device: torch.device | str) -> str:
@@ -387,9 +358,9 @@ class HybridEngine:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-        completion_mask = self._completion_mask(completions, options["eos_token_id"])
-        completions = completions.masked_fill(completion_mask == 0, options["pad_token_id"])
-        new_tokens = int(completion_mask.sum())
+        until_eos = completion_mask(completions, options["eos_token_id"])
+        completions = completions.masked_fill(until_eos == 0, options["pad_token_id"])
+        new_tokens = int(until_eos.sum())
         metrics = {
             "gather_seconds": self._gather_seconds,
             "generate_seconds": seconds,
@@ -403,20 +374,11 @@ class HybridEngine:
         zeros = torch.zeros_like(attention_mask)
         return GenerationOutput(
             sequences=torch.cat([input_ids, completions], dim=1),
-            attention_mask=torch.cat([attention_mask, completion_mask], dim=1),
-            completion_mask=torch.cat([zeros, completion_mask], dim=1),
+            attention_mask=torch.cat([attention_mask, until_eos], dim=1),
+            completion_mask=torch.cat([zeros, until_eos], dim=1),
             prompt_length=prompt_len,
             metrics=metrics,
         )
-
-    @staticmethod
-    def _completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-        """1 up to and including the first EOS of each row."""
-        if not eos_ids or completions.shape[1] == 0:
-            return torch.ones_like(completions)
-        is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
-        eos_before = is_eos.long().cumsum(-1) - is_eos.long()
-        return (eos_before == 0).long()
 
     def _decoder(self) -> nn.Module:
         """The model that decodes: a PeftModel forwards **kwargs, so its base model (with the

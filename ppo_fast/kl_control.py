@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 
-from . import _checks as check
+from .options import non_negative, positive
 
 
 class FixedKLController:
     """A constant β."""
 
     def __init__(self, kl_coef: float):
-        check.non_negative("kl_coef", kl_coef)
+        non_negative("kl_coef", kl_coef)
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
@@ -33,9 +33,9 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        check.positive("init_kl_coef", init_kl_coef)
-        check.positive("target", target)
-        check.positive("horizon", horizon)
+        positive("init_kl_coef", init_kl_coef)
+        positive("target", target)
+        positive("horizon", horizon)
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)

@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from . import functional as F
+from .options import LossOptions
 
 
 class PPOLoss(nn.Module):
     """Actor loss from logits (:func:`ppo_fast.ppo_loss`), options fixed at construction.
 
+    Takes any keyword of :func:`ppo_fast.ppo_loss` (checked here, not at the first step).
     ``forward(logits, labels, old_logp, advantages, mask, ref_logp=None, rollout_logp=None,
     **overrides)`` returns ``(loss, metrics)``. ``kl_coef`` is an attribute so an adaptive KL
     controller can change it between steps (it is a runtime kernel argument: no recompilation).
     """
 
-    def __init__(self, *, clip_low: float = 0.2, clip_high: float | None = None,
-                 dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                 entropy_coef: float = 0.0, temperature: float = 1.0, agg: str = "token-mean",
-                 tis_cap: float = 2.0, ignore_index: int = -100, inplace_backward: bool = False):
+    def __init__(self, *, inplace_backward: bool = False, **options):
         super().__init__()
-        self.options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                            kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                            temperature=temperature, agg=agg, tis_cap=tis_cap,
-                            ignore_index=ignore_index, inplace_backward=inplace_backward)
-        self.kl_coef = kl_coef
+        self.options = LossOptions(**options)
+        self.kl_coef = self.options.kl_coef
+        self.inplace_backward = inplace_backward
 
     def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None,
                 rollout_logp=None, **overrides):
-        options = {**self.options, "kl_coef": self.kl_coef, **overrides}
+        options = {**dataclasses.asdict(self.options), "kl_coef": self.kl_coef,
+                   "inplace_backward": self.inplace_backward, **overrides}
         return F.ppo_loss(logits, labels, old_logp, advantages, mask, ref_logp=ref_logp,
                           rollout_logp=rollout_logp, **options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in {**self.options, "kl_coef": self.kl_coef}.items())
+        options = {**dataclasses.asdict(self.options), "kl_coef": self.kl_coef,
+                   "inplace_backward": self.inplace_backward}
+        return ", ".join(f"{k}={v!r}" for k, v in options.items())
 
 
 class ValueLoss(nn.Module):
@@ -42,6 +44,7 @@ class ValueLoss(nn.Module):
 
     def __init__(self, *, clip: float | None = 0.2, agg: str = "token-mean"):
         super().__init__()
+        LossOptions(agg=agg)
         self.options = dict(clip=clip, agg=agg)
 
     def forward(self, values, old_values, returns, mask, **overrides):

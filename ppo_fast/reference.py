@@ -12,11 +12,25 @@ Conventions
 * ``mask`` marks the tokens that count (response tokens). Masked-out tokens contribute neither
   loss nor gradient.
 * Where a choice exists, the semantics follow verl's ``core_algos.py``, which users already know.
+* The loss options are one :class:`~ppo_fast.options.LossOptions`; the loss functions take its
+  fields as keyword arguments.
+* The actor losses are per-token terms (:class:`TokenTerms`, :func:`ppo_token_terms`) turned into
+  ``(loss, metrics)`` by :func:`reduce`. The public API reduces the terms that a backend's kernel
+  computes with the same :func:`reduce`: there is one reduction.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from .options import AGG_MODES, KL_ALIASES, KL_ESTIMATORS, LossOptions
+
+__all__ = ["AGG_MODES", "KL_ALIASES", "KL_ESTIMATORS", "LossOptions", "TokenTerms", "agg_weights",
+           "aggregate", "compute_dtype", "gae", "gae_packed", "group_advantages", "kl_penalty",
+           "masked_mean", "masked_whiten", "policy_loss", "policy_metrics", "ppo_loss",
+           "ppo_token_terms", "reduce", "token_logprobs", "value_loss"]
 
 LOG_RATIO_CLAMP = 20.0
 """|log-ratio| clamp before ``exp`` in policy ratios and k3, so no ratio overflows."""
@@ -25,18 +39,6 @@ K3_VALUE_CLAMP = 10.0
 """|k3| clamp, as verl's ``low_var_kl``."""
 
 WHITEN_EPS = 1e-8
-
-AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
-
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "k3+")
-KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
-"""verl's names for the same estimators."""
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -174,12 +176,16 @@ def group_advantages(
     """
     dtype = compute_dtype(scores)
     s = scores.to(dtype)
-    _, group = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(group.max()) + 1
-    count = torch.zeros(n_groups, dtype=dtype, device=s.device).index_add_(0, group, torch.ones_like(s))
-    total = torch.zeros_like(count).index_add_(0, group, s)
-    mean = total / count
-    sq = torch.zeros_like(count).index_add_(0, group, (s - mean[group]) ** 2)
+    # Groups numbered 0..G-1 by sorting the ids and counting where they change: torch.unique would
+    # give a result whose size depends on the data, which torch.compile cannot trace in one graph.
+    order = torch.argsort(group_ids, stable=True)
+    sorted_ids = group_ids[order]
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group = torch.empty_like(order).scatter_(0, order, starts.long().cumsum(0) - 1)
+    count = torch.zeros_like(s).index_add_(0, group, torch.ones_like(s))
+    mean = torch.zeros_like(s).index_add_(0, group, s) / count.clamp(min=1)
+    sq = torch.zeros_like(s).index_add_(0, group, (s - mean[group]) ** 2)
     std = torch.sqrt(sq / (count - 1).clamp(min=1))
     singleton = count == 1
     mean = mean.masked_fill(singleton, 0.0)
@@ -267,8 +273,10 @@ def agg_weights(
     return per_seq * (dp_size / num_seqs)
 
 
-def aggregate(loss_mat, weights):
-    return (loss_mat * weights).sum()
+def aggregate(values: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ w ⊙ values`` over the masked tokens, selected rather than multiplied by a zero weight,
+    so a non-finite value at a masked position cannot reach the sum."""
+    return torch.where(mask, values * weights, 0.0).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,41 +284,73 @@ def aggregate(loss_mat, weights):
 # --------------------------------------------------------------------------------------------
 
 
-def policy_token_terms(
+class TokenTerms(NamedTuple):
+    """The actor loss per token, the one shape every backend produces (each ``[...]``, the tokens'
+    shape). Only ``loss`` carries a gradient."""
+
+    loss: torch.Tensor
+    """pg + kl_coef·kl − entropy_coef·entropy."""
+    pg: torch.Tensor
+    """The clipped surrogate (dual clip and importance weight applied)."""
+    kl: torch.Tensor | None
+    """KL estimate to the reference policy (0 without one); None for the policy loss alone."""
+    entropy: torch.Tensor | None
+    """Entropy of the token's distribution; None for the policy loss alone."""
+    log_ratio: torch.Tensor
+    """logp − old_logp, clamped to ±20."""
+    clipped: torch.Tensor
+    """bool: the clipped surrogate was the larger loss."""
+    clipped_lower: torch.Tensor
+    """bool: the dual-clip cap was applied."""
+
+
+def ppo_token_terms(
     logp,
     old_logp,
     advantages,
+    opts: LossOptions,
     *,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None = None,
+    entropy=None,
+    ref_logp=None,
     rollout_logp=None,
-    tis_cap: float = 2.0,
-):
-    """Per-token clipped surrogate loss and the indicators the metrics need.
+) -> TokenTerms:
+    """Per-token actor loss, in the dtype of ``logp``.
 
-    ratio = exp(clamp(logp − old_logp, ±20))
-    ℓ = max(−A·ratio, −A·clip(ratio, 1 − clip_low, 1 + clip_high))
-    dual clip (c > 1): where A < 0, ℓ = min(ℓ, −A·c)
-    truncated IS: ℓ ·= min(exp(clamp(old_logp − rollout_logp, ±20)), tis_cap)   (no gradient)
+        ratio = exp(clamp(logp − old_logp, ±20))
+        pg = max(−A·ratio, −A·clip(ratio, 1 − clip_low, 1 + clip_high))
+        dual clip (c > 1): where A < 0, pg = min(pg, −A·c)
+        truncated IS: pg ·= min(exp(clamp(old_logp − rollout_logp, ±20)), tis_cap)   (no gradient)
+        loss = pg + kl_coef·kl(logp, ref_logp) − entropy_coef·entropy
 
-    Returns ``(loss, log_ratio, clipped, clipped_lower)``; the last two are booleans.
+    Without ``entropy`` (the policy loss from log-probs alone) the loss is ``pg``. With it and
+    without ``ref_logp`` the KL term is 0.
     """
+    dtype = logp.dtype
+    old_logp, advantages = old_logp.to(dtype), advantages.to(dtype)
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped_loss = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped_loss = -advantages * ratio.clamp(1 - opts.clip_low, 1 + opts.clip_high)
     clipped = clipped_loss > unclipped
-    loss = torch.maximum(unclipped, clipped_loss)
+    pg = torch.maximum(unclipped, clipped_loss)
     clipped_lower = torch.zeros_like(clipped)
-    if dual_clip is not None:
-        cap = -advantages * dual_clip
-        clipped_lower = (advantages < 0) & (loss > cap)
-        loss = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
+    if opts.dual_clip is not None:
+        cap = -advantages * opts.dual_clip
+        clipped_lower = (advantages < 0) & (pg > cap)
+        pg = torch.where(advantages < 0, torch.minimum(pg, cap), pg)
     if rollout_logp is not None:
-        is_log_ratio = (old_logp - rollout_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        loss = loss * is_log_ratio.exp().clamp(max=tis_cap).detach()
-    return loss, log_ratio, clipped, clipped_lower
+        is_log_ratio = (old_logp - rollout_logp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        pg = pg * is_log_ratio.exp().clamp(max=opts.tis_cap).detach()
+    if entropy is None:
+        return TokenTerms(pg, pg, None, None, log_ratio, clipped, clipped_lower)
+    if ref_logp is None:
+        kl = torch.zeros_like(logp)
+        loss = pg
+    else:
+        kl = kl_penalty(logp, ref_logp.to(dtype), opts.kl_estimator)
+        loss = pg + opts.kl_coef * kl
+    loss = loss - opts.entropy_coef * entropy
+    return TokenTerms(loss, pg, kl, entropy, log_ratio, clipped, clipped_lower)
 
 
 def policy_metrics(log_ratio, clipped, clipped_lower, mask) -> dict[str, torch.Tensor]:
@@ -328,59 +368,63 @@ def policy_metrics(log_ratio, clipped, clipped_lower, mask) -> dict[str, torch.T
     }
 
 
-def policy_loss(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
-    rollout_logp=None,
-    tis_cap: float = 2.0,
-    num_tokens=None,
-    num_seqs=None,
-    dp_size: int = 1,
-    horizon=None,
-):
-    """PPO clipped policy loss (see :func:`policy_token_terms`), aggregated with ``agg``.
+def reduce(terms: TokenTerms, mask: torch.Tensor, opts: LossOptions):
+    """``(loss, metrics)`` from per-token terms: the loss aggregated with ``opts.agg`` over the
+    tokens where ``mask`` is true; metrics are detached 0-d tensors.
 
-    Returns ``(loss, metrics)``; ``metrics`` holds detached 0-d tensors plus ``pg_loss``.
+    Metrics: ``pg_loss``, ``clipfrac``, ``clipfrac_lower``, ``approx_kl``, ``ratio_mean``,
+    ``ratio_max``; with entropy (the PPO loss) also ``kl_loss`` and ``entropy_loss`` (the
+    aggregated terms before their coefficients) and ``entropy``, ``kl`` (masked means).
     """
-    clip_high = clip_low if clip_high is None else clip_high
-    dtype = compute_dtype(logp, old_logp, advantages)
-    token_loss, log_ratio, clipped, clipped_lower = policy_token_terms(
-        logp.to(dtype), old_logp.to(dtype), advantages.to(dtype),
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        rollout_logp=None if rollout_logp is None else rollout_logp.to(dtype), tis_cap=tis_cap,
-    )
-    weights = agg_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
-                          horizon=horizon, dtype=dtype)
-    loss = aggregate(token_loss, weights)
-    metrics = policy_metrics(log_ratio, clipped, clipped_lower, mask)
-    metrics["pg_loss"] = loss.detach()
+    mask = mask.bool()
+    weights = agg_weights(mask, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
+                          dp_size=opts.dp_size, horizon=opts.horizon, dtype=terms.loss.dtype)
+    loss = aggregate(terms.loss, weights, mask)
+    metrics = policy_metrics(terms.log_ratio, terms.clipped, terms.clipped_lower, mask)
+    metrics["pg_loss"] = aggregate(terms.pg.detach(), weights, mask)
+    if terms.entropy is not None:
+        kl, entropy = terms.kl.detach(), terms.entropy.detach()
+        metrics.update(
+            kl_loss=aggregate(kl, weights, mask),
+            entropy_loss=aggregate(entropy, weights, mask),
+            entropy=masked_mean(entropy, mask),
+            kl=masked_mean(kl, mask),
+        )
     return loss, metrics
 
 
-def value_loss(
-    values,
-    old_values,
-    returns,
-    mask,
-    *,
-    clip: float | None = None,
-    agg: str = "token-mean",
-    num_tokens=None,
-    num_seqs=None,
-    dp_size: int = 1,
-    horizon=None,
-):
+def policy_loss(logp, old_logp, advantages, mask, *, rollout_logp=None, **options):
+    """PPO clipped policy loss from per-token log-probs, aggregated with ``agg``; options are
+    :class:`LossOptions` fields. Returns ``(loss, metrics)`` (see :func:`reduce`)."""
+    opts = LossOptions(**options)
+    dtype = compute_dtype(logp, old_logp, advantages)
+    terms = ppo_token_terms(logp.to(dtype), old_logp, advantages, opts, rollout_logp=rollout_logp)
+    return reduce(terms, mask, opts)
+
+
+def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollout_logp=None,
+             **options):
+    """The actor loss from logits: policy loss + kl_coef·agg(KL) − entropy_coef·agg(entropy).
+
+    Options are :class:`LossOptions` fields. Labels equal to ``ignore_index`` are treated as
+    masked out. Returns ``(loss, metrics)`` (see :func:`reduce`).
+    """
+    opts = LossOptions(**options)
+    mask = mask.bool() & (labels != opts.ignore_index)
+    logp, entropy = token_logprobs(logits, labels, temperature=opts.temperature,
+                                   ignore_index=opts.ignore_index, return_entropy=True)
+    terms = ppo_token_terms(logp, old_logp, advantages, opts, entropy=entropy, ref_logp=ref_logp,
+                            rollout_logp=rollout_logp)
+    return reduce(terms, mask, opts)
+
+
+def value_loss(values, old_values, returns, mask, *, clip: float | None = None, **options):
     """½·agg(max((v − R)², (clip(v, v_old − clip, v_old + clip) − R)²)); no clipping if clip is None.
 
-    Returns ``(loss, {"vf_loss", "vf_clipfrac"})``.
+    Aggregation options are :class:`LossOptions` fields. Returns ``(loss, {"vf_loss",
+    "vf_clipfrac"})``.
     """
+    opts = LossOptions(**options)
     dtype = compute_dtype(values, old_values, returns)
     v, v_old, R = values.to(dtype), old_values.to(dtype), returns.to(dtype)
     unclipped = (v - R).square()
@@ -390,70 +434,8 @@ def value_loss(
         clipped_sq = (torch.clamp(v, v_old - clip, v_old + clip) - R).square()
         token_loss = torch.maximum(unclipped, clipped_sq)
         clipped = clipped_sq > unclipped
-    weights = agg_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
-                          horizon=horizon, dtype=dtype)
-    loss = 0.5 * aggregate(token_loss, weights)
+    mask = mask.bool()
+    weights = agg_weights(mask, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
+                          dp_size=opts.dp_size, horizon=opts.horizon, dtype=dtype)
+    loss = 0.5 * aggregate(token_loss, weights, mask)
     return loss, {"vf_loss": loss.detach(), "vf_clipfrac": masked_mean(clipped.to(dtype), mask)}
-
-
-def ppo_loss(
-    logits,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    *,
-    ref_logp=None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
-    rollout_logp=None,
-    tis_cap: float = 2.0,
-    num_tokens=None,
-    num_seqs=None,
-    dp_size: int = 1,
-    horizon=None,
-):
-    """The actor loss from logits: policy loss + kl_coef·agg(KL) − entropy_coef·agg(entropy).
-
-    Labels equal to ``ignore_index`` are treated as masked out. Returns ``(loss, metrics)`` with
-    the policy metrics plus ``entropy`` and ``kl`` (masked means) and ``kl_loss``,
-    ``entropy_loss`` (the aggregated terms before their coefficients).
-    """
-    clip_high = clip_low if clip_high is None else clip_high
-    mask = mask.bool() & (labels != ignore_index)
-    logp, entropy = token_logprobs(logits, labels, temperature=temperature,
-                                   ignore_index=ignore_index, return_entropy=True)
-    dtype = logp.dtype
-    weights = agg_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
-                          horizon=horizon, dtype=dtype)
-    pg_tokens, log_ratio, clipped, clipped_lower = policy_token_terms(
-        logp, old_logp.to(dtype), advantages.to(dtype),
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        rollout_logp=None if rollout_logp is None else rollout_logp.to(dtype), tis_cap=tis_cap,
-    )
-    pg_loss = aggregate(pg_tokens, weights)
-    entropy_loss = aggregate(entropy, weights)
-    loss = pg_loss - entropy_coef * entropy_loss
-    metrics = policy_metrics(log_ratio, clipped, clipped_lower, mask)
-    kl_tokens = torch.zeros_like(logp)
-    if ref_logp is not None:
-        kl_tokens = kl_penalty(logp, ref_logp.to(dtype), kl_estimator)
-        kl_loss = aggregate(kl_tokens, weights)
-        loss = loss + kl_coef * kl_loss
-    else:
-        kl_loss = logp.new_zeros(())
-    metrics.update(
-        pg_loss=pg_loss.detach(),
-        kl_loss=kl_loss.detach(),
-        entropy_loss=entropy_loss.detach(),
-        entropy=masked_mean(entropy.detach(), mask),
-        kl=masked_mean(kl_tokens.detach(), mask),
-    )
-    return loss, metrics

@@ -8,6 +8,8 @@ if DEVICE == "cpu":
     # Must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from contextlib import contextmanager  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -18,11 +20,15 @@ def device():
 
 
 @pytest.fixture
-def use_backend(monkeypatch):
-    """Force a backend for the rest of the test: ``use_backend("triton")``."""
+def force_backend(monkeypatch):
+    """``with force_backend("triton"): ...`` runs the block with PPO_FAST_BACKEND set (the one
+    way the tests force a backend)."""
 
+    @contextmanager
     def force(name):
-        monkeypatch.setenv("PPO_FAST_BACKEND", name)
+        with monkeypatch.context() as patch:
+            patch.setenv("PPO_FAST_BACKEND", name)
+            yield
 
     return force
 

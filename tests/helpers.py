@@ -1,35 +1,15 @@
 """Shared test helpers."""
 
 import os
-from contextlib import contextmanager
+import sys
 
-import torch
-
-
-@contextmanager
-def backend(name):
-    previous = os.environ.get("PPO_FAST_BACKEND")
-    os.environ["PPO_FAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["PPO_FAST_BACKEND"]
-        else:
-            os.environ["PPO_FAST_BACKEND"] = previous
+DEEPSPEED_LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
+"""The ``deepspeed`` launcher, run as the module its console script runs: found wherever pip put
+the package, also when its scripts went to a folder off the PATH (``pip install --target``)."""
 
 
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def grad_of(fn, *inputs, upstream=None):
-    """Gradients of ``(fn(*inputs) * upstream).sum()`` w.r.t. the inputs that require grad."""
-    out = fn(*inputs)
-    if upstream is None:
-        upstream = torch.randn_like(out)
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return torch.autograd.grad((out * upstream).sum(), leaves)
 
 
 def subprocess_env(**extra):

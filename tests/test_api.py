@@ -1,12 +1,16 @@
-"""Public API contract: bad input errors, backend selection, modules, controllers."""
+"""Public API contract: bad input errors, dispatch, torch.compile, modules, controllers."""
+
+import dataclasses
+import inspect
+import warnings
 
 import pytest
 import torch
 
 import ppo_fast as pf
-from ppo_fast import backend as B
+from ppo_fast import dispatch
+from ppo_fast.options import LossOptions
 
-from helpers import backend
 
 
 def _batch(b=2, t=5, v=11):
@@ -73,31 +77,120 @@ def test_non_tensor_argument_is_a_type_error():
         pf.token_logprobs([[0.0, 1.0]], torch.tensor([1]))
 
 
-def test_cpu_default_backend_is_reference(monkeypatch):
+def test_default_backends(monkeypatch):
     monkeypatch.delenv("PPO_FAST_BACKEND", raising=False)
-    assert B.select("token_logprobs", torch.device("cpu")) == "reference"
+    for op in dispatch.TABLE:
+        assert dispatch.choose(op, "cpu") == "reference", op
+        expected = "triton" if "triton" in dispatch.TABLE[op] else "reference"
+        assert dispatch.choose(op, "cuda") == expected, op
 
 
 def test_forced_backend_that_cannot_serve_lists_every_reason(monkeypatch):
-    monkeypatch.setenv("PPO_FAST_BACKEND", "native")
+    monkeypatch.setenv("PPO_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(pf.BackendUnavailable) as info:
         pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
     message = str(info.value)
-    assert "PPO_FAST_BACKEND=native cannot run token_logprobs" in message
-    assert "reference: available" in message and "triton:" in message and "native:" in message
-
-
-def test_forced_triton_without_interpreter_on_cpu_says_why(monkeypatch):
-    monkeypatch.setenv("PPO_FAST_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(pf.BackendUnavailable, match="TRITON_INTERPRET is not 1"):
+    assert "PPO_FAST_BACKEND=triton cannot run token_logprobs on cpu tensors" in message
+    assert "TRITON_INTERPRET is not 1" in message
+    assert "reference: available" in message and "native: not built" in message
+    with pytest.raises(pf.BackendUnavailable, match="cannot run gae"):
         pf.gae(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_forced_backend_an_op_lacks_runs_its_reference_and_warns_once(monkeypatch):
+    monkeypatch.setenv("PPO_FAST_BACKEND", "native")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    logp = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match="PPO_FAST_BACKEND=native: kl_penalty has no native"):
+        first = pf.kl_penalty(logp, logp - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = pf.kl_penalty(logp, logp - 1)
+    torch.testing.assert_close(first, second)
+    with pytest.warns(UserWarning, match="token_logprobs has no native"):
+        pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
 
 
 def test_unknown_backend_name(monkeypatch):
     monkeypatch.setenv("PPO_FAST_BACKEND", "cuda")
     with pytest.raises(ValueError, match="PPO_FAST_BACKEND must be one of"):
         pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+PUBLIC_CALLS = {
+    "token_logprobs": lambda b: pf.token_logprobs(b["logits"], b["labels"]),
+    "ppo_loss": lambda b: pf.ppo_loss(b["logits"], b["labels"], b["old"], b["adv"], b["mask"]),
+    "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"]),
+    "policy_loss": lambda b: pf.policy_loss(b["old"], b["old"], b["adv"], b["mask"]),
+    "value_loss": lambda b: pf.value_loss(b["old"], b["old"], b["adv"], b["mask"]),
+    "kl_penalty": lambda b: pf.kl_penalty(b["old"], b["adv"]),
+    "masked_whiten": lambda b: pf.masked_whiten(b["old"], b["mask"]),
+    "masked_mean": lambda b: pf.masked_mean(b["old"], b["mask"]),
+    "group_advantages": lambda b: pf.group_advantages(b["old"][:, 0], torch.tensor([0, 0])),
+}
+
+
+def _named_batch():
+    logits, labels, old, adv, mask = _batch()
+    return dict(logits=logits, labels=labels, old=old, adv=adv, mask=mask)
+
+
+def test_every_public_op_resolves_its_backend_through_the_table(monkeypatch):
+    assert set(PUBLIC_CALLS) == set(dispatch.TABLE)
+    resolved = []
+    original = dispatch.resolve
+
+    def spy(op, device):
+        resolved.append(op)
+        return original(op, device)
+
+    monkeypatch.setattr(dispatch, "resolve", spy)
+    batch = _named_batch()
+    for op, call in PUBLIC_CALLS.items():
+        resolved.clear()
+        call(batch)
+        assert op in resolved, f"pf.{op} did not go through dispatch.resolve (it resolved {resolved})"
+
+
+@pytest.mark.parametrize("op", list(PUBLIC_CALLS))
+def test_every_public_op_compiles_in_one_graph(op):
+    """fullgraph=True: a graph break (a call falling back to eager) is an error."""
+    batch = _named_batch()
+    call = PUBLIC_CALLS[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: call(batch), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(), call(batch))
+
+
+def test_compiled_ppo_loss_gives_the_eager_gradient():
+    batch = _named_batch()
+
+    def step(x):
+        loss, _ = pf.ppo_loss(x, batch["labels"], batch["old"], batch["adv"], batch["mask"],
+                              ref_logp=batch["old"] - 0.3, kl_coef=0.1, entropy_coef=0.01)
+        return loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    logits = batch["logits"]
+    torch.testing.assert_close(torch.autograd.grad(compiled(logits), logits)[0],
+                               torch.autograd.grad(step(logits), logits)[0])
+
+
+def test_public_defaults_are_the_loss_options_defaults():
+    defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+    for fn in (pf.policy_loss, pf.ppo_loss, pf.value_loss):
+        for name, param in inspect.signature(fn).parameters.items():
+            if name in defaults:
+                assert param.default == defaults[name], f"{fn.__name__}({name}=...)"
+
+
+def test_ppo_loss_module_checks_its_options_at_construction():
+    with pytest.raises(ValueError, match="clip_low must be"):
+        pf.PPOLoss(clip_low=2.0)
+    with pytest.raises(TypeError, match="clip_lo"):
+        pf.PPOLoss(clip_lo=0.2)
 
 
 def test_ppo_loss_module_matches_function_and_follows_kl_coef():
@@ -161,24 +254,21 @@ def test_ppo_metrics_are_detached_scalars():
         assert value.ndim == 0 and not value.requires_grad, name
 
 
-def test_triton_path_serves_public_contract_under_interpreter():
-    logits, labels, old, adv, mask = _batch(v=300)
-    with backend("triton"):
+def test_triton_path_serves_the_public_contract(device, force_backend):
+    logits, labels, old, adv, mask = (t.to(device) for t in _batch(v=300))
+    logits = logits.detach().requires_grad_()
+    with force_backend("triton"):
         loss, metrics = pf.ppo_loss(logits, labels, old, adv, mask, ref_logp=old, kl_coef=0.1)
         loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
-def test_cli_demo_runs_and_improves_the_score(capsys):
-    from ppo_fast.cli import main
-
-    assert main(["demo", "--iterations", "8", "--batch-size", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "score" in out and "->" in out
-
-
-def test_cli_backends_lists_reasons(capsys):
+def test_cli_backends_prints_the_op_table(capsys):
     from ppo_fast.cli import main
 
     assert main(["backends"]) == 0
-    assert "native" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for op in dispatch.TABLE:
+        assert op in out
+    assert "token_logprobs    yes *" in out  # the CPU default
+    assert "not built: this release has no native" in out

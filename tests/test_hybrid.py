@@ -3,9 +3,7 @@ Llama built from a config), plus single-process checks of bad input."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,17 +14,16 @@ transformers = pytest.importorskip("transformers")
 
 import ppo_fast as pf  # noqa: E402
 
-from helpers import subprocess_env  # noqa: E402
+from helpers import DEEPSPEED_LAUNCHER, subprocess_env  # noqa: E402
 
 HERE = Path(__file__).parent
 
 
 def _launch(stage, tmp_path):
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     # CPU ranks (gloo) on any machine, also where a GPU is visible.
     env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(29500 + stage + os.getpid() % 1000),
+        [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29500 + stage + os.getpid() % 1000),
          str(HERE / "hybrid_worker.py"), "--stage", str(stage), "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent,
     )
@@ -94,8 +91,11 @@ def test_sampling_respects_top_k():
 
 
 def test_completion_mask_stops_after_eos():
-    mask = pf.HybridEngine._completion_mask(torch.tensor([[4, 2, 7, 2], [4, 5, 6, 7]]), [2])
+    from ppo_fast.sequences import completion_mask
+
+    mask = completion_mask(torch.tensor([[4, 2, 7, 2], [4, 5, 6, 7]]), [2])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert completion_mask(torch.tensor([[4, 2, 7]]), []).tolist() == [[1, 1, 1]]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -155,8 +155,24 @@ def test_lora_adapters_are_merged_for_generation_and_restored_bit_for_bit():
     assert unmerged.sequences.tolist() == expected.tolist()
 
 
-def test_pick_attn_implementation_never_requires_flash_attn():
+@pytest.mark.parametrize("flash_attn_installed", [False, True])
+def test_pick_attn_implementation_uses_flash_attn_only_where_it_can_run(flash_attn_installed,
+                                                                         monkeypatch):
+    import importlib.util
+
     from ppo_fast.hybrid import pick_attn_implementation
 
-    assert pick_attn_implementation(torch.float32, "cpu") == "sdpa"
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "flash_attn":
+            return object() if flash_attn_installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    flash = "flash_attention_2" if flash_attn_installed else "sdpa"
+    assert pick_attn_implementation(torch.bfloat16, "cuda") == flash
+    assert pick_attn_implementation(torch.float16, torch.device("cuda", 0)) == flash
+    assert pick_attn_implementation(torch.float32, "cuda") == "sdpa"
     assert pick_attn_implementation(torch.bfloat16, "cpu") == "sdpa"
+    assert pick_attn_implementation(torch.float32, "cpu") == "sdpa"

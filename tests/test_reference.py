@@ -170,18 +170,30 @@ def test_policy_token_loss_by_cases(dual_clip):
     logp = torch.randn(200, dtype=F64) - 1
     old = logp + torch.randn(200, dtype=F64) * 0.7
     adv = torch.randn(200, dtype=F64) * 2
-    loss, *_ = R.policy_token_terms(logp, old, adv, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
-    torch.testing.assert_close(loss, policy_loss_by_hand(logp, old, adv, 0.2, 0.28, dual_clip))
+    opts = R.LossOptions(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
+    terms = R.ppo_token_terms(logp, old, adv, opts)
+    torch.testing.assert_close(terms.loss, policy_loss_by_hand(logp, old, adv, 0.2, 0.28, dual_clip))
 
 
 def test_truncated_importance_sampling_scales_by_capped_ratio():
     logp, old = torch.randn(30, dtype=F64), torch.randn(30, dtype=F64)
     rollout = old + torch.randn(30, dtype=F64)
     adv = torch.randn(30, dtype=F64)
-    plain, *_ = R.policy_token_terms(logp, old, adv, clip_low=0.2, clip_high=0.2)
-    tis, *_ = R.policy_token_terms(logp, old, adv, clip_low=0.2, clip_high=0.2,
-                                   rollout_logp=rollout, tis_cap=1.5)
+    plain = R.ppo_token_terms(logp, old, adv, R.LossOptions()).loss
+    tis = R.ppo_token_terms(logp, old, adv, R.LossOptions(tis_cap=1.5), rollout_logp=rollout).loss
     torch.testing.assert_close(tis, plain * (old - rollout).exp().clamp(max=1.5))
+
+
+def test_ppo_token_loss_adds_the_kl_and_entropy_terms():
+    logp, old, ref = (torch.randn(30, dtype=F64) for _ in range(3))
+    adv, entropy = torch.randn(30, dtype=F64), torch.rand(30, dtype=F64)
+    opts = R.LossOptions(kl_coef=0.3, kl_estimator="k2", entropy_coef=0.05)
+    terms = R.ppo_token_terms(logp, old, adv, opts, entropy=entropy, ref_logp=ref)
+    pg = R.ppo_token_terms(logp, old, adv, opts).loss
+    torch.testing.assert_close(terms.loss, pg + 0.3 * 0.5 * (logp - ref) ** 2 - 0.05 * entropy)
+    no_ref = R.ppo_token_terms(logp, old, adv, opts, entropy=entropy)
+    torch.testing.assert_close(no_ref.loss, pg - 0.05 * entropy)
+    assert (no_ref.kl == 0).all()
 
 
 def agg_by_formula(loss, mask, mode):
@@ -205,7 +217,7 @@ def test_aggregations_match_their_formulas(agg):
     mask = torch.rand(5, 8) > 0.3
     mask[2] = False
     w = R.agg_weights(mask, agg, dtype=F64)
-    torch.testing.assert_close(R.aggregate(loss, w), agg_by_formula(loss, mask, agg))
+    torch.testing.assert_close(R.aggregate(loss, w, mask), agg_by_formula(loss, mask, agg))
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",

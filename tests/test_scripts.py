@@ -20,7 +20,20 @@ CONFIGS = sorted((ROOT / "scripts" / "ds").glob("*.json"))
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert os.access(script, os.X_OK)
-    assert "--module ppo_fast.cli" in script.read_text()
+    assert 'source "$here/entry.sh"' in script.read_text() and '"${entry[@]}"' in script.read_text()
+
+
+@pytest.mark.parametrize("args, entry, rest", [
+    ([], "--module ppo_fast.cli train", ""),
+    (["train", "--steps", "3"], "--module ppo_fast.cli train", "--steps 3"),
+    (["backends"], "--module ppo_fast.cli backends", ""),
+    (["benches/rollout.py", "--compare"], "benches/rollout.py", "--compare"),
+])
+def test_entry_runs_a_subcommand_or_a_script(args, entry, rest):
+    shown = subprocess.run(
+        ["bash", "-c", 'source "$0"; echo "${entry[*]}"; echo "$*"', str(ROOT / "scripts" / "entry.sh"),
+         *args], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert shown == [entry, rest]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -33,12 +46,12 @@ def test_ds_configs(config):
         assert data["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
-def test_cpu_launcher_runs_the_rollout_entry_point():
+def test_cpu_launcher_runs_the_rollout_benchmark():
     pytest.importorskip("deepspeed")
     env = subprocess_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    assert shutil.which("deepspeed", path=env["PATH"]), "the deepspeed launcher is not installed"
+    assert shutil.which("deepspeed", path=env["PATH"]), "the deepspeed launcher is not on the PATH"
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "launch_cpu.sh"), "rollout", "--preset", "tiny", "--batch-size", "2",
+        [str(ROOT / "scripts" / "launch_cpu.sh"), "benches/rollout.py", "--preset", "tiny", "--batch-size", "2",
          "--max-new-tokens", "6", "--compare", "--repeats", "1"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

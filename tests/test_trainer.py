@@ -3,7 +3,6 @@ launcher with ZeRO-3, resume after kill -9, faults, and bad input."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +15,11 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components, train  # noqa: E402
-from ppo_fast.trainer import ppo as ppo_module  # noqa: E402
-from ppo_fast.trainer.ppo import load_prompts  # noqa: E402
+import ppo_fast as pf  # noqa: E402
+from ppo_fast.trainer import (PPOConfig, PPOTrainer, TrainingStopped, build_components,  # noqa: E402
+                              load_prompts, train)
 
-from helpers import subprocess_env  # noqa: E402
+from helpers import DEEPSPEED_LAUNCHER, subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = dict(warmup_steps=60, reward_train_steps=120, rollout_batch_size=16, minibatch_size=8,
@@ -97,10 +96,9 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_two_ranks_with_zero3_through_the_deepspeed_launcher(tmp_path):
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), "--module",
+        [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), "--module",
          "ppo_fast.cli", "train", *_quick_flags(tmp_path, "zero3"), "--zero-stage", "3",
          "--steps", "3", "--save-every", "3"],
         env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -140,7 +138,7 @@ def test_empty_prompt_file_and_too_long_prompts(tmp_path):
 
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
     config, components = _trainer(tmp_path, steps=5, max_nonfinite_in_a_row=3)
-    real = ppo_module.pf.ppo_loss
+    real = pf.ppo_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -149,7 +147,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_p
         # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
         return (loss * float("nan") if calls["n"] > 4 else loss), metrics
 
-    monkeypatch.setattr(ppo_module.pf, "ppo_loss", poisoned)
+    monkeypatch.setattr(pf, "ppo_loss", poisoned)
     trainer = PPOTrainer(config, components)
     with pytest.raises(TrainingStopped, match="3 updates in a row had a non-finite loss") as info:
         trainer.train()
@@ -157,7 +155,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_p
     assert trainer.nonfinite_total == 3
     latest = (tmp_path / "default" / "checkpoints" / "latest").read_text()
     assert latest == f"step{trainer.step}"
-    assert torch.isfinite(torch.stack([p.detach().abs().sum() for p in trainer.actor.module.parameters()])).all()
+    assert torch.isfinite(torch.stack([p.detach().abs().sum() for p in trainer.models.actor.module.parameters()])).all()
 
 
 def test_train_help_documents_every_field():
@@ -188,15 +186,14 @@ def test_yaml_config_and_overrides(tmp_path):
 def test_old_logprobs_use_the_sampling_temperature(tmp_path):
     """Rollouts sample from softmax(z / T); old and reference log-probs must score that
     distribution, not softmax(z)."""
-    import ppo_fast as pf
-    from ppo_fast.trainer.ppo import position_ids
+    from ppo_fast.sequences import position_ids
 
     config = _config(tmp_path, temperature=0.7)
     trainer = PPOTrainer(config, build_components(config))
-    exp, _ = trainer.generate_experience(trainer.sampler.next_batch())
+    exp, _ = trainer.make_experience(trainer.sampler.next_batch())
     P = exp.prompt_length
     with torch.no_grad():
-        logits = trainer.actor.module(input_ids=exp.sequences, attention_mask=exp.attention_mask,
+        logits = trainer.models.actor.module(input_ids=exp.sequences, attention_mask=exp.attention_mask,
                                       position_ids=position_ids(exp.attention_mask)).logits[:, P - 1:-1]
         tempered = pf.token_logprobs(logits, exp.sequences[:, P:], temperature=0.7)
         plain = pf.token_logprobs(logits, exp.sequences[:, P:])
@@ -208,15 +205,15 @@ def test_old_logprobs_use_the_sampling_temperature(tmp_path):
 def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
     """A NaN loss or a Ctrl-C seen by rank 1 only: both ranks stop after the same step with the
     same checkpoint, and the launcher exits (no rank left waiting in a collective)."""
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
+        [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
          str(ROOT / "tests" / "trainer_worker.py"), "--mode", mode, "--out", str(tmp_path)],
         env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
         cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["step"] == ranks[1]["step"] and ranks[0]["latest"] == ranks[1]["latest"] == f"step{ranks[0]['step']}"
+    assert ranks[0]["step"] == ranks[1]["step"]
+    assert ranks[0]["latest"] == ranks[1]["latest"] == f"step{ranks[0]['step']}"
     if mode == "nan":
         assert all("non-finite loss" in r["stopped"] for r in ranks)
         assert ranks[0]["nonfinite_total"] == ranks[1]["nonfinite_total"] == 2
@@ -226,7 +223,9 @@ def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
 
 def test_offloaded_frozen_models_give_the_same_run(tmp_path):
     """Reference and reward models as ZeRO-3 inference engines with parameters in CPU memory
-    score exactly as the plain modules do."""
+    score as the plain modules do: exactly in float32 on the CPU. On a GPU both run in bf16 and
+    round differently (an H100 gave a step-0 proxy reward of -7.977 offloaded, -7.972 plain), so
+    there the rows agree to bf16 precision."""
     plain = _config(tmp_path, steps=2, run_name="plain", save_every=100, eval_every=2)
     offload = _config(tmp_path, steps=2, run_name="offload", save_every=100, eval_every=2,
                       offload_frozen=True)
@@ -236,7 +235,14 @@ def test_offloaded_frozen_models_give_the_same_run(tmp_path):
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
-    assert strip(_rows(tmp_path / "offload")) == strip(_rows(tmp_path / "plain"))
+    got, expected = strip(_rows(tmp_path / "offload")), strip(_rows(tmp_path / "plain"))
+    if not torch.cuda.is_available():
+        assert got == expected
+        return
+    assert [r.keys() for r in got] == [r.keys() for r in expected]
+    for row, want in zip(got, expected):
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=2e-2, abs=2e-2), (row["step"], key)
 
 
 def test_training_from_hugging_face_directories(tmp_path):

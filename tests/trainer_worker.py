@@ -11,9 +11,9 @@ import json
 import os
 import signal
 
+import ppo_fast as pf
 from ppo_fast.distributed import shutdown_distributed
 from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components
-from ppo_fast.trainer import ppo as ppo_module
 
 
 def main():
@@ -29,16 +29,16 @@ def main():
     trainer = PPOTrainer(config, build_components(config))
     rank = trainer.rank
     if rank == 1 and args.mode == "nan":
-        real, calls = ppo_module.pf.ppo_loss, {"n": 0}
+        real, calls = pf.ppo_loss, {"n": 0}
 
         def poisoned(*a, **k):
             loss, metrics = real(*a, **k)
             calls["n"] += 1
             return (loss * float("nan") if calls["n"] > 4 else loss), metrics
 
-        ppo_module.pf.ppo_loss = poisoned
+        pf.ppo_loss = poisoned
     if rank == 1 and args.mode == "interrupt":
-        real_step = trainer._one_step
+        real_step = trainer.one_step
 
         def step_then_signal():
             row = real_step()
@@ -46,14 +46,15 @@ def main():
                 os.kill(os.getpid(), signal.SIGINT)
             return row
 
-        trainer._one_step = step_then_signal
+        trainer.one_step = step_then_signal
     result = {"rank": rank}
     try:
         result["returned"] = trainer.train()
     except TrainingStopped as exc:
         result["stopped"] = str(exc)
     result["step"] = trainer.step
-    result["latest"] = (trainer.ckpt_dir / "latest").read_text() if (trainer.ckpt_dir / "latest").exists() else None
+    latest = trainer.checkpoints.directory / "latest"
+    result["latest"] = latest.read_text() if latest.exists() else None
     result["nonfinite_total"] = trainer.nonfinite_total
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

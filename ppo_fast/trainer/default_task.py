@@ -20,7 +20,7 @@ import string
 import torch
 from torch import nn
 
-from ..hybrid import left_pad, position_ids
+from ..sequences import left_pad, position_ids
 
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")

@@ -1,6 +1,8 @@
-"""``ppo-fast rollout``: generate with the hybrid engine under DeepSpeed, and measure it.
+"""Rollouts with the hybrid engine under DeepSpeed against plain ``generate``, timed.
 
-    deepspeed --num_gpus 2 --module ppo_fast.cli rollout --zero-stage 3 --compare
+    deepspeed --num_gpus 2 benches/rollout.py --zero-stage 3 --compare
+    python benches/rollout.py --preset tiny --compare                     (one process)
+    NUM_RANKS=2 scripts/launch_cpu.sh benches/rollout.py --compare        (CPU ranks)
 
 Builds the policy (a Hugging Face causal LM from ``--model DIR``, or a Llama-style preset built
 from a config, no download), wraps it in a DeepSpeed engine, generates from random prompts with
@@ -17,6 +19,8 @@ import time
 
 import torch
 
+from floors import Timer, copy_bandwidth, matmul_rate, sync
+
 PRESETS = {
     # name: (vocab, hidden, layers, heads, kv_heads, intermediate)
     "tiny": (512, 64, 2, 4, 2, 128),
@@ -24,7 +28,10 @@ PRESETS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--model", help="local Hugging Face model directory (default: a preset)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="50m",
                         help="Llama-style model built from a config when --model is not given")
@@ -42,12 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed rollouts per method")
     parser.add_argument("--out", help="write the results table (markdown) here (rank 0)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
 
 
 def build_model(args):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from .hybrid import pick_attn_implementation
+    from ppo_fast.hybrid import pick_attn_implementation
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +72,7 @@ def build_model(args):
 
 
 def ds_config(args) -> dict:
-    from .distributed import default_ds_config
+    from ppo_fast.distributed import default_ds_config
 
     if args.ds_config:
         with open(args.ds_config) as f:
@@ -75,38 +83,6 @@ def ds_config(args) -> dict:
     if args.partition_all and config.get("zero_optimization", {}).get("stage") == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return config
-
-
-def matmul_rate(device, size=1024, repeats=20) -> float:
-    """Measured FLOP/s of a square matmul on this rank, as a ceiling for the forward passes."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def copy_bandwidth(device, megabytes=256, repeats=5) -> float:
-    """Measured bytes/s of a large copy (bytes read plus bytes written)."""
-    src = torch.randn(megabytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * src.numel() * src.element_size() * repeats / (time.perf_counter() - start)
 
 
 def weight_read_bytes(model, new_tokens) -> float:
@@ -135,8 +111,8 @@ def forward_flops(model, batch, prompt_len, new_tokens) -> float:
 def run(args) -> dict:
     import deepspeed
 
-    from .distributed import init_distributed
-    from .hybrid import HybridEngine
+    from ppo_fast.distributed import init_distributed
+    from ppo_fast.hybrid import HybridEngine
 
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -168,8 +144,7 @@ def run(args) -> dict:
         torch.distributed.barrier()
         start = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         torch.distributed.barrier()
         return time.perf_counter() - start, out
 
@@ -187,8 +162,9 @@ def run(args) -> dict:
                                    eos_token_id=[])
         results["gather_only"] = min(timed(lambda: gather_only.generate(prompts, attention_mask=mask))[0]
                                      for _ in range(args.repeats))
-    floor = flops / matmul_rate(device)
-    bytes_floor = weight_bytes / copy_bandwidth(device)
+    timer = Timer(device)
+    floor = flops / matmul_rate(device, timer)
+    bytes_floor = weight_bytes / copy_bandwidth(device, timer, 256 * 2**20)
     new_tokens = args.batch_size * args.max_new_tokens
     summary = {
         "world_size": world, "zero_stage": engine.zero_optimization_stage(), "params": n_params,
@@ -246,3 +222,10 @@ def format_table(s: dict, device) -> str:
         lines.append("")
         lines.append(f"Same tokens as plain generate: {s['same_tokens']}.")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from ppo_fast.distributed import shutdown_distributed
+
+    run(parse_args())
+    shutdown_distributed()

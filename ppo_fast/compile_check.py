@@ -1,0 +1,315 @@
+"""Compile every Triton kernel configuration for real GPUs, on a machine without one.
+
+    python -m ppo_fast.compile_check                       # sm_80 and sm_90, table on stdout
+    python -m ppo_fast.compile_check --check --out FILE.md # fail on any problem, write the table
+
+Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run the kernels on a CPU) accepts
+code the GPU compiler rejects. This module compiles instead: each case is a launch plan made by
+the launchers' own ``plan_*`` functions from CPU tensors of the dtypes, shapes and strides a
+launch would see, specialised the way Triton's JIT specialises a call (its own
+``native_specialize_impl``), and built by ``triton.compile`` down to a cubin with the ``ptxas``
+and ``cuobjdump`` that ship inside the triton wheel. The cases cover every dtype and every value
+of every constexpr at least once, every block size of the log-prob forward and of GAE, and an
+aligned (V = 151 936) and an unaligned (V = 50 257) vocabulary.
+
+``--check`` fails on a compile error, on any spill (local memory or stack), on a logits-reading
+kernel whose aligned case does not load the logits 128 bits at a time, and on a batch whose rows would run
+different machine code than one of its rows alone (what bitwise batch invariance rests on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+if os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules:
+    # This module compiles; under the interpreter @triton.jit would give it nothing to compile.
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
+
+from .backends.triton import gae_kernels as gae  # noqa: E402
+from .backends.triton import logprobs_kernels as logprobs  # noqa: E402
+from .backends.triton import ppo_kernels as ppo_loss  # noqa: E402
+from .backends.triton import ENABLE_FP_FUSION, Launch  # noqa: E402
+
+ALIGNED_V = 151936  # Qwen's vocabulary: a multiple of 16
+UNALIGNED_V = 50257  # GPT-2's: odd
+ACC = {torch.float64: tl.float64}
+LOGITS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+@dataclass
+class Case:
+    kernel: str
+    config: str
+    plan: Launch
+    aligned: bool = False
+    """Rows start 16-byte aligned: the logits should be read with 128-bit loads."""
+
+
+def _acc(dtype):
+    return ACC.get(dtype, tl.float32)
+
+
+def _out(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _short(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _logits(n_rows: int, V: int, dtype) -> torch.Tensor:
+    return torch.empty(n_rows, V, dtype=dtype)
+
+
+def logprobs_fwd_plan(logits, with_entropy, labels=None) -> Launch:
+    n = logits.shape[0]
+    out = torch.empty(n, dtype=_out(logits.dtype))
+    labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels
+    rows, layout = logprobs.row_layout(logits)
+    return logprobs.plan_logprobs_fwd(rows, layout, labels, out, out, out,
+                                      torch.ones(1, dtype=_out(logits.dtype)), -100, with_entropy,
+                                      _acc(logits.dtype))
+
+
+def logprobs_bwd_plan(logits, with_entropy, labels=None) -> Launch:
+    n = logits.shape[0]
+    vec = torch.empty(n, dtype=_out(logits.dtype))
+    labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels
+    rows, layout = logprobs.row_layout(logits)
+    dlogits = torch.empty_like(logits)
+    return logprobs.plan_logprobs_bwd(rows, layout, dlogits, logprobs.row_layout(dlogits)[1],
+                                      labels, vec, vec, vec, vec if with_entropy else None,
+                                      torch.ones(1, dtype=_out(logits.dtype)), -100,
+                                      _acc(logits.dtype))
+
+
+def ppo_fwd_plan(logits, kl_mode="k3", dual_clip=True, tis=True, labels=None) -> Launch:
+    n = logits.shape[0]
+    vec = torch.empty(n, dtype=_out(logits.dtype))
+    labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels
+    outputs = {name: vec for name in ("token_loss", "dloss_dlogp", "logp", "entropy", "lse",
+                                      "pg", "kl", "log_ratio")}
+    outputs["flags"] = torch.empty(n, dtype=torch.int8)
+    rows, layout = logprobs.row_layout(logits)
+    return ppo_loss.plan_ppo_fwd(
+        rows, layout, labels, vec, vec, vec if kl_mode else None, vec if tis else None, outputs,
+        torch.ones(len(ppo_loss.SCALARS), dtype=_out(logits.dtype)), ignore_index=-100,
+        has_dual_clip=dual_clip, kl_mode=kl_mode, acc=_acc(logits.dtype))
+
+
+def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
+    total = 4 * max_len
+    vec = torch.empty(total, dtype=dtype)
+    cu = torch.arange(5, dtype=torch.int64) * max_len
+    return gae.plan_gae(vec, vec, vec, cu, vec, vec, torch.ones(2, dtype=dtype), max_len,
+                        _acc(dtype))
+
+
+def cases() -> list[Case]:
+    out = []
+    for dtype in LOGITS_DTYPES:
+        for V in (ALIGNED_V, UNALIGNED_V):
+            aligned = V == ALIGNED_V
+            for entropy in (False, True):
+                config = f"{_short(dtype)} V={V} entropy={entropy}"
+                out.append(Case("logprobs fwd", config,
+                                logprobs_fwd_plan(_logits(2, V, dtype), entropy), aligned))
+                out.append(Case("logprobs bwd", config,
+                                logprobs_bwd_plan(_logits(2, V, dtype), entropy), aligned))
+            out.append(Case("ppo fwd", f"{_short(dtype)} V={V} k3 dual-clip tis",
+                            ppo_fwd_plan(_logits(2, V, dtype)), aligned))
+    for mode in ppo_loss.KL_MODES:
+        for dual_clip, tis in ((False, False), (True, True)):
+            config = f"bfloat16 V={ALIGNED_V} kl={mode} dual-clip={dual_clip} tis={tis}"
+            out.append(Case("ppo fwd", config,
+                            ppo_fwd_plan(_logits(2, ALIGNED_V, torch.bfloat16), mode, dual_clip,
+                                         tis), True))
+    # Every block size the log-prob launchers can pick (BLOCK_V = next power of 2 of V, capped).
+    for power in range(14):
+        V = 2 ** power
+        out.append(Case("logprobs fwd", f"bfloat16 V={V} entropy=True",
+                        logprobs_fwd_plan(_logits(2, V, torch.bfloat16), True), V >= 8))
+    for power in range(11):
+        out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
+    out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
+    return out
+
+
+def specialization(plan: Launch):
+    """(signature, constexprs, attrs) as Triton's JIT derives them for this call."""
+    fn: JITFunction = plan.kernel
+    values = list(plan.args) + [plan.constexprs[p.name] for p in fn.params[len(plan.args):]]
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (param, value) in enumerate(zip(fn.params, values)):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, param.is_const,
+                                           not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = key
+        elif key:
+            attrs[(index,)] = CUDABackend.parse_attr(key)
+    return signature, constexprs, attrs
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    function_line = next(line for line in text.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", function_line)}
+
+
+_ELEMENT_BITS = {"bf16": 16, "f16": 16, "f32": 32, "f64": 64, "i1": 8, "i8": 8, "i32": 32,
+                 "i64": 64}
+
+
+def block_load_bits(ttgir: str) -> int:
+    """Bits each thread loads per instruction from the row (or sequence) blocks: the narrowest
+    over the kernel's block loads. Triton's coalescing pass sets a load's ``sizePerThread`` to
+    the elements it can fetch at once, which the backend turns into one load of up to 128 bits."""
+    per_thread = {name: int(first) for name, first in re.findall(
+        r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[(\d+)", ttgir, re.M)}
+    widths = [min(per_thread[layout] * _ELEMENT_BITS[element], 128)
+              for element, layout in re.findall(
+                  r"= tt\.load [^\n]*: tensor<\d+x!tt\.ptr<(\w+)>, (#\w+)>", ttgir)]
+    return min(widths, default=0)
+
+
+def vector_loads_possible(plan: Launch) -> bool:
+    """A block spread over the threads gives each at least 16 bytes to load."""
+    block, size = plan.constexprs["BLOCK_V"], plan.args[0].element_size()
+    return block * size >= plan.num_warps * 32 * 16
+
+
+def compile_case(case: Case, arch: int) -> dict:
+    signature, constexprs, attrs = specialization(case.plan)
+    compiled = triton.compile(
+        ASTSource(case.plan.kernel, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": case.plan.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION})
+    usage = resource_usage(compiled.asm["cubin"])
+    return dict(registers=usage["REG"], stack=usage["STACK"], local=usage["LOCAL"],
+                shared=usage["SHARED"], load_bits=block_load_bits(compiled.asm["ttgir"]),
+                warps=case.plan.num_warps)
+
+
+def batch_invariance_problems() -> list[str]:
+    """A row alone and the same row inside a batch (plain, shifted [B, T, V], permuted) must get
+    the same specialisation, hence the same machine code."""
+    problems = []
+    for V in (ALIGNED_V, UNALIGNED_V):
+        batch = torch.empty(3, 5, V, dtype=torch.bfloat16)
+        labels = torch.zeros(3, 5, dtype=torch.int64)
+        shifted = batch[:, :-1]
+        for name, make in (("logprobs fwd", lambda x, y: logprobs_fwd_plan(x, True, y)),
+                           ("logprobs bwd", lambda x, y: logprobs_bwd_plan(x, True, y)),
+                           ("ppo fwd", lambda x, y: ppo_fwd_plan(x, labels=y))):
+            flat = batch.view(-1, V)
+            variants = {
+                "batch": make(flat, labels.view(-1)),
+                "row alone": make(flat[7:8], labels.view(-1)[7:8]),
+                "row copied": make(flat[7:8].clone(), labels.view(-1)[7:8].clone()),
+                "shifted batch": make(shifted, labels[:, :-1].reshape(-1)),
+                "permuted batch": make(flat[torch.randperm(15)], labels.view(-1)),
+            }
+            keys = {label: repr(specialization(plan)) for label, plan in variants.items()}
+            for label, key in keys.items():
+                if key != keys["batch"]:
+                    problems.append(f"{name} V={V}: '{label}' compiles differently from 'batch'")
+    return problems
+
+
+def report(results: list[tuple[Case, int, dict | str]], triton_version: str) -> str:
+    lines = [
+        f"# Triton kernels compiled for real GPUs (triton {triton_version}, no GPU needed)",
+        "",
+        "`python -m ppo_fast.compile_check --check --out <this file>`. Registers, stack and "
+        "local memory (spills) and shared memory per thread block from `cuobjdump "
+        "--dump-resource-usage` on the cubin; load width: bits per thread per load instruction "
+        "of the row blocks (the logits; GAE: its sequence blocks), from the layout Triton "
+        "chose (TTGIR).",
+        "",
+        "| kernel | configuration | arch | warps | registers | spill (stack + local bytes) "
+        "| shared bytes | load width (bits) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, arch, result in results:
+        if isinstance(result, str):
+            lines.append(f"| {case.kernel} | {case.config} | sm_{arch} | | | compile error: "
+                         f"{result} | | |")
+            continue
+        lines.append(f"| {case.kernel} | {case.config} | sm_{arch} | {result['warps']} | "
+                     f"{result['registers']} | {result['stack'] + result['local']} | "
+                     f"{result['shared']} | {result['load_bits']} |")
+    return "\n".join(lines) + "\n"
+
+
+def problems_of(case: Case, arch: int, result: dict | str) -> list[str]:
+    where = f"{case.kernel} [{case.config}] sm_{arch}"
+    if isinstance(result, str):
+        return [f"{where}: compile error: {result}"]
+    problems = []
+    if result["stack"] or result["local"]:
+        problems.append(f"{where}: spills ({result['stack']} B stack, {result['local']} B local)")
+    if case.aligned and vector_loads_possible(case.plan) and result["load_bits"] < 128:
+        problems.append(f"{where}: the logits are loaded {result['load_bits']} bits at a time, "
+                        "not 128")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append",
+                        help="compute capability as an integer (80, 90); default: 80 and 90")
+    parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--check", action="store_true", help="exit 1 on any problem")
+    args = parser.parse_args(argv)
+    if not isinstance(gae._gae_kernel, JITFunction):
+        parser.error("the kernels were loaded by Triton's interpreter: run without TRITON_INTERPRET=1")
+    results, problems = [], batch_invariance_problems()
+    for arch in args.arch or (80, 90):
+        for case in cases():
+            try:
+                result = compile_case(case, arch)
+            except Exception as exc:  # a compile error is a finding to report, not a crash
+                result = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            results.append((case, arch, result))
+            problems += problems_of(case, arch, result)
+    table = report(results, triton.__version__)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    print(table)
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    print(f"{len(results)} compiles, {len(problems)} problems (triton {triton.__version__})")
+    return 1 if args.check and problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

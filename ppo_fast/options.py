@@ -1,0 +1,117 @@
+"""The loss options in one frozen dataclass.
+
+The public functions keep their keyword arguments; inside, the options travel as one
+:class:`LossOptions`, checked once when it is built, so no function below the public API takes or
+checks an option on its own. Its defaults are the public defaults (a test holds them together).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "k3+")
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+"""verl's names for the same estimators."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive(name: str, value) -> None:
+    if not (_is_number(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def non_negative(name: str, value) -> None:
+    if not (_is_number(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def in_unit_interval(name: str, value) -> None:
+    if not (_is_number(value) and 0 <= value <= 1):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def kl_estimator_name(value) -> str:
+    """The canonical estimator name (verl's aliases accepted)."""
+    canonical = KL_ALIASES.get(value, value)
+    if canonical not in KL_ESTIMATORS:
+        names = KL_ESTIMATORS + tuple(KL_ALIASES)
+        raise ValueError(f"kl_estimator must be one of {', '.join(map(repr, names))}; got {value!r}")
+    return canonical
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Every option of the policy and PPO losses (the value loss takes the aggregation ones).
+    Each public function sets the ones it takes and leaves the others at their defaults."""
+
+    clip_low: float = 0.2
+    """The ratio is clipped below at 1 − clip_low (0 < clip_low < 1)."""
+    clip_high: float | None = None
+    """The ratio is clipped above at 1 + clip_high; None: clip_low (set by ``__post_init__``).
+    Higher than clip_low is DAPO's clip-higher."""
+    dual_clip: float | None = None
+    """c > 1 caps a negative-advantage token's loss at −A·c (dual-clip PPO); None: off."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling with ``rollout_logp``: weight min(π_old/π_rollout, tis_cap)."""
+    kl_coef: float = 0.0
+    """β of the KL term (with ``ref_logp``)."""
+    kl_estimator: str = "k3"
+    """k1, abs, k2, k3, k1+, k3+, or verl's kl, mse, low_var_kl (stored canonical)."""
+    entropy_coef: float = 0.0
+    """η of the entropy bonus."""
+    temperature: float = 1.0
+    """Log-probs are taken under softmax(logits / temperature)."""
+    ignore_index: int = -100
+    """Label of positions that are skipped like masked ones."""
+    agg: str = "token-mean"
+    """How per-token losses become one number (``AGG_MODES``; see ``reference.agg_weights``)."""
+    num_tokens: float | None = None
+    """Global token count for ``token-mean`` across data-parallel ranks; None: this batch's."""
+    num_seqs: float | None = None
+    """Global sequence count for the ``seq-mean-*`` modes; None: this batch's."""
+    dp_size: int = 1
+    """Data-parallel ranks whose gradients are averaged (with the global counts above)."""
+    horizon: float | None = None
+    """Divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO); None: T."""
+
+    def __post_init__(self):
+        positive("clip_low", self.clip_low)
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), "
+                             f"got {self.clip_low!r}")
+        if self.clip_high is None:
+            object.__setattr__(self, "clip_high", self.clip_low)
+        positive("clip_high", self.clip_high)
+        if self.dual_clip is not None and not (_is_number(self.dual_clip) and self.dual_clip > 1):
+            raise ValueError(f"dual_clip must be a number > 1 or None, got {self.dual_clip!r}")
+        positive("tis_cap", self.tis_cap)
+        non_negative("kl_coef", self.kl_coef)
+        object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))
+        non_negative("entropy_coef", self.entropy_coef)
+        positive("temperature", self.temperature)
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        choice("agg", self.agg, AGG_MODES)
+        for name in ("num_tokens", "num_seqs", "horizon"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
+        if not (isinstance(self.dp_size, int) and not isinstance(self.dp_size, bool)
+                and self.dp_size >= 1):
+            raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")

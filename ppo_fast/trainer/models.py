@@ -1,0 +1,205 @@
+"""Every model of a run, built in one place: the actor and critic as DeepSpeed engines, the
+frozen reference and reward models, and the hybrid engine that generates with the actor.
+
+``build_components`` loads what a config names (Hugging Face directories, or the embedded default
+task); ``build_models`` wraps it for training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import ppo_fast as pf
+
+from .config import PPOConfig
+from .prompts import load_prompts
+
+
+class CriticModel(nn.Module):
+    """A causal-LM trunk with a scalar value head: values ``[B, T]`` for every position."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.config = trunk.config
+        self.value_head = nn.Linear(trunk.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+@dataclass
+class Components:
+    """Everything a run needs besides the config."""
+
+    policy: nn.Module
+    """Causal LM to optimise (its weights also initialise the reference)."""
+    reference: nn.Module
+    """Frozen copy of the initial policy (the KL anchor)."""
+    critic: nn.Module
+    """Value model: ``critic(input_ids, attention_mask, position_ids) -> [B, T]``."""
+    tokenizer: object
+    """Encodes prompts (``encode``), decodes completions (``decode``), knows pad/eos ids."""
+    prompts: list[str]
+    """Training prompts."""
+    reward_model: nn.Module | None = None
+    """Sequence classifier giving one score per sequence; or use ``reward_fn``."""
+    reward_fn: Callable | None = None
+    """``reward_fn(prompts, completions) -> [B] scores`` (texts), instead of a reward model."""
+    gold_fn: Callable | None = None
+    """``gold_fn(prompt, completion_ids) -> float``: evaluation only, never optimised."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """Fixed prompts for the gold / proxy evaluations."""
+
+
+def _from_directories(config: PPOConfig) -> Components:
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    from ..hybrid import pick_attn_implementation
+
+    if not config.prompts_file:
+        raise ValueError("prompts_file is required with policy_model (one prompt per line)")
+    if not config.reward_model:
+        raise ValueError("reward_model is required with policy_model (or pass reward_fn to "
+                         "PPOTrainer through Components)")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    attn = pick_attn_implementation(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    load = dict(dtype=dtype, attn_implementation=attn)
+    return Components(
+        policy=AutoModelForCausalLM.from_pretrained(config.policy_model, **load),
+        reference=AutoModelForCausalLM.from_pretrained(config.policy_model, **load),
+        critic=CriticModel(AutoModel.from_pretrained(config.critic_model or config.policy_model, **load)),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(config.reward_model, **load),
+        tokenizer=tokenizer,
+        prompts=load_prompts(config.prompts_file),
+    )
+
+
+def _default_task(config: PPOConfig, log) -> Components:
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from . import default_task as task
+
+    # Keyed by what made them, so a rerun with another seed does not reuse them.
+    artifacts = (Path(config.output_dir) / config.run_name / "default_task"
+                 / f"seed{config.seed}-warmup{config.warmup_steps}-rm{config.reward_train_steps}")
+    rank = torch.distributed.get_rank()
+    if rank == 0 and not (artifacts / "reward_model" / "config.json").exists():
+        log("default task: warming up the policy and training the reward model "
+            f"(saved to {artifacts})")
+        task.warm_up_policy(config.warmup_steps, config.seed, log).save_pretrained(artifacts / "policy")
+        task.train_reward_model(config.reward_train_steps, config.seed, log).save_pretrained(
+            artifacts / "reward_model")
+        for name in ("policy", "reward_model"):
+            task.char_tokenizer().save_pretrained(artifacts / name)
+    torch.distributed.barrier()
+    policy = LlamaForCausalLM.from_pretrained(artifacts / "policy")
+    prompts = (load_prompts(config.prompts_file) if config.prompts_file
+               else task.make_prompts(4096, config.seed))
+    return Components(
+        policy=policy,
+        reference=copy.deepcopy(policy),
+        critic=CriticModel(copy.deepcopy(policy.model)),
+        reward_model=LlamaForSequenceClassification.from_pretrained(artifacts / "reward_model"),
+        tokenizer=task.char_tokenizer(),
+        prompts=prompts,
+        gold_fn=task.gold_reward,
+        eval_prompts=task.make_prompts(config.eval_prompts, config.seed + 999),
+    )
+
+
+def build_components(config: PPOConfig, log=print) -> Components:
+    """Models, tokenizer and prompts from the config: local Hugging Face directories, or the
+    embedded default task when ``policy_model`` is empty."""
+    from transformers.utils import logging as hf_logging
+
+    from ..distributed import init_distributed
+
+    hf_logging.disable_progress_bar()
+    init_distributed()
+    torch.manual_seed(config.seed)
+    return _from_directories(config) if config.policy_model else _default_task(config, log)
+
+
+@dataclass
+class Models:
+    actor: object
+    """DeepSpeed engine of the policy."""
+    critic: object
+    """DeepSpeed engine of the critic."""
+    reference: nn.Module
+    reward_model: nn.Module | None
+    hybrid: pf.HybridEngine
+    """Generates with the actor's weights (gathered once per rollout under ZeRO-3)."""
+    device: torch.device
+
+
+def ds_config(config: PPOConfig, lr: float) -> dict:
+    from ..distributed import default_ds_config
+
+    if config.ds_config:
+        with open(config.ds_config) as f:
+            ds = json.load(f)
+        ds["optimizer"]["params"]["lr"] = lr
+    else:
+        ds = default_ds_config(stage=config.zero_stage, micro_batch_size=config.micro_batch_size,
+                               lr=lr, grad_clip=config.grad_clip)
+    ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+    ds["gradient_accumulation_steps"] = config.minibatch_size // config.micro_batch_size
+    ds.pop("train_batch_size", None)
+    return ds
+
+
+def _frozen(model: nn.Module, actor, config: PPOConfig, device: torch.device) -> nn.Module:
+    """Inference-only model: a ZeRO-3 engine when training is ZeRO-3 (parameters partitioned,
+    and offloaded to CPU memory with offload_frozen), else the plain module in the actor's
+    dtype."""
+    model.requires_grad_(False).eval()
+    if actor.zero_optimization_stage() == 3 or config.offload_frozen:
+        import deepspeed
+
+        zero = {"stage": 3}
+        if config.offload_frozen:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        engine, *_ = deepspeed.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "zero_optimization": zero,
+            "bf16": {"enabled": torch.cuda.is_available()}})
+        return engine.module
+    return model.to(device=device, dtype=next(actor.module.parameters()).dtype)
+
+
+def build_models(config: PPOConfig, components: Components) -> Models:
+    import deepspeed
+
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                          else "cpu")
+    actor, *_ = deepspeed.initialize(model=components.policy,
+                                     config=ds_config(config, config.actor_lr),
+                                     model_parameters=components.policy.parameters())
+    critic, *_ = deepspeed.initialize(model=components.critic,
+                                      config=ds_config(config, config.critic_lr),
+                                      model_parameters=components.critic.parameters())
+    hybrid = pf.HybridEngine(actor, components.tokenizer, max_new_tokens=config.max_new_tokens,
+                             do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                             max_gathered_bytes=config.max_gathered_bytes or None)
+    reference = _frozen(components.reference, actor, config, device)
+    reward_model = (None if components.reward_model is None
+                    else _frozen(components.reward_model, actor, config, device))
+    return Models(actor=actor, critic=critic, hybrid=hybrid, reference=reference,
+                  reward_model=reward_model, device=device)

@@ -1,0 +1,145 @@
+"""What a run reports: a row per step in ``metrics.jsonl`` (and TensorBoard when installed), a
+progress bar on rank 0, and at the end ``summary.json``, ``rewards.png`` and a short table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class Reporter:
+    """Rank 0 writes; every rank keeps the history (it is checkpointed with the trainer state)."""
+
+    def __init__(self, run_dir: Path, rank: int, log=print):
+        self.run_dir, self.rank, self.log = run_dir, rank, log
+        self.history: list[dict] = []
+        self._tensorboard = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def start_fresh(self) -> None:
+        if self.rank == 0:
+            self.metrics_path.write_text("")
+
+    def drop_rows_after(self, step: int) -> None:
+        """Steps logged after the checkpoint a run resumes from were lost with the crash; they are
+        redone, so their rows go."""
+        if self.rank != 0 or not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def write_config(self, config: dict) -> None:
+        if self.rank == 0:
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    def row(self, row: dict) -> None:
+        self.history.append(row)
+        if self.rank != 0:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self._tensorboard = False
+        if self._tensorboard:
+            for name, value in row.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self._tensorboard.add_scalar(name, value, row["step"])
+
+    def progress(self, total: int, initial: int):
+        if self.rank != 0:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=initial, desc="PPO", unit="step", dynamic_ncols=True)
+
+    def summary(self, steps_done: int, seconds: float, checkpoint: Path,
+                nonfinite_skipped: int) -> dict:
+        steps = [r for r in self.history if r["step"] > 0]
+        evals = [r for r in self.history if "eval_proxy_reward" in r]
+        first, last = evals[0], evals[-1]
+
+        def mean(name):
+            return float(np.mean([r[name] for r in steps])) if steps else 0.0
+
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": steps_done,
+            "gold_reward_before": first.get("eval_gold_reward"),
+            "gold_reward_after": last.get("eval_gold_reward"),
+            "proxy_reward_before": first["eval_proxy_reward"],
+            "proxy_reward_after": last["eval_proxy_reward"],
+            "kl_final": steps[-1]["kl"] if steps else 0.0,
+            "seconds_total": seconds,
+            "tokens_per_second_generate": mean("tokens_per_second_generate"),
+            "tokens_per_second_train": mean("tokens_per_second_train"),
+            "generate_share": mean("generate_share"),
+            "nonfinite_skipped": nonfinite_skipped,
+            "checkpoint": str(checkpoint),
+        }
+
+    def finish(self, summary: dict) -> None:
+        if self.rank != 0:
+            return
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._plot()
+        self.log(format_summary(summary))
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.log("matplotlib is not installed: no plot (pip install 'ppo-fast[train]')")
+            return
+        evals = [r for r in self.history if "eval_proxy_reward" in r]
+        steps = [r for r in self.history if "kl" in r]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        if evals and "eval_gold_reward" in evals[0]:
+            ax1.plot([r["step"] for r in evals], [r["eval_gold_reward"] for r in evals], "o-",
+                     label="gold reward")
+        ax1.plot([r["step"] for r in evals], [r["eval_proxy_reward"] for r in evals], "s--",
+                 label="proxy reward (RM)")
+        ax1.set_xlabel("PPO step")
+        ax1.set_title("reward on held-out prompts")
+        ax1.legend()
+        ax2.plot([r["step"] for r in steps], [r["kl"] for r in steps],
+                 label="KL to reference (nats/seq)")
+        ax2.set_xlabel("PPO step")
+        ax2.set_title("KL")
+        ax2.legend()
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "rewards.png", dpi=100)
+        plt.close(fig)
+
+
+def format_summary(s: dict) -> str:
+    def fmt(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    rows = [("gold reward", s["gold_reward_before"], s["gold_reward_after"]),
+            ("proxy reward", s["proxy_reward_before"], s["proxy_reward_after"])]
+    lines = ["", f"{'':14}{'before':>10}{'after':>10}"]
+    lines += [f"{name:14}{fmt(a):>10}{fmt(b):>10}" for name, a, b in rows]
+    lines += [f"KL to the reference at the end: {fmt(s['kl_final'])} nats per sequence",
+              f"{s['steps']} steps in {s['seconds_total']:.0f} s; generation "
+              f"{s['tokens_per_second_generate']:.0f} tokens/s, training "
+              f"{s['tokens_per_second_train']:.0f} tokens/s, {100 * s['generate_share']:.0f}% of "
+              f"each step generating",
+              f"run directory: {s['run_dir']} (metrics.jsonl, summary.json, rewards.png, "
+              f"checkpoints/, final_policy/)"]
+    return "\n".join(lines)
