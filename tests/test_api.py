@@ -272,3 +272,29 @@ def test_cli_backends_prints_the_op_table(capsys):
         assert op in out
     assert "token_logprobs    yes *" in out  # the CPU default
     assert "not built: this release has no native" in out
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "ppo_loss_tokens", "gae"])
+def test_library_ops_have_one_kernel_per_device(op):
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ppo_fast::{op}", key), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_both_backends_reach_the_one_reduction(backend, force_backend, monkeypatch):
+    from ppo_fast import reference
+
+    calls = []
+    original = reference.reduce
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "reduce", counted)
+    logits, labels, old, adv, mask = _batch()
+    with force_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # policy_loss has no Triton kernel
+        pf.ppo_loss(logits, labels, old, adv, mask)
+        pf.policy_loss(old, old, adv, mask)
+    assert len(calls) == 2 and all(isinstance(t, reference.TokenTerms) for t in calls)

@@ -129,6 +129,22 @@ def test_token_logprobs_extreme_rows(device, backend):
     torch.testing.assert_close(grad, grad_r, rtol=1e-9, atol=1e-9)
 
 
+def test_a_banned_label_has_log_prob_minus_infinity_and_a_finite_gradient(device, backend):
+    logits = _logits((3, 50), F64, device)
+    logits[1, 7] = float("-inf")
+    logits[2, :10] = float("-inf")
+    logits.requires_grad_()
+    labels = torch.tensor([3, 7, 20], device=device)
+    g_logp, g_ent = torch.randn(3, dtype=F64, device=device), torch.randn(3, dtype=F64, device=device)
+    lp, ent = pf.token_logprobs(logits, labels, return_entropy=True)
+    (grad,) = torch.autograd.grad((lp * g_logp + ent * g_ent).sum(), logits)
+    lp_r, ent_r, grad_r = _spec_logprobs_and_grad(logits, labels, g_logp, g_ent)
+    assert lp[1] == float("-inf") and torch.isfinite(ent).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(lp, lp_r, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(ent, ent_r, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-10, atol=1e-12)
+
+
 def test_ignored_rows_have_zero_output_and_gradient(device, backend):
     logits = _logits((4, 300), torch.float32, device).requires_grad_()
     labels = torch.tensor([-100, 5, -100, 7], device=device)

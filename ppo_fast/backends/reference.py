@@ -25,19 +25,34 @@ def writes_in_place(logits: torch.Tensor) -> bool:
     return False
 
 
+# On the CPU, where this backend is the fast path, each fresh [N, V] buffer costs about as much as
+# a pass over it (the pages are faulted in anew), so both directions allocate as few as they can:
+# the forward one (two with entropy), the backward none beyond dlogits (one more with entropy).
+
+
+def _scaled(logits, inv_temp, dtype):
+    """s = logits / τ in the compute dtype; the logits themselves when τ = 1 (ops that read them
+    upcast on the fly)."""
+    return logits if inv_temp == 1.0 else logits.to(dtype) * inv_temp
+
+
 def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy):
-    s = logits.to(spec.compute_dtype(logits)) * inv_temp
+    dtype = spec.compute_dtype(logits)
+    s = _scaled(logits, inv_temp, dtype)
+    log_probs = torch.log_softmax(s, dim=-1, dtype=dtype)
     ignored = labels == ignore_index
-    # log_softmax is one fused kernel on the CPU, where this backend is the fast path.
-    log_probs = torch.log_softmax(s, dim=-1)
-    logp = log_probs.gather(-1, labels.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
-    # lse = s_j − log p_j for any j; at the row's maximum log p_j is finite even when other
-    # tokens are banned (−inf).
-    top = s.argmax(-1, keepdim=True)
-    lse = (s.gather(-1, top) - log_probs.gather(-1, top)).squeeze(-1)
+    index = labels.masked_fill(ignored, 0).long().unsqueeze(-1)
+    logp = log_probs.gather(-1, index).squeeze(-1)
+    # lse = s_j − log p_j at any j: at the label it costs nothing. Where the label is banned (−inf)
+    # that is NaN; there, at the row's maximum (log_softmax keeps the order of s), log p is finite.
+    lse = s.gather(-1, index).squeeze(-1).to(dtype) - logp
+    banned = ~torch.isfinite(lse)
+    if bool(banned.any()):
+        lse[banned] = s[banned].amax(-1).to(dtype) - log_probs[banned].amax(-1)
     if with_entropy:
-        p = log_probs.exp()
-        entropy = -(p * log_probs.masked_fill(p == 0, 0.0)).sum(-1)
+        # p·log p is 0 where p = 0: a finite floor instead of −inf keeps 0·(−inf) from giving NaN.
+        log_probs.clamp_(min=torch.finfo(dtype).min)
+        entropy = -log_probs.exp().mul_(log_probs).sum(-1)
     else:
         entropy = torch.zeros_like(logp)
     return (logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0),
@@ -47,17 +62,25 @@ def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy)
 def token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,
                             inv_temp, ignore_index) -> None:
     """∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(s_j − E[s]) ) / τ, zero on ignored rows."""
-    s = logits.to(lse.dtype) * inv_temp
-    active = (labels != ignore_index).unsqueeze(-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    g = grad_logp.to(lse.dtype).unsqueeze(-1)
-    d = -g * p
-    d.scatter_add_(-1, labels.masked_fill(~active.squeeze(-1), 0).long().unsqueeze(-1), g)
-    if grad_entropy is not None:
-        h = grad_entropy.to(lse.dtype).unsqueeze(-1)
-        expected = (lse - entropy).unsqueeze(-1)
-        d = d - h * torch.where(p > 0, p * (s - expected), 0.0)
-    dlogits.copy_(torch.where(active, d * inv_temp, 0.0))
+    dtype = lse.dtype
+    s = _scaled(logits, inv_temp, dtype)
+    active = labels != ignore_index
+    work = dlogits if dlogits.dtype == dtype else torch.empty(logits.shape, dtype=dtype,
+                                                                device=logits.device)
+    p = torch.sub(s, lse.unsqueeze(-1), out=work).exp_()
+    g = grad_logp.to(dtype).unsqueeze(-1)
+    if grad_entropy is None:
+        d = p.mul_(-g)
+    else:
+        centred = torch.sub(s, (lse - entropy).unsqueeze(-1)).clamp_(min=torch.finfo(dtype).min)
+        entropy_term = centred.mul_(p).mul_(grad_entropy.to(dtype).unsqueeze(-1))
+        d = p.mul_(-g).sub_(entropy_term)
+    d.scatter_add_(-1, labels.masked_fill(~active, 0).long().unsqueeze(-1), g)
+    if inv_temp != 1.0:
+        d.mul_(inv_temp)
+    d.masked_fill_(~active.unsqueeze(-1), 0.0)
+    if d is not dlogits:
+        dlogits.copy_(d)
 
 
 def _dloss_dlogp(logp, old_logp, advantages, ref_logp, rollout_logp, opts: LossOptions, terms):
