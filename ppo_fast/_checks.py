@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 
-def values_checked() -> bool:
-    """Whether checks that read device values run: always, except while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+def values_checked(*tensors: torch.Tensor) -> bool:
+    """Whether checks that read device values run: always, except while torch.compile traces and
+    on meta tensors (which hold no values)."""
+    return not torch.compiler.is_compiling() and not any(
+        t is not None and t.device.type == "meta" for t in tensors)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -64,21 +66,26 @@ def token_tensor(name: str, t, expected: tuple, what: str) -> None:
     shape(name, t, expected, what)
 
 
-def logits_and_labels(logits, labels, ignore_index: int) -> None:
+def logits_and_labels(logits, labels, ignore_index: int) -> torch.Tensor:
+    """Check logits ``[..., V]`` and labels ``[...]``; return the labels as int64, so that
+    ``ignore_index`` compares and fills the same whatever integer dtype they came in (-100 in a
+    uint8 tensor would be 156)."""
     floating("logits", tensor("logits", logits))
     integer("labels", tensor("labels", labels))
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {_describe(logits)}")
     shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     same_device("logits", logits, labels=labels)
+    labels = labels.long()
     vocab = logits.shape[-1]
-    if not values_checked():
-        return
+    if not values_checked(logits, labels):
+        return labels
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if labels.numel() and bool(out_of_range.any()):
         bad = labels[out_of_range][0].item()
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                          f"found {bad} ({int(out_of_range.sum())} such labels)")
+    return labels
 
 
 def seq_mask(agg: str, mask: torch.Tensor) -> None:

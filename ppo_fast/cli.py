@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backends":
         from .dispatch import describe
 
-        print(describe())
+        try:
+            print(describe())
+        except ValueError as exc:  # an unknown PPO_FAST_BACKEND
+            print(f"ppo-fast: {exc}", file=sys.stderr)
+            return 2
         return 0
     from .distributed import shutdown_distributed
     from .trainer import TrainingStopped, train

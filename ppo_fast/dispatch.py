@@ -136,15 +136,19 @@ def choose(op: str, device) -> str:
 _warned: set[tuple[str, str]] = set()
 
 
-def resolve(op: str, device) -> Resolved:
-    """The backend and implementation module that serve ``op`` for tensors on ``device``."""
+def resolve(op: str, device, stacklevel: int = 3) -> Resolved:
+    """The backend and implementation module that serve ``op`` for tensors on ``device``.
+
+    ``stacklevel`` places the once-per-op warning about a forced backend the op lacks; the public
+    functions resolve before any work, so it points at the user's call.
+    """
     backend = choose(op, device)
     forced = forced_backend()
     if forced is not None and forced != backend and (op, forced) not in _warned \
             and not torch.compiler.is_compiling():
         _warned.add((op, forced))
         warnings.warn(f"{ENV_VAR}={forced}: {op} has no {forced} implementation and runs its "
-                      "reference (PyTorch)", stacklevel=3)
+                      "reference (PyTorch)", stacklevel=stacklevel)
     return _load(op, backend)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from . import _checks as check
 from . import dispatch, ops, reference
-from .options import LossOptions, in_unit_interval, positive
+from .options import LossOptions, in_unit_interval, integer, positive
 
 
 def token_logprobs(
@@ -42,8 +42,10 @@ def token_logprobs(
         On CUDA one read of the logits forward and one read + one write backward; no float32
         copy of the logits is made.
     """
-    check.logits_and_labels(logits, labels, ignore_index)
+    integer("ignore_index", ignore_index)
     positive("temperature", temperature)
+    labels = check.logits_and_labels(logits, labels, ignore_index)
+    dispatch.resolve("token_logprobs", logits.device)
     logp, entropy, _ = ops.token_logprobs_op(logits, labels, 1.0 / float(temperature),
                                              int(ignore_index), bool(return_entropy),
                                              bool(inplace_backward))
@@ -88,11 +90,12 @@ def gae(
     if not packed:
         B, T = rewards.shape
         cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=rewards.device) * T
-    elif check.values_checked():
+    elif check.values_checked(cu_seqlens):
         lengths = cu_seqlens.diff()
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != rewards.numel() or bool((lengths < 0).any()):
             raise ValueError(f"cu_seqlens must rise from 0 to rewards.numel()={rewards.numel()}, "
                              f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+    dispatch.resolve("gae", rewards.device)
     advantages, returns = ops.gae_op(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1),
                                      cu_seqlens, float(gamma), float(lam))
     return advantages.view(rewards.shape), returns.view(rewards.shape)
@@ -106,7 +109,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
     """
     check.floating("values", check.tensor("values", values))
     check.mask_like("mask", mask, values.shape, "values.shape")
-    if check.values_checked():
+    check.same_device("values", values, mask=mask)
+    if check.values_checked(values, mask):
         count = int(mask.to(torch.bool).sum())
         if count < 2:
             raise ValueError(f"mask must select at least 2 tokens to estimate a variance, selects {count}")
@@ -118,6 +122,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` is 1 (0 for an empty mask)."""
     check.floating("values", check.tensor("values", values))
     check.mask_like("mask", mask, values.shape, "values.shape")
+    check.same_device("values", values, mask=mask)
     return dispatch.resolve("masked_mean", values.device).impl.masked_mean(values, mask)
 
 
@@ -141,13 +146,16 @@ def group_advantages(
     check.integer("group_ids", check.tensor("group_ids", group_ids))
     check.shape("group_ids", group_ids, scores.shape, "scores.shape")
     positive("eps", eps)
+    if mask is not None:
+        check.tensor("mask", mask)
+        if mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
+            raise ValueError(f"mask must be [B, T] with B={scores.shape[0]}, got shape {tuple(mask.shape)}")
+        check.mask_like("mask", mask, mask.shape, "[B, T]")
+    check.same_device("scores", scores, group_ids=group_ids, mask=mask)
     impl = dispatch.resolve("group_advantages", scores.device).impl
     adv = impl.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
     if mask is None:
         return adv
-    check.tensor("mask", mask)
-    if mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
-        raise ValueError(f"mask must be [B, T] with B={scores.shape[0]}, got shape {tuple(mask.shape)}")
     return adv.unsqueeze(-1) * mask.to(adv.dtype)
 
 
@@ -156,6 +164,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     ``mse``, ``low_var_kl`` too). Same shape as ``logp``; differentiable in ``logp``."""
     check.floating("logp", check.tensor("logp", logp))
     check.token_tensor("ref_logp", ref_logp, logp.shape, "logp.shape")
+    check.same_device("logp", logp, ref_logp=ref_logp)
     estimator = LossOptions(kl_estimator=estimator).kl_estimator
     return dispatch.resolve("kl_penalty", logp.device).impl.kl_penalty(logp, ref_logp, estimator)
 
@@ -190,6 +199,7 @@ def policy_loss(
     ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
     (> 1) caps the loss of negative-advantage tokens at ``−A·dual_clip``. ``rollout_logp`` turns
     on the truncated importance-sampling correction ``min(π_old / π_rollout, tis_cap)``.
+    Differentiable in ``logp`` only (old/rollout log-probs and advantages are data).
     ``num_tokens`` / ``num_seqs`` / ``dp_size``: global normalisers (see
     :func:`ppo_fast.reference.agg_weights`). Metrics: ``pg_loss``, ``clipfrac``,
     ``clipfrac_lower``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (detached 0-d tensors).
@@ -205,8 +215,8 @@ def policy_loss(
                       rollout_logp=rollout_logp)
     impl = dispatch.resolve("policy_loss", logp.device).impl
     dtype = reference.compute_dtype(logp, old_logp, advantages)
-    terms = impl.ppo_token_terms(logp.to(dtype), old_logp, advantages, opts,
-                                 rollout_logp=rollout_logp)
+    terms = impl.ppo_token_terms(logp.to(dtype), old_logp.detach(), advantages.detach(), opts,
+                                 rollout_logp=None if rollout_logp is None else rollout_logp.detach())
     return reference.reduce(terms, mask, opts)
 
 
@@ -284,12 +294,16 @@ def ppo_loss(
                        dp_size=dp_size, horizon=horizon, kl_coef=kl_coef,
                        kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                        temperature=temperature, ignore_index=ignore_index)
-    check.logits_and_labels(logits, labels, ignore_index)
+    if kl_coef != 0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp (the reference policy's log-probs); "
+                         "pass ref_logp or kl_coef=0")
+    labels = check.logits_and_labels(logits, labels, ignore_index)
     _check_per_token(logits.shape[:-1], "the labels' shape", mask, old_logp=old_logp,
                      advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp)
     check.seq_mask(agg, mask)
     check.same_device("logits", logits, old_logp=old_logp, advantages=advantages, mask=mask,
                       ref_logp=ref_logp, rollout_logp=rollout_logp)
+    dispatch.resolve("ppo_loss", logits.device)
     active = mask.bool() & (labels != ignore_index)
     terms = ops.ppo_token_terms(logits, labels.masked_fill(~active, ignore_index), old_logp,
                                 advantages, ref_logp, rollout_logp, opts, inplace_backward)

@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from . import functional as F
-from .options import LossOptions
+from .options import LossOptions, positive
 
 
 class PPOLoss(nn.Module):
@@ -21,20 +21,25 @@ class PPOLoss(nn.Module):
 
     def __init__(self, *, inplace_backward: bool = False, **options):
         super().__init__()
-        self.options = LossOptions(**options)
-        self.kl_coef = self.options.kl_coef
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(LossOptions)})
+        if unknown:
+            raise TypeError(f"PPOLoss got unexpected keyword arguments {unknown}; it takes the "
+                            "keywords of ppo_fast.ppo_loss")
+        LossOptions(**options)
+        # As given, not as resolved: an override of clip_low must still move an unset clip_high.
+        self.options = dict(options)
+        self.kl_coef = self.options.pop("kl_coef", 0.0)
         self.inplace_backward = inplace_backward
 
     def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None,
                 rollout_logp=None, **overrides):
-        options = {**dataclasses.asdict(self.options), "kl_coef": self.kl_coef,
+        options = {**self.options, "kl_coef": self.kl_coef,
                    "inplace_backward": self.inplace_backward, **overrides}
         return F.ppo_loss(logits, labels, old_logp, advantages, mask, ref_logp=ref_logp,
                           rollout_logp=rollout_logp, **options)
 
     def extra_repr(self) -> str:
-        options = {**dataclasses.asdict(self.options), "kl_coef": self.kl_coef,
-                   "inplace_backward": self.inplace_backward}
+        options = {**self.options, "kl_coef": self.kl_coef, "inplace_backward": self.inplace_backward}
         return ", ".join(f"{k}={v!r}" for k, v in options.items())
 
 
@@ -45,6 +50,8 @@ class ValueLoss(nn.Module):
     def __init__(self, *, clip: float | None = 0.2, agg: str = "token-mean"):
         super().__init__()
         LossOptions(agg=agg)
+        if clip is not None:
+            positive("clip", clip)
         self.options = dict(clip=clip, agg=agg)
 
     def forward(self, values, old_values, returns, mask, **overrides):

@@ -7,7 +7,6 @@ checks an option on its own. Its defaults are the public defaults (a test holds 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 AGG_MODES = (
@@ -24,7 +23,14 @@ KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # value − value is 0 for a finite number and NaN for ±inf and NaN. Unlike math.isfinite it
+    # also works on the symbolic floats torch.compile passes once an option changes between calls.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
+
+
+def integer(name: str, value, low: int = -(2**63), high: int = 2**63 - 1) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
 
 
 def positive(name: str, value) -> None:
@@ -49,7 +55,7 @@ def choice(name: str, value, allowed) -> None:
 
 def kl_estimator_name(value) -> str:
     """The canonical estimator name (verl's aliases accepted)."""
-    canonical = KL_ALIASES.get(value, value)
+    canonical = KL_ALIASES.get(value, value) if isinstance(value, str) else value
     if canonical not in KL_ESTIMATORS:
         names = KL_ESTIMATORS + tuple(KL_ALIASES)
         raise ValueError(f"kl_estimator must be one of {', '.join(map(repr, names))}; got {value!r}")
@@ -106,8 +112,7 @@ class LossOptions:
         object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))
         non_negative("entropy_coef", self.entropy_coef)
         positive("temperature", self.temperature)
-        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
-            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        integer("ignore_index", self.ignore_index)
         choice("agg", self.agg, AGG_MODES)
         for name in ("num_tokens", "num_seqs", "horizon"):
             if getattr(self, name) is not None:

@@ -298,3 +298,94 @@ def test_both_backends_reach_the_one_reduction(backend, force_backend, monkeypat
         pf.ppo_loss(logits, labels, old, adv, mask)
         pf.policy_loss(old, old, adv, mask)
     assert len(calls) == 2 and all(isinstance(t, reference.TokenTerms) for t in calls)
+
+
+def test_compiled_loss_keeps_working_when_an_option_changes_between_calls():
+    """torch.compile turns a float that changes between calls into a symbolic value; the option
+    checks must accept it (an adaptive KL controller changes kl_coef every step)."""
+    batch = _named_batch()
+    module = pf.PPOLoss(clip_low=0.2)
+    compiled_fn = torch.compile(pf.ppo_loss, backend="aot_eager", fullgraph=True)
+    compiled_module = torch.compile(module, backend="aot_eager", fullgraph=True)
+    args = (batch["logits"], batch["labels"], batch["old"], batch["adv"], batch["mask"])
+    torch._dynamo.reset()
+    for kl_coef, temperature in ((0.1, 1.0), (0.2, 0.9), (0.3, 0.8)):
+        kw = dict(ref_logp=batch["old"] - 0.2, kl_coef=kl_coef, temperature=temperature)
+        torch.testing.assert_close(compiled_fn(*args, **kw)[0], pf.ppo_loss(*args, **kw)[0])
+        module.kl_coef = kl_coef
+        torch.testing.assert_close(compiled_module(*args, ref_logp=batch["old"])[0],
+                                   pf.ppo_loss(*args, ref_logp=batch["old"], kl_coef=kl_coef)[0])
+
+
+def test_ppo_loss_module_override_of_clip_low_moves_an_unset_clip_high():
+    logits, labels, old, adv, mask = _batch()
+    old = pf.token_logprobs(logits, labels).detach() + 0.1 * torch.randn_like(old)
+    got, got_metrics = pf.PPOLoss(clip_low=0.2)(logits, labels, old, adv, mask, clip_low=0.05)
+    want, want_metrics = pf.ppo_loss(logits, labels, old, adv, mask, clip_low=0.05)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_metrics["clipfrac"], want_metrics["clipfrac"])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index=1.5),
+     ValueError, "ignore_index must be an int"),
+    (lambda: pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index=None),
+     ValueError, "ignore_index must be an int"),
+    (lambda: pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index=2**70),
+     ValueError, "ignore_index must be an int in"),
+    (lambda: pf.ppo_loss(*_batch(), kl_coef=0.5), ValueError, "kl_coef=0.5 needs ref_logp"),
+    (lambda: pf.ppo_loss(*_batch(), kl_estimator=["k3"]), ValueError, "kl_estimator must be one of"),
+    (lambda: pf.PPOLoss(clip=0.2), TypeError, r"PPOLoss got unexpected keyword arguments \['clip'\]"),
+    (lambda: pf.ValueLoss(clip=-1), ValueError, "clip must be a finite number > 0"),
+    (lambda: pf.kl_penalty(torch.randn(3), torch.randn(3, device="meta")), ValueError, "ref_logp is on meta"),
+    (lambda: pf.masked_mean(torch.randn(3), torch.ones(3, device="meta")), ValueError, "mask is on meta"),
+    (lambda: pf.masked_whiten(torch.randn(3), torch.ones(3, device="meta")), ValueError, "mask is on meta"),
+    (lambda: pf.group_advantages(torch.randn(3), torch.zeros(3, dtype=torch.long, device="meta")),
+     ValueError, "group_ids is on meta"),
+    (lambda: pf.group_advantages(torch.randn(2), torch.zeros(2, dtype=torch.long),
+                                 torch.ones(2, 3, dtype=torch.complex64)), ValueError, "mask must be bool"),
+])
+def test_bad_arguments_found_by_probing(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_small_integer_labels_keep_ignore_index_meaning():
+    """-100 in a uint8 tensor would be 156: labels are compared as int64."""
+    logits = torch.randn(3, 200)
+    labels = torch.tensor([156, 3, 7], dtype=torch.uint8)
+    lp = pf.token_logprobs(logits, labels)
+    torch.testing.assert_close(lp, pf.token_logprobs(logits, labels.long()))
+    assert lp[0] != 0
+
+
+def test_meta_tensors_give_shapes_not_errors():
+    logits, labels = torch.randn(2, 3, 11, device="meta"), torch.zeros(2, 3, dtype=torch.long, device="meta")
+    assert pf.token_logprobs(logits, labels).shape == (2, 3)
+    values = torch.randn(2, 3, device="meta")
+    assert pf.masked_whiten(values, torch.ones(2, 3, device="meta")).shape == (2, 3)
+
+
+def test_policy_loss_is_differentiable_in_logp_only():
+    logp = torch.randn(2, 5, requires_grad=True)
+    old, adv = torch.randn(2, 5, requires_grad=True), torch.randn(2, 5, requires_grad=True)
+    loss, _ = pf.policy_loss(logp, old, adv, torch.ones(2, 5, dtype=torch.bool))
+    loss.backward()
+    assert logp.grad is not None and old.grad is None and adv.grad is None
+
+
+def test_cli_backends_with_an_unknown_backend_is_one_line(monkeypatch, capsys):
+    from ppo_fast.cli import main
+
+    monkeypatch.setenv("PPO_FAST_BACKEND", "bogus")
+    assert main(["backends"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppo-fast: PPO_FAST_BACKEND must be one of") and "Traceback" not in err
+
+
+def test_forced_backend_warning_points_at_the_callers_line(monkeypatch):
+    monkeypatch.setenv("PPO_FAST_BACKEND", "native")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(UserWarning) as record:
+        pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
+    assert record[0].filename == __file__
