@@ -3,8 +3,11 @@
 Going backwards in time, with m_t the mask, both quantities of the loop in reference.gae are
 affine in their successor, x_t = a_t·x_{t+1} + b_t, and affine maps compose associatively:
 
-    V^next_t = (1 − m_{t+1})·V^next_{t+1} + m_{t+1}·V_{t+1}       value of the next unmasked token
-    A_t      = (m_t·γλ + 1 − m_t)·A_{t+1} + m_t·(r_t + γ·V^next_t − V_t)
+    V^next_t = V^next_{t+1}                     if m_{t+1} = 0, else V_{t+1}
+    A_t      = A_{t+1}                          if m_t = 0,     else γλ·A_{t+1} + r_t + γ·V^next_t − V_t
+
+The maps are chosen with tl.where, never by multiplying with the mask: a masked token's reward
+and value (NaN, inf, garbage) must not reach any output. Outputs at masked tokens are 0.
 
 One program scans one sequence in chunks of BLOCK_T from its end; the chunk is loaded in reverse
 time order so a forward ``tl.associative_scan`` composes the maps, and the value after each chunk
@@ -28,7 +31,7 @@ def _compose_affine(a_prev, b_prev, a_cur, b_cur):
 def _gae_kernel(
     rewards_ptr,  # [total] packed tokens
     values_ptr,  # [total]
-    mask_ptr,  # [total], same dtype as the accumulation
+    mask_ptr,  # [total], any dtype; nonzero marks a token that counts
     cu_seqlens_ptr,  # [S + 1] int, sequence s is [cu[s], cu[s+1])
     adv_ptr,  # [total] out
     ret_ptr,  # [total] out
@@ -50,22 +53,24 @@ def _gae_kernel(
         t = end - 1 - chunk * BLOCK_T - lane
         valid = t >= start
         succ_valid = valid & (t + 1 < end)
-        m_succ = tl.load(mask_ptr + t + 1, mask=succ_valid, other=0.0).to(ACC)
+        keep_succ = tl.load(mask_ptr + t + 1, mask=succ_valid, other=0.0) != 0
         v_succ = tl.load(values_ptr + t + 1, mask=succ_valid, other=0.0).to(ACC)
         a_next, b_next = tl.associative_scan(
-            (1.0 - m_succ, m_succ * v_succ), 0, _compose_affine
+            (tl.where(keep_succ, 0.0, 1.0).to(ACC), tl.where(keep_succ, v_succ, 0.0)), 0,
+            _compose_affine
         )
         next_value = a_next * carry_next_value + b_next
 
-        m = tl.load(mask_ptr + t, mask=valid, other=0.0).to(ACC)
+        keep = tl.load(mask_ptr + t, mask=valid, other=0.0) != 0
         v = tl.load(values_ptr + t, mask=valid, other=0.0).to(ACC)
         r = tl.load(rewards_ptr + t, mask=valid, other=0.0).to(ACC)
         a_adv, b_adv = tl.associative_scan(
-            (m * gamma_lam + 1.0 - m, m * (r + gamma * next_value - v)), 0, _compose_affine
+            (tl.where(keep, gamma_lam, 1.0).to(ACC), tl.where(keep, r + gamma * next_value - v, 0.0)),
+            0, _compose_affine
         )
         adv = a_adv * carry_adv + b_adv
-        tl.store(adv_ptr + t, adv, mask=valid)
-        tl.store(ret_ptr + t, adv + v, mask=valid)
+        tl.store(adv_ptr + t, tl.where(keep, adv, 0.0), mask=valid)
+        tl.store(ret_ptr + t, tl.where(keep, adv + v, 0.0), mask=valid)
 
         carry_adv = tl.sum(tl.where(last_lane, adv, 0.0), axis=0)
         carry_next_value = tl.sum(tl.where(last_lane, next_value, 0.0), axis=0)
@@ -73,7 +78,7 @@ def _gae_kernel(
 
 def plan_gae(rewards, values, mask, cu_seqlens, advantages, returns, scalars, max_len,
              acc) -> Launch:
-    """Over packed 1-D inputs (all contiguous, ``mask`` already in the ``acc`` dtype);
+    """Over packed 1-D inputs (all contiguous; ``mask`` in any dtype, 0/1);
     ``scalars`` is a device tensor ``[gamma, gamma·lam]`` in that dtype and ``max_len`` the
     longest sequence, which sizes the chunks."""
     block = min(triton.next_power_of_2(max(int(max_len), 1)), 1024)

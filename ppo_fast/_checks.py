@@ -54,10 +54,20 @@ def same_device(reference_name: str, ref: torch.Tensor, **others) -> None:
 
 
 def mask_like(name: str, mask: torch.Tensor, expected: tuple, what: str) -> None:
+    """A mask: bool, or integer/float holding only 0 and 1 (a 0.5 is not a mask: some functions
+    would read it as a weight and others as true)."""
     tensor(name, mask)
     if mask.is_complex():
-        raise ValueError(f"{name} must be bool, integer or float 0/1, got {_describe(mask)}")
+        raise ValueError(f"{name} must be bool, or integer/float holding only 0 and 1, got "
+                         f"{_describe(mask)}")
     shape(name, mask, expected, what)
+    if mask.dtype == torch.bool or not values_checked(mask):
+        return
+    not_binary = (mask != 0) & (mask != 1)
+    if bool(not_binary.any()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or be bool); found "
+                         f"{mask[not_binary][0].item()} ({int(not_binary.sum())} such values), "
+                         f"{_describe(mask)}")
 
 
 def token_tensor(name: str, t, expected: tuple, what: str) -> None:

@@ -115,8 +115,8 @@ def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
     total = 4 * max_len
     vec = torch.empty(total, dtype=dtype)
     cu = torch.arange(5, dtype=torch.int64) * max_len
-    return gae.plan_gae(vec, vec, vec, cu, vec, vec, torch.ones(2, dtype=dtype), max_len,
-                        _acc(dtype))
+    return gae.plan_gae(vec, vec, torch.empty(total, dtype=torch.int8), cu, vec, vec,
+                        torch.ones(2, dtype=dtype), max_len, _acc(dtype))
 
 
 def cases() -> list[Case]:

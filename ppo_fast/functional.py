@@ -66,8 +66,9 @@ def gae(
     Padded form: ``rewards``, ``values``, ``mask`` are ``[B, T]``. Packed form: they are 1-D
     ``[total]`` and ``cu_seqlens`` ``[S + 1]`` (int, as flash-attn's varlen API) delimits the
     sequences (its values are not checked under ``torch.compile``). ``mask`` (default all ones)
-    marks the tokens that count; masked tokens add no TD error and do not break the chain. No
-    whitening (see :func:`masked_whiten`). On CUDA, one kernel launch for the whole batch.
+    marks the tokens that count; masked tokens add no TD error and do not break the chain, and
+    both outputs are 0 there. No whitening (see :func:`masked_whiten`). On CUDA, one kernel
+    launch for the whole batch.
     """
     for name, t in (("rewards", rewards), ("values", values)):
         check.floating(name, check.tensor(name, t))
@@ -105,12 +106,14 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
     """Whiten with the masked mean and Bessel-corrected masked variance (eps 1e-8).
 
     ``values`` and ``mask`` share a shape; needs at least 2 masked tokens (not checked under
-    ``torch.compile``). ``shift_mean=False`` keeps the mean (scales only).
+    ``torch.compile``; an empty ``values`` gives an empty result). Statistics in float32 or
+    wider, free of overflow whatever the magnitudes; 0 outside the mask. ``shift_mean=False``
+    keeps the mean (scales only).
     """
     check.floating("values", check.tensor("values", values))
     check.mask_like("mask", mask, values.shape, "values.shape")
     check.same_device("values", values, mask=mask)
-    if check.values_checked(values, mask):
+    if values.numel() and check.values_checked(values, mask):
         count = int(mask.to(torch.bool).sum())
         if count < 2:
             raise ValueError(f"mask must select at least 2 tokens to estimate a variance, selects {count}")
@@ -137,8 +140,8 @@ def group_advantages(
     """GRPO (``normalize_std=True``) or Dr. GRPO (``False``) outcome advantages.
 
     ``scores`` ``[B]`` (one score per sequence), ``group_ids`` ``[B]`` integer (samples of the
-    same prompt share an id). Returns ``[B]``, or ``[B, T]`` broadcast over the tokens and
-    multiplied by ``mask`` when a ``[B, T]`` mask is given.
+    same prompt share an id). Returns ``[B]``, or ``[B, T]`` broadcast over the tokens, 0 outside
+    ``mask``, when a ``[B, T]`` mask is given. Float32 or wider, free of overflow.
     """
     check.floating("scores", check.tensor("scores", scores))
     if scores.dim() != 1:
@@ -156,7 +159,7 @@ def group_advantages(
     adv = impl.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
     if mask is None:
         return adv
-    return adv.unsqueeze(-1) * mask.to(adv.dtype)
+    return torch.where(mask.bool(), adv.unsqueeze(-1), 0.0)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -216,6 +219,7 @@ def policy_loss(
     impl = dispatch.resolve("policy_loss", logp.device).impl
     dtype = reference.compute_dtype(logp, old_logp, advantages)
     terms = impl.ppo_token_terms(logp.to(dtype), old_logp.detach(), advantages.detach(), opts,
+                                 mask=mask,
                                  rollout_logp=None if rollout_logp is None else rollout_logp.detach())
     return reference.reduce(terms, mask, opts)
 
@@ -297,14 +301,20 @@ def ppo_loss(
     if kl_coef != 0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp (the reference policy's log-probs); "
                          "pass ref_logp or kl_coef=0")
-    labels = check.logits_and_labels(logits, labels, ignore_index)
-    _check_per_token(logits.shape[:-1], "the labels' shape", mask, old_logp=old_logp,
+    check.floating("logits", check.tensor("logits", logits))
+    check.integer("labels", check.tensor("labels", labels))
+    check.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    _check_per_token(logits.shape[:-1], "logits.shape[:-1]", mask, old_logp=old_logp,
                      advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp)
+    check.same_device("logits", logits, labels=labels, mask=mask)
+    # Masked positions count as ignored labels before anything reads them, so a masked label out
+    # of range (garbage after EOS) is no error and its logits row is never read.
+    labels = labels.long().masked_fill(~mask.bool(), ignore_index)
+    labels = check.logits_and_labels(logits, labels, ignore_index)
     check.seq_mask(agg, mask)
-    check.same_device("logits", logits, old_logp=old_logp, advantages=advantages, mask=mask,
+    check.same_device("logits", logits, old_logp=old_logp, advantages=advantages,
                       ref_logp=ref_logp, rollout_logp=rollout_logp)
     dispatch.resolve("ppo_loss", logits.device)
-    active = mask.bool() & (labels != ignore_index)
-    terms = ops.ppo_token_terms(logits, labels.masked_fill(~active, ignore_index), old_logp,
-                                advantages, ref_logp, rollout_logp, opts, inplace_backward)
-    return reference.reduce(terms, active, opts)
+    terms = ops.ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
+                                inplace_backward)
+    return reference.reduce(terms, labels != ignore_index, opts)

@@ -9,8 +9,10 @@ Conventions
 * ``N`` is the number of tokens (any leading shape flattened), ``V`` the vocabulary size,
   ``B`` the number of sequences and ``T`` their padded length.
 * Computation happens in float32, or float64 when an input is float64; outputs follow.
-* ``mask`` marks the tokens that count (response tokens). Masked-out tokens contribute neither
-  loss nor gradient.
+* ``mask`` (bool, or 0/1) marks the tokens that count (response tokens). Whatever a masked-out
+  position holds (NaN, inf, garbage) reaches no output and no gradient: masks select
+  (``torch.where``), they never multiply (NaN·0 is NaN). Per-token outputs at masked positions
+  are 0. The same holds for positions whose label is ``ignore_index``.
 * Where a choice exists, the semantics follow verl's ``core_algos.py``, which users already know.
 * The loss options are one :class:`~ppo_fast.options.LossOptions`; the loss functions take its
   fields as keyword arguments.
@@ -70,12 +72,13 @@ def token_logprobs(
         logp    = s_y − logsumexp(s)
         entropy = logsumexp(s) − Σ_j softmax(s)_j · s_j
 
-    Positions whose label is ``ignore_index`` give logp 0 and entropy 0, with zero gradient.
+    Positions whose label is ``ignore_index`` give logp 0 and entropy 0, with zero gradient,
+    whatever their logits hold.
     """
-    s = logits.to(compute_dtype(logits))
+    ignored = labels == ignore_index
+    s = logits.to(compute_dtype(logits)).masked_fill(ignored.unsqueeze(-1), 0.0)
     if temperature != 1.0:
         s = s / temperature
-    ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0).long()
     # log_softmax(s) = s − logsumexp(s); one fused kernel on the CPU, where this is the fast path.
     log_probs = torch.log_softmax(s, dim=-1)
@@ -109,24 +112,25 @@ def gae(
         δ_t = r_t + γ·V_next − V_t
         A_t = δ_t + γλ·A_next
         where mask_t = 1:  V_next ← V_t,  A_next ← A_t
-        where mask_t = 0:  A_t = A_next, and V_next, A_next carry over the token unchanged
+        where mask_t = 0:  V_next and A_next carry over the token unchanged
 
     so masked tokens (padding, tool or observation tokens inside a multi-turn response) add no TD
-    error and do not break the chain. ``returns = advantages + values``. No whitening.
+    error and do not break the chain. ``returns = advantages + values``; both are 0 at masked
+    positions. No whitening.
     """
     dtype = compute_dtype(rewards, values)
-    r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
+    r, v, m = rewards.to(dtype), values.to(dtype), mask.bool()
     T = r.shape[-1]
     next_value = r.new_zeros(r.shape[:-1])
     next_adv = r.new_zeros(r.shape[:-1])
-    advantages = torch.empty_like(r)
+    advantages = torch.zeros_like(r)
     for t in reversed(range(T)):
-        delta = r[..., t] + gamma * next_value - v[..., t]
-        adv_t = delta + gamma * lam * next_adv
-        next_value = m[..., t] * v[..., t] + (1 - m[..., t]) * next_value
-        next_adv = m[..., t] * adv_t + (1 - m[..., t]) * next_adv
-        advantages[..., t] = next_adv
-    return advantages, advantages + v
+        keep = m[..., t]
+        adv_t = r[..., t] + gamma * next_value - v[..., t] + gamma * lam * next_adv
+        next_value = torch.where(keep, v[..., t], next_value)
+        next_adv = torch.where(keep, adv_t, next_adv)
+        advantages[..., t] = torch.where(keep, adv_t, 0.0)
+    return advantages, torch.where(m, advantages + v, 0.0)
 
 
 def gae_packed(rewards, values, mask, cu_seqlens, *, gamma=1.0, lam=0.95):
@@ -142,23 +146,40 @@ def gae_packed(rewards, values, mask, cu_seqlens, *, gamma=1.0, lam=0.95):
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the tokens where mask is 1; 0 when the mask is empty."""
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1)
+    """Mean over the tokens where mask is 1 (in float32, or float64); 0 when the mask is empty."""
+    m = mask.bool()
+    x = values.to(compute_dtype(values))
+    return torch.where(m, x, 0.0).sum() / m.sum().clamp(min=1)
+
+
+def _magnitude(x: torch.Tensor) -> torch.Tensor:
+    """max |x| (1 when that is 0 or x is empty): statistics of x / max|x| cannot overflow, whatever
+    the size of x in its dtype."""
+    if x.numel() == 0:
+        return x.new_ones(())
+    largest = x.abs().amax()
+    return torch.where(largest > 0, largest, 1.0)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True):
     """``(x − mean) / sqrt(var + 1e-8)`` with the masked mean and Bessel-corrected masked variance.
 
-    Statistics come from the masked tokens only; every position is transformed. With
+    Statistics come from the masked tokens only, in float32 (float64 for float64 input), computed
+    on x / max|x| so that no square overflows; positions outside the mask give 0. With
     ``shift_mean=False`` the mean is added back (only the scale changes). Needs ≥ 2 masked tokens.
     """
-    m = mask.to(values.dtype)
+    m = mask.bool()
+    x = torch.where(m, values.to(compute_dtype(values)), 0.0)
+    scale = _magnitude(x)
+    y = x / scale
     count = m.sum()
-    mean = (values * m).sum() / count
-    var = ((values - mean) ** 2 * m).sum() / (count - 1)
-    whitened = (values - mean) * torch.rsqrt(var + WHITEN_EPS)
-    return whitened if shift_mean else whitened + mean
+    mean = y.sum() / count
+    var = torch.where(m, y - mean, 0.0).square().sum() / (count - 1)
+    # (x − mean) / sqrt(var + eps), with x, mean and var in units of scale.
+    whitened = (y - mean) * torch.rsqrt(var + WHITEN_EPS / scale / scale)
+    if not shift_mean:
+        whitened = whitened + mean * scale
+    return torch.where(m, whitened, 0.0)
 
 
 def group_advantages(
@@ -173,9 +194,12 @@ def group_advantages(
     scores ``[B]``, group_ids ``[B]`` (any integer labels). ``A_i = (s_i − mean_g) / (std_g + eps)``
     with the unbiased std of the group; ``normalize_std=False`` gives Dr. GRPO's ``s_i − mean_g``.
     A group of one sample has mean 0 and std 1 (its advantage is its score), as in verl.
+    Computed in float32 (float64 for float64 scores) on scores / max|score|, so that no square
+    overflows.
     """
     dtype = compute_dtype(scores)
-    s = scores.to(dtype)
+    scale = _magnitude(scores.to(dtype))
+    s = scores.to(dtype) / scale
     # Groups numbered 0..G-1 by sorting the ids and counting where they change: torch.unique would
     # give a result whose size depends on the data, which torch.compile cannot trace in one graph.
     order = torch.argsort(group_ids, stable=True)
@@ -189,10 +213,10 @@ def group_advantages(
     std = torch.sqrt(sq / (count - 1).clamp(min=1))
     singleton = count == 1
     mean = mean.masked_fill(singleton, 0.0)
-    std = std.masked_fill(singleton, 1.0)
+    std = std.masked_fill(singleton, 1.0 / scale)
     if normalize_std:
-        return (s - mean[group]) / (std[group] + eps)
-    return s - mean[group]
+        return (s - mean[group]) / (std[group] + eps / scale)
+    return (s - mean[group]) * scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,11 +334,13 @@ def ppo_token_terms(
     advantages,
     opts: LossOptions,
     *,
+    mask=None,
     entropy=None,
     ref_logp=None,
     rollout_logp=None,
 ) -> TokenTerms:
-    """Per-token actor loss, in the dtype of ``logp``.
+    """Per-token actor loss, in the dtype of ``logp``; with ``mask``, every input is first set to
+    0 where the mask is false (so what masked positions hold reaches no term and no gradient).
 
         ratio = exp(clamp(logp − old_logp, ±20))
         pg = max(−A·ratio, −A·clip(ratio, 1 − clip_low, 1 + clip_high))
@@ -326,6 +352,11 @@ def ppo_token_terms(
     without ``ref_logp`` the KL term is 0.
     """
     dtype = logp.dtype
+    if mask is not None:
+        mask = mask.bool()
+        logp, old_logp, advantages, entropy, ref_logp, rollout_logp = (
+            None if t is None else torch.where(mask, t, 0.0)
+            for t in (logp, old_logp, advantages, entropy, ref_logp, rollout_logp))
     old_logp, advantages = old_logp.to(dtype), advantages.to(dtype)
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
@@ -398,7 +429,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, rollout_logp=None, **option
     :class:`LossOptions` fields. Returns ``(loss, metrics)`` (see :func:`reduce`)."""
     opts = LossOptions(**options)
     dtype = compute_dtype(logp, old_logp, advantages)
-    terms = ppo_token_terms(logp.to(dtype), old_logp, advantages, opts, rollout_logp=rollout_logp)
+    terms = ppo_token_terms(logp.to(dtype), old_logp, advantages, opts, mask=mask,
+                            rollout_logp=rollout_logp)
     return reduce(terms, mask, opts)
 
 
@@ -411,10 +443,11 @@ def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollo
     """
     opts = LossOptions(**options)
     mask = mask.bool() & (labels != opts.ignore_index)
-    logp, entropy = token_logprobs(logits, labels, temperature=opts.temperature,
-                                   ignore_index=opts.ignore_index, return_entropy=True)
-    terms = ppo_token_terms(logp, old_logp, advantages, opts, entropy=entropy, ref_logp=ref_logp,
-                            rollout_logp=rollout_logp)
+    logp, entropy = token_logprobs(logits, labels.masked_fill(~mask, opts.ignore_index),
+                                   temperature=opts.temperature, ignore_index=opts.ignore_index,
+                                   return_entropy=True)
+    terms = ppo_token_terms(logp, old_logp, advantages, opts, mask=mask, entropy=entropy,
+                            ref_logp=ref_logp, rollout_logp=rollout_logp)
     return reduce(terms, mask, opts)
 
 
@@ -426,7 +459,8 @@ def value_loss(values, old_values, returns, mask, *, clip: float | None = None, 
     """
     opts = LossOptions(**options)
     dtype = compute_dtype(values, old_values, returns)
-    v, v_old, R = values.to(dtype), old_values.to(dtype), returns.to(dtype)
+    mask = mask.bool()
+    v, v_old, R = (torch.where(mask, t.to(dtype), 0.0) for t in (values, old_values, returns))
     unclipped = (v - R).square()
     if clip is None:
         token_loss, clipped = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
@@ -434,7 +468,6 @@ def value_loss(values, old_values, returns, mask, *, clip: float | None = None, 
         clipped_sq = (torch.clamp(v, v_old - clip, v_old + clip) - R).square()
         token_loss = torch.maximum(unclipped, clipped_sq)
         clipped = clipped_sq > unclipped
-    mask = mask.bool()
     weights = agg_weights(mask, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
                           dp_size=opts.dp_size, horizon=opts.horizon, dtype=dtype)
     loss = 0.5 * aggregate(token_loss, weights, mask)

@@ -73,8 +73,9 @@ def test_gae_matches_verl_loop_with_observation_tokens():
     mask[1] = False
     adv, ret = R.gae(r, v, mask, gamma=0.99, lam=0.9)
     exp_adv, exp_ret = verl_style_gae(r, v, mask, 0.99, 0.9)
-    torch.testing.assert_close(adv, exp_adv)
-    torch.testing.assert_close(ret, exp_ret)
+    # verl multiplies its advantages by the mask at the end; here both outputs are 0 off the mask.
+    torch.testing.assert_close(adv, torch.where(mask, exp_adv, 0.0))
+    torch.testing.assert_close(ret, torch.where(mask, exp_ret, 0.0))
 
 
 def test_gae_without_mask_is_textbook_gae():
@@ -106,8 +107,34 @@ def test_masked_whiten_formula():
     m = torch.rand(4, 7) > 0.4
     sel = x[m]
     expected = (x - sel.mean()) / torch.sqrt(sel.var(unbiased=True) + 1e-8)
-    torch.testing.assert_close(R.masked_whiten(x, m), expected)
-    torch.testing.assert_close(R.masked_whiten(x, m, shift_mean=False), expected + sel.mean())
+    torch.testing.assert_close(R.masked_whiten(x, m), torch.where(m, expected, 0.0))
+    torch.testing.assert_close(R.masked_whiten(x, m, shift_mean=False),
+                               torch.where(m, expected + sel.mean(), 0.0))
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e20, 3e38])
+def test_statistics_do_not_overflow_or_underflow_in_float32(magnitude):
+    """Values near float32's limits: squares of them overflow, yet the whitened values and group
+    advantages are those of the same values at unit scale."""
+    unit = torch.tensor([1.0, -0.5, 0.25, 0.75, -1.0, 0.1])
+    x = (unit * magnitude).float()
+    mask = torch.ones(6, dtype=torch.bool)
+    whitened = R.masked_whiten(x, mask)
+    assert torch.isfinite(whitened).all()
+    if magnitude > 1:  # at 1e-30 the 1e-8 epsilon dominates the variance, as it should
+        torch.testing.assert_close(whitened, R.masked_whiten(unit, mask), rtol=1e-5, atol=1e-5)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = R.group_advantages(x, groups, eps=0.0)
+    torch.testing.assert_close(adv, R.group_advantages(unit, groups, eps=0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_statistics_are_computed_in_float32():
+    x = torch.randn(70000).half()
+    mask = torch.ones(70000, dtype=torch.bool)
+    assert R.masked_mean(torch.ones(70000, dtype=torch.half), mask).item() == 1.0
+    whitened = R.masked_whiten(x, mask)
+    assert whitened.dtype == torch.float32 and torch.isfinite(whitened).all()
+    torch.testing.assert_close(whitened, R.masked_whiten(x.float(), mask))
 
 
 def test_group_advantages_grpo_and_dr_grpo():

@@ -101,7 +101,7 @@ def gae_forward(rewards, values, mask, cu_seqlens, gamma, lam):
     returns = torch.empty_like(advantages)
     lengths = cu_seqlens.diff()
     max_len = int(lengths.max()) if lengths.numel() else 0
-    gae_kernels.gae(rewards.contiguous(), values.contiguous(), mask.to(dtype).contiguous(),
+    gae_kernels.gae(rewards.contiguous(), values.contiguous(), mask.to(torch.int8).contiguous(),
                     cu_seqlens.contiguous(), advantages, returns,
                     _scalars([gamma, gamma * lam], dtype, rewards.device), max_len, _acc(dtype))
     return advantages, returns
