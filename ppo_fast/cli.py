@@ -45,12 +45,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     from .distributed import shutdown_distributed
-    from .trainer import TrainingStopped, train
+    from .trainer import CheckpointError, ConfigError, TrainingStopped, train
     from .trainer.config import PPOConfig, from_args
 
-    config = PPOConfig() if args.command is None else from_args(args)
     try:
+        config = PPOConfig() if args.command is None else from_args(args)
         train(config)
+    except (ConfigError, CheckpointError) as exc:
+        # Raised on every rank alike (decisions are collective), before or instead of any work.
+        print(f"ppo-fast: {exc}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
     except TrainingStopped as exc:
         # Every rank stops on the same step (the decision is collective), so all get here.
         print(exc, file=sys.stderr)

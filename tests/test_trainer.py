@@ -29,7 +29,7 @@ TIMING = {"seconds_generate", "seconds_score", "seconds_train", "generate_share"
 
 
 def _config(tmp_path, **overrides):
-    return PPOConfig(output_dir=str(tmp_path), **{**QUICK, **overrides})
+    return PPOConfig(output_dir=str(tmp_path), **{"run_name": "default", **QUICK, **overrides})
 
 
 def _rows(run_dir):
@@ -105,7 +105,11 @@ def test_two_ranks_with_zero3_through_the_deepspeed_launcher(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "zero3" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["gold_reward_after"] is not None
-    assert (tmp_path / "zero3" / "checkpoints" / "actor" / "step3").is_dir()
+    checkpoint = tmp_path / "zero3" / "checkpoints" / "step3"
+    assert (checkpoint / "actor").is_dir() and (checkpoint / "trainer" / "rank1.pt").is_file()
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert {"trainer/rank0.pt", "trainer/rank1.pt"} <= set(manifest)
+    assert sum(name.startswith("actor/") and "optim_states" in name for name in manifest) == 2
 
 
 def _trainer(tmp_path, **overrides):
@@ -250,7 +254,7 @@ def test_training_from_hugging_face_directories(tmp_path):
     directories (here the ones the default task exports, tokenizer included), prompts from a file."""
     train(_config(tmp_path, steps=1, run_name="source", save_every=100))
     source = tmp_path / "source"
-    (reward_dir,) = (source / "default_task").glob("*/reward_model")
+    (reward_dir,) = (tmp_path / ".cache" / "default_task").glob("*/reward_model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\nworld\nabcdef\nqrstu\n")
     cmd, env = _cli(["train", "--policy-model", str(source / "final_policy"), "--reward-model",

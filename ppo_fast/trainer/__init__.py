@@ -4,23 +4,32 @@
 * ``models.py``      actor, critic, reference and reward models, built in one place
 * ``prompts.py``     reading, sampling and encoding prompts
 * ``loop.py``        PPOTrainer: generate → score → advantages → update, and fault handling
-* ``checkpoint.py``  checkpoints with exact resume, and the exported policy
+* ``rundir.py``      the run directory: never written into by accident
+* ``checkpoint.py``  checkpoints that a crash cannot tear and a resume can trust
 * ``reporting.py``   metrics.jsonl, TensorBoard, progress bar, plot and summary
 * ``default_task.py`` the embedded default task
 """
 
 from __future__ import annotations
 
-from .config import PPOConfig
+from .checkpoint import CheckpointError
+from .config import ConfigError, PPOConfig, check_files
 from .loop import PPOTrainer, TrainingStopped
 from .models import Components, CriticModel, build_components
 from .prompts import load_prompts
 
-__all__ = ["Components", "CriticModel", "PPOConfig", "PPOTrainer", "TrainingStopped",
-           "build_components", "load_prompts", "train"]
+__all__ = ["CheckpointError", "Components", "ConfigError", "CriticModel", "PPOConfig",
+           "PPOTrainer", "TrainingStopped", "build_components", "load_prompts", "train"]
 
 
 def train(config: PPOConfig, log=print) -> dict:
-    """Build everything and run; returns the summary (see ``summary.json``)."""
+    """Build everything and run; returns the summary (see ``summary.json``). The config, the
+    files it names and the run directory are checked before any model is built."""
+    from ..distributed import init_distributed
+    from .rundir import prepare_run_dir
+
+    check_files(config)
+    init_distributed()
+    config = prepare_run_dir(config, log)
     trainer = PPOTrainer(config, build_components(config, log), log=log)
     return trainer.train()

@@ -1,67 +1,233 @@
-"""Checkpoints: both DeepSpeed engines, the trainer's state and every random stream, published
-by an atomic pointer (``checkpoints/latest``, written last) so a kill mid-save leaves the previous
-checkpoint in force."""
+"""Checkpoints that a crash cannot tear and a resume can trust.
+
+Layout: ``<run>/checkpoints/step<N>/`` holds ``actor/`` and ``critic/`` (the DeepSpeed engines),
+``trainer/rank<r>.pt`` (everything else of each rank: tensors and plain values only) and
+``manifest.json`` (every file's size and sha256). A checkpoint is written under a temporary name
+(``.step<N>.partial``) and published by one atomic rename once every rank has written and the
+manifest is complete; ``latest`` then names it, for people. A kill at any moment leaves the
+previous checkpoints as they were.
+
+Resume takes the newest checkpoint whose files match its manifest, and says which one it skipped
+and why. Nothing a resume reads is unpickled with arbitrary globals: the trainer's state loads
+with ``weights_only=True``, and DeepSpeed's own files, which DeepSpeed 0.19 loads with
+``weights_only=False``, are loaded by :class:`SafeCheckpointEngine` with ``weights_only=True``
+and an allowlist of the few types DeepSpeed writes. A manifest detects damage, not tampering;
+the loader is what keeps a planted pickle from running.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be resumed; the message names every file that failed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Random streams, as tensors and plain values
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
 
 def rng_state() -> dict:
+    name, keys, position, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Checkpoints:
-    """``<run>/checkpoints/{actor,critic}/step<N>`` (DeepSpeed), ``trainer/step<N>/rank<r>.pt``
-    (everything else of each rank) and ``latest`` (the tag of the last complete one)."""
+# --------------------------------------------------------------------------------------------
+# Loading DeepSpeed's files without arbitrary unpickling
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, directory: Path, rank: int):
+
+def _deepspeed_globals() -> list:
+    """The non-tensor types DeepSpeed 0.19 writes into its checkpoints (found by loading its
+    ZeRO 0-3 checkpoints with ``weights_only=True``)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location=None):
+    """``torch.load`` with ``weights_only=True`` and DeepSpeed's types allowed; an error names the
+    file."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if refused:
+            raise CheckpointError(
+                f"cannot load {path}: it holds a {refused.group(1)} object, which is neither a "
+                "tensor, a plain value nor a type DeepSpeed writes; unpickling it could run code, "
+                "so it is refused (was the file replaced?)") from exc
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        detail = unpickler.group(1) if unpickler else text.splitlines()[0] if text else ""
+        raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {detail}") from exc
+
+
+def install_safe_loading(engine) -> None:
+    """Make a DeepSpeed engine load its checkpoint files through :func:`safe_load` (every file
+    it reads goes through its checkpoint engine's ``load``)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    checkpoint_engine = engine.checkpoint_engine
+    if type(checkpoint_engine) is not TorchCheckpointEngine:
+        raise CheckpointError(f"the DeepSpeed engine checkpoints through "
+                              f"{type(checkpoint_engine).__name__}; ppo_fast loads checkpoints "
+                              "safely only through torch's (remove the checkpoint writer from the "
+                              "DeepSpeed config)")
+    checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and finding checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def problems(directory: Path) -> list[str]:
+    """What is wrong with a checkpoint directory, judged by its manifest (empty: intact)."""
+    manifest_path = directory / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{manifest_path}: unreadable manifest ({type(exc).__name__})"]
+    found = []
+    for name, entry in expected.items():
+        path = directory / name
+        if not path.is_file():
+            found.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"]:
+            found.append(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['size']}")
+        elif _sha256(path) != entry["sha256"]:
+            found.append(f"{path}: sha256 differs from the manifest")
+    extra = {p.relative_to(directory).as_posix() for p in _files(directory)} - set(expected)
+    found += [f"{directory / name}: not in the manifest" for name in sorted(extra)]
+    return found
+
+
+class Checkpoints:
+    """The checkpoints of one run, in ``<run>/checkpoints``."""
+
+    def __init__(self, directory: Path, rank: int, log=print):
         self.directory = directory
         self.rank = rank
+        self.log = log
 
     def save(self, step: int, actor, critic, state: dict) -> Path:
-        tag = f"step{step}"
-        actor.save_checkpoint(str(self.directory / "actor"), tag=tag)
-        critic.save_checkpoint(str(self.directory / "critic"), tag=tag)
-        state_dir = self.directory / "trainer" / tag
-        state_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(state, state_dir / f"rank{self.rank}.pt")
+        """Write step ``step``'s checkpoint and publish it; collective over the ranks."""
+        final = self.directory / f"step{step}"
+        partial = self.directory / f".step{step}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save
+            partial.mkdir(parents=True)
+        torch.distributed.barrier()
+        actor.save_checkpoint(str(partial), tag="actor", save_latest=False)
+        critic.save_checkpoint(str(partial), tag="critic", save_latest=False)
+        (partial / "trainer").mkdir(exist_ok=True)
+        torch.save(state, partial / "trainer" / f"rank{self.rank}.pt")
         torch.distributed.barrier()
         if self.rank == 0:
-            tmp = self.directory / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.directory / "latest")
+            files = {p.relative_to(partial).as_posix(): {"size": p.stat().st_size,
+                                                         "sha256": _sha256(p)}
+                     for p in _files(partial)}
+            _write_atomically(partial / MANIFEST, json.dumps({"step": step, "files": files},
+                                                             indent=1))
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_atomically(self.directory / "latest", final.name)
         torch.distributed.barrier()
-        return self.directory / tag
+        return final
 
-    def load(self, actor, critic) -> dict | None:
-        """Restore the engines from the last checkpoint and return the trainer's state; None
-        when there is none."""
-        pointer = self.directory / "latest"
-        if not pointer.exists():
-            return None
-        tag = pointer.read_text().strip()
+    def newest_intact(self) -> Path:
+        """The newest checkpoint whose files match its manifest; says which ones it passed over
+        and why. Rank 0 judges and every rank gets its verdict."""
+        verdict = [None]
+        if self.rank == 0:
+            verdict[0] = self._judge()
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(verdict, src=0)
+        chosen, report = verdict[0]
+        for line in report:
+            self.log(line)
+        if chosen is None:
+            raise CheckpointError(f"no intact checkpoint in {self.directory}:\n  " + "\n  ".join(report))
+        return Path(chosen)
+
+    def _judge(self) -> tuple[str | None, list[str]]:
+        candidates = sorted((p for p in self.directory.glob("step*") if p.is_dir()
+                             and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]), reverse=True)
+        report = []
+        for candidate in candidates:
+            found = problems(candidate)
+            if not found:
+                return str(candidate), report
+            report.append(f"checkpoint {candidate.name} is damaged, passed over: {'; '.join(found)}")
+        return None, report
+
+    def load(self, actor, critic) -> tuple[int, dict]:
+        """Restore the engines from the newest intact checkpoint; its step and the trainer
+        state."""
+        directory = self.newest_intact()
         for engine, name in ((actor, "actor"), (critic, "critic")):
-            path, _ = engine.load_checkpoint(str(self.directory / name), tag=tag)
+            path, _ = engine.load_checkpoint(str(directory), tag=name)
             if path is None:
-                raise RuntimeError(f"checkpoint {tag} of the {name} is missing under {self.directory}")
-        return torch.load(self.directory / "trainer" / tag / f"rank{self.rank}.pt",
-                          weights_only=False)
+                raise CheckpointError(f"DeepSpeed found no {name} checkpoint in {directory / name}")
+        state = safe_load(directory / "trainer" / f"rank{self.rank}.pt")
+        return int(directory.name[4:]), state
 
 
 def export_policy(actor, tokenizer, directory: Path, rank: int) -> None:

@@ -2,6 +2,12 @@
 
 Loaded from YAML (``--config run.yaml``) and overridden from the command line (``--key value``,
 ``--ppo-epochs 2``); ``ppo-fast train --help`` lists every field with its docstring.
+
+A config is checked when it is built, field by field, before anything expensive runs: values are
+coerced to the field's type where that is unambiguous (YAML reads ``1e-3`` as a string, a flag
+may say ``"false"``) and rejected otherwise, ranges and divisibility are checked, and
+:func:`check_files` checks that every file the run will read exists. Errors are
+:class:`ConfigError` and name the field.
 """
 
 from __future__ import annotations
@@ -10,21 +16,42 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
+import math
+import re
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..options import AGG_MODES, kl_estimator_name
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A run name is a name: a letter or digit first, then letters, digits, '.', '_' or '-' (no path
+separator, nothing that climbs out of output_dir)."""
+
+
+class ConfigError(ValueError):
+    """A config field is wrong; the message names it and says what it must be."""
 
 
 @dataclass
 class PPOConfig:
     # --- run ---------------------------------------------------------------------------------
-    run_name: str = "default"
-    """Name of the run; its files go to <output_dir>/<run_name>/."""
+    run_name: str = ""
+    """Name of the run; its files go to <output_dir>/<run_name>/. Empty: a fresh name from the
+    date and time. An existing run directory is refused unless resume or overwrite is set."""
     output_dir: str = "runs"
     """Directory that holds run directories."""
     seed: int = 0
     """Seed for prompts, sampling and model initialisation."""
     resume: bool = False
-    """Continue from the last checkpoint in the run directory (after Ctrl-C or kill -9 too)."""
+    """Continue the run named run_name from its newest intact checkpoint (after Ctrl-C or kill -9
+    too); an error when it has none."""
+    overwrite: bool = False
+    """Delete an existing run directory of the same name and start over."""
+    cache_dir: str = ""
+    """Where reusable work lives (the default task's warm-up and reward model); empty:
+    <output_dir>/.cache."""
 
     # --- models ------------------------------------------------------------------------------
     policy_model: str = ""
@@ -111,10 +138,10 @@ class PPOConfig:
     max_nonfinite_in_a_row: int = 3
     """Stop (with a checkpoint) after this many consecutive updates with a non-finite loss."""
     save_every: int = 10
-    """Checkpoint every this many steps (and at the end, and on Ctrl-C)."""
+    """Checkpoint every this many steps (0: never), and always at the end and on a stop."""
     eval_every: int = 5
     """Measure the proxy reward (and the gold reward, when a gold function exists) on the
-    evaluation prompts every this many steps."""
+    evaluation prompts before the first step and every this many steps (0: never)."""
     eval_prompts: int = 64
     """Prompts per gold-reward evaluation."""
 
@@ -124,19 +151,154 @@ class PPOConfig:
     reward_train_steps: int = 300
     """Training steps of the default reward model on synthetic preference pairs."""
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        for name, (ok, what) in _RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if self.run_name and not RUN_NAME.fullmatch(self.run_name):
+            raise ConfigError(f"run_name must be a plain name (letters, digits, '.', '_', '-'; no "
+                              f"path separator, not starting with '.' or '-'), got "
+                              f"{self.run_name!r}")
+        try:
+            kl_estimator_name(self.kl_estimator)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.minibatch_size % self.micro_batch_size:
+            raise ConfigError(f"minibatch_size ({self.minibatch_size}) must be a multiple of "
+                              f"micro_batch_size ({self.micro_batch_size})")
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ConfigError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
+                              f"of minibatch_size ({self.minibatch_size})")
+        if self.resume and not self.run_name:
+            raise ConfigError("resume needs run_name: the name of the run to continue")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+
     @classmethod
     def from_yaml(cls, path: str) -> "PPOConfig":
         import yaml
 
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
         with open(path) as f:
             data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of field: value, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}")
+            raise ConfigError(f"{path}: unknown config keys {unknown}")
         return cls(**data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce(name: str, kind: str, value):
+    """``value`` as the field's type, or a ConfigError naming the field."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except ValueError:
+                pass
+        if _whole(value) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind == "int":
+        if _whole(value):
+            return value
+        number = _number(value)
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if kind == "float":
+        number = _number(value)
+        if number is not None:
+            return number
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r} "
+                      "(quote it in YAML)")
+
+
+def _number(value) -> float | None:
+    """A finite float from a number or a string that spells one (YAML reads 1e-3 as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low, high):
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+_RANGES = {
+    **{name: _at_least(1) for name in (
+        "steps", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "kl_horizon",
+        "ppo_epochs", "minibatch_size", "micro_batch_size", "max_nonfinite_in_a_row",
+        "eval_prompts")},
+    **{name: _at_least(0) for name in (
+        "seed", "save_every", "eval_every", "max_gathered_bytes", "warmup_steps",
+        "reward_train_steps", "kl_coef", "score_clip", "value_clip", "entropy_coef", "grad_clip")},
+    **{name: _above(0) for name in ("temperature", "target_kl", "actor_lr", "critic_lr",
+                                     "clip_high")},
+    "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "clip_low": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "gamma": _within(0, 1),
+    "lam": _within(0, 1),
+    "zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
+    "loss_agg": ((lambda v: v in AGG_MODES), f"one of {', '.join(AGG_MODES)}"),
+    "output_dir": ((lambda v: bool(v)), "a directory"),
+}
+
+
+def check_files(config: PPOConfig) -> None:
+    """Every file the run will read exists (and the DeepSpeed config parses), before any model
+    loads; a ConfigError names the field and the path."""
+    for name in ("policy_model", "critic_model", "reward_model"):
+        path = getattr(config, name)
+        if path and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{name}: {path} is not a Hugging Face model directory (no "
+                              "config.json there)")
+    if config.policy_model and not config.prompts_file:
+        raise ConfigError("prompts_file is required with policy_model (one prompt per line)")
+    if config.policy_model and not config.reward_model:
+        raise ConfigError("reward_model is required with policy_model (or pass reward_fn to "
+                          "PPOTrainer through Components)")
+    if config.prompts_file and not Path(config.prompts_file).is_file():
+        raise ConfigError(f"prompts_file: {config.prompts_file} does not exist")
+    if config.ds_config:
+        try:
+            ds = json.loads(Path(config.ds_config).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"ds_config: cannot read {config.ds_config} as JSON ({exc})") from None
+        if not isinstance(ds.get("optimizer", {}).get("params"), dict):
+            raise ConfigError(f"ds_config: {config.ds_config} has no optimizer.params section (the "
+                              "trainer sets its lr there)")
 
 
 @functools.lru_cache(maxsize=None)

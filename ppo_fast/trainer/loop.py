@@ -29,11 +29,12 @@ import torch
 import ppo_fast as pf
 
 from ..sequences import completion_logits, position_ids
-from .checkpoint import Checkpoints, export_policy, rng_state, set_rng_state
+from .checkpoint import Checkpoints, export_policy, rng_state, seed_everything, set_rng_state
 from .config import PPOConfig
 from .models import Components, build_models
 from .prompts import PromptSampler, encode_prompts
 from .reporting import Reporter
+from .rundir import prepare_run_dir
 
 
 class TrainingStopped(RuntimeError):
@@ -59,21 +60,15 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, components: Components, log=print):
         from ..distributed import init_distributed
 
-        self.config, self.c, self.log = config, components, log
-        if config.minibatch_size % config.micro_batch_size:
-            raise ValueError(f"minibatch_size ({config.minibatch_size}) must be a multiple of "
-                             f"micro_batch_size ({config.micro_batch_size})")
-        if config.rollout_batch_size % config.minibatch_size:
-            raise ValueError(f"rollout_batch_size ({config.rollout_batch_size}) must be a multiple of "
-                             f"minibatch_size ({config.minibatch_size})")
         if components.reward_model is None and components.reward_fn is None:
             raise ValueError("a run needs a reward model or a reward_fn")
         init_distributed()
+        config = prepare_run_dir(config, log)
+        self.config, self.c, self.log = config, components, log
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.run_dir = Path(config.output_dir) / config.run_name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.rank)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.rank, log)
         self.report = Reporter(self.run_dir, self.rank, log)
 
         self.models = build_models(config, components)
@@ -87,19 +82,21 @@ class PPOTrainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._stop_reason = None
+        # The run's random streams start from its seed, whether the default task was just built
+        # (consuming random numbers) or came from the cache.
+        seed_everything(config.seed)
 
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self) -> dict:
         cfg = self.config
-        resumed = cfg.resume and self.load_checkpoint()
-        if resumed:
-            self.log(f"resumed from step {self.step} ({self.checkpoints.directory})")
+        if cfg.resume:
+            self.load_checkpoint()
         else:
             self.report.start_fresh()
         self.report.write_config(cfg.to_dict())
-        if not resumed:
-            before = self.evaluate()
+        if not cfg.resume:
+            before = self.evaluate() if cfg.eval_every else {}
             self.report.row({"step": 0, **{f"eval_{k}": v for k, v in before.items()},
                              "kl_coef": self.kl_ctl.value})
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
@@ -113,7 +110,8 @@ class PPOTrainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}")
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps or self._stop_reason:
+                periodic = cfg.save_every and self.step % cfg.save_every == 0
+                if periodic or self.step == cfg.steps or self._stop_reason:
                     self.save_checkpoint()
             if progress is not None:
                 progress.close()
@@ -161,7 +159,7 @@ class PPOTrainer:
             "tokens_per_second_train": trained_tokens / max(t2 - t1, 1e-9),
         }
         row = {"step": self.step, **self._mean_over_ranks({k: v for k, v in row.items() if k != "step"})}
-        if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+        if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
             row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
         return row
 
@@ -365,11 +363,10 @@ class PPOTrainer:
                  "history": self.report.history}
         return self.checkpoints.save(self.step, self.models.actor, self.models.critic, state)
 
-    def load_checkpoint(self) -> bool:
-        state = self.checkpoints.load(self.models.actor, self.models.critic)
-        if state is None:
-            return False
-        self.step = state["step"]
+    def load_checkpoint(self) -> None:
+        step, state = self.checkpoints.load(self.models.actor, self.models.critic)
+        self.step = step
+        self.log(f"resumed from step {step} ({self.checkpoints.directory / f'step{step}'})")
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.sampler.load_state_dict(state["sampler"])
         self.shuffle.set_state(state["shuffle"])
@@ -377,7 +374,6 @@ class PPOTrainer:
         self.nonfinite_total = state["nonfinite_total"]
         self.report.history = state["history"]
         self.report.drop_rows_after(self.step)
-        return True
 
     def finish(self, seconds: float) -> dict:
         summary = self.report.summary(self.step, seconds,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,8 +19,10 @@ from torch import nn
 
 import ppo_fast as pf
 
-from .config import PPOConfig
+from .checkpoint import install_safe_loading
+from .config import PPOConfig, check_files
 from .prompts import load_prompts
+from .rundir import cache_dir
 
 
 class CriticModel(nn.Module):
@@ -69,11 +72,6 @@ def _from_directories(config: PPOConfig) -> Components:
 
     from ..hybrid import pick_attn_implementation
 
-    if not config.prompts_file:
-        raise ValueError("prompts_file is required with policy_model (one prompt per line)")
-    if not config.reward_model:
-        raise ValueError("reward_model is required with policy_model (or pass reward_fn to "
-                         "PPOTrainer through Components)")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     attn = pick_attn_implementation(dtype, "cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
@@ -95,18 +93,23 @@ def _default_task(config: PPOConfig, log) -> Components:
 
     from . import default_task as task
 
-    # Keyed by what made them, so a rerun with another seed does not reuse them.
-    artifacts = (Path(config.output_dir) / config.run_name / "default_task"
+    # Shared by every run with the same recipe, outside any run directory; keyed by what made it.
+    artifacts = (cache_dir(config) / "default_task"
                  / f"seed{config.seed}-warmup{config.warmup_steps}-rm{config.reward_train_steps}")
-    rank = torch.distributed.get_rank()
-    if rank == 0 and not (artifacts / "reward_model" / "config.json").exists():
+    if torch.distributed.get_rank() == 0 and not artifacts.is_dir():
         log("default task: warming up the policy and training the reward model "
-            f"(saved to {artifacts})")
-        task.warm_up_policy(config.warmup_steps, config.seed, log).save_pretrained(artifacts / "policy")
+            f"(cached in {artifacts})")
+        # Built aside and renamed into place, so a kill leaves no half-built cache entry.
+        partial = artifacts.with_name(f".{artifacts.name}.partial-{os.getpid()}")
+        task.warm_up_policy(config.warmup_steps, config.seed, log).save_pretrained(partial / "policy")
         task.train_reward_model(config.reward_train_steps, config.seed, log).save_pretrained(
-            artifacts / "reward_model")
+            partial / "reward_model")
         for name in ("policy", "reward_model"):
-            task.char_tokenizer().save_pretrained(artifacts / name)
+            task.char_tokenizer().save_pretrained(partial / name)
+        try:
+            os.replace(partial, artifacts)
+        except OSError:  # another process published the same entry first
+            shutil.rmtree(partial)
     torch.distributed.barrier()
     policy = LlamaForCausalLM.from_pretrained(artifacts / "policy")
     prompts = (load_prompts(config.prompts_file) if config.prompts_file
@@ -130,6 +133,7 @@ def build_components(config: PPOConfig, log=print) -> Components:
 
     from ..distributed import init_distributed
 
+    check_files(config)
     hf_logging.disable_progress_bar()
     init_distributed()
     torch.manual_seed(config.seed)
@@ -195,6 +199,8 @@ def build_models(config: PPOConfig, components: Components) -> Models:
     critic, *_ = deepspeed.initialize(model=components.critic,
                                       config=ds_config(config, config.critic_lr),
                                       model_parameters=components.critic.parameters())
+    for engine in (actor, critic):
+        install_safe_loading(engine)
     hybrid = pf.HybridEngine(actor, components.tokenizer, max_new_tokens=config.max_new_tokens,
                              do_sample=True, temperature=config.temperature, top_p=config.top_p,
                              max_gathered_bytes=config.max_gathered_bytes or None)

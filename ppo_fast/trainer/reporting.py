@@ -4,6 +4,7 @@ progress bar on rank 0, and at the end ``summary.json``, ``rewards.png`` and a s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,26 @@ class Reporter:
             self.metrics_path.write_text("")
 
     def drop_rows_after(self, step: int) -> None:
-        """Steps logged after the checkpoint a run resumes from were lost with the crash; they are
-        redone, so their rows go."""
+        """Steps logged after the checkpoint a run resumes from were lost with the crash and are
+        redone, so their rows go; so does a last line torn by a kill mid-write, with a warning.
+        The file is replaced atomically."""
         if self.rank != 0 or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                self.log(f"warning: {self.metrics_path} line {number} is torn (a kill while it "
+                         "was written); dropped")
+                continue
+            if row["step"] <= step:
+                kept.append(line)
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
 
     def write_config(self, config: dict) -> None:
         if self.rank == 0:
@@ -43,7 +57,8 @@ class Reporter:
         if self.rank != 0:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")  # one write: a kill tears at most this line
+            f.flush()
         if self._tensorboard is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -69,7 +84,7 @@ class Reporter:
                 nonfinite_skipped: int) -> dict:
         steps = [r for r in self.history if r["step"] > 0]
         evals = [r for r in self.history if "eval_proxy_reward" in r]
-        first, last = evals[0], evals[-1]
+        first, last = (evals[0], evals[-1]) if evals else ({}, {})
 
         def mean(name):
             return float(np.mean([r[name] for r in steps])) if steps else 0.0
@@ -79,8 +94,8 @@ class Reporter:
             "steps": steps_done,
             "gold_reward_before": first.get("eval_gold_reward"),
             "gold_reward_after": last.get("eval_gold_reward"),
-            "proxy_reward_before": first["eval_proxy_reward"],
-            "proxy_reward_after": last["eval_proxy_reward"],
+            "proxy_reward_before": first.get("eval_proxy_reward"),
+            "proxy_reward_after": last.get("eval_proxy_reward"),
             "kl_final": steps[-1]["kl"] if steps else 0.0,
             "seconds_total": seconds,
             "tokens_per_second_generate": mean("tokens_per_second_generate"),

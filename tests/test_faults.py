@@ -1,0 +1,272 @@
+"""Trainer faults lose no more than the work since the last good checkpoint, overwrite nothing,
+and say so: reused run names, resume with nothing to resume, damaged and tampered checkpoints,
+torn metrics, kill -9 during a checkpoint write, bad configs (checked before any work)."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from ppo_fast.trainer import CheckpointError, ConfigError, PPOConfig, train  # noqa: E402
+from ppo_fast.trainer.checkpoint import _sha256  # noqa: E402
+
+from helpers import subprocess_env  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+QUICK = dict(warmup_steps=30, reward_train_steps=60, rollout_batch_size=8, minibatch_size=8,
+             micro_batch_size=8, eval_prompts=8)
+TIMING = {"seconds_generate", "seconds_score", "seconds_train", "generate_share",
+          "tokens_per_second_generate", "tokens_per_second_train"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One default-task cache for the module: its warm-up is built once."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def fields(tmp_path, cache, **overrides):
+    return {**QUICK, "output_dir": str(tmp_path), "cache_dir": cache, **overrides}
+
+
+def cli(tmp_path, cache, **overrides):
+    flags = [f"--{key.replace('_', '-')}={value}"
+             for key, value in fields(tmp_path, cache, **overrides).items()]
+    return subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", *flags],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+
+
+def rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_reused_run_name_is_refused_and_the_earlier_run_is_untouched(tmp_path, cache):
+    train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=2)))
+    before = snapshot(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"run directory .*r exists already: pass resume .* overwrite"):
+        train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=3)))
+    assert snapshot(tmp_path / "r") == before
+
+
+def test_overwrite_replaces_the_earlier_run_and_says_so(tmp_path, cache):
+    train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=3)))
+    said = []
+    train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=2, overwrite=True)), log=said.append)
+    assert any("overwrite: deleting the existing run directory" in line for line in said)
+    assert [r["step"] for r in rows(tmp_path / "r")] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step*")) == ["step2"]
+
+
+def test_without_a_run_name_each_run_gets_a_fresh_directory(tmp_path, cache):
+    first = train(PPOConfig(**fields(tmp_path, cache, steps=1)))
+    second = train(PPOConfig(**fields(tmp_path, cache, steps=1)))
+    assert first["run_dir"] != second["run_dir"]
+    assert Path(first["run_dir"]).parent == Path(second["run_dir"]).parent == tmp_path
+    assert not any((tmp_path / name).exists() for name in ("default_task",))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/tmp/abs", ".hidden", "-x", ".."])
+def test_run_names_are_names_not_paths(tmp_path, cache, name):
+    proc = cli(tmp_path, cache, run_name=name, steps=1)
+    assert proc.returncode == 2 and "run_name must be a plain name" in proc.stderr
+    assert not any(tmp_path.iterdir())
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path, cache):
+    proc = cli(tmp_path, cache, run_name="never", resume="true", steps=2)
+    assert proc.returncode == 2 and "holds no checkpoint to resume from" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: damage, tampering, torn metrics, kill -9 while saving
+# --------------------------------------------------------------------------------------------
+
+
+def _trained(tmp_path, cache, steps=4):
+    config = PPOConfig(**fields(tmp_path, cache, run_name="run", steps=steps, save_every=2,
+                                eval_every=2))
+    train(config)
+    return tmp_path / "run", rows(tmp_path / "run")
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "missing file", "no manifest"])
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, cache, damage):
+    run, expected = _trained(tmp_path, cache)
+    newest = run / "checkpoints" / "step4"
+    target = newest / "actor" / "mp_rank_00_model_states.pt"
+    if damage == "flipped byte":
+        _flip_a_byte(target)
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:1000])
+    elif damage == "missing file":
+        target.unlink()
+    else:
+        (newest / "manifest.json").unlink()
+    said = []
+    train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=4, save_every=2, eval_every=2,
+                             resume=True)), log=said.append)
+    assert any(line.startswith("checkpoint step4 is damaged, passed over:") for line in said), said
+    assert any(line.startswith("resumed from step 2") for line in said), said
+    assert rows(run) == expected  # steps 3-4 redone exactly as the first time
+
+
+def test_no_intact_checkpoint_is_an_error_naming_every_file(tmp_path, cache):
+    run, _ = _trained(tmp_path, cache)
+    for step in (2, 4):
+        _flip_a_byte(run / "checkpoints" / f"step{step}" / "trainer" / "rank0.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)no intact checkpoint.*step4.*rank0\.pt.*step2.*rank0\.pt"):
+        train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=4, resume=True)))
+
+
+class _Planted:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("file, how", [
+    ("trainer/rank0.pt", "torch.save"), ("actor/mp_rank_00_model_states.pt", "torch.save"),
+    ("critic/mp_rank_00_model_states.pt", "torch.save"), ("trainer/rank0.pt", "pickle"),
+])
+def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, cache, file, how):
+    """Even with the manifest forged to match (a manifest detects damage, not tampering)."""
+    run, _ = _trained(tmp_path, cache, steps=2)
+    checkpoint = run / "checkpoints" / "step2"
+    marker = tmp_path / "pwned"
+    if how == "torch.save":
+        torch.save({"state": _Planted(marker)}, checkpoint / file)
+    else:
+        with open(checkpoint / file, "wb") as f:
+            pickle.dump({"state": _Planted(marker)}, f)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][file] = {"size": (checkpoint / file).stat().st_size,
+                               "sha256": _sha256(checkpoint / file)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli(tmp_path, cache, run_name="run", steps=3, save_every=2, eval_every=2, resume="true")
+    assert not marker.exists(), "the planted pickle ran"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"cannot load {checkpoint / file}" in proc.stderr
+    if how == "torch.save":
+        assert "holds a posix.system object" in proc.stderr and "refused" in proc.stderr
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, cache):
+    run, expected = _trained(tmp_path, cache)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "sco')
+    said = []
+    train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=5, save_every=2, eval_every=2,
+                             resume=True)), log=said.append)
+    assert any("is torn" in line and "dropped" in line for line in said), said
+    assert [r["step"] for r in rows(run)] == [0, 1, 2, 3, 4, 5]
+    assert rows(run)[:5] == expected
+
+
+def test_kill_9_while_a_checkpoint_is_written_loses_only_the_steps_since_the_previous_one(tmp_path, cache):
+    config = fields(tmp_path, cache, steps=8, save_every=2, eval_every=4)
+    train(PPOConfig(**{**config, "run_name": "straight"}))
+    proc = subprocess.run([sys.executable, str(HERE / "kill_in_save_worker.py"),
+                           json.dumps({**config, "run_name": "killed"}), "6"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert (checkpoints / ".step6.partial" / "actor").is_dir() and not (checkpoints / "step6").exists()
+    assert (checkpoints / "latest").read_text() == "step4"
+    resumed = cli(tmp_path, cache, run_name="killed", steps=8, save_every=2, eval_every=4, resume="true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 4" in resumed.stdout
+    assert rows(tmp_path / "killed") == rows(tmp_path / "straight")
+    assert not (checkpoints / ".step6.partial").exists() and (checkpoints / "step8").is_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# Config: checked field by field, before anything expensive
+# --------------------------------------------------------------------------------------------
+
+
+def test_yaml_values_are_coerced_or_rejected_by_field(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("actor_lr: 1e-3\nresume: 'false'\nsteps: '7'\nadaptive_kl: 0\n")
+    config = PPOConfig.from_yaml(str(path))
+    assert (config.actor_lr, config.resume, config.steps, config.adaptive_kl) == (0.001, False, 7, False)
+    for text, match in [("steps: ten\n", "steps must be an integer, got 'ten'"),
+                        ("steps: 2.5\n", "steps must be an integer"),
+                        ("resume: maybe\n", "resume must be true or false"),
+                        ("run_name: 2024\n", "run_name must be a string, got int 2024"),
+                        ("actor_lr: .nan\n", "actor_lr must be a finite number"),
+                        ("[1, 2]\n", "must hold a mapping")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            PPOConfig.from_yaml(str(path))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(micro_batch_size=0), "micro_batch_size must be >= 1"),
+    (dict(rollout_batch_size=-8), "rollout_batch_size must be >= 1"),
+    (dict(minibatch_size=6), r"minibatch_size \(6\) must be a multiple of micro_batch_size \(8\)"),
+    (dict(rollout_batch_size=12, minibatch_size=4, micro_batch_size=4, eval_prompts=4), None),
+    (dict(save_every=-1), "save_every must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
+    (dict(loss_agg="mean"), "loss_agg must be one of"),
+    (dict(kl_estimator="k9"), "kl_estimator must be one of"),
+    (dict(resume=True), "resume needs run_name"),
+])
+def test_config_ranges(tmp_path, overrides, match):
+    if match is None:
+        PPOConfig(**fields(tmp_path, "", **overrides))
+        return
+    with pytest.raises(ConfigError, match=match):
+        PPOConfig(**fields(tmp_path, "", **overrides))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(prompts_file="missing.txt"), "prompts_file: missing.txt does not exist"),
+    (dict(policy_model="nowhere"), "policy_model: nowhere is not a Hugging Face model directory"),
+    (dict(ds_config="missing.json"), "ds_config: cannot read missing.json"),
+])
+def test_missing_files_are_reported_before_any_work(tmp_path, overrides, match):
+    proc = cli(tmp_path, str(tmp_path / "cache"), run_name="r", steps=1, **overrides)
+    assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-2000:]
+    assert "warming up" not in proc.stdout and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "r").exists()
+
+
+def test_save_every_and_eval_every_zero_mean_never(tmp_path, cache):
+    summary = train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=3, save_every=0,
+                                       eval_every=0)))
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step*")) == ["step3"]
+    assert not any("eval_proxy_reward" in r for r in rows(tmp_path / "r"))
+    assert summary["proxy_reward_before"] is None and summary["steps"] == 3
