@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = PPOConfig() if args.command is None else from_args(args)
-        train(config)
+        result = train(config)
     except (ConfigError, CheckpointError) as exc:
         # Raised on every rank alike (decisions are collective), before or instead of any work.
         print(f"ppo-fast: {exc}", file=sys.stderr)
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return 3
     shutdown_distributed()
-    return 0
+    # An interrupted run is not a finished one: scripts can tell by the status (as a shell's 130).
+    return 130 if "interrupted_at" in result else 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ torn metrics, kill -9 during a checkpoint write, bad configs (checked before any
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_run_names_are_names_not_paths(tmp_path, cache, name):
 
 def test_resume_with_nothing_to_resume_is_an_error(tmp_path, cache):
     proc = cli(tmp_path, cache, run_name="never", resume="true", steps=2)
-    assert proc.returncode == 2 and "holds no checkpoint to resume from" in proc.stderr
+    assert proc.returncode == 2 and "does not exist to resume from" in proc.stderr
     assert not (tmp_path / "never").exists()
 
 
@@ -189,7 +190,7 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, cache):
     said = []
     train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=5, save_every=2, eval_every=2,
                              resume=True)), log=said.append)
-    assert any("is torn" in line and "dropped" in line for line in said), said
+    assert any("dropped 0 rows" in line and "1 unreadable lines" in line for line in said), said
     assert [r["step"] for r in rows(run)] == [0, 1, 2, 3, 4, 5]
     assert rows(run)[:5] == expected
 
@@ -270,3 +271,143 @@ def test_save_every_and_eval_every_zero_mean_never(tmp_path, cache):
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step*")) == ["step3"]
     assert not any("eval_proxy_reward" in r for r in rows(tmp_path / "r"))
     assert summary["proxy_reward_before"] is None and summary["steps"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Found by probing the CLI as a user would
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_keeps_the_runs_settings_and_refuses_to_change_them(tmp_path, cache):
+    straight = fields(tmp_path, cache, run_name="straight", steps=6, save_every=2, eval_every=2)
+    train(PPOConfig(**straight))
+    train(PPOConfig(**{**straight, "run_name": "r", "steps": 4}))
+    changed = cli(tmp_path, cache, run_name="r", resume="true", steps=6, seed=5)
+    assert changed.returncode == 2
+    assert "these differ from them: seed=5 (the run has 0)" in changed.stderr
+    # Only where the run is and how far to go: everything else comes from the run itself.
+    proc = subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", f"--output-dir={tmp_path}",
+                           "--run-name=r", "--resume=true", "--steps=6"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rows(tmp_path / "r") == rows(tmp_path / "straight")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["warmup_steps"] == QUICK["warmup_steps"]
+
+
+def test_a_run_being_written_by_another_process_is_refused(tmp_path, cache):
+    from ppo_fast.trainer import rundir
+
+    rundir._lock(tmp_path, "busy")  # as another process writing run "busy" would hold it
+    try:
+        proc = cli(tmp_path, cache, run_name="busy", steps=1)
+    finally:
+        rundir.release(PPOConfig(output_dir=str(tmp_path), run_name="busy"))
+    assert proc.returncode == 2 and "is being written by another process" in proc.stderr
+    assert not (tmp_path / "busy").exists()
+
+
+@pytest.mark.parametrize("manifest", ['{"step": 4, "files": []}', '{"step": 4, "files": {"a": 5}}',
+                                      '[]', '{"step": "4", "files": {}}'])
+def test_a_malformed_manifest_is_passed_over(tmp_path, cache, manifest):
+    run, expected = _trained(tmp_path, cache)
+    (run / "checkpoints" / "step4" / "manifest.json").write_text(manifest)
+    said = []
+    train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=4, save_every=2, eval_every=2,
+                             resume=True)), log=said.append)
+    assert any(line.startswith("checkpoint step4 is damaged, passed over") for line in said), said
+    assert rows(run) == expected
+
+
+def test_a_checkpoint_under_another_steps_name_is_passed_over(tmp_path, cache):
+    run, _ = _trained(tmp_path, cache)
+    shutil.copytree(run / "checkpoints" / "step2", run / "checkpoints" / "step10")
+    said = []
+    train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=5, save_every=2, eval_every=2,
+                             resume=True)), log=said.append)
+    assert any("the manifest is of step 2, not step10" in line for line in said), said
+    assert any(line.startswith("resumed from step 4") for line in said), said
+    assert [r["step"] for r in rows(run)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_garbled_metrics_lines_are_rewritten_from_the_checkpoint(tmp_path, cache):
+    run, expected = _trained(tmp_path, cache)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    garbled = lines[:2] + ['[1, 2]', '{"note": "x"}'] + lines[3:] + ["\udcff"]
+    (run / "metrics.jsonl").write_bytes("\n".join(garbled).encode("utf-8", errors="surrogateescape"))
+    said = []
+    train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=4, save_every=2, eval_every=2,
+                             resume=True)), log=said.append)
+    assert any("rewritten from the checkpoint" in line for line in said), said
+    assert rows(run) == expected
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, cache):
+    run, _ = _trained(tmp_path, cache)
+    before = snapshot(run)
+    said = []
+    result = train(PPOConfig(**fields(tmp_path, cache, run_name="run", steps=4, save_every=2,
+                                      eval_every=2, resume=True)), log=said.append)
+    assert result == {"finished_at": 4}
+    assert any("has done its 4 steps already; nothing to do" in line for line in said)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("setup, overrides, match", [
+    (lambda d: (d / "bad.yaml").write_text("steps: [1\n"), dict(config="bad.yaml"), "is not valid YAML"),
+    (lambda d: (d / "bad.yaml").write_text("steps: 2\nsteps: 3\n"), dict(config="bad.yaml"),
+     "the key 'steps' is given twice"),
+    (lambda d: (d / "bad.yaml").write_bytes(b"run_name: \xff\xfe\n"), dict(config="bad.yaml"), "is not valid YAML"),
+    (lambda d: (d / "ds.json").write_text("[]"), dict(ds_config="ds.json"), "must be a JSON object"),
+    (lambda d: (d / "ds.json").write_text('{"optimizer": {"params": {}}, "zero_optimization": "banana"}'),
+     dict(ds_config="ds.json"), "zero_optimization in ds.json must be a JSON object"),
+    (lambda d: (d / "p.txt").write_text("\n\n"), dict(prompts_file="p.txt"), "holds no prompts"),
+    (lambda d: None, dict(seed=2**32), r"seed must be in [0, 2**32)"),
+    (lambda d: None, dict(run_name="x" * 300), "at most 128 characters"),
+    (lambda d: (d / "afile").write_text(""), dict(output_dir="afile"), "is a file, not a directory"),
+    (lambda d: (d / "out").mkdir() or (d / "out" / "r").write_text(""), dict(output_dir="out", run_name="r"),
+     "exists and is a file"),
+])
+def test_bad_configs_and_places_are_one_line_errors_before_any_work(tmp_path, cache, setup, overrides, match):
+    setup(tmp_path)
+    proc = cli(tmp_path, cache, steps=1, **overrides)
+    assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "warming up" not in proc.stdout
+
+
+def test_an_unknown_backend_is_refused_before_any_work(tmp_path, cache):
+    proc = subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", f"--output-dir={tmp_path}",
+                           f"--cache-dir={cache}", "--run-name=r", "--steps=1"],
+                          env={**subprocess_env(), "PPO_FAST_BACKEND": "garbage"}, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "PPO_FAST_BACKEND must be one of" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_abandoned_default_task_builds_are_removed(tmp_path):
+    cache = tmp_path / "cache"
+    abandoned = cache / "default_task" / ".seed0-warmup30-rm60.partial-999999999"
+    abandoned.mkdir(parents=True)
+    train(PPOConfig(**fields(tmp_path, str(cache), run_name="r", steps=1)))
+    assert not abandoned.exists() and (cache / "default_task" / "seed0-warmup30-rm60").is_dir()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, cache):
+    import signal
+    import time
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in
+             fields(tmp_path, cache, run_name="r", steps=40, save_every=100, eval_every=100).items()]
+    proc = subprocess.Popen([sys.executable, "-m", "ppo_fast.cli", "train", *flags], env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    assert "continue with --resume" in out
+    (checkpoint,) = (tmp_path / "r" / "checkpoints").glob("step*")
+    assert not (tmp_path / "r" / "summary.json").exists() and int(checkpoint.name[4:]) >= 2

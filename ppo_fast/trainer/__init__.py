@@ -25,11 +25,19 @@ __all__ = ["CheckpointError", "Components", "ConfigError", "CriticModel", "PPOCo
 def train(config: PPOConfig, log=print) -> dict:
     """Build everything and run; returns the summary (see ``summary.json``). The config, the
     files it names and the run directory are checked before any model is built."""
+    from ..dispatch import forced_backend
     from ..distributed import init_distributed
-    from .rundir import prepare_run_dir
+    from .rundir import prepare_run_dir, release
 
     check_files(config)
+    try:
+        forced_backend()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     init_distributed()
     config = prepare_run_dir(config, log)
-    trainer = PPOTrainer(config, build_components(config, log), log=log)
-    return trainer.train()
+    try:
+        trainer = PPOTrainer(config, build_components(config, log), log=log)
+        return trainer.train()
+    finally:
+        release(config)

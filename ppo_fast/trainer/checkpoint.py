@@ -136,14 +136,29 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _step_of(directory: Path) -> int | None:
+    name = directory.name
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
 def problems(directory: Path) -> list[str]:
-    """What is wrong with a checkpoint directory, judged by its manifest (empty: intact)."""
+    """What is wrong with a checkpoint directory, judged by its manifest (empty: intact). Files
+    the manifest does not list are no damage: nothing reads them."""
     manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
         expected = manifest["files"]
+        well_formed = isinstance(expected, dict) and all(
+            isinstance(name, str) and isinstance(entry, dict)
+            and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+            for name, entry in expected.items())
+        step = manifest["step"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"{manifest_path}: unreadable manifest ({type(exc).__name__})"]
+    if not well_formed or not expected:
+        return [f"{manifest_path}: malformed manifest"]
+    if step != _step_of(directory):
+        return [f"{manifest_path}: the manifest is of step {step!r}, not {directory.name}"]
     found = []
     for name, entry in expected.items():
         path = directory / name
@@ -153,8 +168,6 @@ def problems(directory: Path) -> list[str]:
             found.append(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['size']}")
         elif _sha256(path) != entry["sha256"]:
             found.append(f"{path}: sha256 differs from the manifest")
-    extra = {p.relative_to(directory).as_posix() for p in _files(directory)} - set(expected)
-    found += [f"{directory / name}: not in the manifest" for name in sorted(extra)]
     return found
 
 
@@ -185,49 +198,64 @@ class Checkpoints:
                      for p in _files(partial)}
             _write_atomically(partial / MANIFEST, json.dumps({"step": step, "files": files},
                                                              indent=1))
-            if final.exists():  # the same step saved again after a resume
+            if final.exists():
+                # The run resumed from an earlier checkpoint and has redone this step.
+                self.log(f"replacing {final}, which the resumed run passed over")
                 shutil.rmtree(final)
             os.replace(partial, final)
             _write_atomically(self.directory / "latest", final.name)
         torch.distributed.barrier()
         return final
 
-    def newest_intact(self) -> Path:
-        """The newest checkpoint whose files match its manifest; says which ones it passed over
-        and why. Rank 0 judges and every rank gets its verdict."""
-        verdict = [None]
-        if self.rank == 0:
-            verdict[0] = self._judge()
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.broadcast_object_list(verdict, src=0)
-        chosen, report = verdict[0]
-        for line in report:
-            self.log(line)
-        if chosen is None:
-            raise CheckpointError(f"no intact checkpoint in {self.directory}:\n  " + "\n  ".join(report))
-        return Path(chosen)
-
-    def _judge(self) -> tuple[str | None, list[str]]:
-        candidates = sorted((p for p in self.directory.glob("step*") if p.is_dir()
-                             and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]), reverse=True)
-        report = []
-        for candidate in candidates:
-            found = problems(candidate)
-            if not found:
-                return str(candidate), report
-            report.append(f"checkpoint {candidate.name} is damaged, passed over: {'; '.join(found)}")
-        return None, report
+    def _candidates(self) -> list[Path]:
+        """Published checkpoints, newest first."""
+        steps = [p for p in self.directory.glob("step*") if p.is_dir() and _step_of(p) is not None]
+        return sorted(steps, key=_step_of, reverse=True)
 
     def load(self, actor, critic) -> tuple[int, dict]:
-        """Restore the engines from the newest intact checkpoint; its step and the trainer
-        state."""
-        directory = self.newest_intact()
-        for engine, name in ((actor, "actor"), (critic, "critic")):
-            path, _ = engine.load_checkpoint(str(directory), tag=name)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed found no {name} checkpoint in {directory / name}")
-        state = safe_load(directory / "trainer" / f"rank{self.rank}.pt")
-        return int(directory.name[4:]), state
+        """Restore the engines and return (step, trainer state) from the newest checkpoint whose
+        files match its manifest and load; each one passed over is named with the reason.
+        Collective: every rank passes over a checkpoint that fails on any rank."""
+        failures = []
+        for directory in self._candidates():
+            found = problems(directory) if self.rank == 0 else []
+            if torch.distributed.get_world_size() > 1:
+                shared = [found]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                found = shared[0]
+            if not found:
+                state, error = self._try_load(directory, actor, critic)
+                found = _gather_errors(error)
+                if not found:
+                    return _step_of(directory), state
+            line = f"checkpoint {directory.name} is damaged, passed over: {'; '.join(found)}"
+            self.log(line)
+            failures.append(line)
+        raise CheckpointError(f"no intact checkpoint in {self.directory}" +
+                              "".join(f"\n  {line}" for line in failures))
+
+    def _try_load(self, directory: Path, actor, critic) -> tuple[dict | None, str | None]:
+        try:
+            for engine, name in ((actor, "actor"), (critic, "critic")):
+                path, _ = engine.load_checkpoint(str(directory), tag=name)
+                if path is None:
+                    return None, f"{directory / name}: DeepSpeed found no checkpoint there"
+            state = safe_load(directory / "trainer" / f"rank{self.rank}.pt")
+        except CheckpointError as exc:
+            return None, str(exc)
+        if state.get("step") != _step_of(directory):
+            return None, (f"{directory / 'trainer' / f'rank{self.rank}.pt'}: holds step "
+                          f"{state.get('step')!r}")
+        return state, None
+
+
+def _gather_errors(error: str | None) -> list[str]:
+    """Every rank's load error (an empty list when all loaded)."""
+    if torch.distributed.get_world_size() == 1:
+        return [error] if error else []
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return [e for e in errors if e]
 
 
 def export_policy(actor, tokenizer, directory: Path, rank: int) -> None:

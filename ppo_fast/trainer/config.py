@@ -25,9 +25,16 @@ from pathlib import Path
 
 from ..options import AGG_MODES, kl_estimator_name
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-"""A run name is a name: a letter or digit first, then letters, digits, '.', '_' or '-' (no path
-separator, nothing that climbs out of output_dir)."""
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A run name is a name: a letter or digit first, then up to 127 letters, digits, '.', '_' or '-'
+(no path separator, nothing that climbs out of output_dir)."""
+
+RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max_gathered_bytes")
+"""Fields a resumed run may change. Every other field is the run's own: a resume that sets one
+differently is refused, since it would continue a different run on top of this one."""
+
+LOCATION = ("run_name", "output_dir", "cache_dir", "resume", "overwrite")
+"""Fields that say where a run is and how to start it, not what it computes."""
 
 
 class ConfigError(ValueError):
@@ -158,9 +165,9 @@ class PPOConfig:
             if not ok(getattr(self, name)):
                 raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
         if self.run_name and not RUN_NAME.fullmatch(self.run_name):
-            raise ConfigError(f"run_name must be a plain name (letters, digits, '.', '_', '-'; no "
-                              f"path separator, not starting with '.' or '-'), got "
-                              f"{self.run_name!r}")
+            raise ConfigError(f"run_name must be a plain name of at most 128 characters (letters, "
+                              f"digits, '.', '_', '-'; no path separator, not starting with '.' or "
+                              f"'-'), got {self.run_name!r}")
         try:
             kl_estimator_name(self.kl_estimator)
         except ValueError as exc:
@@ -178,12 +185,9 @@ class PPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "PPOConfig":
-        import yaml
-
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of field: value, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
@@ -261,8 +265,9 @@ _RANGES = {
         "steps", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "kl_horizon",
         "ppo_epochs", "minibatch_size", "micro_batch_size", "max_nonfinite_in_a_row",
         "eval_prompts")},
+    "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     **{name: _at_least(0) for name in (
-        "seed", "save_every", "eval_every", "max_gathered_bytes", "warmup_steps",
+        "save_every", "eval_every", "max_gathered_bytes", "warmup_steps",
         "reward_train_steps", "kl_coef", "score_clip", "value_clip", "entropy_coef", "grad_clip")},
     **{name: _above(0) for name in ("temperature", "target_kl", "actor_lr", "critic_lr",
                                      "clip_high")},
@@ -289,16 +294,76 @@ def check_files(config: PPOConfig) -> None:
     if config.policy_model and not config.reward_model:
         raise ConfigError("reward_model is required with policy_model (or pass reward_fn to "
                           "PPOTrainer through Components)")
-    if config.prompts_file and not Path(config.prompts_file).is_file():
-        raise ConfigError(f"prompts_file: {config.prompts_file} does not exist")
+    if config.prompts_file:
+        from .prompts import load_prompts
+
+        if not Path(config.prompts_file).is_file():
+            raise ConfigError(f"prompts_file: {config.prompts_file} does not exist")
+        try:
+            load_prompts(config.prompts_file)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"prompts_file: {exc}") from None
     if config.ds_config:
         try:
             ds = json.loads(Path(config.ds_config).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"ds_config: cannot read {config.ds_config} as JSON ({exc})") from None
-        if not isinstance(ds.get("optimizer", {}).get("params"), dict):
-            raise ConfigError(f"ds_config: {config.ds_config} has no optimizer.params section (the "
-                              "trainer sets its lr there)")
+        if not isinstance(ds, dict) or not isinstance(ds.get("optimizer", {}).get("params"), dict):
+            raise ConfigError(f"ds_config: {config.ds_config} must be a JSON object with an "
+                              "optimizer.params section (the trainer sets its lr there)")
+        if not isinstance(ds.get("zero_optimization", {}), dict):
+            raise ConfigError(f"ds_config: zero_optimization in {config.ds_config} must be a JSON "
+                              "object")
+
+
+def saved_config(run_dir: Path) -> PPOConfig:
+    """The config a run started with (its ``config.json``)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+        return PPOConfig(**{**data, "resume": False, "overwrite": False})
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"resume: cannot read the run's settings from {path} ({exc}); a resume "
+                          "continues a run with the settings it started with") from None
+
+
+def resumed(given: PPOConfig, saved: PPOConfig, explicit=None) -> PPOConfig:
+    """What a resumed run continues with: the settings it started with, and from ``given`` the
+    location and the resumable fields. ``explicit``: the fields the user set (all of them when
+    None); one of them that is not resumable and differs from the run's is an error."""
+    names = [f.name for f in dataclasses.fields(PPOConfig)] if explicit is None else explicit
+    differing = [f"{name}={getattr(given, name)!r} (the run has {getattr(saved, name)!r})"
+                 for name in names if name not in RESUMABLE + LOCATION
+                 and getattr(given, name) != getattr(saved, name)]
+    if differing:
+        raise ConfigError(f"resume continues run {given.run_name!r} with the settings it started "
+                          f"with; these differ from them: {', '.join(differing)}. Start a new run "
+                          f"to change them (resumable: {', '.join(RESUMABLE)})")
+    keep = [name for name in RESUMABLE + LOCATION if explicit is None or name in explicit
+            or name in LOCATION]
+    return dataclasses.replace(saved, **{name: getattr(given, name) for name in keep})
+
+
+def _read_yaml(path: str):
+    """The YAML document in ``path``; a key given twice is an error (PyYAML would keep the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=UniqueKeyLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,7 +400,18 @@ def add_arguments(parser) -> None:
 
 
 def from_args(args) -> PPOConfig:
+    """The config from ``--config`` and the command line. A resume starts from the run's saved
+    settings, and only what was set explicitly (in the YAML or as an option) is compared with them."""
     config = PPOConfig.from_yaml(args.config) if args.config else PPOConfig()
+    explicit = set(_yaml_keys(args.config)) if args.config else set()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)
                  if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(config, **overrides)
+    config = dataclasses.replace(config, **overrides)
+    run_dir = Path(config.output_dir) / config.run_name
+    if not (config.resume and config.run_name and (run_dir / "config.json").is_file()):
+        return config  # the run directory check says what is wrong with a resume
+    return resumed(config, saved_config(run_dir), explicit | set(overrides))
+
+
+def _yaml_keys(path: str) -> list[str]:
+    return list(_read_yaml(path) or {})

@@ -34,7 +34,7 @@ from .config import PPOConfig
 from .models import Components, build_models
 from .prompts import PromptSampler, encode_prompts
 from .reporting import Reporter
-from .rundir import prepare_run_dir
+from .rundir import prepare_run_dir, release
 
 
 class TrainingStopped(RuntimeError):
@@ -89,9 +89,19 @@ class PPOTrainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            release(self.config)
+
+    def _train(self) -> dict:
         cfg = self.config
         if cfg.resume:
             self.load_checkpoint()
+            if self.step >= cfg.steps:
+                self.log(f"run {cfg.run_name!r} has done its {self.step} steps already; nothing "
+                         f"to do (resume with steps > {self.step} to continue it)")
+                return {"finished_at": self.step}
         else:
             self.report.start_fresh()
         self.report.write_config(cfg.to_dict())
@@ -366,14 +376,14 @@ class PPOTrainer:
     def load_checkpoint(self) -> None:
         step, state = self.checkpoints.load(self.models.actor, self.models.critic)
         self.step = step
-        self.log(f"resumed from step {step} ({self.checkpoints.directory / f'step{step}'})")
+        self.log(f"resumed from step {step} ({self.checkpoints.directory / f'step{step}'}); "
+                 "any step after it is redone")
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.sampler.load_state_dict(state["sampler"])
         self.shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])
         self.nonfinite_total = state["nonfinite_total"]
-        self.report.history = state["history"]
-        self.report.drop_rows_after(self.step)
+        self.report.restore(state["history"])
 
     def finish(self, seconds: float) -> dict:
         summary = self.report.summary(self.step, seconds,

@@ -97,6 +97,7 @@ def _default_task(config: PPOConfig, log) -> Components:
     artifacts = (cache_dir(config) / "default_task"
                  / f"seed{config.seed}-warmup{config.warmup_steps}-rm{config.reward_train_steps}")
     if torch.distributed.get_rank() == 0 and not artifacts.is_dir():
+        _remove_abandoned_builds(artifacts)
         log("default task: warming up the policy and training the reward model "
             f"(cached in {artifacts})")
         # Built aside and renamed into place, so a kill leaves no half-built cache entry.
@@ -124,6 +125,18 @@ def _default_task(config: PPOConfig, log) -> Components:
         gold_fn=task.gold_reward,
         eval_prompts=task.make_prompts(config.eval_prompts, config.seed + 999),
     )
+
+
+def _remove_abandoned_builds(artifacts) -> None:
+    """Half-built cache entries of processes that died (their pid is in the name)."""
+    for partial in artifacts.parent.glob(f".{artifacts.name}.partial-*"):
+        pid = int(partial.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def build_components(config: PPOConfig, log=print) -> Components:

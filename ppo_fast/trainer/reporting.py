@@ -10,6 +10,14 @@ from pathlib import Path
 import numpy as np
 
 
+def _is_row(line: str) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and isinstance(row.get("step"), int)
+
+
 class Reporter:
     """Rank 0 writes; every rank keeps the history (it is checkpointed with the trainer state)."""
 
@@ -26,26 +34,29 @@ class Reporter:
         if self.rank == 0:
             self.metrics_path.write_text("")
 
-    def drop_rows_after(self, step: int) -> None:
-        """Steps logged after the checkpoint a run resumes from were lost with the crash and are
-        redone, so their rows go; so does a last line torn by a kill mid-write, with a warning.
-        The file is replaced atomically."""
-        if self.rank != 0 or not self.metrics_path.exists():
+    def restore(self, history: list[dict]) -> None:
+        """Resume with the rows a checkpoint holds. ``metrics.jsonl`` is rewritten from them in
+        one atomic replace: rows of steps after the checkpoint (lost with the crash, redone now)
+        go, and so do lines a kill tore or that something else garbled, with a warning."""
+        self.history = list(history)
+        if self.rank != 0:
             return
-        kept = []
-        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                self.log(f"warning: {self.metrics_path} line {number} is torn (a kill while it "
-                         "was written); dropped")
-                continue
-            if row["step"] <= step:
-                kept.append(line)
+        expected = [json.dumps(row) for row in self.history]
+        on_disk = []
+        if self.metrics_path.exists():
+            text = self.metrics_path.read_bytes().decode("utf-8", errors="replace")
+            on_disk = [line for line in text.splitlines() if line.strip()]
+        unreadable = sum(1 for line in on_disk if not _is_row(line))
+        if on_disk[:len(expected)] != expected:
+            self.log(f"warning: {self.metrics_path} did not match the checkpoint's rows "
+                     f"({len(on_disk)} lines, {unreadable} of them not a metrics row, e.g. torn by "
+                     f"a kill); rewritten from the checkpoint ({len(expected)} rows)")
+        elif len(on_disk) > len(expected):
+            dropped = len(on_disk) - len(expected) - unreadable
+            self.log(f"{self.metrics_path}: dropped {dropped} rows of steps after the checkpoint "
+                     f"(they are redone) and {unreadable} unreadable lines (torn by a kill)")
         tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line in expected))
         os.replace(tmp, self.metrics_path)
 
     def write_config(self, config: dict) -> None:
