@@ -6,22 +6,31 @@ For a row of logits z (length V), label y and temperature τ, with s = z/τ:
     logp    = s_y − lse
     E[s]    = Σ_j p_j s_j = (Σ_j e^(s_j − m) s_j) / d
     entropy = lse − E[s]
+    Σ_j p_j² = (Σ_j e^(2(s_j − m))) / d²         (optional; forward only)
+
+The sum of e^(2(s−m)) is rescaled like d (by the square of d's factor) whenever the running max
+rises, so each of its terms is at most 1: no logit magnitude overflows it, and Σ p² ∈ [1/V, 1]
+since the maximum's own term makes both sums at least 1.
 
 Backward, for upstream gradients g (of logp) and h (of entropy), with p_j = exp(s_j − lse):
 
     ∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(s_j − E[s]) ) / τ
 
 The forward saves only lse per token (entropy is an output, E[s] = lse − entropy), so the
-backward recomputes p from one read of the logits and writes dlogits in the logits' dtype.
+backward recomputes p from one read of the logits and writes dlogits in the logits' dtype. Σ p²
+gets no gradient: it is a statistic of the old policy (verl's optimal-token-baseline advantages
+read it), and the op marks it non-differentiable.
 
 Each row is reduced by one program in a fixed order that depends only on V and the dtype. The
 compiled code depends on nothing else either: the row-addressing integers and every pointer are
 left unspecialised, and alignment reaches the compiler only as ``ALIGNED``, which the launcher
 decides from the base address and the row strides. A row alone, sliced from a batch, inside a
 permuted or padded batch: the same machine code reads the same bytes in the same order, so a
-token's log-prob and entropy are bitwise the same whatever batch they are computed in. (Letting
-Triton specialise ``rows_inner == 1`` gave a single row different code from a batch; on an H100
-its entropy then differed in the last bits.)
+token's log-prob, entropy and Σ p² are bitwise the same whatever batch they are computed in.
+The outputs asked for (``WITH_ENTROPY``, ``WITH_SUM_PI_SQUARED``) choose the code too, but they
+are options of the call, never derived from the batch; asking for Σ p² leaves the log-prob and
+entropy bitwise unchanged. (Letting Triton specialise ``rows_inner == 1`` gave a single row
+different code from a batch; on an H100 its entropy then differed in the last bits.)
 
 A label outside ``[0, V)`` that is not ``ignore_index`` gives NaN outputs and gradient rather than
 an out-of-bounds read: the host check that rejects it is skipped under ``torch.compile``.
@@ -51,19 +60,23 @@ def row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED: 
 
 
 @triton.jit
-def row_lse_expected(
+def row_softmax_stats(
     row_ptr,  # pointer to logits[row, 0]; the row is contiguous
     V,
     inv_temp,
     active,  # scalar bool: inactive rows are not read
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    WITH_SUM_PI_SQUARED: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 logits
 ):
-    """(lse, E[s]) of one row of s = logits·inv_temp in one pass; E[s] is 0 without entropy."""
+    """(lse, E[s], Σ p²) of one row of s = logits·inv_temp in one pass; E[s] is 0 without
+    entropy, Σ p² is 0 without ``WITH_SUM_PI_SQUARED``. An inactive row gives lse = −inf, and
+    NaN (0/0) for E[s] and Σ p² where they are computed: callers select them away."""
     m = tl.full((), float("-inf"), ACC)
     d = tl.zeros((), ACC)
     t = tl.zeros((), ACC)
+    q = tl.zeros((), ACC)
     n_read = tl.where(active, V, 0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -77,18 +90,42 @@ def row_lse_expected(
         d = d * rescale + tl.sum(e, axis=0)
         if WITH_ENTROPY:
             t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)
+        if WITH_SUM_PI_SQUARED:
+            # rescale² underflows to 0 only where the max jumps by half the exponent range:
+            # the old terms are then negligible next to the new maximum's own term, 1.
+            q = q * (rescale * rescale) + tl.sum(e * e, axis=0)
         m = m_new
     lse = m + tl.log(d)
     if WITH_ENTROPY:
         expected = t / d
     else:
         expected = tl.zeros((), ACC)
+    if WITH_SUM_PI_SQUARED:
+        sum_sq = q / (d * d)
+    else:
+        sum_sq = tl.zeros((), ACC)
+    return lse, expected, sum_sq
+
+
+@triton.jit
+def row_lse_expected(
+    row_ptr,
+    V,
+    inv_temp,
+    active,
+    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """(lse, E[s]) of one row, as :func:`row_softmax_stats` without Σ p²."""
+    lse, expected, _ = row_softmax_stats(row_ptr, V, inv_temp, active, BLOCK_V, WITH_ENTROPY,
+                                         False, ACC)
     return lse, expected
 
 
 @triton.jit(do_not_specialize=ROW_ADDRESSING,
             do_not_specialize_on_alignment=["logits_ptr", "labels_ptr", "logp_ptr", "entropy_ptr",
-                                            "lse_ptr", "scalars_ptr"])
+                                            "lse_ptr", "scalars_ptr", "sum_sq_ptr"])
 def _logprobs_fwd_kernel(
     logits_ptr,  # [N, V] any float dtype, unit column stride, rows as in row_pointer
     rows_inner,
@@ -98,11 +135,13 @@ def _logprobs_fwd_kernel(
     logp_ptr,  # [N] out, ACC dtype
     entropy_ptr,  # [N] out, ACC dtype (unused without entropy)
     lse_ptr,  # [N] out, ACC dtype
+    sum_sq_ptr,  # [N] out, ACC dtype: Σ p² (unused without WITH_SUM_PI_SQUARED)
     scalars_ptr,  # [1] ACC dtype: 1/temperature (a tensor, so float64 runs keep full precision)
     V,
     ignore_index,
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    WITH_SUM_PI_SQUARED: tl.constexpr,
     ALIGNED: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -112,8 +151,8 @@ def _logprobs_fwd_kernel(
     active = label != ignore_index
     in_range = (label >= 0) & (label < V)
     row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
-    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active & in_range, BLOCK_V,
-                                     WITH_ENTROPY, ACC)
+    lse, expected, sum_sq = row_softmax_stats(row_ptr, V, inv_temp, active & in_range, BLOCK_V,
+                                              WITH_ENTROPY, WITH_SUM_PI_SQUARED, ACC)
     lse = tl.where(in_range, lse, float("nan"))
     s_label = tl.load(row_ptr + tl.where(in_range, label, 0), mask=active & in_range,
                       other=0.0).to(ACC) * inv_temp
@@ -121,6 +160,9 @@ def _logprobs_fwd_kernel(
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(active, lse - expected, 0.0))
+    if WITH_SUM_PI_SQUARED:
+        # An out-of-range label left the row unread: Σ p² is 0/0, NaN, as lse is made above.
+        tl.store(sum_sq_ptr + row, tl.where(active, sum_sq, 0.0))
 
 
 @triton.jit(do_not_specialize=ROW_ADDRESSING + ["drows_inner", "dstride_outer", "dstride_inner"],
@@ -201,17 +243,21 @@ def block_config(V: int, element_size: int):
 
 
 def plan_logprobs_fwd(logits, layout, labels, logp, entropy, lse, scalars, ignore_index,
-                      with_entropy, acc) -> Launch:
+                      with_entropy, acc, sum_pi_squared=None) -> Launch:
     """The forward over the N rows of ``logits`` (addressed by ``layout``, from ``row_layout``).
     Outputs are preallocated [N] tensors of dtype ``acc``; ``scalars`` is a device tensor
-    ``[1/temperature]`` of that dtype."""
+    ``[1/temperature]`` of that dtype. ``sum_pi_squared``: an [N] output for Σ p², or None not
+    to compute it (the kernel is then compiled without the accumulator)."""
     n_rows, V = labels.numel(), logits.shape[-1]
     block, warps = block_config(V, logits.element_size())
+    with_sum_sq = sum_pi_squared is not None
+    # Without Σ p² the kernel is handed lse in its place, never written: no dummy allocation.
     return Launch(
         _logprobs_fwd_kernel, (n_rows,),
-        (logits, *layout, labels, logp, entropy, lse, scalars, V, ignore_index),
-        dict(BLOCK_V=block, WITH_ENTROPY=with_entropy, ALIGNED=rows_aligned(logits, layout[1:]),
-             ACC=acc),
+        (logits, *layout, labels, logp, entropy, lse, sum_pi_squared if with_sum_sq else lse,
+         scalars, V, ignore_index),
+        dict(BLOCK_V=block, WITH_ENTROPY=with_entropy, WITH_SUM_PI_SQUARED=with_sum_sq,
+             ALIGNED=rows_aligned(logits, layout[1:]), ACC=acc),
         warps)
 
 

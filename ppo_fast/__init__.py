@@ -3,13 +3,18 @@
     import ppo_fast as pf
     logp = pf.token_logprobs(logits, labels)
     loss, metrics = pf.ppo_loss(logits, labels, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.05)
+    loss, metrics = pf.ppo_loss(..., loss_type="gspo")        # every verl / OpenRLHF / TRL objective
+    adv, returns = pf.advantages("grpo", rewards, mask, group_ids)   # verl's 14 estimators
+    weights, mask, stats = pf.rollout_correction(old_logp, rollout_logp, mask, is_level="token")
 
 The reference ops (``ppo_fast.reference``) are the specification; on CUDA the same functions run
 fused Triton kernels (``ppo_fast.kernels``). ``ppo_fast.dispatch`` says which backend serves each
 op; ``PPO_FAST_BACKEND=reference|triton|native`` forces one.
 """
 
+from .correction import rollout_correction
 from .dispatch import BackendUnavailable
+from .estimators import advantages
 from .functional import (
     gae,
     group_advantages,
@@ -24,6 +29,7 @@ from .functional import (
 from .hybrid import GenerationOutput, HybridEngine
 from .kl_control import AdaptiveKLController, FixedKLController
 from .losses import PPOLoss, ValueLoss
+from .objectives import LOSS_TYPES
 
 __version__ = "0.1.0"
 
@@ -33,8 +39,10 @@ __all__ = [
     "FixedKLController",
     "GenerationOutput",
     "HybridEngine",
+    "LOSS_TYPES",
     "PPOLoss",
     "ValueLoss",
+    "advantages",
     "gae",
     "group_advantages",
     "kl_penalty",
@@ -42,6 +50,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "ppo_loss",
+    "rollout_correction",
     "token_logprobs",
     "value_loss",
 ]

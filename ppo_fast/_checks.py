@@ -101,3 +101,11 @@ def logits_and_labels(logits, labels, ignore_index: int) -> torch.Tensor:
 def seq_mask(agg: str, mask: torch.Tensor) -> None:
     if agg.startswith("seq-") and mask.dim() < 1:
         raise ValueError(f"agg={agg!r} needs a mask of shape [..., T], got {_describe(mask)}")
+
+
+def sequence_objective(loss_type: str, params, mask: torch.Tensor) -> None:
+    """Objectives defined per sequence read the last dimension as time."""
+    per_sequence = loss_type in ("geo_mean", "vespo") or params.get("importance_level") == "sequence"
+    if per_sequence and mask.dim() < 1:
+        raise ValueError(f"loss_type={loss_type!r} works per sequence and needs a mask of shape "
+                         f"[..., T], got {_describe(mask)}")

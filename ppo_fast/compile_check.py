@@ -9,8 +9,8 @@ the launchers' own ``plan_*`` functions from CPU tensors of the dtypes, shapes a
 launch would see, specialised the way Triton's JIT specialises a call (its own
 ``native_specialize_impl``), and built by ``triton.compile`` down to a cubin with the ``ptxas``
 and ``cuobjdump`` that ship inside the triton wheel. The cases cover every dtype and every value
-of every constexpr at least once, every block size of the log-prob forward and of GAE, and an
-aligned (V = 151 936) and an unaligned (V = 50 257) vocabulary.
+of every constexpr at least once, every block size of the log-prob forward (with and without
+Σ p²) and of GAE, and an aligned (V = 151 936) and an unaligned (V = 50 257) vocabulary.
 
 ``--check`` fails on a compile error, on any spill (local memory or stack), on a logits-reading
 kernel whose aligned case does not load the logits 128 bits at a time, and on a batch whose rows would run
@@ -75,14 +75,14 @@ def _logits(n_rows: int, V: int, dtype) -> torch.Tensor:
     return torch.empty(n_rows, V, dtype=dtype)
 
 
-def logprobs_fwd_plan(logits, with_entropy, labels=None) -> Launch:
+def logprobs_fwd_plan(logits, with_entropy, labels=None, sum_pi_squared=False) -> Launch:
     n = logits.shape[0]
     out = torch.empty(n, dtype=_out(logits.dtype))
     labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels
     rows, layout = logprobs.row_layout(logits)
     return logprobs.plan_logprobs_fwd(rows, layout, labels, out, out, out,
                                       torch.ones(1, dtype=_out(logits.dtype)), -100, with_entropy,
-                                      _acc(logits.dtype))
+                                      _acc(logits.dtype), out if sum_pi_squared else None)
 
 
 def logprobs_bwd_plan(logits, with_entropy, labels=None) -> Launch:
@@ -130,6 +130,9 @@ def cases() -> list[Case]:
                                 logprobs_fwd_plan(_logits(2, V, dtype), entropy), aligned))
                 out.append(Case("logprobs bwd", config,
                                 logprobs_bwd_plan(_logits(2, V, dtype), entropy), aligned))
+                out.append(Case("logprobs fwd", f"{config} sum_pi_squared=True",
+                                logprobs_fwd_plan(_logits(2, V, dtype), entropy,
+                                                  sum_pi_squared=True), aligned))
             out.append(Case("ppo fwd", f"{_short(dtype)} V={V} k3 dual-clip tis",
                             ppo_fwd_plan(_logits(2, V, dtype)), aligned))
     for mode in ppo_loss.KL_MODES:
@@ -143,6 +146,9 @@ def cases() -> list[Case]:
         V = 2 ** power
         out.append(Case("logprobs fwd", f"bfloat16 V={V} entropy=True",
                         logprobs_fwd_plan(_logits(2, V, torch.bfloat16), True), V >= 8))
+        out.append(Case("logprobs fwd", f"bfloat16 V={V} entropy=True sum_pi_squared=True",
+                        logprobs_fwd_plan(_logits(2, V, torch.bfloat16), True,
+                                          sum_pi_squared=True), V >= 8))
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
@@ -227,6 +233,8 @@ def batch_invariance_problems() -> list[str]:
         labels = torch.zeros(3, 5, dtype=torch.int64)
         shifted = batch[:, :-1]
         for name, make in (("logprobs fwd", lambda x, y: logprobs_fwd_plan(x, True, y)),
+                           ("logprobs fwd sum_pi_squared",
+                            lambda x, y: logprobs_fwd_plan(x, True, y, sum_pi_squared=True)),
                            ("logprobs bwd", lambda x, y: logprobs_bwd_plan(x, True, y)),
                            ("ppo fwd", lambda x, y: ppo_fwd_plan(x, labels=y))):
             flat = batch.view(-1, V)

@@ -46,6 +46,8 @@ TABLE: dict[str, dict[str, str]] = {
     "masked_whiten": {"reference": _REFERENCE},
     "masked_mean": {"reference": _REFERENCE},
     "group_advantages": {"reference": _REFERENCE},
+    "advantages": {"reference": _REFERENCE},
+    "rollout_correction": {"reference": _REFERENCE},
 }
 """op → {backend: the module implementing it} (see :mod:`ppo_fast.backends` for the contract)."""
 

@@ -24,32 +24,43 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_sum_pi_squared: bool = False,
     inplace_backward: bool = False,
 ):
     """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, differentiable.
 
     Args:
         logits: ``[..., V]`` float32 / bfloat16 / float16 / float64.
-        labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (gives logp 0, entropy 0,
+        labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (gives 0 for every output,
             zero gradient). Under ``torch.compile`` the range is not checked; on the Triton
             path an out-of-range label then gives NaN.
         return_entropy: also return the entropy of each position's distribution.
+        return_sum_pi_squared: also return ``Σ_v softmax(logits / temperature)_v²`` per position
+            (in ``[1/V, 1]``; verl's ``sum_pi_squared`` for its optimal-token-baseline
+            advantages), computed in the same pass over the logits. Forward only: it comes back
+            with ``requires_grad=False`` and no gradient flows through it.
         inplace_backward: on the Triton path, write the gradient into the logits buffer itself
             during backward (saves one ``[N, V]`` buffer; the logits are overwritten).
 
     Returns:
-        ``logp`` ``[...]`` float32 (float64 for float64 logits), or ``(logp, entropy)``.
-        On CUDA one read of the logits forward and one read + one write backward; no float32
-        copy of the logits is made.
+        ``logp`` ``[...]`` float32 (float64 for float64 logits) when neither extra is asked for,
+        else the tuple ``(logp, entropy, sum_pi_squared)`` without the ones not asked for:
+        ``(logp, entropy)`` or ``(logp, sum_pi_squared)``. On CUDA one read of the logits
+        forward and one read + one write backward; no float32 copy of the logits is made.
     """
     integer("ignore_index", ignore_index)
     positive("temperature", temperature)
     labels = check.logits_and_labels(logits, labels, ignore_index)
     dispatch.resolve("token_logprobs", logits.device)
-    logp, entropy, _ = ops.token_logprobs_op(logits, labels, 1.0 / float(temperature),
-                                             int(ignore_index), bool(return_entropy),
-                                             bool(inplace_backward))
-    return (logp, entropy) if return_entropy else logp
+    logp, entropy, _, sum_pi_squared = ops.token_logprobs_op(
+        logits, labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy),
+        bool(inplace_backward), bool(return_sum_pi_squared))
+    out = (logp,)
+    if return_entropy:
+        out += (entropy,)
+    if return_sum_pi_squared:
+        out += (sum_pi_squared,)
+    return out if len(out) > 1 else logp
 
 
 def gae(
@@ -185,43 +196,57 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    loss_type: str = "vanilla",
+    loss_params: dict | None = None,
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
-    agg: str = "token-mean",
+    agg: str | None = None,
     rollout_logp: torch.Tensor | None = None,
     tis_cap: float = 2.0,
+    rollout_is_weights: torch.Tensor | None = None,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     dp_size: int = 1,
     horizon: float | None = None,
 ):
-    """PPO clipped surrogate loss from per-token log-probs; returns ``(loss, metrics)``.
+    """Policy-gradient loss from per-token log-probs; returns ``(loss, metrics)``.
 
-    All tensors share the shape of ``logp`` (``[B, T]`` for the ``seq-*`` aggregations).
+    All tensors share the shape of ``logp`` (``[B, T]`` for the ``seq-*`` aggregations and the
+    sequence-level objectives). ``loss_type`` picks the objective, ``loss_params`` its own
+    parameters (:mod:`ppo_fast.objectives` lists both; default PPO's clipped surrogate).
     ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
-    (> 1) caps the loss of negative-advantage tokens at ``−A·dual_clip``. ``rollout_logp`` turns
-    on the truncated importance-sampling correction ``min(π_old / π_rollout, tis_cap)``.
-    Differentiable in ``logp`` only (old/rollout log-probs and advantages are data).
+    (> 1, vanilla only) caps the loss of negative-advantage tokens at ``−A·dual_clip``.
+    Importance weights multiply each token's policy term (no gradient): ``rollout_is_weights``
+    as given (e.g. from :func:`ppo_fast.rollout_correction`), and with ``rollout_logp`` the
+    truncated ``min(π_old / π_rollout, tis_cap)``. ``agg`` defaults to the loss type's
+    aggregation (token-mean for most). Differentiable in ``logp`` only (the rest is data).
     ``num_tokens`` / ``num_seqs`` / ``dp_size``: global normalisers (see
     :func:`ppo_fast.reference.agg_weights`). Metrics: ``pg_loss``, ``clipfrac``,
-    ``clipfrac_lower``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (detached 0-d tensors).
+    ``clipfrac_lower`` (per objective, see ``objectives.FLAGS``), ``approx_kl``, ``ratio_mean``,
+    ``ratio_max`` (detached 0-d tensors).
     """
-    opts = LossOptions(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                       tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs,
-                       dp_size=dp_size, horizon=horizon)
+    opts = LossOptions(loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
+                       clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
+                       num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon)
     check.floating("logp", check.tensor("logp", logp))
     _check_per_token(logp.shape, "the log-probs' shape", mask, old_logp=old_logp,
-                     advantages=advantages, rollout_logp=rollout_logp)
-    check.seq_mask(agg, mask)
+                     advantages=advantages, rollout_logp=rollout_logp,
+                     rollout_is_weights=rollout_is_weights)
+    check.seq_mask(opts.agg, mask)
+    check.sequence_objective(opts.loss_type, opts.loss_params, mask)
     check.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                      rollout_logp=rollout_logp)
+                      rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
     impl = dispatch.resolve("policy_loss", logp.device).impl
     dtype = reference.compute_dtype(logp, old_logp, advantages)
     terms = impl.ppo_token_terms(logp.to(dtype), old_logp.detach(), advantages.detach(), opts,
-                                 mask=mask,
-                                 rollout_logp=None if rollout_logp is None else rollout_logp.detach())
+                                 mask=mask, rollout_logp=_data(rollout_logp),
+                                 rollout_is_weights=_data(rollout_is_weights))
     return reference.reduce(terms, mask, opts)
+
+
+def _data(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def value_loss(
@@ -231,7 +256,7 @@ def value_loss(
     mask: torch.Tensor,
     *,
     clip: float | None = None,
-    agg: str = "token-mean",
+    agg: str | None = None,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     dp_size: int = 1,
@@ -239,7 +264,8 @@ def value_loss(
 ):
     """Clipped value loss ``½·agg(max((v − R)², (clip(v, v_old ± clip) − R)²))``.
 
-    Returns ``(loss, {"vf_loss", "vf_clipfrac"})``. ``clip=None`` disables clipping.
+    Returns ``(loss, {"vf_loss", "vf_clipfrac"})``. ``clip=None`` disables clipping; ``agg``
+    None is token-mean.
     """
     opts = LossOptions(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
                        horizon=horizon)
@@ -247,7 +273,7 @@ def value_loss(
         positive("clip", clip)
     check.floating("values", check.tensor("values", values))
     _check_per_token(values.shape, "values.shape", mask, old_values=old_values, returns=returns)
-    check.seq_mask(agg, mask)
+    check.seq_mask(opts.agg, mask)
     check.same_device("values", values, old_values=old_values, returns=returns, mask=mask)
     impl = dispatch.resolve("value_loss", values.device).impl
     return impl.value_loss(values, old_values, returns, mask, clip=clip, agg=opts.agg,
@@ -268,12 +294,15 @@ def ppo_loss(
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    loss_type: str = "vanilla",
+    loss_params: dict | None = None,
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
-    agg: str = "token-mean",
+    agg: str | None = None,
     rollout_logp: torch.Tensor | None = None,
     tis_cap: float = 2.0,
+    rollout_is_weights: torch.Tensor | None = None,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     dp_size: int = 1,
@@ -289,11 +318,15 @@ def ppo_loss(
     never read. Metrics: those of :func:`policy_loss` plus ``kl_loss``, ``entropy_loss`` (the
     aggregated terms), ``entropy`` and ``kl`` (masked means).
 
-    On CUDA: one kernel reads each logits row once and computes log-prob, entropy, ratio, clipped
-    surrogate, KL and the per-token gradient coefficient; the backward reads the row once more and
-    writes dlogits (into the logits buffer with ``inplace_backward=True``).
+    On CUDA, ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
+    row once and computes log-prob, entropy, ratio, clipped surrogate, KL and the per-token
+    gradient coefficient; the backward reads the row once more and writes dlogits (into the
+    logits buffer with ``inplace_backward=True``). Every other objective and weighting: the fused
+    log-prob/entropy kernel (the same passes over the logits), then the objective on
+    ``[tokens]``-sized tensors; no ``[tokens, vocab]`` tensor beyond dlogits either way.
     """
-    opts = LossOptions(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+    opts = LossOptions(loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
+                       clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                        tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs,
                        dp_size=dp_size, horizon=horizon, kl_coef=kl_coef,
                        kl_estimator=kl_estimator, entropy_coef=entropy_coef,
@@ -305,16 +338,29 @@ def ppo_loss(
     check.integer("labels", check.tensor("labels", labels))
     check.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     _check_per_token(logits.shape[:-1], "logits.shape[:-1]", mask, old_logp=old_logp,
-                     advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp)
+                     advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                     rollout_is_weights=rollout_is_weights)
     check.same_device("logits", logits, labels=labels, mask=mask)
     # Masked positions count as ignored labels before anything reads them, so a masked label out
     # of range (garbage after EOS) is no error and its logits row is never read.
     labels = labels.long().masked_fill(~mask.bool(), ignore_index)
     labels = check.logits_and_labels(logits, labels, ignore_index)
-    check.seq_mask(agg, mask)
+    check.seq_mask(opts.agg, mask)
+    check.sequence_objective(opts.loss_type, opts.loss_params, mask)
     check.same_device("logits", logits, old_logp=old_logp, advantages=advantages,
-                      ref_logp=ref_logp, rollout_logp=rollout_logp)
-    dispatch.resolve("ppo_loss", logits.device)
-    terms = ops.ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
-                                inplace_backward)
-    return reference.reduce(terms, labels != ignore_index, opts)
+                      ref_logp=ref_logp, rollout_logp=rollout_logp,
+                      rollout_is_weights=rollout_is_weights)
+    valid = labels != ignore_index
+    if opts.loss_type == "vanilla" and rollout_is_weights is None:
+        dispatch.resolve("ppo_loss", logits.device)
+        terms = ops.ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp,
+                                    opts, inplace_backward)
+        return reference.reduce(terms, valid, opts)
+    dispatch.resolve("token_logprobs", logits.device)
+    logp, entropy = ops.token_logprobs_op(logits, labels, 1.0 / float(opts.temperature),
+                                          int(ignore_index), True, bool(inplace_backward))[:2]
+    terms = reference.ppo_token_terms(logp, _data(old_logp), _data(advantages), opts, mask=valid,
+                                      entropy=entropy, ref_logp=_data(ref_logp),
+                                      rollout_logp=_data(rollout_logp),
+                                      rollout_is_weights=_data(rollout_is_weights))
+    return reference.reduce(terms, valid, opts)

@@ -15,7 +15,8 @@ class PPOLoss(nn.Module):
 
     Takes any keyword of :func:`ppo_fast.ppo_loss` (checked here, not at the first step).
     ``forward(logits, labels, old_logp, advantages, mask, ref_logp=None, rollout_logp=None,
-    **overrides)`` returns ``(loss, metrics)``. ``kl_coef`` is an attribute so an adaptive KL
+    rollout_is_weights=None, **overrides)`` returns ``(loss, metrics)``. ``loss_type`` and
+    ``loss_params`` pick the objective (:mod:`ppo_fast.objectives`). ``kl_coef`` is an attribute so an adaptive KL
     controller can change it between steps (it is a runtime kernel argument: no recompilation).
     """
 
@@ -32,11 +33,12 @@ class PPOLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None,
-                rollout_logp=None, **overrides):
+                rollout_logp=None, rollout_is_weights=None, **overrides):
         options = {**self.options, "kl_coef": self.kl_coef,
                    "inplace_backward": self.inplace_backward, **overrides}
         return F.ppo_loss(logits, labels, old_logp, advantages, mask, ref_logp=ref_logp,
-                          rollout_logp=rollout_logp, **options)
+                          rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights,
+                          **options)
 
     def extra_repr(self) -> str:
         options = {**self.options, "kl_coef": self.kl_coef, "inplace_backward": self.inplace_backward}

@@ -1,7 +1,7 @@
 """The ops with a ``torch.library`` schema, so autograd, device dispatch and ``torch.compile`` see
 each as one ordinary op:
 
-* ``ppo_fast::token_logprobs``           logits → (logp, entropy, lse)
+* ``ppo_fast::token_logprobs``           logits → (logp, entropy, lse, sum_pi_squared)
 * ``ppo_fast::token_logprobs_backward``  writes ∂loss/∂logits (into the logits buffer if asked)
 * ``ppo_fast::ppo_loss_tokens``          the actor loss per token (``backends.PPO_OUTPUTS``)
 * ``ppo_fast::gae``                      GAE over packed sequences
@@ -35,12 +35,15 @@ def _no_kernel(name: str, tensor: Tensor):
                                f"not {tensor.device.type}")
 
 
-def _implement(schema_op, op: str, entry: str, drop_last: bool = False) -> None:
+def _implement(schema_op, op: str, entry, drop_last: bool = False) -> None:
     """Register, for each device type, the function that resolves ``op``'s backend and calls its
-    ``entry``. ``drop_last``: the schema's last argument is for the autograd formula only."""
+    ``entry`` (a function name, or a callable given the backend module and the op's arguments).
+    ``drop_last``: the schema's last argument is for the autograd formula only."""
     for device_type in DEVICE_TYPES:
         def implementation(*args, device_type=device_type):
             impl = dispatch.resolve(op, device_type).impl
+            if callable(entry):
+                return entry(impl, *args)
             return getattr(impl, entry)(*(args[:-1] if drop_last else args))
 
         schema_op.register_kernel(device_type)(implementation)
@@ -53,14 +56,32 @@ def _implement(schema_op, op: str, entry: str, drop_last: bool = False) -> None:
 
 @torch.library.custom_op("ppo_fast::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, labels: Tensor, inv_temp: float, ignore_index: int,
-                      with_entropy: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      with_entropy: bool, inplace_backward: bool,
+                      with_sum_pi_squared: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse, sum_pi_squared)``, each ``[...]`` float32 (float64 for float64
+    logits); ``entropy`` is zeros without ``with_entropy``, ``sum_pi_squared`` is empty (shape
+    ``[0]``) without ``with_sum_pi_squared``. Only ``logp`` and ``entropy`` are differentiable:
+    ``lse`` and ``sum_pi_squared`` come back with ``requires_grad=False``."""
     raise _no_kernel("token_logprobs", logits)
 
 
 @token_logprobs_op.register_fake
-def _(logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward):
+def _(logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward,
+      with_sum_pi_squared=False):
     lead, dtype = logits.shape[:-1], _out_dtype(logits.dtype)
-    return tuple(logits.new_empty(lead, dtype=dtype) for _ in range(3))
+    return (*(logits.new_empty(lead, dtype=dtype) for _ in range(3)),
+            logits.new_empty(lead if with_sum_pi_squared else (0,), dtype=dtype))
+
+
+def _token_logprobs(impl, logits, labels, inv_temp, ignore_index, with_entropy,
+                    inplace_backward, with_sum_pi_squared=False):
+    """The op's four outputs from a backend, whose forward gives Σ p² only when asked for
+    (``inplace_backward`` is for the autograd formula)."""
+    out = impl.token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy,
+                                      with_sum_pi_squared)
+    if with_sum_pi_squared:
+        return out
+    return (*out, out[0].new_empty(0))
 
 
 @torch.library.custom_op("ppo_fast::token_logprobs_backward", mutates_args=("dlogits",))
@@ -75,7 +96,7 @@ def _(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
     return None
 
 
-_implement(token_logprobs_op, "token_logprobs", "token_logprobs_forward", drop_last=True)
+_implement(token_logprobs_op, "token_logprobs", _token_logprobs)
 _implement(token_logprobs_backward_op, "token_logprobs", "token_logprobs_backward")
 
 
@@ -93,18 +114,21 @@ def _dlogits(ctx, logits, labels, lse, entropy, grad_logp, grad_entropy) -> Tens
 
 
 def _logprobs_setup(ctx, inputs, output):
-    logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward = inputs
-    _, entropy, lse = output
+    logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward = inputs[:6]
+    _, entropy, lse, sum_pi_squared = output
+    # Σ p² is a statistic of the old policy, read under no_grad: no backward formula for it. Marked
+    # non-differentiable, a gradient cannot reach it silently (it is a constant to autograd).
+    ctx.mark_non_differentiable(lse, sum_pi_squared)
     ctx.save_for_backward(logits, labels, lse, entropy)
     ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
     ctx.with_entropy, ctx.inplace_backward = with_entropy, inplace_backward
 
 
-def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_sum_pi_squared):
     logits, labels, lse, entropy = ctx.saved_tensors
     dlogits = _dlogits(ctx, logits, labels, lse, entropy, grad_logp,
                        grad_entropy if ctx.with_entropy else None)
-    return dlogits, None, None, None, None, None
+    return dlogits, None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)

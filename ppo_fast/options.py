@@ -8,6 +8,8 @@ checks an option on its own. Its defaults are the public defaults (a test holds 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 AGG_MODES = (
     "token-mean",
@@ -67,6 +69,10 @@ class LossOptions:
     """Every option of the policy and PPO losses (the value loss takes the aggregation ones).
     Each public function sets the ones it takes and leaves the others at their defaults."""
 
+    loss_type: str = "vanilla"
+    """The policy objective (:mod:`ppo_fast.objectives`; aliases stored canonical)."""
+    loss_params: Mapping[str, object] | None = None
+    """The objective's own parameters; stored complete (defaults filled in), read-only."""
     clip_low: float = 0.2
     """The ratio is clipped below at 1 − clip_low (0 < clip_low < 1)."""
     clip_high: float | None = None
@@ -86,8 +92,9 @@ class LossOptions:
     """Log-probs are taken under softmax(logits / temperature)."""
     ignore_index: int = -100
     """Label of positions that are skipped like masked ones."""
-    agg: str = "token-mean"
-    """How per-token losses become one number (``AGG_MODES``; see ``reference.agg_weights``)."""
+    agg: str | None = None
+    """How per-token losses become one number (``AGG_MODES``; see ``reference.agg_weights``);
+    None: the loss type's (token-mean for most; stored resolved)."""
     num_tokens: float | None = None
     """Global token count for ``token-mean`` across data-parallel ranks; None: this batch's."""
     num_seqs: float | None = None
@@ -98,6 +105,14 @@ class LossOptions:
     """Divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO); None: T."""
 
     def __post_init__(self):
+        from .objectives import OBJECTIVES, resolve
+
+        loss_type, params, default_agg = resolve(self.loss_type, self.loss_params)
+        clip_given = self.clip_low != 0.2 or self.clip_high is not None
+        object.__setattr__(self, "loss_type", loss_type)
+        object.__setattr__(self, "loss_params", MappingProxyType(params))
+        if self.agg is None:
+            object.__setattr__(self, "agg", default_agg)
         positive("clip_low", self.clip_low)
         if self.clip_low >= 1:
             raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), "
@@ -107,6 +122,12 @@ class LossOptions:
         positive("clip_high", self.clip_high)
         if self.dual_clip is not None and not (_is_number(self.dual_clip) and self.dual_clip > 1):
             raise ValueError(f"dual_clip must be a number > 1 or None, got {self.dual_clip!r}")
+        if self.dual_clip is not None and loss_type != "vanilla":
+            raise ValueError(f"dual_clip applies to loss_type='vanilla' only, got loss_type="
+                             f"{self.loss_type!r} (dppo's truncation is loss_params['ratio_cap'])")
+        if clip_given and not OBJECTIVES[loss_type].uses_clip:
+            raise ValueError(f"loss_type={loss_type!r} does not clip: clip_low / clip_high would "
+                             "be ignored; leave them unset")
         positive("tis_cap", self.tis_cap)
         non_negative("kl_coef", self.kl_coef)
         object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))

@@ -27,15 +27,14 @@ from typing import NamedTuple
 
 import torch
 
+from . import objectives
+from .objectives import LOG_RATIO_CLAMP
 from .options import AGG_MODES, KL_ALIASES, KL_ESTIMATORS, LossOptions
 
 __all__ = ["AGG_MODES", "KL_ALIASES", "KL_ESTIMATORS", "LossOptions", "TokenTerms", "agg_weights",
            "aggregate", "compute_dtype", "gae", "gae_packed", "group_advantages", "kl_penalty",
            "masked_mean", "masked_whiten", "policy_loss", "policy_metrics", "ppo_loss",
            "ppo_token_terms", "reduce", "token_logprobs", "value_loss"]
-
-LOG_RATIO_CLAMP = 20.0
-"""|log-ratio| clamp before ``exp`` in policy ratios and k3, so no ratio overflows."""
 
 K3_VALUE_CLAMP = 10.0
 """|k3| clamp, as verl's ``low_var_kl``."""
@@ -62,17 +61,24 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_sum_pi_squared: bool = False,
 ):
     """Log-probability of each label under ``softmax(logits / temperature)``.
 
     logits: ``[..., V]`` float32/bfloat16/float16/float64; labels: ``[...]`` integer.
-    Returns logp ``[...]`` (and entropy ``[...]`` if ``return_entropy``), float32 (float64 for
-    float64 logits). With ``s = logits / τ``:
+    Returns logp ``[...]``, or the tuple ``(logp, entropy, sum_pi_squared)`` less the outputs
+    not asked for (``return_entropy``, ``return_sum_pi_squared``), all float32 (float64 for
+    float64 logits). With ``s = logits / τ`` and ``p = softmax(s)``:
 
-        logp    = s_y − logsumexp(s)
-        entropy = logsumexp(s) − Σ_j softmax(s)_j · s_j
+        logp           = s_y − logsumexp(s)
+        entropy        = logsumexp(s) − Σ_j p_j · s_j
+        sum_pi_squared = Σ_j p_j²    ∈ [1/V, 1]
 
-    Positions whose label is ``ignore_index`` give logp 0 and entropy 0, with zero gradient,
+    ``sum_pi_squared`` (verl's ``calculate_sum_pi_squared_from_logits`` of the tempered logits,
+    which its optimal-token-baseline advantages read) is computed from the max-shifted row, so
+    no logit magnitude overflows it; it carries no gradient (returned detached).
+
+    Positions whose label is ``ignore_index`` give 0 for every output, with zero gradient,
     whatever their logits hold.
     """
     ignored = labels == ignore_index
@@ -84,12 +90,18 @@ def token_logprobs(
     log_probs = torch.log_softmax(s, dim=-1)
     logp = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     logp = logp.masked_fill(ignored, 0.0)
-    if not return_entropy:
+    if not (return_entropy or return_sum_pi_squared):
         return logp
     p = log_probs.exp()
-    # p·log p with p = 0 is 0 even where s = −inf (a banned token), never NaN.
-    entropy = -(p * log_probs.masked_fill(p == 0, 0.0)).sum(-1)
-    return logp, entropy.masked_fill(ignored, 0.0)
+    out = (logp,)
+    if return_entropy:
+        # p·log p with p = 0 is 0 even where s = −inf (a banned token), never NaN.
+        entropy = -(p * log_probs.masked_fill(p == 0, 0.0)).sum(-1)
+        out += (entropy.masked_fill(ignored, 0.0),)
+    if return_sum_pi_squared:
+        # p comes from the max-shifted row (log_softmax): each p_j ≤ 1, nothing overflows.
+        out += ((p * p).sum(-1).masked_fill(ignored, 0.0).detach(),)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,47 +350,43 @@ def ppo_token_terms(
     entropy=None,
     ref_logp=None,
     rollout_logp=None,
+    rollout_is_weights=None,
 ) -> TokenTerms:
     """Per-token actor loss, in the dtype of ``logp``; with ``mask``, every input is first set to
     0 where the mask is false (so what masked positions hold reaches no term and no gradient).
 
-        ratio = exp(clamp(logp − old_logp, ±20))
-        pg = max(−A·ratio, −A·clip(ratio, 1 − clip_low, 1 + clip_high))
-        dual clip (c > 1): where A < 0, pg = min(pg, −A·c)
-        truncated IS: pg ·= min(exp(clamp(old_logp − rollout_logp, ±20)), tis_cap)   (no gradient)
+        pg = the objective of opts.loss_type (ppo_fast.objectives), for vanilla
+             max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high)), r = exp(clamp(logp − old_logp, ±20)),
+             and with dual clip (c > 1), where A < 0, min(pg, −A·c)
+        importance weights (no gradient): rollout_is_weights, times with rollout_logp the
+             truncated min(exp(clamp(old_logp − rollout_logp, ±20)), tis_cap); they multiply pg
+             (geo_mean and vespo fold them in per sequence)
         loss = pg + kl_coef·kl(logp, ref_logp) − entropy_coef·entropy
 
     Without ``entropy`` (the policy loss from log-probs alone) the loss is ``pg``. With it and
     without ``ref_logp`` the KL term is 0.
     """
     dtype = logp.dtype
-    if mask is not None:
-        mask = mask.bool()
-        logp, old_logp, advantages, entropy, ref_logp, rollout_logp = (
-            None if t is None else torch.where(mask, t, 0.0)
-            for t in (logp, old_logp, advantages, entropy, ref_logp, rollout_logp))
-    old_logp, advantages = old_logp.to(dtype), advantages.to(dtype)
-    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped_loss = -advantages * ratio.clamp(1 - opts.clip_low, 1 + opts.clip_high)
-    clipped = clipped_loss > unclipped
-    pg = torch.maximum(unclipped, clipped_loss)
-    clipped_lower = torch.zeros_like(clipped)
-    if opts.dual_clip is not None:
-        cap = -advantages * opts.dual_clip
-        clipped_lower = (advantages < 0) & (pg > cap)
-        pg = torch.where(advantages < 0, torch.minimum(pg, cap), pg)
+    if mask is None:
+        mask = torch.ones_like(logp, dtype=torch.bool)
+    mask = mask.bool()
+    logp, old_logp, advantages, entropy, ref_logp, rollout_logp, rollout_is_weights = (
+        None if t is None else torch.where(mask, t.to(dtype), 0.0)
+        for t in (logp, old_logp, advantages, entropy, ref_logp, rollout_logp, rollout_is_weights))
+    weights = None if rollout_is_weights is None else rollout_is_weights.detach()
     if rollout_logp is not None:
-        is_log_ratio = (old_logp - rollout_logp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        pg = pg * is_log_ratio.exp().clamp(max=opts.tis_cap).detach()
+        is_log_ratio = (old_logp - rollout_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        truncated = is_log_ratio.exp().clamp(max=opts.tis_cap).detach()
+        weights = truncated if weights is None else weights * truncated
+    pg, log_ratio, clipped, clipped_lower = objectives.policy_terms(
+        logp, old_logp, advantages, mask, opts, weights=weights)
     if entropy is None:
         return TokenTerms(pg, pg, None, None, log_ratio, clipped, clipped_lower)
     if ref_logp is None:
         kl = torch.zeros_like(logp)
         loss = pg
     else:
-        kl = kl_penalty(logp, ref_logp.to(dtype), opts.kl_estimator)
+        kl = kl_penalty(logp, ref_logp, opts.kl_estimator)
         loss = pg + opts.kl_coef * kl
     loss = loss - opts.entropy_coef * entropy
     return TokenTerms(loss, pg, kl, entropy, log_ratio, clipped, clipped_lower)
@@ -424,18 +432,19 @@ def reduce(terms: TokenTerms, mask: torch.Tensor, opts: LossOptions):
     return loss, metrics
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, rollout_logp=None, **options):
-    """PPO clipped policy loss from per-token log-probs, aggregated with ``agg``; options are
+def policy_loss(logp, old_logp, advantages, mask, *, rollout_logp=None, rollout_is_weights=None,
+                **options):
+    """The policy loss from per-token log-probs, aggregated with ``agg``; options are
     :class:`LossOptions` fields. Returns ``(loss, metrics)`` (see :func:`reduce`)."""
     opts = LossOptions(**options)
     dtype = compute_dtype(logp, old_logp, advantages)
     terms = ppo_token_terms(logp.to(dtype), old_logp, advantages, opts, mask=mask,
-                            rollout_logp=rollout_logp)
+                            rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
     return reduce(terms, mask, opts)
 
 
 def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollout_logp=None,
-             **options):
+             rollout_is_weights=None, **options):
     """The actor loss from logits: policy loss + kl_coef·agg(KL) − entropy_coef·agg(entropy).
 
     Options are :class:`LossOptions` fields. Labels equal to ``ignore_index`` are treated as
@@ -447,7 +456,8 @@ def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollo
                                    temperature=opts.temperature, ignore_index=opts.ignore_index,
                                    return_entropy=True)
     terms = ppo_token_terms(logp, old_logp, advantages, opts, mask=mask, entropy=entropy,
-                            ref_logp=ref_logp, rollout_logp=rollout_logp)
+                            ref_logp=ref_logp, rollout_logp=rollout_logp,
+                            rollout_is_weights=rollout_is_weights)
     return reduce(terms, mask, opts)
 
 

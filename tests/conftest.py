@@ -33,6 +33,13 @@ def force_backend(monkeypatch):
     return force
 
 
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, force_backend):
+    """Runs the test body with this backend forced for every public call."""
+    with force_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

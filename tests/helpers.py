@@ -3,6 +3,8 @@
 import os
 import sys
 
+import torch
+
 DEEPSPEED_LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 """The ``deepspeed`` launcher, run as the module its console script runs: found wherever pip put
 the package, also when its scripts went to a folder off the PATH (``pip install --target``)."""
@@ -19,3 +21,30 @@ def subprocess_env(**extra):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PPO_FAST_BACKEND"):
         env.pop(name, None)
     return env
+
+
+def random_logits(shape, dtype, device, scale=4.0):
+    """Normal logits of standard deviation ``scale``, drawn in float64 then cast."""
+    return (torch.randn(shape, dtype=torch.float64, device=device) * scale).to(dtype)
+
+
+def random_labels(lead, V, device, ignore_fraction=0.2):
+    """Labels in [0, V), about ``ignore_fraction`` of them -100."""
+    labels = torch.randint(0, V, lead, device=device)
+    return labels.masked_fill(torch.rand(lead, device=device) < ignore_fraction, -100)
+
+
+def assert_loss_matches_spec(fn, spec, logits, *args, **kwargs):
+    """``fn`` (the public loss) and ``spec`` (its reference) on the same float64 inputs: equal
+    losses, gradients (of 2.5·loss) and metrics, and no metric carries a gradient."""
+    loss, metrics = fn(logits, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss * 2.5, logits)
+    x = logits.detach().requires_grad_()
+    loss_r, metrics_r = spec(x, *args, **kwargs)
+    (grad_r,) = torch.autograd.grad(loss_r * 2.5, x)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-9, atol=1e-12)
+    assert metrics.keys() == metrics_r.keys()
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert not metrics[name].requires_grad, name

@@ -15,10 +15,9 @@ import torch
 import ppo_fast as pf
 from ppo_fast import reference as R
 
-from helpers import max_err
+from helpers import assert_loss_matches_spec, max_err, random_labels, random_logits
 
 F64 = torch.float64
-BACKENDS = ["reference", "triton"]
 
 LOGPROB_SHAPES = [
     (1, 7),
@@ -27,23 +26,6 @@ LOGPROB_SHAPES = [
     (3, 50257),
     (2, 151936),
 ]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, force_backend):
-    """Runs the test body with this backend forced for every public call."""
-    with force_backend(request.param):
-        yield request.param
-
-
-def _logits(shape, dtype, device, scale=4.0):
-    return (torch.randn(shape, dtype=F64, device=device) * scale).to(dtype)
-
-
-def _labels(lead, V, device, ignore_fraction=0.2):
-    labels = torch.randint(0, V, lead, device=device)
-    ignored = torch.rand(lead, device=device) < ignore_fraction
-    return labels.masked_fill(ignored, -100)
 
 
 def _spec_logprobs_and_grad(logits, labels, g_logp, g_ent, **kw):
@@ -61,8 +43,8 @@ def _spec_logprobs_and_grad(logits, labels, g_logp, g_ent, **kw):
 @pytest.mark.parametrize("N,V", LOGPROB_SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_token_logprobs_float64_forward_and_backward(N, V, temperature, device, backend):
-    logits = _logits((N, V), F64, device).requires_grad_()
-    labels = _labels((N,), V, device)
+    logits = random_logits((N, V), F64, device).requires_grad_()
+    labels = random_labels((N,), V, device)
     g_logp, g_ent = torch.randn(N, dtype=F64, device=device), torch.randn(N, dtype=F64, device=device)
     logp, ent = pf.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
     (grad,) = torch.autograd.grad((logp * g_logp + ent * g_ent).sum(), logits)
@@ -77,7 +59,7 @@ def test_token_logprobs_float64_forward_and_backward(N, V, temperature, device, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,V", [(6, 1000), (2, 151936)])
 def test_token_logprobs_low_precision_within_twice_eager_error(dtype, N, V, device, backend):
-    logits = _logits((N, V), dtype, device, scale=2.0).requires_grad_()
+    logits = random_logits((N, V), dtype, device, scale=2.0).requires_grad_()
     labels = torch.randint(0, V, (N,), device=device)
     upstream = torch.randn(N, device=device)
     exact = logits.detach().double().requires_grad_()
@@ -98,9 +80,9 @@ def test_token_logprobs_low_precision_within_twice_eager_error(dtype, N, V, devi
 
 
 def test_token_logprobs_leading_shape_and_non_contiguous(device, backend):
-    base = _logits((3, 40, 2 * 333), torch.float32, device)
+    base = random_logits((3, 40, 2 * 333), torch.float32, device)
     logits = base[:, 1:30, ::2].detach().requires_grad_()  # strided columns, shifted rows
-    labels = _labels((3, 29), 333, device)
+    labels = random_labels((3, 29), 333, device)
     lp = pf.token_logprobs(logits, labels)
     (g,) = torch.autograd.grad(lp.sum() * 1.5, logits)
     x = logits.detach().double().requires_grad_()
@@ -114,7 +96,7 @@ def test_token_logprobs_leading_shape_and_non_contiguous(device, backend):
 def test_token_logprobs_extreme_rows(device, backend):
     """All-negative rows, −inf (banned) tokens, and a huge logit."""
     V = 1000
-    logits = _logits((4, V), F64, device) - 1e4
+    logits = random_logits((4, V), F64, device) - 1e4
     logits[1, :500] = float("-inf")
     logits[2, 7] = 1e4
     logits.requires_grad_()
@@ -130,7 +112,7 @@ def test_token_logprobs_extreme_rows(device, backend):
 
 
 def test_a_banned_label_has_log_prob_minus_infinity_and_a_finite_gradient(device, backend):
-    logits = _logits((3, 50), F64, device)
+    logits = random_logits((3, 50), F64, device)
     logits[1, 7] = float("-inf")
     logits[2, :10] = float("-inf")
     logits.requires_grad_()
@@ -146,7 +128,7 @@ def test_a_banned_label_has_log_prob_minus_infinity_and_a_finite_gradient(device
 
 
 def test_ignored_rows_have_zero_output_and_gradient(device, backend):
-    logits = _logits((4, 300), torch.float32, device).requires_grad_()
+    logits = random_logits((4, 300), torch.float32, device).requires_grad_()
     labels = torch.tensor([-100, 5, -100, 7], device=device)
     lp, ent = pf.token_logprobs(logits, labels, return_entropy=True)
     (g,) = torch.autograd.grad((lp + ent).sum(), logits)
@@ -159,11 +141,11 @@ def test_shifted_logits_are_read_in_place_without_a_copy(device, force_backend):
     and in-place backward."""
     from ppo_fast.kernels.logprobs import row_layout
 
-    full = _logits((3, 12, 401), torch.bfloat16, device)
+    full = random_logits((3, 12, 401), torch.bfloat16, device)
     shifted = full[:, :-1]
     addressed, layout = row_layout(shifted)
     assert addressed.data_ptr() == shifted.data_ptr() and layout == (11, 12 * 401, 401)
-    labels = _labels((3, 11), 401, device)
+    labels = random_labels((3, 11), 401, device)
     upstream = torch.randn(3, 11, device=device)
     exact = shifted.detach().double().requires_grad_()
     (g_exact,) = torch.autograd.grad((R.token_logprobs(exact, labels) * upstream).sum(), exact)
@@ -181,8 +163,8 @@ def test_shifted_logits_are_read_in_place_without_a_copy(device, force_backend):
 
 
 def test_inplace_backward_writes_gradient_into_logits(device, force_backend):
-    source = _logits((5, 777), torch.bfloat16, device)
-    labels = _labels((5,), 777, device)
+    source = random_logits((5, 777), torch.bfloat16, device)
+    labels = random_labels((5,), 777, device)
     upstream = torch.randn(5, device=device)
     with force_backend("triton"):
         x = source.clone().requires_grad_()
@@ -197,9 +179,9 @@ def test_inplace_backward_writes_gradient_into_logits(device, force_backend):
 
 def test_inplace_backward_on_logits_that_need_a_copy_falls_back(device, force_backend):
     """Logits the kernels cannot address directly are copied, so the gradient cannot go into them."""
-    base = _logits((2, 3, 6, 41), torch.float32, device)
+    base = random_logits((2, 3, 6, 41), torch.float32, device)
     logits = base[:, :, :5].detach().requires_grad_()
-    labels = _labels((2, 3, 5), 41, device)
+    labels = random_labels((2, 3, 5), 41, device)
     (expected,) = torch.autograd.grad(R.token_logprobs(logits, labels).sum(), logits)
     with force_backend("triton"):
         (got,) = torch.autograd.grad(pf.token_logprobs(logits, labels, inplace_backward=True).sum(), logits)
@@ -210,7 +192,7 @@ def test_batch_invariance_is_bitwise(device, force_backend):
     """A token's log-prob and entropy do not depend on what else is in the batch or where it
     sits: alone, in a batch, shuffled, padded, or in a shifted [B, T, V] view."""
     V = 50257
-    logits = _logits((3, 4, V), torch.bfloat16, device)
+    logits = random_logits((3, 4, V), torch.bfloat16, device)
     labels = torch.randint(0, V, (3, 4), device=device)
     flat, flat_labels = logits.view(-1, V), labels.view(-1)
     perm = torch.randperm(12, device=device)
@@ -236,7 +218,7 @@ def test_batch_invariance_is_bitwise(device, force_backend):
 
 
 def _ppo_inputs(B, T, V, dtype, device):
-    logits = _logits((B, T, V), dtype, device, scale=2.0).requires_grad_()
+    logits = random_logits((B, T, V), dtype, device, scale=2.0).requires_grad_()
     labels = torch.randint(0, V, (B, T), device=device)
     labels[0, -1] = -100
     with torch.no_grad():
@@ -273,17 +255,7 @@ def test_ppo_loss_matches_spec_float64(options, agg, device, backend):
     use_tis = options.pop("tis", False)
     kw = dict(options, agg=agg, ref_logp=ref if "kl_coef" in options else None,
               rollout_logp=rollout if use_tis else None)
-    loss, metrics = pf.ppo_loss(logits, labels, old, adv, mask, **kw)
-    (grad,) = torch.autograd.grad(loss * 2.5, logits)
-    x = logits.detach().requires_grad_()
-    loss_r, metrics_r = R.ppo_loss(x, labels, old, adv, mask, **kw)
-    (grad_r,) = torch.autograd.grad(loss_r * 2.5, x)
-    torch.testing.assert_close(loss, loss_r, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad, grad_r, rtol=1e-9, atol=1e-12)
-    assert metrics.keys() == metrics_r.keys()
-    for name in metrics:
-        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
-        assert not metrics[name].requires_grad, name
+    assert_loss_matches_spec(pf.ppo_loss, R.ppo_loss, logits, labels, old, adv, mask, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -400,8 +372,8 @@ def test_gae_packed_varlen(device, backend):
 def test_ops_pass_torch_library_opcheck(device, backend):
     from ppo_fast import ops
 
-    logits = _logits((3, 5, 33), torch.float32, device).requires_grad_()
-    labels = _labels((3, 5), 33, device)
+    logits = random_logits((3, 5, 33), torch.float32, device).requires_grad_()
+    labels = random_labels((3, 5), 33, device)
     torch.library.opcheck(ops.token_logprobs_op, (logits, labels, 1.0, -100, True, False))
     old, adv = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     torch.library.opcheck(
@@ -422,8 +394,8 @@ def test_launchers_write_every_output_element(device):
     from ppo_fast.kernels import ppo_loss as ppo_k
 
     N, V = 13, 1031
-    logits = _logits((N, V), F64, device)
-    labels = _labels((N,), V, device, ignore_fraction=0.3)
+    logits = random_logits((N, V), F64, device)
+    labels = random_labels((N,), V, device, ignore_fraction=0.3)
     layout = lp_k.row_layout(logits)[1]
     poison = lambda *shape, dtype=F64: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
     inv_temp = torch.tensor([1.0], dtype=F64, device=device)
@@ -467,7 +439,7 @@ def test_out_of_range_label_gives_nan_not_a_wild_read(device):
     from ppo_fast.kernels import logprobs as lp_k
     import triton.language as tl
 
-    logits = _logits((3, 40), torch.float32, device)
+    logits = random_logits((3, 40), torch.float32, device)
     labels = torch.tensor([5, 40, -100], device=device)
     out = [torch.zeros(3, device=device) for _ in range(3)]
     lp_k.logprobs_fwd(logits, lp_k.row_layout(logits)[1], labels, *out,

@@ -1,7 +1,8 @@
 """One module per backend, each implementing the ops of the dispatch table (``ppo_fast.dispatch``)
 under the same function names and signatures:
 
-    token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy) -> (logp, entropy, lse)
+    token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy,
+                           with_sum_pi_squared=False) -> (logp, entropy, lse[, sum_pi_squared])
     token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,
                             inv_temp, ignore_index)              writes ∂loss/∂logits into dlogits
     writes_in_place(logits) -> bool                              may dlogits be the logits buffer

@@ -36,7 +36,10 @@ def _scaled(logits, inv_temp, dtype):
     return logits if inv_temp == 1.0 else logits.to(dtype) * inv_temp
 
 
-def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy):
+def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy,
+                           with_sum_pi_squared=False):
+    """``(logp, entropy, lse)``, and ``sum_pi_squared`` as a fourth output when asked for; entropy
+    is zeros without ``with_entropy``. Every output is 0 where the label is ``ignore_index``."""
     dtype = spec.compute_dtype(logits)
     s = _scaled(logits, inv_temp, dtype)
     log_probs = torch.log_softmax(s, dim=-1, dtype=dtype)
@@ -49,14 +52,20 @@ def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy)
     banned = ~torch.isfinite(lse)
     if bool(banned.any()):
         lse[banned] = s[banned].amax(-1).to(dtype) - log_probs[banned].amax(-1)
-    if with_entropy:
-        # p·log p is 0 where p = 0: a finite floor instead of −inf keeps 0·(−inf) from giving NaN.
-        log_probs.clamp_(min=torch.finfo(dtype).min)
-        entropy = -log_probs.exp().mul_(log_probs).sum(-1)
-    else:
-        entropy = torch.zeros_like(logp)
-    return (logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0),
-            lse.masked_fill(ignored, 0.0))
+    entropy = torch.zeros_like(logp)
+    sum_pi_squared = None
+    if with_entropy or with_sum_pi_squared:
+        p = log_probs.exp()
+        if with_sum_pi_squared:
+            # Σ p² as a batched dot product: no [N, V] buffer for p², and p stays for the entropy.
+            sum_pi_squared = torch.einsum("...v,...v->...", p, p).masked_fill_(ignored, 0.0)
+        if with_entropy:
+            # p·log p is 0 where p = 0: a finite floor instead of −inf keeps 0·(−inf) from
+            # giving NaN.
+            entropy = -p.mul_(log_probs.clamp_(min=torch.finfo(dtype).min)).sum(-1)
+    out = (logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0),
+           lse.masked_fill(ignored, 0.0))
+    return out if sum_pi_squared is None else (*out, sum_pi_squared)
 
 
 def token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,

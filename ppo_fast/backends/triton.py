@@ -40,18 +40,24 @@ def writes_in_place(logits: torch.Tensor) -> bool:
     return logprobs_kernels.row_layout(logits)[0] is logits
 
 
-def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy):
+def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy,
+                           with_sum_pi_squared=False):
+    """``(logp, entropy, lse)``, and ``sum_pi_squared`` as a fourth output when asked for, all
+    from one read of the logits."""
     lead = logits.shape[:-1]
     out_dtype = _out_dtype(logits.dtype)
     logp = torch.empty(lead, dtype=out_dtype, device=logits.device)
     entropy = torch.zeros(lead, dtype=out_dtype, device=logits.device)
     lse = torch.empty(lead, dtype=out_dtype, device=logits.device)
+    sum_pi_squared = (torch.empty(lead, dtype=out_dtype, device=logits.device)
+                      if with_sum_pi_squared else None)
     rows, layout = logprobs_kernels.row_layout(logits)
     logprobs_kernels.logprobs_fwd(
         rows, layout, _flat(labels), logp.view(-1), entropy.view(-1), lse.view(-1),
         _scalars([inv_temp], logits.dtype, logits.device), ignore_index, with_entropy,
-        _acc(logits.dtype))
-    return logp, entropy, lse
+        _acc(logits.dtype), None if sum_pi_squared is None else sum_pi_squared.view(-1))
+    out = (logp, entropy, lse)
+    return out if sum_pi_squared is None else (*out, sum_pi_squared)
 
 
 def token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,

@@ -1,0 +1,144 @@
+"""verl 0.9.1, computed by ppo_fast: the same functions under verl's names and signatures, and
+:func:`install`, which puts them into verl itself.
+
+Two ways in:
+
+* change an import: ``from ppo_fast.integrations.verl import compute_policy_loss_gspo, agg_loss``
+  (every name verl's ``core_algos``, ``rollout_corr_helper`` and ``torch_functional`` use is here);
+* or leave verl's code and config alone and call :func:`install` in every process that runs verl
+  code, before verl builds its workers: ``PPO_FAST_VERL=1`` does it when verl is imported (verl
+  loads the ``verl.plugins`` entry point ``ppo_fast`` in the driver and in each Ray worker),
+  ``VERL_USE_EXTERNAL_MODULES=ppo_fast.integrations.verl.plugin`` too.
+
+:func:`install` registers ours under verl's names in ``POLICY_LOSS_REGISTRY`` (all twelve loss
+modes) and ``ADV_ESTIMATOR_REGISTRY`` (all fourteen estimators), and rebinds every module
+attribute through which verl 0.9.1 reaches these functions: ``core_algos``' own functions (its
+trainer calls the GAE and GRPO estimators directly), the by-name imports of ``agg_loss``,
+``kl_penalty`` and ``compute_value_loss`` in the actor's loss code and the trainers, the
+rollout-correction helpers, and ``logprobs_from_logits`` / entropy / Σπ² in
+``verl.utils.torch_functional`` and in each engine that imported them by name (FSDP, automodel,
+torchtitan, the naive rollout). The speed is there: the engines' logits become log-probs and
+entropy in our fused kernel. Megatron's vocab-parallel functions and verl's own fused linear
+heads (``use_fused_kernels``) are left to verl.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from . import advantages as _advantages
+from . import logprobs as _logprobs
+from . import losses as _losses
+from . import rollout_correction as _rollout_correction
+from .advantages import *  # noqa: F401,F403  (verl's estimator names)
+from .logprobs import *  # noqa: F401,F403  (verl's torch_functional names)
+from .losses import *  # noqa: F401,F403  (verl's core_algos loss names)
+from .rollout_correction import *  # noqa: F401,F403  (verl's rollout_corr_helper names)
+
+ESTIMATORS = _advantages.ESTIMATORS
+"""verl's ``ADV_ESTIMATOR_REGISTRY`` names → ours."""
+
+ROLLOUT_CORRECTION = _rollout_correction.FUNCTIONS
+"""verl's ``rollout_corr_helper`` function names → ours."""
+
+__all__ = [*_losses.__all__, *_logprobs.__all__, *_advantages.__all__, *_rollout_correction.__all__,
+           "ESTIMATORS", "POLICY_LOSSES", "ROLLOUT_CORRECTION", "TARGETS", "install", "installed",
+           "uninstall"]
+
+logger = logging.getLogger(__name__)
+
+POLICY_LOSSES = {name: getattr(_losses, f"compute_policy_loss_{name}")
+                 for name in ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov",
+                              "geo_mean", "dro", "cispo", "bypass_mode")}
+"""verl's ``POLICY_LOSS_REGISTRY`` names → ours."""
+
+_LOG_PROBS = {name: getattr(_logprobs, name) for name in _logprobs.__all__}
+_CORE = {
+    **{f"compute_policy_loss_{name}": fn for name, fn in POLICY_LOSSES.items()},
+    **{name: getattr(_losses, name) for name in ("compute_policy_loss_reinforce", "agg_loss", "kl_penalty",
+                                                 "kl_penalty_forward", "compute_value_loss")},
+    **{fn.__name__: fn for fn in ESTIMATORS.values()},
+}
+_logprobs_from_logits = _logprobs.logprobs_from_logits
+_agg_loss, _kl_penalty, _value_loss = _losses.agg_loss, _losses.kl_penalty, _losses.compute_value_loss
+
+TARGETS: dict[str, dict[str, object]] = {
+    "verl.trainer.ppo.core_algos": _CORE,
+    "verl.trainer.ppo.rollout_corr_helper": dict(ROLLOUT_CORRECTION),
+    "verl.utils.torch_functional": _LOG_PROBS,
+    "verl.workers.utils.losses": {"agg_loss": _agg_loss, "compute_value_loss": _value_loss,
+                                  "kl_penalty": _kl_penalty},
+    "verl.trainer.ppo.ray_trainer": {"agg_loss": _agg_loss},
+    "verl.experimental.separation.ray_trainer": {"agg_loss": _agg_loss},
+    "verl.trainer.ppo.v1.trainer_base": {"agg_loss": _agg_loss},
+    "verl.trainer.distillation.losses": {"agg_loss": _agg_loss, "kl_penalty": _kl_penalty},
+    "verl.workers.engine.fsdp.transformer_impl": {"logprobs_from_logits": _logprobs_from_logits},
+    "verl.workers.engine.automodel.transformer_impl": {"logprobs_from_logits": _logprobs_from_logits},
+    "verl.workers.engine.torchtitan.transformer_impl": {"logprobs_from_logits": _logprobs_from_logits},
+    "verl.workers.rollout.naive.naive_rollout": {"logprobs_from_logits": _logprobs_from_logits},
+    "verl.trainer.ppo.prefix_grouper_utils": {"logprobs_from_logits": _logprobs_from_logits},
+}
+"""Module → {attribute: ours}: every place verl 0.9.1 looks these functions up."""
+
+_originals: dict[tuple[str, str], object] = {}
+_registry_originals: dict[tuple[str, str], object] = {}
+
+
+def _registries(core_algos):
+    return {"POLICY_LOSS_REGISTRY": (core_algos.POLICY_LOSS_REGISTRY, POLICY_LOSSES),
+            "ADV_ESTIMATOR_REGISTRY": (core_algos.ADV_ESTIMATOR_REGISTRY, ESTIMATORS)}
+
+
+def install() -> dict[str, str]:
+    """Put ppo_fast's functions into the installed verl; returns ``{target: what happened}``.
+
+    Idempotent. A module that does not import here (an engine whose own dependencies are missing)
+    is reported and left alone; if verl itself does not import, ImportError. Call it before verl
+    constructs its engines (they bind the entropy function when built).
+    """
+    core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
+    version = getattr(importlib.import_module("verl"), "__version__", "?")
+    if version != "0.9.1":
+        logger.warning("ppo_fast.integrations.verl targets verl 0.9.1; installing into verl %s",
+                       version)
+    report = {}
+    for name, (registry, ours) in _registries(core_algos).items():
+        for key, fn in ours.items():
+            _registry_originals.setdefault((name, key), registry.get(key))
+            registry[key] = fn
+        report[f"verl.trainer.ppo.core_algos.{name}"] = f"{len(ours)} entries"
+    for module_name, attributes in TARGETS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as error:  # an engine's optional dependency (megatron, veomni, ...)
+            report[module_name] = f"not patched: {type(error).__name__}: {error}"
+            continue
+        for attribute, fn in attributes.items():
+            if not hasattr(module, attribute):
+                report[f"{module_name}.{attribute}"] = "not patched: no such attribute"
+                continue
+            _originals.setdefault((module_name, attribute), getattr(module, attribute))
+            setattr(module, attribute, fn)
+        report[module_name] = f"patched {len(attributes)}"
+    return report
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: verl's own functions back in every place."""
+    core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
+    registries = {name: registry for name, (registry, _) in _registries(core_algos).items()}
+    for (name, key), original in _registry_originals.items():
+        if original is None:
+            registries[name].pop(key, None)
+        else:
+            registries[name][key] = original
+    for (module_name, attribute), original in _originals.items():
+        setattr(importlib.import_module(module_name), attribute, original)
+    _originals.clear()
+    _registry_originals.clear()
+
+
+def installed() -> bool:
+    """Whether :func:`install` is in effect."""
+    return bool(_originals)
