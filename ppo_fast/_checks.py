@@ -109,3 +109,14 @@ def sequence_objective(loss_type: str, params, mask: torch.Tensor) -> None:
     if per_sequence and mask.dim() < 1:
         raise ValueError(f"loss_type={loss_type!r} works per sequence and needs a mask of shape "
                          f"[..., T], got {_describe(mask)}")
+
+
+def weights(name: str, w: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """Importance weights: >= 0 wherever the mask selects (a negative weight would flip the sign
+    of a token's loss). What masked positions hold is not read."""
+    if w is None or not values_checked(w, mask):
+        return
+    negative = mask.bool() & (w < 0)
+    if bool(negative.any()):
+        raise ValueError(f"{name} must be >= 0 at the masked-in tokens; found {w[negative][0].item()} "
+                         f"({int(negative.sum())} such values), {_describe(w)}")

@@ -320,6 +320,9 @@ def _rejection_bounds(rejection) -> list[tuple[str, float | None, float | None]]
             raise ValueError(f"{where} must bound at least one side, got {spec!r}")
         if lower is not None and upper is not None and lower > upper:
             raise ValueError(f"{where}: lower bound {lower!r} > upper bound {upper!r}")
+        if not ratio and upper is not None and upper < 0:
+            raise ValueError(f"{where}: {_filter_parts(name)[1]} is never negative, so an upper bound "
+                             f"{upper!r} < 0 would reject every token")
         checked.append((name, None if lower is None else float(lower), None if upper is None else float(upper)))
     return checked
 

@@ -144,6 +144,9 @@ def _groups(group_ids, batch: int, device: torch.device) -> _Groups:
             # A 0-d tensor hashes by identity: equal ids would silently form separate groups.
             raise TypeError(f"group_ids[{row}] is a torch.Tensor; pass an integer tensor as a whole, "
                             "or plain labels (int, str, ...)")
+        if isinstance(label, float) and label != label:
+            # NaN is unequal to itself: each NaN row would silently be a group of its own.
+            raise ValueError(f"group_ids[{row}] is NaN; a group label must equal itself")
         try:
             index.append(numbers.setdefault(label, len(numbers)))
         except TypeError:
@@ -463,6 +466,11 @@ def gpg(rewards, mask, group_ids, *, f_norm: float = 1.0, alpha: float | None = 
 
 def _otb_check(rewards, mask, old_logp, sum_pi_squared, is_weights, eps, handle_zero_tail) -> None:
     _check_rewards(rewards, mask, scores_allowed=False)
+    for name, t in (("old_logp", old_logp), ("sum_pi_squared", sum_pi_squared)):
+        if t is None:
+            raise ValueError(f"{name} is required ([B, T]): the optimal-token baselines weight each step by "
+                             "1 − 2·π(token) + Σπ²; Σπ² comes from pf.token_logprobs(..., "
+                             "return_sum_pi_squared=True)")
     _check_token_inputs(mask, old_logp=old_logp, sum_pi_squared=sum_pi_squared, is_weights=is_weights)
     positive("eps", eps)
     _flag("handle_zero_tail", handle_zero_tail)
@@ -583,6 +591,6 @@ def advantages(name: str, *args, **kwargs) -> AdvantageOutput:
     """``pf.advantages``: the estimator registered under verl's ``name`` (see
     :data:`ESTIMATORS`), called with the rest of the arguments (that function's, e.g.
     ``rewards, mask, group_ids``)."""
-    if name not in ESTIMATORS:
+    if not isinstance(name, str) or name not in ESTIMATORS:
         raise ValueError(f"name must be one of {', '.join(map(repr, ESTIMATORS))}; got {name!r}")
     return ESTIMATORS[name](*args, **kwargs)

@@ -50,6 +50,10 @@ def token_logprobs(
     """
     integer("ignore_index", ignore_index)
     positive("temperature", temperature)
+    for flag, value in (("return_entropy", return_entropy), ("return_sum_pi_squared", return_sum_pi_squared),
+                        ("inplace_backward", inplace_backward)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be a bool, got {value!r}")
     labels = check.logits_and_labels(logits, labels, ignore_index)
     dispatch.resolve("token_logprobs", logits.device)
     logp, entropy, _, sum_pi_squared = ops.token_logprobs_op(
@@ -237,6 +241,7 @@ def policy_loss(
     check.sequence_objective(opts.loss_type, opts.loss_params, mask)
     check.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
                       rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
+    check.weights("rollout_is_weights", rollout_is_weights, mask)
     impl = dispatch.resolve("policy_loss", logp.device).impl
     dtype = reference.compute_dtype(logp, old_logp, advantages)
     terms = impl.ppo_token_terms(logp.to(dtype), old_logp.detach(), advantages.detach(), opts,
@@ -318,7 +323,7 @@ def ppo_loss(
     never read. Metrics: those of :func:`policy_loss` plus ``kl_loss``, ``entropy_loss`` (the
     aggregated terms), ``entropy`` and ``kl`` (masked means).
 
-    On CUDA, ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
+    On CUDA, token-level ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
     row once and computes log-prob, entropy, ratio, clipped surrogate, KL and the per-token
     gradient coefficient; the backward reads the row once more and writes dlogits (into the
     logits buffer with ``inplace_backward=True``). Every other objective and weighting: the fused
@@ -350,8 +355,10 @@ def ppo_loss(
     check.same_device("logits", logits, old_logp=old_logp, advantages=advantages,
                       ref_logp=ref_logp, rollout_logp=rollout_logp,
                       rollout_is_weights=rollout_is_weights)
+    check.weights("rollout_is_weights", rollout_is_weights, mask)
     valid = labels != ignore_index
-    if opts.loss_type == "vanilla" and rollout_is_weights is None:
+    if opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
+            and rollout_is_weights is None:
         dispatch.resolve("ppo_loss", logits.device)
         terms = ops.ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp,
                                     opts, inplace_backward)

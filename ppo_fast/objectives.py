@@ -21,8 +21,9 @@ dppo_kl        as dppo_tv, the trust region in binary KL of the sampled token's 
 gspo           vanilla on the sequence ratio ``exp(mean_t(ℓ − ℓ_old))`` (GSPO-token gradient)
 sapo           ``−A·(4/τ)·σ(τ·(r − 1))``, τ = tau_pos where A>0 else tau_neg
 gpg            ``−A·ℓ`` (plain policy gradient; also ``reinforce``)
-clip_cov       vanilla without dual clip, gradient cut for a random ``clip_cov_ratio`` share of
-               the tokens whose centred ``A·ℓ`` covariance lies in (clip_cov_lb, clip_cov_ub)
+clip_cov       vanilla without dual clip; loss and gradient 0 for a random ``clip_cov_ratio`` share
+               of the unclipped tokens whose centred ``A·ℓ`` covariance lies in
+               (clip_cov_lb, clip_cov_ub)
 kl_cov         ``−A·r``, plus ``kl_cov_coef·|ℓ − ℓ_old|`` on the ``kl_cov_ratio`` share of tokens
                with the largest centred ``A·ℓ`` covariance
 geo_mean       ``−Ā·exp(mean_t clip_A(ℓ − ℓ_old))`` per sequence (GMPO): log-ratios clipped to
@@ -30,17 +31,23 @@ geo_mean       ``−Ā·exp(mean_t clip_A(ℓ − ℓ_old))`` per sequence (GMPO
 dro            ``−(A·ℓ − β/2·(ℓ − ℓ_old)²)``
 cispo          ``−sg(clip(r, ratio_min, ratio_max))·A·ℓ`` (defaults 1−ε_lo, 1+ε_hi)
 vespo          ``−φ·A·ℓ`` with ``φ = e^λ·W^k·e^(−λW)`` (no gradient), ``W`` the sequence's
-               product of ratios and of ``w`` (k, λ by the sign of A)
+               product of ratios and of ``w`` (k, λ by the sign of A); a φ that is not finite
+               (overflow, or NaN in the sequence's inputs) is 0, as TRL
 =============  ===============================================================================
 
 Ratio-based objectives (vanilla, sapo, cispo) take ``importance_level="sequence"`` to use the
 sequence ratio as gspo does. Aliases: ``ppo`` → vanilla; TRL's ``grpo``, ``dapo``, ``bnpo`` and
-``dr_grpo`` → vanilla with their aggregation as default ``agg``; ``luspo`` → gspo summed over
-tokens; ``reinforce`` → gpg.
+``dr_grpo`` → vanilla with their aggregation as default ``agg`` (the sequence means count the
+sequences that have a token; TRL's count every row, which ``num_seqs=B`` gives); ``luspo`` → gspo
+summed over tokens; ``reinforce`` → gpg. :mod:`ppo_fast.integrations.trl` reproduces TRL exactly.
 
 Batch invariance: every objective gives a token the same loss whatever else is in the batch,
 except ``clip_cov`` (random selection over the batch) and ``kl_cov`` (top share over the batch);
 ``gspo``, ``geo_mean``, ``vespo`` and the sequence level depend on the token's own sequence only.
+
+``torch.compile(fullgraph=True)`` traces every objective but ``clip_cov``, whose random draw
+(verl's: ``randperm`` over the candidates, so a seeded run cuts the same tokens) has a size that
+depends on the data.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, NamedTuple
 
+import numpy as np
 import torch
 
 LOG_RATIO_CLAMP = 20.0
@@ -163,7 +171,9 @@ def _dppo(trust_region):
         truncated = ratio.clamp(max=params["ratio_cap"]).detach()
         prob, old_prob = logp.detach().exp(), old_logp.exp()
         keep = trust_region(prob, old_prob, logp.detach(), old_logp, adv, opts)
-        pg = torch.where(keep, -adv * truncated * logp, 0.0)
+        # A product, not a select: a NaN at a valid token must show in the loss as it does in
+        # the gradient (a select would hide it from the value and not from the gradient).
+        pg = -adv * truncated * logp * keep.to(logp.dtype)
         return pg, ~keep, keep & (ratio.detach() > params["ratio_cap"])
 
     return objective
@@ -231,23 +241,24 @@ def _kl_cov(logp, old_logp, adv, mask, opts, params):
     log_ratio = logp - old_logp
     ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     pg = -adv * ratio
-    valid = mask.reshape(-1).nonzero().squeeze(-1)
-    chosen = _false(pg)
-    if valid.numel():
-        cov = _centred_covariance(adv, logp, mask).reshape(-1)[valid]
-        count = max(int(valid.numel() * params["kl_cov_ratio"]), 1)
-        top = valid[torch.topk(cov, count, largest=True).indices]
-        chosen.view(-1)[top] = True
+    # The top share by rank, with shapes that do not depend on the data (torch.compile traces
+    # it): the valid tokens sorted by covariance, the first max(⌊n·ratio⌋, 1) chosen.
+    cov = torch.where(mask, _centred_covariance(adv, logp, mask), -torch.inf).reshape(-1)
+    order = torch.argsort(cov, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    count = (mask.sum().to(torch.float64) * params["kl_cov_ratio"]).floor().clamp(min=1)
+    chosen = (rank.view_as(mask) < count) & mask
     pg = torch.where(chosen, pg + params["kl_cov_coef"] * log_ratio.abs(), pg)
     return pg, chosen, _false(pg)
 
 
 def _geo_mean(logp, old_logp, adv, mask, opts, params, weights):
     log_ratio = logp - old_logp
-    sign = torch.sign(adv)
     bounded = log_ratio.clamp(-opts.clip_low, opts.clip_high)
-    # The bound applies on the side that lowers the loss: min for A > 0, max for A < 0.
-    chosen = sign * torch.minimum(sign * log_ratio, sign * bounded)
+    # The bound applies on the side that lowers the loss: min for A > 0, max for A < 0; a token
+    # with A = 0 adds 0 (selected, so an infinite log-ratio there cannot make 0·inf).
+    chosen = torch.where(adv > 0, torch.minimum(log_ratio, bounded),
+                         torch.where(adv < 0, torch.maximum(log_ratio, bounded), 0.0))
     counts = _token_counts(mask, logp.dtype)
     seq_log_ratio = (chosen.sum(-1, keepdim=True) / counts).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     seq_adv = adv.sum(-1, keepdim=True) / counts
@@ -342,8 +353,8 @@ def _check_param(loss_type: str, name: str, value) -> None:
             raise ValueError(f"loss_params[{name!r}] must be a finite number or None, got {value!r}")
         if name == "ratio_min" and value is not None and value < 0:
             raise ValueError(f"loss_params['ratio_min'] must be >= 0, got {value!r}")
-        if name == "ratio_max" and value is not None:
-            positive("loss_params['ratio_max']", value)
+        if name in ("ratio_max", "max_log_ratio") and value is not None:
+            positive(f"loss_params[{name!r}]", value)
     elif name == "clip_cov_ratio" or name == "kl_cov_ratio":
         positive(f"loss_params[{name!r}]", value)
         if value > 1:
@@ -371,16 +382,23 @@ def resolve(loss_type, loss_params) -> tuple[str, dict, str]:
         known = ", ".join(objective.params) or "none"
         raise ValueError(f"loss_params has {unknown} which loss_type={loss_type!r} does not take "
                          f"(its parameters: {known})")
-    params = {**objective.params, **given}
+    # numpy scalars (from a config or a computation) are numbers like any other.
+    params = {**objective.params,
+              **{key: value.item() if isinstance(value, np.generic) else value for key, value in given.items()}}
     missing = [key for key, value in params.items() if value is REQUIRED]
     if missing:
         raise ValueError(f"loss_type={loss_type!r} needs loss_params {missing} (no default)")
     for key, value in params.items():
         _check_param(loss_type, key, value)
-    if params.get("importance_level") == "token" and name != "gspo" and \
-            params.get("max_log_ratio") is not None:
+    if name == "gspo" and params["importance_level"] != "sequence":
+        raise ValueError("loss_type='gspo' is the sequence ratio: loss_params['importance_level'] must be "
+                         "'sequence' (for the token ratio use loss_type='vanilla')")
+    if params.get("importance_level") == "token" and params.get("max_log_ratio") is not None:
         raise ValueError("loss_params['max_log_ratio'] bounds the sequence ratio; it needs "
                          "importance_level='sequence'")
+    if name == "clip_cov" and not params["clip_cov_lb"] < params["clip_cov_ub"]:
+        raise ValueError(f"loss_params needs clip_cov_lb < clip_cov_ub (the covariance band), got "
+                         f"{params['clip_cov_lb']!r} and {params['clip_cov_ub']!r}")
     return name, params, agg or objective.agg
 
 

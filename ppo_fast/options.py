@@ -7,9 +7,11 @@ checks an option on its own. Its defaults are the public defaults (a test holds 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Mapping
+
+import numpy as np
 
 AGG_MODES = (
     "token-mean",
@@ -27,7 +29,8 @@ KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 def _is_number(value) -> bool:
     # value − value is 0 for a finite number and NaN for ±inf and NaN. Unlike math.isfinite it
     # also works on the symbolic floats torch.compile passes once an option changes between calls.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and value - value == 0)
 
 
 def integer(name: str, value, low: int = -(2**63), high: int = 2**63 - 1) -> None:
@@ -74,7 +77,8 @@ class LossOptions:
     loss_params: Mapping[str, object] | None = None
     """The objective's own parameters; stored complete (defaults filled in), read-only."""
     clip_low: float = 0.2
-    """The ratio is clipped below at 1 − clip_low (0 < clip_low < 1)."""
+    """The ratio is clipped below at 1 − clip_low (≥ 0; from 1 on nothing is clipped below). For
+    dppo the thresholds of the trust region, for geo_mean the log-ratio bound −clip_low."""
     clip_high: float | None = None
     """The ratio is clipped above at 1 + clip_high; None: clip_low (set by ``__post_init__``).
     Higher than clip_low is DAPO's clip-higher."""
@@ -107,24 +111,34 @@ class LossOptions:
     def __post_init__(self):
         from .objectives import OBJECTIVES, resolve
 
+        for name in _NUMERIC_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (np.integer, np.floating)):
+                # numpy scalars (a count from numpy, a coefficient from a config) are numbers.
+                object.__setattr__(self, name, value.item())
+
         loss_type, params, default_agg = resolve(self.loss_type, self.loss_params)
         clip_given = self.clip_low != 0.2 or self.clip_high is not None
         object.__setattr__(self, "loss_type", loss_type)
         object.__setattr__(self, "loss_params", MappingProxyType(params))
         if self.agg is None:
             object.__setattr__(self, "agg", default_agg)
-        positive("clip_low", self.clip_low)
-        if self.clip_low >= 1:
-            raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), "
-                             f"got {self.clip_low!r}")
+        non_negative("clip_low", self.clip_low)
         if self.clip_high is None:
             object.__setattr__(self, "clip_high", self.clip_low)
-        positive("clip_high", self.clip_high)
+        non_negative("clip_high", self.clip_high)
         if self.dual_clip is not None and not (_is_number(self.dual_clip) and self.dual_clip > 1):
             raise ValueError(f"dual_clip must be a number > 1 or None, got {self.dual_clip!r}")
         if self.dual_clip is not None and loss_type != "vanilla":
             raise ValueError(f"dual_clip applies to loss_type='vanilla' only, got loss_type="
                              f"{self.loss_type!r} (dppo's truncation is loss_params['ratio_cap'])")
+        if loss_type == "cispo":
+            low = 1 - self.clip_low if params["ratio_min"] is None else params["ratio_min"]
+            high = 1 + self.clip_high if params["ratio_max"] is None else params["ratio_max"]
+            if low > high:
+                raise ValueError(f"loss_type='cispo' truncates the ratio to [{low!r}, {high!r}]: the lower "
+                                 "bound (ratio_min, or 1 - clip_low) must not exceed the upper (ratio_max, or "
+                                 "1 + clip_high)")
         if clip_given and not OBJECTIVES[loss_type].uses_clip:
             raise ValueError(f"loss_type={loss_type!r} does not clip: clip_low / clip_high would "
                              "be ignored; leave them unset")
@@ -141,3 +155,12 @@ class LossOptions:
         if not (isinstance(self.dp_size, int) and not isinstance(self.dp_size, bool)
                 and self.dp_size >= 1):
             raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
+        if self.dp_size > 1:
+            needed = {"token-mean": "num_tokens"}.get(self.agg, None if self.agg == "token-sum" else "num_seqs")
+            if needed is not None and getattr(self, needed) is None:
+                raise ValueError(f"dp_size={self.dp_size} with agg={self.agg!r} needs {needed} (the global count "
+                                 "over all data-parallel ranks); without it each rank would divide by its own")
+
+
+_NUMERIC_FIELDS = tuple(f.name for f in fields(LossOptions)
+                        if f.name not in ("loss_type", "loss_params", "kl_estimator", "agg"))

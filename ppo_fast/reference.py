@@ -281,7 +281,7 @@ def agg_weights(
     last dimension of ``mask`` is time; leading dimensions are sequences.
 
     * ``token-mean``:  Σ m·ℓ / num_tokens · dp_size
-    * ``token-sum``:   Σ m·ℓ
+    * ``token-sum``:   Σ m·ℓ · dp_size
     * ``seq-mean-token-sum``:   Σ_seq (Σ_t m·ℓ) / num_seqs · dp_size
     * ``seq-mean-token-mean``:  Σ_seq (Σ_t m·ℓ / Σ_t m) / num_seqs · dp_size
     * ``seq-mean-token-sum-norm`` (Dr. GRPO):  Σ_seq Σ_t m·ℓ / horizon / num_seqs · dp_size
@@ -289,11 +289,16 @@ def agg_weights(
     ``num_tokens`` / ``num_seqs`` default to this batch's masked tokens / sequences with at least
     one masked token (at least 1, so an empty batch gives loss 0). Passing the global counts
     across data-parallel ranks with their ``dp_size`` makes the loss, after the usual gradient
-    averaging over ranks, independent of how the batch was sharded. ``horizon`` defaults to ``T``.
+    averaging over ranks, independent of how the batch was sharded (``dp_size > 1`` therefore
+    needs the count its aggregation divides by: :class:`LossOptions` checks). A count the
+    aggregation does not divide by is not read, so one set of global counts (as verl's
+    ``global_batch_info``) can go to every call. ``horizon`` defaults to ``T``. Sequences
+    without a masked token are not counted; pass ``num_seqs`` to count them (TRL's GRPO divides
+    by every row).
     """
     m = mask.to(dtype)
     if agg == "token-sum":
-        return m
+        return m * dp_size
     if agg == "token-mean":
         denom = m.sum().clamp(min=1) if num_tokens is None else num_tokens
         return m * (dp_size / denom)

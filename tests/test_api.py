@@ -48,9 +48,12 @@ def test_readme_contract_runs_on_cpu():
     (lambda logits, y, lp, a, m: pf.token_logprobs(logits, y - 50), r"labels must lie in \[0, 11\).*found -"),
     (lambda logits, y, lp, a, m: pf.token_logprobs(logits, y, temperature=0), "temperature must be"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, agg="mean"), "agg must be one of"),
-    (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, clip_low=0), "clip_low must be"),
+    (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, clip_low=float("nan")), "clip_low must be"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, clip_low=-0.1), "clip_low must be"),
-    (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, clip_high=0.0), "clip_high must be"),
+    (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, clip_high=-1e-3), "clip_high must be"),
+    (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, dp_size=2), "needs num_tokens"),
+    (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, dp_size=2, agg="seq-mean-token-mean",
+                                                num_tokens=7), "needs num_seqs"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, dual_clip=1.0), "dual_clip must be a number > 1"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a[:, :3], m), r"advantages must have shape \(2, 5\)"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, num_tokens=0), "num_tokens must be"),
@@ -191,7 +194,7 @@ def test_public_defaults_are_the_loss_options_defaults():
 
 def test_ppo_loss_module_checks_its_options_at_construction():
     with pytest.raises(ValueError, match="clip_low must be"):
-        pf.PPOLoss(clip_low=2.0)
+        pf.PPOLoss(clip_low=-2.0)
     with pytest.raises(TypeError, match="clip_lo"):
         pf.PPOLoss(clip_lo=0.2)
 

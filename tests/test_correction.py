@@ -475,6 +475,8 @@ ERRORS = [
     ({"rejection": {"token_k2": (0.3, 0.1)}}, "lower bound 0.3 > upper bound 0.1"),
     ({"rejection": {"token_k2": "0.1"}}, "a number .* or a .lower, upper. pair"),
     ({"rejection": {"token_tv": (0.0, math.inf)}}, "upper bound"),
+    ({"rejection": {"token_k2": -1.0}}, "k2 is never negative"),
+    ({"rejection": {"seq_mean_binary_kl": (None, -0.5)}}, "binary_kl is never negative"),
     ({"log_ratio_bound": 0.0}, "log_ratio_bound"),
     ({"compute_metrics": "yes"}, "compute_metrics"),
 ]

@@ -591,6 +591,10 @@ def test_forced_backend_warns_at_the_callers_line(batch, monkeypatch):
     (lambda b: A.optimal_token_baseline(b["rewards"], b["mask"], b["ids"], b["old_logp"], b["sum_pi_squared"],
                                         eps=0.0), ValueError, "eps must be"),
     (lambda b: A.advantages("ppo", rewards=b["rewards"]), ValueError, "name must be one of 'gae'"),
+    (lambda b: A.advantages(["grpo"], b["rewards"]), ValueError, "name must be one of 'gae'"),
+    (lambda b: A.grpo(b["rewards"], b["mask"], [float("nan")] * B), ValueError, r"group_ids\[0\] is NaN"),
+    (lambda b: A.optimal_token_baseline(b["rewards"], b["mask"], b["ids"], b["old_logp"], None), ValueError,
+     "sum_pi_squared is required"),
 ])
 def test_errors_name_the_argument(batch, call, error, match):
     with pytest.raises(error, match=match):

@@ -4,6 +4,7 @@ a token's loss does not depend on the rest of the batch where the objective says
 checked. The objectives themselves are held against verl's, OpenRLHF's and TRL's own functions in
 tests/integrations/."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,10 +63,13 @@ def _logp_inputs(B, T, seed=0, device="cpu"):
 
 @pytest.mark.parametrize("loss_type, params", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_fused_path_matches_the_spec_float64(loss_type, params, agg, device, backend):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_fused_path_matches_the_spec_float64(loss_type, params, agg, weighted, device, backend):
+    """Unweighted token-level vanilla takes the one fused loss kernel, everything else the fused
+    log-prob kernel and the objective: both must be the spec, with every parameter honoured."""
     logits, labels, old, adv, mask, ref, weights = _inputs(3, 7, 389, F64, device)
     kw = dict(loss_type=loss_type, loss_params=params, agg=agg, ref_logp=ref, kl_coef=0.05,
-              entropy_coef=0.01, rollout_is_weights=weights)
+              entropy_coef=0.01, rollout_is_weights=weights if weighted else None)
 
     def seeded(fn):
         def call(*args, **kwargs):
@@ -232,7 +236,7 @@ def test_kl_cov_adds_the_kl_term_on_the_top_covariance_share():
     torch.testing.assert_close(terms.pg[mask & ~chosen], base[mask & ~chosen])
 
 
-@pytest.mark.parametrize("loss_type", ["gspo", "sapo", "cispo", "geo_mean", "dppo_kl", "vespo"])
+@pytest.mark.parametrize("loss_type", ["gspo", "sapo", "cispo", "geo_mean", "dppo_kl", "vespo", "kl_cov"])
 def test_objectives_compile_in_one_graph(loss_type):
     logits, labels, old, adv, mask, ref, weights = _inputs(2, 5, 64, torch.float32, "cpu")
 
@@ -257,6 +261,38 @@ def test_module_takes_the_loss_type():
     assert "sapo" in repr(module)
 
 
+def test_a_nan_at_a_valid_token_shows_in_the_loss_not_only_in_the_gradient():
+    logp, old, adv, mask, _ = _logp_inputs(3, 5)
+    logp = logp.clone()
+    logp[0, 0] = float("nan")
+    for loss_type in ("dppo_tv", "dppo_kl", "vanilla", "sapo"):
+        x = logp.clone().requires_grad_()
+        loss, _ = pf.policy_loss(x, old, adv, mask, loss_type=loss_type)
+        assert torch.isnan(loss), loss_type
+
+
+def test_geo_mean_ignores_a_zero_advantage_tokens_infinite_log_ratio():
+    logp, old, adv, mask, _ = _logp_inputs(3, 5)
+    old, adv = old.clone(), adv.clone()
+    old[0, 0], adv[0] = -float("inf"), 0.0
+    x = logp.clone().requires_grad_()
+    loss, _ = pf.policy_loss(x, old, adv, mask, loss_type="geo_mean")
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    clean, _ = pf.policy_loss(logp, old.clamp(min=-50), adv, mask, loss_type="geo_mean")
+    torch.testing.assert_close(loss.detach(), clean, rtol=1e-14, atol=0)
+
+
+def test_numpy_scalars_are_numbers():
+    logp, old, adv, mask, _ = _logp_inputs(2, 3)
+    want, _ = pf.policy_loss(logp, old, adv, mask, clip_low=0.25, num_tokens=4)
+    got, _ = pf.policy_loss(logp, old, adv, mask, clip_low=np.float64(0.25), num_tokens=np.int64(4))
+    assert torch.equal(got, want)
+    got, _ = pf.policy_loss(logp, old, adv, mask, loss_type="dro", loss_params={"beta": np.float64(0.3)})
+    want, _ = pf.policy_loss(logp, old, adv, mask, loss_type="dro", loss_params={"beta": 0.3})
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(loss_type="ppo2"), "loss_type must be one of"),
     (dict(loss_type="sapo", loss_params={"tau": 1.0}), r"loss_params has \['tau'\].*tau_pos, tau_neg"),
@@ -269,6 +305,11 @@ def test_module_takes_the_loss_type():
     (dict(loss_type="kl_cov", loss_params={"kl_cov_ratio": 2.0}), r"share of the tokens"),
     (dict(loss_type="cispo", loss_params={"ratio_max": float("inf")}), "ratio_max"),
     (dict(loss_type="vanilla", loss_params=[("x", 1)]), "loss_params must be a dict"),
+    (dict(loss_type="gspo", loss_params={"importance_level": "token"}), "gspo' is the sequence ratio"),
+    (dict(loss_type="gspo", loss_params={"max_log_ratio": -1.0}), r"max_log_ratio'\] must be a finite number > 0"),
+    (dict(loss_type="clip_cov", loss_params={"clip_cov_lb": 5.0, "clip_cov_ub": 1.0}), "clip_cov_lb < clip_cov_ub"),
+    (dict(loss_type="cispo", loss_params={"ratio_min": 2.0}), "must not exceed the upper"),
+    (dict(loss_type="vanilla", loss_params={"token_gradient": 1}), r"token_gradient'\] must be a bool"),
 ])
 def test_bad_options_are_named(kwargs, match):
     logp, old, adv, mask, _ = _logp_inputs(2, 3)
@@ -280,6 +321,13 @@ def test_bad_options_are_named(kwargs, match):
 
 def test_bad_weights_are_named():
     logp, old, adv, mask, weights = _logp_inputs(2, 3)
+    negative = weights.clone()
+    negative[0, 0] = -1.0
+    with pytest.raises(ValueError, match="rollout_is_weights must be >= 0 at the masked-in tokens; found -1.0"):
+        pf.policy_loss(logp, old, adv, mask, rollout_is_weights=negative)
+    negative[0, 0] = 1.0
+    negative[~mask] = -5.0  # what masked positions hold is not read
+    pf.policy_loss(logp, old, adv, mask, rollout_is_weights=negative)
     with pytest.raises(ValueError, match=r"rollout_is_weights must have shape \(2, 3\)"):
         pf.policy_loss(logp, old, adv, mask, rollout_is_weights=weights[:, :2])
     with pytest.raises(ValueError, match="rollout_is_weights must be a floating-point tensor"):

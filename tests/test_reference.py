@@ -247,7 +247,7 @@ def test_aggregations_match_their_formulas(agg):
     torch.testing.assert_close(R.aggregate(loss, w, mask), agg_by_formula(loss, mask, agg))
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                                  "seq-mean-token-sum-norm"])
 def test_global_normalisers_make_the_loss_invariant_to_sharding(agg):
     """Two data-parallel shards with global counts and dp_size=2, averaged as DDP averages

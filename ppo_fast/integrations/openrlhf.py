@@ -2,7 +2,7 @@
 ppo_fast: ``from ppo_fast.integrations.openrlhf import PolicyLoss, ValueLoss, compute_approx_kl``.
 
 ``PolicyLoss`` takes the per-token objective from :mod:`ppo_fast.objectives` (``ppo`` → vanilla
-with dual clip, ``gspo`` → the sequence ratio with the gradient of its mean) and the rollout
+with dual clip, ``gspo`` → the same on the sequence ratio, with the gradient of its mean) and the rollout
 correction (``is_correction_*``) from :func:`ppo_fast.correction.openrlhf_coefficients`;
 the aggregation and the metrics are OpenRLHF's. ``log_probs_from_logits`` and
 ``compute_entropy`` (what OpenRLHF's ``Actor.forward`` calls on the logits) run the fused
@@ -17,6 +17,8 @@ Where we differ from OpenRLHF 0.11.2, on purpose:
 * ``log_probs_from_logits`` does not divide the caller's logits in place by the temperature.
 * The gspo ratio's log is clamped to ±20 before ``exp``, as the ppo ratio's (OpenRLHF leaves it
   unclamped).
+* ``clip_eps_low`` / ``clip_eps_high`` must be finite and ≥ 0 (OpenRLHF takes any number; a
+  negative one would clip the ratio on the wrong side of 1).
 """
 
 from __future__ import annotations
@@ -104,11 +106,16 @@ class PolicyLoss(nn.Module):
         self._options(validate=True)
 
     def _options(self, validate=False) -> LossOptions:
-        if self.policy_loss_type == "gspo":
-            return LossOptions(loss_type="gspo", clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
-                               loss_params={"token_gradient": False, "max_log_ratio": None})
-        return LossOptions(loss_type="vanilla", clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
-                           dual_clip=self.dual_clip)
+        # OpenRLHF's gspo is its ppo on the sequence ratio (dual clip included), with the gradient
+        # of the mean log-ratio: our vanilla at importance_level="sequence".
+        params = ({"importance_level": "sequence", "token_gradient": False}
+                  if self.policy_loss_type == "gspo" else None)
+        try:
+            return LossOptions(loss_type="vanilla", loss_params=params, clip_low=self.clip_eps_low,
+                               clip_high=self.clip_eps_high, dual_clip=self.dual_clip)
+        except ValueError as error:
+            message = str(error).replace("clip_low", "clip_eps_low").replace("clip_high", "clip_eps_high")
+            raise ValueError(f"PolicyLoss: {message}") from None
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
                 dp_size=1, batch_num_tokens=None, global_batch_size=None):

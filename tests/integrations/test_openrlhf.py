@@ -75,6 +75,23 @@ def test_policy_loss_equals_openrlhf(policy_loss_type, correction):
         torch.testing.assert_close(m_grad, t_grad, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+def test_dual_clip_binds_as_in_openrlhf(policy_loss_type):
+    """Far off-policy with negative advantages, where the dual clip decides the loss."""
+    logp, old, rollout, adv, mask = batch(4, torch.bool)
+    logp = old + 1.5
+    adv = -adv.abs() - 0.1
+    for dual_clip in (None, 3.0):
+        kw = dict(dual_clip=dual_clip, policy_loss_type=policy_loss_type)
+        (t_out, t_grad) = run(theirs_loss.PolicyLoss(**kw), logp, old, adv, mask, rollout)
+        (m_out, m_grad) = run(ours.PolicyLoss(**kw), logp, old, adv, mask, rollout)
+        for t, m in zip(t_out, m_out):
+            same(m, t)
+        torch.testing.assert_close(m_grad, t_grad, rtol=0, atol=1e-9)
+        if dual_clip is not None:
+            assert (m_grad == 0).all(), "the cap binds everywhere here"
+
+
 def test_the_correction_fires():
     logp, old, rollout, adv, mask = batch(0, torch.bool)
     for correction in CORRECTIONS[1:]:
@@ -145,6 +162,8 @@ def test_constructor_errors_are_named():
         ours.PolicyLoss(policy_loss_type="grpo")
     with pytest.raises(ValueError, match="dual_clip must be > 1.0"):
         ours.PolicyLoss(dual_clip=0.5)
+    with pytest.raises(ValueError, match="clip_eps_low must be a finite number >= 0"):
+        ours.PolicyLoss(clip_eps_low=-0.1)
     with pytest.raises(ValueError, match="is_correction_mode='clip' needs"):
         ours.PolicyLoss(is_correction_level="seq", is_correction_mode="clip")
     with pytest.raises(ValueError, match="bounds a divergence from above"):

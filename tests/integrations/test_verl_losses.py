@@ -171,3 +171,11 @@ def test_bad_inputs_are_named():
         ours.agg_loss(logp, mask, "token-median")
     with pytest.raises(ValueError, match="batch_num_tokens"):
         ours.agg_loss(logp, mask, "token-mean", dp_size=2)
+    with pytest.raises(ValueError, match=r"config.clip_ratio_c must be a number, got None"):
+        ours.compute_policy_loss_vanilla(old, logp, adv, mask, config={"clip_ratio": 0.2, "clip_ratio_low": None,
+                                                                       "clip_ratio_high": None, "clip_ratio_c": None})
+    with pytest.raises(ValueError, match=r"verl config: config.clip_ratio_low \(or clip_ratio\) must be"):
+        ours.compute_policy_loss_vanilla(old, logp, adv, mask, config={"clip_ratio": "0.2", "clip_ratio_low": None,
+                                                                       "clip_ratio_high": None})
+    with pytest.raises(ValueError, match="config.tau_pos must be a number"):
+        ours.compute_policy_loss_sapo(old, logp, adv, mask, config={"tau_neg": 1.0})

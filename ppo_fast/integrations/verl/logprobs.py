@@ -9,6 +9,8 @@ copy of bf16 logits and no ``[tokens, vocab]`` softmax. Differences from verl, o
   log-probs for bf16 logits on its fallback path.
 * Labels equal to -100 give 0 (flash-attn's cross-entropy, which verl prefers, does the same;
   verl's fallback would fail on them).
+* ``calculate_sum_pi_squared_from_logits`` carries no gradient (verl's would; verl computes it for
+  the old policy's advantages, where none is taken).
 """
 
 from __future__ import annotations

@@ -164,10 +164,37 @@ def _terms(loss_type, old_log_prob, log_prob, advantages, response_mask, weights
         if t is not None and tuple(t.shape) != tuple(log_prob.shape):
             raise ValueError(f"{name} must have the shape of log_prob {tuple(log_prob.shape)}, "
                              f"got {tuple(t.shape)}")
-    opts = LossOptions(loss_type=loss_type, **options)
+    try:
+        opts = LossOptions(loss_type=loss_type, **options)
+    except ValueError as error:
+        message = str(error)
+        for ours_name, verl_name in _CONFIG_NAMES:
+            message = message.replace(ours_name, verl_name)
+        raise ValueError(f"verl config: {message}") from None
     return objectives.policy_terms(log_prob, old_log_prob.detach(), advantages.detach(),
                                    response_mask.bool(), opts,
                                    weights=None if weights is None else weights.detach())
+
+
+_CONFIG_NAMES = (
+    ("loss_params['ratio_cap']", "config.clip_ratio_c"),
+    ("loss_params['tau_pos']", "config.tau_pos"),
+    ("loss_params['tau_neg']", "config.tau_neg"),
+    ("loss_params['beta']", "config.policy_loss.dro_beta"),
+    ("loss_params['clip_cov_", "config.policy_loss['clip_cov_"),
+    ("loss_params['kl_cov_ratio']", "config.policy_loss.kl_cov_ratio"),
+    ("loss_params['kl_cov_coef']", "config.policy_loss.ppo_kl_coef"),
+    ("clip_low", "config.clip_ratio_low (or clip_ratio)"),
+    ("clip_high", "config.clip_ratio_high (or clip_ratio)"),
+    ("dual_clip", "config.clip_ratio_c"),
+)
+"""Our option names → the verl config fields they come from, for error messages."""
+
+
+def _number(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"verl config: {name} must be a number, got {value!r}")
+    return value
 
 
 def _rate(flags, response_mask):
@@ -194,7 +221,7 @@ def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mas
     """Clipped PPO with dual clip (``clip_ratio_c``, default 3.0)."""
     _need_config(config, "vanilla")
     low, high = _clip_bounds(config)
-    dual_clip = _field(config, "clip_ratio_c", 3.0)
+    dual_clip = _number(_field(config, "clip_ratio_c", 3.0), "config.clip_ratio_c")
     if not dual_clip > 1.0:
         raise ValueError(f"config.clip_ratio_c (dual-clip PPO's bound) must be > 1.0, got {dual_clip!r}")
     terms = _terms("vanilla", old_log_prob, log_prob, advantages, response_mask, rollout_is_weights,
@@ -242,7 +269,8 @@ def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask,
     """SAPO's soft gate (config.tau_pos, config.tau_neg); verl aggregates it with
     seq-mean-token-mean whatever ``loss_agg_mode`` says, and so do we."""
     _need_config(config, "sapo")
-    params = {"tau_pos": float(_field(config, "tau_pos")), "tau_neg": float(_field(config, "tau_neg"))}
+    params = {"tau_pos": _number(_field(config, "tau_pos"), "config.tau_pos"),
+              "tau_neg": _number(_field(config, "tau_neg"), "config.tau_neg")}
     terms = _terms("sapo", old_log_prob, log_prob, advantages, response_mask, rollout_is_weights,
                    loss_params=params)
     loss = agg_loss(terms.pg, response_mask, "seq-mean-token-mean", **_global_batch_info(config))
@@ -316,6 +344,8 @@ def compute_policy_loss_dro(old_log_prob, log_prob, advantages, response_mask,
     """DRO: −(A·logp − β/2·(logp − old)²), β = config.policy_loss.dro_beta (> 0, required)."""
     _need_config(config, "dro")
     beta = _field(_policy_loss_config(config), "dro_beta")
+    if beta is not None:
+        _number(beta, "config.policy_loss.dro_beta")
     if beta is None or not beta > 0:
         raise ValueError(f"config.policy_loss.dro_beta must be a number > 0 for loss mode 'dro', "
                          f"got {beta!r}")
