@@ -3,8 +3,8 @@
 #   bash benches/gpu.sh            on the GPU (OUT defaults to benches/results)
 #   bash benches/gpu.sh --smoke    the same steps at tiny shapes on a CPU, Triton under its
 #                                  interpreter (CI runs this so the script cannot rot)
-# Steps and their time limits: install 60 s, tests 180 s, ops benchmark 150 s, hybrid rollout
-# 60 s, trainer steps 60 s. Carried wheels in .whl/ (deepspeed, liger-kernel: see
+# Steps and their time limits: install 60 s, tests 150 s, ops benchmark 120 s, fused linear head
+# 50 s, hybrid rollout 50 s, trainer steps 50 s. Carried wheels in .whl/ (deepspeed, liger-kernel: see
 # benches/README.md) are installed first.
 set -uo pipefail
 
@@ -49,7 +49,8 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu_info.log"
     device_args=(PPO_FAST_TEST_DEVICE=cuda)
     # The op tests first, so a slow launcher test cannot starve them of the test budget.
-    tests=(tests/test_backends.py tests/test_objectives.py tests/test_sum_pi_squared.py tests/test_api.py
+    tests=(tests/test_backends.py tests/test_linear_head.py tests/test_objectives.py tests/test_sum_pi_squared.py
+           tests/test_head.py tests/test_api.py
            tests/test_reference.py tests/test_hybrid.py tests/test_trainer.py tests/test_scripts.py)
     bench=()
     rollout=(--preset 50m --batch-size 32 --max-new-tokens 128)
@@ -59,27 +60,31 @@ python3 -c "import ppo_fast, torch, triton; print('ppo_fast from', ppo_fast.__fi
 print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$out/gpu_info.log"
 
 # verl is not on the GPU image: its comparisons run in CI (tests/integrations and -k verl).
-env "${device_args[@]}" timeout 180 python3 -m pytest "${tests[@]}" -k "not verl" -q -p no:cacheprovider -rfEs \
+env "${device_args[@]}" timeout 150 python3 -m pytest "${tests[@]}" -k "not verl" -q -p no:cacheprovider -rfEs \
     2>&1 | tee "$out/gpu_tests.log"
 tests_rc=$?
 
-timeout 150 python3 benches/gpu_bench.py "${bench[@]}" --out "$out" 2>&1 | tee "$out/gpu_bench.log"
+timeout 120 python3 benches/gpu_bench.py "${bench[@]}" --out "$out" 2>&1 | tee "$out/gpu_bench.log"
 bench_rc=$?
 
+# The fused linear head against the logits paths and Liger: time and peak extra memory.
+timeout 50 python3 benches/linear_head.py "${bench[@]}" --out "$out" 2>&1 | tee "$out/linear_head.log"
+linear_rc=$?
+
 # Hybrid engine on one device: one process, ZeRO-3, plain generate vs gather-once + our decode.
-timeout 60 python3 benches/rollout.py --zero-stage 3 "${rollout[@]}" --compare \
+timeout 50 python3 benches/rollout.py --zero-stage 3 "${rollout[@]}" --compare \
     --out "$out/hybrid.md" 2>&1 | tee "$out/hybrid.log"
 rollout_rc=$?
 
 # The trainer end to end on the embedded task (bf16 on a GPU): tokens/s per phase in the summary.
-timeout 60 python3 -m ppo_fast.cli train "${train[@]}" --output-dir "$run_tree/runs" \
+timeout 50 python3 -m ppo_fast.cli train "${train[@]}" --output-dir "$run_tree/runs" \
     --run-name gpu 2>&1 | tee "$out/trainer.log"
 train_rc=$?
 cp "$run_tree/runs/gpu/summary.json" "$out/trainer_summary.json" 2>/dev/null
 
-echo "gpu.sh: tests exit $tests_rc, bench exit $bench_rc (1 = a goal failed), rollout exit" \
-     "$rollout_rc, trainer exit $train_rc; results in $out"
-for rc in "$tests_rc" "$rollout_rc" "$train_rc"; do
+echo "gpu.sh: tests exit $tests_rc, bench exit $bench_rc (1 = a goal failed), linear head exit" \
+     "$linear_rc, rollout exit $rollout_rc, trainer exit $train_rc; results in $out"
+for rc in "$tests_rc" "$linear_rc" "$rollout_rc" "$train_rc"; do
     [ "$rc" -ne 0 ] && exit "$rc"
 done
 # A smoke run's timings mean nothing, so its goals may fail; the script itself must not.

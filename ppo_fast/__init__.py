@@ -16,6 +16,8 @@ from .correction import rollout_correction
 from .dispatch import BackendUnavailable
 from .estimators import advantages
 from .functional import (
+    fused_linear_ppo_loss,
+    fused_linear_token_logprobs,
     gae,
     group_advantages,
     kl_penalty,
@@ -43,6 +45,8 @@ __all__ = [
     "PPOLoss",
     "ValueLoss",
     "advantages",
+    "fused_linear_ppo_loss",
+    "fused_linear_token_logprobs",
     "gae",
     "group_advantages",
     "kl_penalty",

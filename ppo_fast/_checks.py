@@ -86,9 +86,14 @@ def logits_and_labels(logits, labels, ignore_index: int) -> torch.Tensor:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {_describe(logits)}")
     shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     same_device("logits", logits, labels=labels)
+    return labels_in_vocab(labels, logits.shape[-1], ignore_index, logits)
+
+
+def labels_in_vocab(labels, vocab: int, ignore_index: int, source: torch.Tensor) -> torch.Tensor:
+    """The labels as int64, checked to lie in ``[0, vocab)`` or equal ``ignore_index`` (not while
+    tracing, nor on meta tensors)."""
     labels = labels.long()
-    vocab = logits.shape[-1]
-    if not values_checked(logits, labels):
+    if not values_checked(source, labels):
         return labels
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if labels.numel() and bool(out_of_range.any()):

@@ -40,6 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 from .backends.triton import gae_kernels as gae  # noqa: E402
+from .backends.triton import linear_kernels as linear  # noqa: E402
 from .backends.triton import logprobs_kernels as logprobs  # noqa: E402
 from .backends.triton import ppo_kernels as ppo_loss  # noqa: E402
 from .backends.triton import ENABLE_FP_FUSION, Launch  # noqa: E402
@@ -111,6 +112,16 @@ def ppo_fwd_plan(logits, kl_mode="k3", dual_clip=True, tis=True, labels=None) ->
         has_dual_clip=dual_clip, kl_mode=kl_mode, acc=_acc(logits.dtype))
 
 
+def linear_fwd_plan(n_rows: int, H: int, V: int, dtype, bias=True, entropy=True, hidden=None) -> Launch:
+    hidden = torch.empty(n_rows, H, dtype=dtype) if hidden is None else hidden
+    weight = torch.empty(V, H, dtype=dtype)
+    n = hidden.shape[0]
+    vec = torch.empty(n, dtype=_out(dtype))
+    return linear.plan_linear_logprobs_fwd(
+        hidden, weight, torch.empty(V, dtype=dtype) if bias else None, torch.zeros(n, dtype=torch.int64),
+        vec, vec, vec, torch.ones(1, dtype=_out(dtype)), -100, entropy, _acc(dtype))
+
+
 def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
     total = 4 * max_len
     vec = torch.empty(total, dtype=dtype)
@@ -149,6 +160,13 @@ def cases() -> list[Case]:
         out.append(Case("logprobs fwd", f"bfloat16 V={V} entropy=True sum_pi_squared=True",
                         logprobs_fwd_plan(_logits(2, V, torch.bfloat16), True,
                                           sum_pi_squared=True), V >= 8))
+    # The fused linear head: a 4096-wide Qwen head (16-byte rows), an odd one, a tiny one.
+    for dtype in LOGITS_DTYPES:
+        for H, V, extras in ((4096, ALIGNED_V, True), (4097, UNALIGNED_V, False)):
+            out.append(Case("linear fwd", f"{_short(dtype)} H={H} V={V} bias={extras} entropy={extras}",
+                            linear_fwd_plan(2, H, V, dtype, extras, extras)))
+    out.append(Case("linear fwd", "bfloat16 H=100 V=7 bias=True entropy=True",
+                    linear_fwd_plan(2, 100, 7, torch.bfloat16)))
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
@@ -214,10 +232,12 @@ def vector_loads_possible(plan: Launch) -> bool:
 
 def compile_case(case: Case, arch: int) -> dict:
     signature, constexprs, attrs = specialization(case.plan)
+    options = {"num_warps": case.plan.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION}
+    if hasattr(case.plan, "num_stages"):
+        options["num_stages"] = case.plan.num_stages
     compiled = triton.compile(
         ASTSource(case.plan.kernel, signature, constexprs, attrs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": case.plan.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION})
+        target=GPUTarget("cuda", arch, 32), options=options)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage["REG"], stack=usage["STACK"], local=usage["LOCAL"],
                 shared=usage["SHARED"], load_bits=block_load_bits(compiled.asm["ttgir"]),
@@ -245,11 +265,21 @@ def batch_invariance_problems() -> list[str]:
                 "shifted batch": make(shifted, labels[:, :-1].reshape(-1)),
                 "permuted batch": make(flat[torch.randperm(15)], labels.view(-1)),
             }
-            keys = {label: repr(specialization(plan)) for label, plan in variants.items()}
-            for label, key in keys.items():
-                if key != keys["batch"]:
-                    problems.append(f"{name} V={V}: '{label}' compiles differently from 'batch'")
+            problems += _differing(f"{name} V={V}", variants)
+    hidden = torch.empty(15, 4096, dtype=torch.bfloat16)
+    problems += _differing("linear fwd", {
+        "batch": linear_fwd_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden),
+        "row alone": linear_fwd_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8]),
+        "row copied": linear_fwd_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8].clone()),
+        "permuted batch": linear_fwd_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[torch.randperm(15)]),
+    })
     return problems
+
+
+def _differing(name: str, variants: dict) -> list[str]:
+    keys = {label: repr(specialization(plan)) for label, plan in variants.items()}
+    return [f"{name}: '{label}' compiles differently from 'batch'" for label, key in keys.items()
+            if key != keys["batch"]]
 
 
 def report(results: list[tuple[Case, int, dict | str]], triton_version: str) -> str:

@@ -39,6 +39,7 @@ _TRITON = "ppo_fast.backends.triton"
 TABLE: dict[str, dict[str, str]] = {
     "token_logprobs": {"reference": _REFERENCE, "triton": _TRITON},
     "ppo_loss": {"reference": _REFERENCE, "triton": _TRITON},
+    "linear_logprobs": {"reference": _REFERENCE, "triton": _TRITON},
     "gae": {"reference": _REFERENCE, "triton": _TRITON},
     "policy_loss": {"reference": _REFERENCE},
     "value_loss": {"reference": _REFERENCE},

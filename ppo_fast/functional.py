@@ -330,32 +330,17 @@ def ppo_loss(
     log-prob/entropy kernel (the same passes over the logits), then the objective on
     ``[tokens]``-sized tensors; no ``[tokens, vocab]`` tensor beyond dlogits either way.
     """
-    opts = LossOptions(loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
-                       clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                       tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs,
-                       dp_size=dp_size, horizon=horizon, kl_coef=kl_coef,
-                       kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                       temperature=temperature, ignore_index=ignore_index)
-    if kl_coef != 0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp (the reference policy's log-probs); "
-                         "pass ref_logp or kl_coef=0")
+    opts = _actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
+                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
+                          num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
+                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                          temperature=temperature, ignore_index=ignore_index)
     check.floating("logits", check.tensor("logits", logits))
-    check.integer("labels", check.tensor("labels", labels))
-    check.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    _check_per_token(logits.shape[:-1], "logits.shape[:-1]", mask, old_logp=old_logp,
-                     advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                     rollout_is_weights=rollout_is_weights)
-    check.same_device("logits", logits, labels=labels, mask=mask)
-    # Masked positions count as ignored labels before anything reads them, so a masked label out
-    # of range (garbage after EOS) is no error and its logits row is never read.
-    labels = labels.long().masked_fill(~mask.bool(), ignore_index)
-    labels = check.logits_and_labels(logits, labels, ignore_index)
-    check.seq_mask(opts.agg, mask)
-    check.sequence_objective(opts.loss_type, opts.loss_params, mask)
-    check.same_device("logits", logits, old_logp=old_logp, advantages=advantages,
-                      ref_logp=ref_logp, rollout_logp=rollout_logp,
-                      rollout_is_weights=rollout_is_weights)
-    check.weights("rollout_is_weights", rollout_is_weights, mask)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    labels = _check_actor_inputs("logits", logits, logits.shape[:-1], "logits.shape[:-1]", logits.shape[-1],
+                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                 rollout_is_weights, opts)
     valid = labels != ignore_index
     if opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
             and rollout_is_weights is None:
@@ -366,8 +351,165 @@ def ppo_loss(
     dispatch.resolve("token_logprobs", logits.device)
     logp, entropy = ops.token_logprobs_op(logits, labels, 1.0 / float(opts.temperature),
                                           int(ignore_index), True, bool(inplace_backward))[:2]
+    return _loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
+                               rollout_is_weights, opts)
+
+
+def _actor_options(ref_logp, **options) -> LossOptions:
+    opts = LossOptions(**options)
+    if opts.kl_coef != 0 and ref_logp is None:
+        raise ValueError(f"kl_coef={opts.kl_coef!r} needs ref_logp (the reference policy's log-probs); "
+                         "pass ref_logp or kl_coef=0")
+    return opts
+
+
+def _check_actor_inputs(source_name, source, lead, what, vocab, labels, old_logp, advantages, mask, ref_logp,
+                        rollout_logp, rollout_is_weights, opts) -> torch.Tensor:
+    """Check the actor loss's per-token inputs against ``lead`` (the tokens' shape); return the
+    labels as int64 with masked positions set to ``ignore_index``."""
+    check.integer("labels", check.tensor("labels", labels))
+    check.shape("labels", labels, lead, what)
+    _check_per_token(lead, what, mask, old_logp=old_logp, advantages=advantages, ref_logp=ref_logp,
+                     rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
+    check.same_device(source_name, source, labels=labels, mask=mask, old_logp=old_logp,
+                      advantages=advantages, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                      rollout_is_weights=rollout_is_weights)
+    # Masked positions count as ignored labels before anything reads them, so a masked label out
+    # of range (garbage after EOS) is no error and its row is never computed.
+    labels = labels.long().masked_fill(~mask.bool(), opts.ignore_index)
+    labels = check.labels_in_vocab(labels, vocab, opts.ignore_index, source)
+    check.seq_mask(opts.agg, mask)
+    check.sequence_objective(opts.loss_type, opts.loss_params, mask)
+    check.weights("rollout_is_weights", rollout_is_weights, mask)
+    return labels
+
+
+def _loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights,
+                        opts):
     terms = reference.ppo_token_terms(logp, _data(old_logp), _data(advantages), opts, mask=valid,
                                       entropy=entropy, ref_logp=_data(ref_logp),
                                       rollout_logp=_data(rollout_logp),
                                       rollout_is_weights=_data(rollout_is_weights))
     return reference.reduce(terms, valid, opts)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused linear head: from hidden states, never the logits
+# --------------------------------------------------------------------------------------------
+
+
+def _check_head(hidden, weight, bias) -> None:
+    check.floating("hidden", check.tensor("hidden", hidden))
+    check.floating("weight", check.tensor("weight", weight))
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1 "
+                         f"(an lm_head's weight), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} (cast one, as "
+                         "the model's lm_head would)")
+    if bias is not None:
+        check.floating("bias", check.tensor("bias", bias))
+        check.shape("bias", bias, weight.shape[:1], "[V]")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    check.same_device("hidden", hidden, weight=weight, bias=bias)
+
+
+def _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, with_entropy):
+    dispatch.resolve("linear_logprobs", hidden.device)
+    lead = hidden.shape[:-1]
+    logp, entropy, _ = ops.linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                              labels.reshape(-1), 1.0 / float(temperature), int(ignore_index),
+                                              bool(with_entropy))
+    return logp.view(lead), entropy.view(lead)
+
+
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias``, without the logits in memory.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 / float64 (the last hidden states).
+        weight: ``[V, H]``, hidden's dtype (an ``lm_head.weight``); bias ``[V]`` or None.
+        labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (logp 0, entropy 0, no
+            gradient, and the row is not computed).
+
+    Returns ``logp`` ``[...]`` float32 (float64 for float64), or ``(logp, entropy)``.
+    Differentiable in hidden, weight and bias. Under ``torch.no_grad`` it is the scoring pass for
+    old and reference log-probs. On CUDA one Triton kernel tiles tokens × vocab with the matmul on
+    tensor cores and an online log-sum-exp; elsewhere, and in every backward, the logits are
+    recomputed chunk by chunk (:func:`ppo_fast.ops.linear_chunk_tokens`): the peak extra memory is
+    one chunk's logits, plus a float32 accumulator for the weight's gradient when the weight is
+    bf16/fp16. A token's result does not depend on the rest of the batch.
+    """
+    integer("ignore_index", ignore_index)
+    positive("temperature", temperature)
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
+    _check_head(hidden, weight, bias)
+    check.integer("labels", check.tensor("labels", labels))
+    check.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    check.same_device("hidden", hidden, labels=labels)
+    labels = check.labels_in_vocab(labels, weight.shape[0], ignore_index, hidden)
+    logp, entropy = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def fused_linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    loss_type: str = "vanilla",
+    loss_params: dict | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
+    rollout_is_weights: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+):
+    """:func:`ppo_loss` of the logits ``hidden @ weight.T + bias``, which are never stored; every
+    option and ``loss_type`` of :func:`ppo_loss`. hidden ``[..., H]``, weight ``[V, H]``, bias
+    ``[V]`` or None, every per-token tensor ``[...]``. Returns ``(loss, metrics)``, the metrics of
+    :func:`ppo_loss`; differentiable in hidden, weight and bias. The log-probs and entropy come
+    from :func:`fused_linear_token_logprobs` (see there for memory); the objective then runs on
+    ``[tokens]``-sized tensors.
+    """
+    opts = _actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
+                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
+                          num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
+                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                          temperature=temperature, ignore_index=ignore_index)
+    _check_head(hidden, weight, bias)
+    labels = _check_actor_inputs("hidden", hidden, hidden.shape[:-1], "hidden.shape[:-1]", weight.shape[0],
+                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                 rollout_is_weights, opts)
+    logp, entropy = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
+    return _loss_from_logprobs(logp, entropy, labels != ignore_index, old_logp, advantages, ref_logp,
+                               rollout_logp, rollout_is_weights, opts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from . import functional as F
@@ -16,7 +17,10 @@ class PPOLoss(nn.Module):
     Takes any keyword of :func:`ppo_fast.ppo_loss` (checked here, not at the first step).
     ``forward(logits, labels, old_logp, advantages, mask, ref_logp=None, rollout_logp=None,
     rollout_is_weights=None, **overrides)`` returns ``(loss, metrics)``. ``loss_type`` and
-    ``loss_params`` pick the objective (:mod:`ppo_fast.objectives`). ``kl_coef`` is an attribute so an adaptive KL
+    ``loss_params`` pick the objective (:mod:`ppo_fast.objectives`). Given ``hidden=`` and
+    ``lm_head=`` (an ``nn.Linear`` or its ``[V, H]`` weight) in place of the logits, the loss runs
+    on the fused linear head (:func:`ppo_fast.fused_linear_ppo_loss`) and the logits are never
+    made. ``kl_coef`` is an attribute so an adaptive KL
     controller can change it between steps (it is a runtime kernel argument: no recompilation).
     """
 
@@ -32,13 +36,26 @@ class PPOLoss(nn.Module):
         self.kl_coef = self.options.pop("kl_coef", 0.0)
         self.inplace_backward = inplace_backward
 
-    def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None,
-                rollout_logp=None, rollout_is_weights=None, **overrides):
-        options = {**self.options, "kl_coef": self.kl_coef,
-                   "inplace_backward": self.inplace_backward, **overrides}
-        return F.ppo_loss(logits, labels, old_logp, advantages, mask, ref_logp=ref_logp,
-                          rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights,
-                          **options)
+    def forward(self, logits=None, labels=None, old_logp=None, advantages=None, mask=None, ref_logp=None,
+                rollout_logp=None, rollout_is_weights=None, *, hidden=None, lm_head=None, **overrides):
+        options = {**self.options, "kl_coef": self.kl_coef, **overrides}
+        tensors = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
+        if hidden is None:
+            if logits is None:
+                raise ValueError("PPOLoss needs either logits or hidden (with lm_head)")
+            return F.ppo_loss(logits, labels, old_logp, advantages, mask, inplace_backward=self.inplace_backward,
+                              **tensors, **options)
+        if logits is not None:
+            raise ValueError("PPOLoss takes either logits or hidden (with lm_head), not both")
+        if isinstance(lm_head, nn.Linear):
+            weight, bias = lm_head.weight, lm_head.bias
+        elif isinstance(lm_head, torch.Tensor):
+            weight, bias = lm_head, None
+        else:
+            raise ValueError("with hidden, PPOLoss needs lm_head: the model's output nn.Linear or its [V, H] "
+                             f"weight; got {type(lm_head).__name__}")
+        return F.fused_linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=bias, **tensors,
+                                       **options)
 
     def extra_repr(self) -> str:
         options = {**self.options, "kl_coef": self.kl_coef, "inplace_backward": self.inplace_backward}

@@ -21,6 +21,7 @@ from torch import Tensor
 from . import dispatch
 from . import reference as spec
 from .backends import PPO_OUTPUTS
+from .backends.reference import linear_chunk_tokens, linear_chunks
 from .options import LossOptions
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -241,3 +242,106 @@ def _(rewards, values, mask, cu_seqlens, gamma, lam):
 
 
 _implement(gae_op, "gae", "gae_forward")
+
+
+# --------------------------------------------------------------------------------------------
+# The fused linear head: log-probs and entropy from hidden states and the lm_head weight
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ppo_fast::linear_logprobs", mutates_args=())
+def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                       inv_temp: float, ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)`` ``[N]`` of ``logits = hidden @ weight.T + bias`` (never stored):
+    hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, labels ``[N]``. float32 out (float64 for
+    float64 inputs); ``lse`` is for the backward and not differentiable."""
+    raise _no_kernel("linear_logprobs", hidden)
+
+
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
+    dtype = _out_dtype(hidden.dtype)
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=dtype) for _ in range(3))
+
+
+_implement(linear_logprobs_op, "linear_logprobs", "linear_logprobs_forward")
+
+
+@torch.library.custom_op("ppo_fast::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+                                grad_entropy: Optional[Tensor], inv_temp: float,
+                                ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dhidden, dweight, dbias)`` (``dbias`` empty without a bias), the logits recomputed chunk
+    by chunk: per chunk one GEMM for the logits, the row kernel for dlogits (written over the
+    chunk's logits where the backend can), one GEMM each for dhidden and dweight. dweight (and
+    dbias) accumulate over the chunks in float32 (float64 for float64), rounded once at the end."""
+    raise _no_kernel("linear_logprobs_backward", hidden)
+
+
+@linear_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty(weight.shape[:1] if bias is not None else (0,)))
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with the products summed in ``acc``'s dtype: in place where the operands
+    have it, by the GEMM's own output dtype on CUDA, else on operands cast up (a chunk's worth)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
+                     ignore_index):
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dhidden = torch.zeros_like(hidden)
+    dweight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    dbias = torch.zeros(weight.shape[:1] if bias is not None else (0,), dtype=acc_dtype, device=weight.device)
+    chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
+    impl = dispatch.resolve("token_logprobs", hidden.device).impl
+
+    def padded(t, start, stop):
+        piece = t[start:stop]
+        return piece if stop - start == chunk else torch.cat([piece, piece.new_zeros(chunk - (stop - start))])
+
+    for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
+        logits = torch.nn.functional.linear(h, weight, bias)
+        dlogits = logits if impl.writes_in_place(logits) else torch.empty_like(logits)
+        token_logprobs_backward_op(
+            dlogits, logits, lab, padded(lse, start, stop), padded(entropy, start, stop),
+            padded(grad_logp, start, stop), None if grad_entropy is None else padded(grad_entropy, start, stop),
+            inv_temp, ignore_index)
+        dhidden[start:stop] = (dlogits @ weight)[: stop - start]
+        _accumulate_mm(dweight, dlogits.t(), h)
+        if bias is not None:
+            dbias += dlogits.sum(0, dtype=acc_dtype)
+    return dhidden, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+for _device_type in DEVICE_TYPES:
+    linear_logprobs_backward_op.register_kernel(_device_type)(_linear_backward)
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy = inputs
+    _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.inv_temp, ctx.ignore_index, ctx.with_entropy = inv_temp, ignore_index, with_entropy
+
+
+def _linear_backward_formula(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    dhidden, dweight, dbias = linear_logprobs_backward_op(
+        hidden, weight, bias, labels, lse, entropy, grad_logp,
+        grad_entropy if ctx.with_entropy else None, ctx.inv_temp, ctx.ignore_index)
+    return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None
+
+
+linear_logprobs_op.register_autograd(_linear_backward_formula, setup_context=_linear_setup)

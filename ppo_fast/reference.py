@@ -466,6 +466,18 @@ def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollo
     return reduce(terms, mask, opts)
 
 
+def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, **options):
+    """:func:`token_logprobs` of the logits ``hidden @ weight.T + bias`` (the fused linear head's
+    spec: the same numbers, with the logits in memory)."""
+    return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, **options)
+
+
+def fused_linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, **options):
+    """:func:`ppo_loss` of the logits ``hidden @ weight.T + bias`` (the fused linear head's spec)."""
+    return ppo_loss(torch.nn.functional.linear(hidden, weight, bias), labels, old_logp, advantages, mask,
+                    **options)
+
+
 def value_loss(values, old_values, returns, mask, *, clip: float | None = None, **options):
     """½·agg(max((v − R)², (clip(v, v_old − clip, v_old + clip) − R)²)); no clipping if clip is None.
 

@@ -125,6 +125,8 @@ def test_unknown_backend_name(monkeypatch):
 PUBLIC_CALLS = {
     "token_logprobs": lambda b: pf.token_logprobs(b["logits"], b["labels"]),
     "ppo_loss": lambda b: pf.ppo_loss(b["logits"], b["labels"], b["old"], b["adv"], b["mask"]),
+    "linear_logprobs": lambda b: pf.fused_linear_ppo_loss(
+        b["logits"], b["logits"].detach().reshape(-1, 11)[:7], b["labels"] % 7, b["old"], b["adv"], b["mask"]),
     "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"]),
     "policy_loss": lambda b: pf.policy_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "value_loss": lambda b: pf.value_loss(b["old"], b["old"], b["adv"], b["mask"]),

@@ -141,17 +141,22 @@ def test_empty_prompt_file_and_too_long_prompts(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    from ppo_fast.trainer import loop
+
     config, components = _trainer(tmp_path, steps=5, max_nonfinite_in_a_row=3)
-    real = pf.ppo_loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        loss, metrics = real(*args, **kwargs)
-        calls["n"] += 1
-        # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
-        return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+    def poisoned(real):
+        def loss_fn(*args, **kwargs):
+            loss, metrics = real(*args, **kwargs)
+            calls["n"] += 1
+            # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
+            return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+        return loss_fn
 
-    monkeypatch.setattr(pf, "ppo_loss", poisoned)
+    # The actor loss of either path: the fused head's, or pf.ppo_loss on the logits.
+    monkeypatch.setattr(pf, "ppo_loss", poisoned(pf.ppo_loss))
+    monkeypatch.setattr(loop, "completion_ppo_loss", poisoned(loop.completion_ppo_loss))
     trainer = PPOTrainer(config, components)
     with pytest.raises(TrainingStopped, match="3 updates in a row had a non-finite loss") as info:
         trainer.train()
@@ -268,3 +273,25 @@ def test_training_from_hugging_face_directories(tmp_path):
     rows = _rows(tmp_path / "dirs")
     assert [r["step"] for r in rows if "eval_proxy_reward" in r] == [0, 2]
     assert (tmp_path / "dirs" / "final_policy" / "tokenizer.json").exists()
+
+
+def test_the_fused_head_gives_the_logits_paths_run(tmp_path):
+    """On by default (the default policy's logits are its head's output), off by the switch: the
+    same run either way, to rounding (the fused head's GEMMs are chunked differently)."""
+    logs = {}
+    rows = {}
+    for fused in (True, False):
+        lines = []
+        config = _config(tmp_path, run_name=f"fused_{fused}", steps=3, save_every=0, eval_every=0,
+                         fused_head=fused)
+        trainer = PPOTrainer(config, build_components(config), log=lines.append)
+        trainer.train()
+        logs[fused] = "\n".join(str(line) for line in lines)
+        rows[fused] = _rows(tmp_path / f"fused_{fused}")
+    assert "actor: fused head" in logs[True] and "reference: fused head" in logs[True]
+    assert "actor: logits path (fused_head is off)" in logs[False]
+    assert len(rows[True]) == len(rows[False]) == 4
+    for on, off in zip(rows[True], rows[False]):
+        for name in ("score", "kl", "entropy", "clipfrac", "approx_kl", "actor_loss", "vf_loss"):
+            if name in off:
+                assert on[name] == pytest.approx(off[name], rel=1e-4, abs=1e-6), name

@@ -13,7 +13,7 @@ import signal
 
 import ppo_fast as pf
 from ppo_fast.distributed import shutdown_distributed
-from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components
+from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components, loop
 
 
 def main():
@@ -29,14 +29,18 @@ def main():
     trainer = PPOTrainer(config, build_components(config))
     rank = trainer.rank
     if rank == 1 and args.mode == "nan":
-        real, calls = pf.ppo_loss, {"n": 0}
+        calls = {"n": 0}
 
-        def poisoned(*a, **k):
-            loss, metrics = real(*a, **k)
-            calls["n"] += 1
-            return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+        def poisoned(real):
+            def loss_fn(*a, **k):
+                loss, metrics = real(*a, **k)
+                calls["n"] += 1
+                return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+            return loss_fn
 
-        pf.ppo_loss = poisoned
+        # The actor loss of either path: the fused head's, or pf.ppo_loss on the logits.
+        pf.ppo_loss = poisoned(pf.ppo_loss)
+        loop.completion_ppo_loss = poisoned(loop.completion_ppo_loss)
     if rank == 1 and args.mode == "interrupt":
         real_step = trainer.one_step
 

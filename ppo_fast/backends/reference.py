@@ -152,3 +152,58 @@ def gae_forward(rewards, values, mask, cu_seqlens, gamma, lam):
                             gamma=gamma, lam=lam)
         return adv.reshape(-1), ret.reshape(-1)
     return spec.gae_packed(rewards, values, mask, cu_seqlens, gamma=gamma, lam=lam)
+
+
+# --------------------------------------------------------------------------------------------
+# The linear head, chunked over tokens (also the chunking every backend's backward uses)
+# --------------------------------------------------------------------------------------------
+
+CHUNK_BYTES = 64 * 2**20
+"""Bytes of one chunk's logits in the compute dtype, on the chunked path."""
+
+
+def linear_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of the chunked path: a power of two in [16, 1024] whose ``[chunk, V]``
+    logits in the compute dtype fit :data:`CHUNK_BYTES`. It depends on V and the dtype only, and
+    the last chunk is padded to it, so every token's GEMMs have the same shape whatever the batch:
+    BLAS picks its kernel by shape (a GEMV for one row), and the same kernel gives the same bits."""
+    itemsize = 8 if dtype == torch.float64 else 4
+    fit = max(CHUNK_BYTES // max(vocab * itemsize, 1), 1)
+    return min(1024, max(16, 1 << (fit.bit_length() - 1)))
+
+
+def linear_chunks(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk: int):
+    """``(start, stop, hidden_chunk, labels_chunk)`` over the tokens, each chunk ``chunk`` rows (the
+    last padded with zero rows whose label is ``ignore_index``), the rows of ignored labels zeroed;
+    chunks where every label is ignored are skipped (their outputs and gradients are 0)."""
+    n = hidden.shape[0]
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        labels_chunk = labels[start:stop]
+        active = labels_chunk != ignore_index
+        if not bool(active.any()):
+            continue
+        # Ignored rows are zeroed, not just skipped by the row op: the weight's gradient sums over
+        # every row of the chunk, and 0·NaN would carry a NaN from an ignored hidden state into it.
+        hidden_chunk = torch.where(active.unsqueeze(-1), hidden[start:stop], 0.0)
+        if stop - start < chunk:
+            pad = chunk - (stop - start)
+            hidden_chunk = torch.cat([hidden_chunk, hidden_chunk.new_zeros(pad, hidden.shape[1])])
+            labels_chunk = torch.cat([labels_chunk, labels_chunk.new_full((pad,), ignore_index)])
+        yield start, stop, hidden_chunk, labels_chunk
+
+
+def linear_logprobs_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
+    """``(logp, entropy, lse)`` chunk by chunk: each chunk's logits (one GEMM, in the inputs'
+    dtype, as ``hidden @ weight.T + bias`` would give them) go through the row op and are freed;
+    the peak extra memory is one chunk's."""
+    out_dtype = spec.compute_dtype(hidden)
+    n = hidden.shape[0]
+    logp, entropy, lse = (torch.zeros(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
+    chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
+    for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
+        logits = torch.nn.functional.linear(h, weight, bias)
+        outs = token_logprobs_forward(logits, lab, inv_temp, ignore_index, with_entropy)
+        for out, value in zip((logp, entropy, lse), outs):
+            out[start:stop] = value[: stop - start]
+    return logp, entropy, lse

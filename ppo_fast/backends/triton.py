@@ -13,6 +13,7 @@ import torch
 import triton.language as tl
 
 from ..kernels import gae as gae_kernels
+from ..kernels import linear_logprobs as linear_kernels
 from ..kernels import logprobs as logprobs_kernels
 from ..kernels import ppo_loss as ppo_kernels
 from ..kernels.launch import ENABLE_FP_FUSION, Launch  # noqa: F401  (for ppo_fast.compile_check)
@@ -111,3 +112,17 @@ def gae_forward(rewards, values, mask, cu_seqlens, gamma, lam):
                     cu_seqlens.contiguous(), advantages, returns,
                     _scalars([gamma, gamma * lam], dtype, rewards.device), max_len, _acc(dtype))
     return advantages, returns
+
+
+def linear_logprobs_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
+    """``(logp, entropy, lse)`` of ``hidden @ weight.T + bias`` tile by tile: no logits in memory.
+    The backward is the chunked one of :mod:`ppo_fast.ops` (GEMMs, this backend's row kernel)."""
+    out_dtype = _out_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    logp, entropy, lse = (torch.empty(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
+    linear_kernels.linear_logprobs_fwd(
+        hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+        weight if weight.stride(-1) == 1 else weight.contiguous(),
+        None if bias is None else bias.contiguous(), labels.contiguous(), logp, entropy, lse,
+        _scalars([inv_temp], hidden.dtype, hidden.device), ignore_index, with_entropy, _acc(hidden.dtype))
+    return logp, entropy, lse

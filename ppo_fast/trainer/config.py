@@ -29,7 +29,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A run name is a name: a letter or digit first, then up to 127 letters, digits, '.', '_' or '-'
 (no path separator, nothing that climbs out of output_dir)."""
 
-RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max_gathered_bytes")
+RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max_gathered_bytes", "fused_head")
 """Fields a resumed run may change. Every other field is the run's own: a resume that sets one
 differently is refused, since it would continue a different run on top of this one."""
 
@@ -130,6 +130,11 @@ class PPOConfig:
     """Loss aggregation (token-mean, seq-mean-token-mean, ...)."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
+    fused_head: bool = True
+    """Log-probs and the actor loss from the last hidden states and the output embedding
+    (pf.fused_linear_*), never the [tokens, vocab] logits, for each model whose logits are exactly
+    its head's output on the first batch (checked; otherwise the logits path, with the reason
+    logged). Off: always the logits path."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage of the actor and critic (0-3)."""
     ds_config: str = ""

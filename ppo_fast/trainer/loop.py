@@ -5,13 +5,15 @@
 
 Per step:
   1. generate: the hybrid engine samples completions from the actor.
-  2. score: no-grad passes give the old and reference log-probs (pf.token_logprobs, never a
-     full-vocab log-softmax) and the critic's values; the reward model or reward function scores
-     each sequence.
+  2. score: no-grad passes give the old and reference log-probs (the fused head: from the last
+     hidden states and the output embedding, never the logits; or pf.token_logprobs on the logits
+     where a model's logits are not exactly its head's output) and the critic's values; the reward
+     model or reward function scores each sequence.
   3. advantages: rewards are −β·KL per token plus the score at the last completion token; pf.gae
      and pf.masked_whiten turn them into advantages.
-  4. update: ppo_epochs × minibatches (gradient accumulation over micro-batches) of pf.ppo_loss
-     for the actor and pf.value_loss for the critic, each through its DeepSpeed engine.
+  4. update: ppo_epochs × minibatches (gradient accumulation over micro-batches) of the PPO loss
+     (pf.fused_linear_ppo_loss through the fused head, or pf.ppo_loss on the logits) for the actor
+     and pf.value_loss for the critic, each through its DeepSpeed engine.
 Then a metrics row (reporting.py) and, every save_every steps, a checkpoint (checkpoint.py);
 --resume continues from the last one, after kill -9 too. The models are built in models.py.
 """
@@ -28,6 +30,7 @@ import torch
 
 import ppo_fast as pf
 
+from ..head import completion_logprobs, completion_ppo_loss, fused_head_unsupported
 from ..sequences import completion_logits, position_ids
 from .checkpoint import Checkpoints, export_policy, rng_state, seed_everything, set_rng_state
 from .config import PPOConfig
@@ -79,6 +82,9 @@ class PPOTrainer:
                                      self.rank, self.world)
         self.shuffle = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         self.step = 0
+        # Per model ("actor", "reference"): whether it goes through the fused head; decided on the
+        # first generated batch.
+        self.fused_head: dict[str, bool] = {}
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._stop_reason = None
@@ -186,9 +192,9 @@ class PPOTrainer:
         seqs, attn = out.sequences, out.attention_mask
         action_mask = out.completion_mask[:, P:]
         m.actor.module.eval()
-        old_logp = self._token_logprobs(m.actor.module, seqs, attn, P)
+        old_logp = self._token_logprobs("actor", m.actor.module, seqs, attn, P)
         m.actor.module.train()
-        ref_logp = self._token_logprobs(m.reference, seqs, attn, P)
+        ref_logp = self._token_logprobs("reference", m.reference, seqs, attn, P)
         values = m.critic.module(seqs, attn, position_ids(attn))[:, P - 1:-1]
         scores = self._scores(prompts, seqs, attn, P)
 
@@ -212,11 +218,23 @@ class PPOTrainer:
         }
         return exp, stats
 
-    def _token_logprobs(self, model, sequences, attention_mask, prompt_len):
-        logits = completion_logits(model, sequences, attention_mask, prompt_len)
+    def _uses_fused_head(self, name, model, sequences, attention_mask) -> bool:
+        if name not in self.fused_head:
+            reason = ("fused_head is off" if not self.config.fused_head
+                      else fused_head_unsupported(model, sequences, attention_mask))
+            self.fused_head[name] = reason is None
+            if self.rank == 0:
+                self.log(f"{name}: " + ("fused head (log-probs from hidden states, no logits)" if reason is None
+                                        else f"logits path ({reason})"))
+        return self.fused_head[name]
+
+    def _token_logprobs(self, name, model, sequences, attention_mask, prompt_len):
         # The rollouts sample from softmax(z / T): score them under the same distribution.
-        return pf.token_logprobs(logits, sequences[:, prompt_len:],
-                                 temperature=self.config.temperature)
+        temperature = self.config.temperature
+        if self._uses_fused_head(name, model, sequences, attention_mask):
+            return completion_logprobs(model, sequences, attention_mask, prompt_len, temperature=temperature)
+        logits = completion_logits(model, sequences, attention_mask, prompt_len)
+        return pf.token_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
 
     def _scores(self, prompts, sequences, attention_mask, prompt_len) -> torch.Tensor:
         if self.c.reward_fn is not None:
@@ -259,12 +277,14 @@ class PPOTrainer:
             for minibatch in order.split(cfg.minibatch_size):
                 for idx in minibatch.split(cfg.micro_batch_size):
                     seqs, attn = exp.sequences[idx], exp.attention_mask[idx]
-                    logits = completion_logits(actor, seqs, attn, P)
-                    actor_loss, metrics = pf.ppo_loss(
-                        logits, seqs[:, P:], exp.old_logp[idx], exp.advantages[idx],
-                        exp.action_mask[idx], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
-                        temperature=cfg.temperature)
+                    batch = (exp.old_logp[idx], exp.advantages[idx], exp.action_mask[idx])
+                    options = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, entropy_coef=cfg.entropy_coef,
+                                   agg=cfg.loss_agg, temperature=cfg.temperature)
+                    if self.fused_head["actor"]:
+                        actor_loss, metrics = completion_ppo_loss(actor, seqs, attn, P, *batch, **options)
+                    else:
+                        logits = completion_logits(actor, seqs, attn, P)
+                        actor_loss, metrics = pf.ppo_loss(logits, seqs[:, P:], *batch, **options)
                     values = critic(seqs, attn, position_ids(attn))[:, P - 1:-1]
                     critic_loss, vmetrics = pf.value_loss(
                         values, exp.values[idx], exp.returns[idx], exp.action_mask[idx],

@@ -1,0 +1,220 @@
+"""The fused linear head against the logits paths: PPO loss forward+backward from hidden states and
+an lm_head weight, time and peak extra memory side by side in one run.
+
+    python benches/linear_head.py --out benches/results        # the issue's shape for the device
+    python benches/linear_head.py --smoke                      # tiny shapes (CI)
+
+Providers (each computes the token-mean clipped PPO loss with an entropy bonus and its gradients
+with respect to hidden and weight, on the same random inputs, never zeros):
+
+- ``fused``: ``pf.fused_linear_ppo_loss``; the logits are never stored.
+- ``logits + pf.ppo_loss``: ``F.linear`` then ``pf.ppo_loss`` (the fused log-prob kernel on the
+  stored logits).
+- ``eager``: ``F.linear`` then ``ppo_fast.reference.ppo_loss`` (log_softmax, gather, entropy).
+- ``liger``: Liger's ``LigerFusedLinearGRPOLoss`` (its chunked head), where liger-kernel is
+  installed and runs on the device.
+
+"Extra memory" is the peak beyond the inputs and the gradients of hidden and weight. On CUDA it
+comes from the allocator's peak; on a CPU each provider runs in a child process, which resets the
+kernel's resident-set high-water mark (``/proc/self/clear_refs``) before a second call and reads
+``VmHWM`` after it. On a GPU the table also gives the time of the head's three GEMMs
+(6·N·H·V FLOPs at the bf16 matmul rate measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from floors import Timer, matmul_rate, peak_extra_bytes  # noqa: E402
+
+SHAPES = {  # (tokens, hidden, vocab, dtype)
+    "cpu": (8192, 256, 32000, torch.float32),
+    "cuda": (8192, 4096, 151936, torch.bfloat16),
+    "smoke": (64, 16, 1000, torch.float32),
+}
+PROVIDERS = ("fused", "logits + pf.ppo_loss", "eager", "liger")
+ENTROPY_COEF = 0.01
+
+
+class Unavailable(Exception):
+    pass
+
+
+def make_inputs(N, H, V, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    old = (-torch.rand(N, generator=g) * 8).to(device)
+    adv = torch.randn(N, generator=g).to(device)
+    mask = (torch.rand(N, generator=g) > 0.05).to(device)
+    return hidden, weight, labels, old, adv, mask
+
+
+def make_run(provider, inputs):
+    """A function doing one forward+backward; returns the gradients of hidden and weight."""
+    import ppo_fast as pf
+    from ppo_fast import reference
+
+    hidden, weight, labels, old, adv, mask = inputs
+    options = dict(clip_low=0.2, clip_high=0.28, entropy_coef=ENTROPY_COEF)
+    if provider == "fused":
+        def loss():
+            return pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
+    elif provider == "logits + pf.ppo_loss":
+        def loss():
+            return pf.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask, **options)[0]
+    elif provider == "eager":
+        def loss():
+            return reference.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask,
+                                      **options)[0]
+    elif provider == "liger":
+        loss = _liger_loss(inputs)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+
+    def run():
+        return torch.autograd.grad(loss(), (hidden, weight))
+
+    return run
+
+
+def _liger_loss(inputs):
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError as exc:
+        raise Unavailable(f"liger-kernel is not installed ({exc})") from None
+    hidden, weight, labels, old, adv, mask = inputs
+    # One sequence per row of [1, N]: Liger's loss is over [B, T] with a per-sequence advantage;
+    # per-token advantages are what PPO has, so the sequence is the whole batch and the advantage
+    # its mean (the work per token, the quantity timed here, is the same).
+    module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
+                                      epsilon_low=0.2, epsilon_high=0.28, compiled=False)
+
+    def loss():
+        out = module(hidden[None], weight, labels[None], mask[None].long(), adv.mean()[None],
+                     old_per_token_logps=old[None])
+        return out[0] if isinstance(out, tuple) else out
+
+    try:
+        torch.autograd.grad(loss(), (hidden,))
+    except Exception as exc:  # noqa: BLE001 -- any failure means this provider cannot run here
+        raise Unavailable(f"Liger's loss failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
+            from None
+    return loss
+
+
+def _proc_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cpu_peak_extra(provider, shape) -> int:
+    """Run in a child: peak resident bytes during the second call beyond those before it, less the
+    gradients of hidden and weight (outputs the caller keeps)."""
+    N, H, V, dtype = SHAPES[shape]
+    inputs = make_inputs(N, H, V, dtype, "cpu")
+    run = make_run(provider, inputs)
+    run()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status("VmRSS")
+    grads = run()
+    peak = _proc_status("VmHWM") - before
+    return peak - sum(g.numel() * g.element_size() for g in grads)
+
+
+def peak_extra(provider, shape, device, inputs, run) -> int | None:
+    if device.type == "cuda":
+        grads_bytes = sum(t.numel() * t.element_size() for t in inputs[:2])
+        return peak_extra_bytes(run, device) - grads_bytes
+    proc = subprocess.run([sys.executable, __file__, "--memory-of", provider, "--shape", shape],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.splitlines()[-1])["peak_extra"]
+
+
+def measure(shape: str, device, repeats: int) -> list[dict]:
+    N, H, V, dtype = SHAPES[shape]
+    timer = Timer(device, repeats)
+    rows = []
+    for provider in PROVIDERS:
+        inputs = make_inputs(N, H, V, dtype, device)
+        try:
+            run = make_run(provider, inputs)
+        except Unavailable as exc:
+            rows.append(dict(provider=provider, skipped=str(exc)))
+            continue
+        rows.append(dict(provider=provider, ms=timer(run),
+                         peak_extra=peak_extra(provider, shape, device, inputs, run)))
+    return rows
+
+
+def table(rows, shape, device) -> str:
+    N, H, V, dtype = SHAPES[shape]
+    logits_bytes = N * V * torch.empty((), dtype=dtype).element_size()
+    base = next(r for r in rows if r["provider"] == "logits + pf.ppo_loss")
+    lines = [f"Fused linear head, PPO loss forward+backward, {N} tokens × H {H} × V {V}, "
+             f"{str(dtype).removeprefix('torch.')}, on {device_name(device)}. The logits alone: "
+             f"{logits_bytes / 2**20:,.0f} MiB.", ""]
+    if device.type == "cuda":
+        rate = matmul_rate(device, Timer(device), 8192)
+        gemms_ms = 6 * N * H * V / rate * 1e3
+        lines += [f"Three GEMMs of the head at the measured bf16 matmul rate ({rate / 1e12:.0f} TFLOP/s): "
+                  f"{gemms_ms:.2f} ms.", ""]
+    lines += ["| provider | median ms | time vs logits + pf.ppo_loss | peak extra MiB | extra / logits size |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['provider']} | skipped: {r['skipped']} | | | |")
+            continue
+        lines.append(f"| {r['provider']} | {r['ms']:.1f} | {r['ms'] / base['ms']:.2f} | "
+                     f"{r['peak_extra'] / 2**20:,.0f} | {r['peak_extra'] / logits_bytes:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes")
+    parser.add_argument("--out", help="write linear_head_<device>.md into this folder")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_of:
+        print(json.dumps({"peak_extra": cpu_peak_extra(args.memory_of, args.shape)}))
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = "smoke" if args.smoke else device.type
+    rows = measure(shape, device, args.repeats)
+    text = (f"# Fused linear head vs the logits paths ({time.strftime('%Y-%m-%d')})\n\n"
+            f"`python benches/linear_head.py{' --smoke' if args.smoke else ''}`, median of {args.repeats} calls "
+            "after one warm-up, all providers in one run.\n\n" + table(rows, shape, device))
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"linear_head_{'smoke' if args.smoke else device.type}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

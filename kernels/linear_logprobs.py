@@ -1,0 +1,258 @@
+"""Token log-probabilities, entropy and log-sum-exp straight from hidden states and the lm_head
+weight, forward: the [N, V] logits are never written to memory.
+
+For token n with hidden state x (length H), weight W [V, H], optional bias b [V], label y and
+temperature τ, a program computes s = (x·Wᵀ + b)/τ one [BLOCK_N, BLOCK_V] tile at a time and
+keeps, per token, the online statistics of :mod:`kernels.logprobs`:
+
+    m       = max_v s_v                      (running; the sums are rescaled when it rises)
+    d       = Σ_v exp(s_v − m)
+    t       = Σ_v exp(s_v − m)·s_v           (entropy only)
+    lse     = m + log d
+    logp    = s_y − lse                      (s_y picked from the tile that holds y)
+    entropy = lse − t/d
+
+A tile's logits are ``tl.dot`` products over H in BLOCK_H chunks, accumulated in float32 (tensor
+cores for bf16/fp16, IEEE products for float32 inputs, never TF32) or in float64 for float64
+inputs; then the bias is added, the sum rounded once to the inputs' dtype (the logits a GEMM in
+that dtype would store) and scaled by 1/τ. H and V need not divide any block: the
+H tail loads as 0, the vocabulary tail becomes logit −inf.
+
+Batch invariance. The grid is one program per BLOCK_N consecutive tokens, and the plan (blocks,
+warps, stages) is a function of (H, V, dtype) only: a token's logits are the same dot products
+in the same order, its statistics the same reductions over the same tiles, whatever batch it is
+in and whichever row of its tile it lands in (the rows of a tile never mix). The compiled code
+depends on nothing batch-dependent either: the token count and the row strides are not
+specialised, no pointer is specialised on its alignment, and 16-byte alignment reaches the
+compiler only as ``ALIGNED``, which the launcher decides from base addresses and row strides.
+
+Rows whose label is ``ignore_index``, and rows past the end of the batch, are never loaded:
+whatever their hidden state holds changes nothing, and a tile holding only such rows skips the
+vocabulary loop. A label outside ``[0, V)`` that is not ``ignore_index`` gives NaN outputs rather
+than a wrong number, as in :mod:`kernels.logprobs`.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import ALIGNMENT_BYTES, ENABLE_FP_FUSION, Launch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's CPU interpreter (read once, as triton does at import): its ``tl.dot`` on bf16 tiles
+multiplies their raw 16-bit patterns (triton 3.6 and 3.9), so there bf16 tiles are upcast first."""
+
+# The batch-dependent integers, and every pointer: specialising on their values (== 1, % 16) or
+# on a pointer's alignment would give a token different code depending on the batch around it.
+BATCH_ADDRESSING = ["n_rows", "stride_hn", "stride_wv"]
+POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logp_ptr", "entropy_ptr",
+            "lse_ptr", "scalars_ptr"]
+
+
+@triton.jit
+def tile_logits(
+    h_rows,  # [BLOCK_N, 1] pointers to hidden[row, 0], unit column stride
+    read,  # [BLOCK_N] bool: rows to load; the others are 0
+    w_rows,  # [BLOCK_V, 1] pointers to weight[col, 0], unit column stride
+    in_vocab,  # [BLOCK_V] bool: columns < V; the others are 0
+    H,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot multiplies raw bits)
+):
+    """x·Wᵀ over the tile, summed over H in BLOCK_H chunks in increasing order: float32 for
+    16-bit and float32 inputs (IEEE products for float32), float64 for float64."""
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), ACC)
+    for start in range(0, H, BLOCK_H):
+        cols_h = start + offs_h
+        in_h = cols_h < H
+        x = tl.load(h_rows + cols_h[None, :], mask=read[:, None] & in_h[None, :], other=0.0)
+        w = tl.load(w_rows + cols_h[None, :], mask=in_vocab[:, None] & in_h[None, :], other=0.0)
+        if UPCAST:
+            # A product of two 16-bit floats is exact in float32: the same sums as the MMA.
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if x.dtype == tl.float64:
+            # Products and sums in float64 on the FMA units (Triton 3.6 has no float64 tl.dot).
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        elif x.dtype == tl.float32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=BATCH_ADDRESSING, do_not_specialize_on_alignment=POINTERS)
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr,  # [N, H] bf16/fp16/fp32/fp64, unit column stride, rows stride_hn apart
+    stride_hn,
+    weight_ptr,  # [V, H] hidden's dtype, unit column stride, rows stride_wv apart
+    stride_wv,
+    bias_ptr,  # [V] hidden's dtype, contiguous (not read without HAS_BIAS)
+    labels_ptr,  # [N] int64, contiguous
+    logp_ptr,  # [N] out, ACC dtype
+    entropy_ptr,  # [N] out, ACC dtype: 0 without WITH_ENTROPY
+    lse_ptr,  # [N] out, ACC dtype
+    scalars_ptr,  # [1] ACC dtype: 1/temperature (a tensor, so float64 runs keep full precision)
+    n_rows,
+    H,
+    V,
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    ALIGNED: tl.constexpr,  # both matrices' base and row stride are 16-byte multiples
+    ACC: tl.constexpr,  # float32, or float64 for float64 inputs
+    UPCAST: tl.constexpr,  # see tile_logits; only ever set under the interpreter
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_batch = rows < n_rows
+    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
+    active = (labels != ignore_index) & in_batch
+    in_range = (labels >= 0) & (labels < V)
+    read = active & in_range
+    inv_temp = tl.load(scalars_ptr)
+    h_rows = hidden_ptr + rows[:, None] * stride_hn
+    if ALIGNED:
+        # Every row starts 16-byte aligned: its loads may be 128 bits wide. (The hint must sit on
+        # a computed value; on a kernel argument Triton drops it.)
+        h_rows = tl.multiple_of(h_rows, [16, 16])
+
+    m = tl.full((BLOCK_N,), float("-inf"), ACC)
+    d = tl.zeros((BLOCK_N,), ACC)
+    t = tl.zeros((BLOCK_N,), ACC)
+    s_label = tl.zeros((BLOCK_N,), ACC)
+    n_vocab = tl.where(tl.max(read.to(tl.int32), axis=0) > 0, V, 0)
+    for start in range(0, n_vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < V
+        w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv
+        if ALIGNED:
+            w_rows = tl.multiple_of(w_rows, [16, 16])
+        z = tile_logits(h_rows, read, w_rows, in_vocab, H, BLOCK_N, BLOCK_V, BLOCK_H, ACC, UPCAST)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=in_vocab, other=0.0).to(ACC)[None, :]
+        # Rounded once to the inputs' dtype, as ``hidden @ weight.T + bias`` stores its logits: the
+        # statistics are those of the model's own logits, and the backward, which recomputes them
+        # with a GEMM in that dtype, differentiates the same numbers.
+        z = z.to(hidden_ptr.dtype.element_ty).to(ACC)
+        s = tl.where(in_vocab[None, :], z * inv_temp, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # A row of −inf so far keeps m_new = −inf; exp(−inf − −inf) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(s - m_safe[:, None])
+        d = d * rescale + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=1)
+        # Exactly one tile holds the label; every other adds 0, exactly.
+        s_label += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
+        m = m_new
+
+    lse = tl.where(in_range, m + tl.log(d), float("nan"))
+    tl.store(logp_ptr + rows, tl.where(active, s_label - lse, 0.0), mask=in_batch)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_batch)
+    if WITH_ENTROPY:
+        entropy = tl.where(active, lse - t / d, 0.0)
+    else:
+        entropy = tl.zeros((BLOCK_N,), ACC)
+    tl.store(entropy_ptr + rows, entropy, mask=in_batch)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Blocks and launch options of the fused forward, from (H, V, dtype) only."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+
+# (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages) by element type, before clamping to small H and V.
+# The largest tiles that compile without a spill for sm_80 and sm_90 at H = 4096 and 4097 (the
+# compile check's table): the [BLOCK_N, BLOCK_V] float32 accumulator and the softmax statistics
+# over it share the registers (Triton 3.6 allocates more of them than 3.9). 16-bit: eight warps of
+# m16 MMAs (two Hopper warpgroups); float32 runs IEEE FMA products and float64 plain FMAs, so their
+# tiles are smaller.
+_TILES = {
+    torch.bfloat16: (64, 128, 32, 8, 3),
+    torch.float16: (64, 128, 32, 8, 3),
+    torch.float32: (16, 64, 32, 4, 2),
+    torch.float64: (16, 32, 16, 8, 2),
+}
+
+MIN_DOT = 16
+"""``tl.dot`` needs every tile dimension to be at least 16."""
+
+
+def tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
+    """The plan for hidden size H, vocabulary V and input dtype: never the token count, so a
+    token's result does not depend on its batch. BLOCK_V and BLOCK_H shrink (to powers of two,
+    at least 16) when V or H is smaller than the tile."""
+    block_n, block_v, block_h, warps, stages = _TILES[dtype]
+    block_v = min(block_v, max(MIN_DOT, triton.next_power_of_2(V)))
+    block_h = min(block_h, max(MIN_DOT, triton.next_power_of_2(H)))
+    return TilePlan(block_n, block_v, block_h, warps, stages)
+
+
+@dataclass(frozen=True)
+class StagedLaunch(Launch):
+    """A :class:`Launch` that also fixes the software-pipelining depth of the H loop."""
+
+    num_stages: int = 3
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages, enable_fp_fusion=ENABLE_FP_FUSION)
+
+
+def _rows_unit(matrix, name):
+    if matrix.dim() != 2 or matrix.stride(1) != 1:
+        raise ValueError(f"{name} must be 2-D with unit column stride; got shape "
+                         f"{tuple(matrix.shape)}, strides {tuple(matrix.stride())}")
+
+
+def _aligned(*matrices) -> bool:
+    return all(m.data_ptr() % ALIGNMENT_BYTES == 0
+               and (m.stride(0) * m.element_size()) % ALIGNMENT_BYTES == 0 for m in matrices)
+
+
+def plan_linear_logprobs_fwd(hidden, weight, bias, labels, logp, entropy, lse, scalars,
+                             ignore_index, with_entropy, acc) -> StagedLaunch:
+    """The fused forward over the N rows of ``hidden`` [N, H] against ``weight`` [V, H] (both of
+    one dtype, unit column stride, any row stride), ``bias`` [V] contiguous or None, ``labels``
+    [N] int64 contiguous. ``logp``, ``entropy``, ``lse``: preallocated contiguous [N] outputs of
+    dtype ``acc`` (tl.float32, or tl.float64 for float64 inputs), all written, entropy with 0
+    unless ``with_entropy``; ``scalars``: a device tensor ``[1/temperature]`` of that dtype."""
+    _rows_unit(hidden, "hidden")
+    _rows_unit(weight, "weight")
+    n_rows, H = hidden.shape
+    V = weight.shape[0]
+    plan = tile_plan(H, V, hidden.dtype)
+    has_bias = bias is not None
+    # Without a bias the kernel is handed the weight in its place, never read: no dummy tensor.
+    return StagedLaunch(
+        _linear_logprobs_fwd_kernel, (triton.cdiv(n_rows, plan.block_n),),
+        (hidden, hidden.stride(0), weight, weight.stride(0), bias if has_bias else weight,
+         labels, logp, entropy, lse, scalars, n_rows, H, V, ignore_index),
+        dict(BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, BLOCK_H=plan.block_h,
+             HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, ALIGNED=_aligned(hidden, weight),
+             ACC=acc, UPCAST=INTERPRETED and hidden.dtype == torch.bfloat16),
+        plan.num_warps, plan.num_stages)
+
+
+def linear_logprobs_fwd(*args, **kwargs) -> None:
+    """Runs :func:`plan_linear_logprobs_fwd`'s plan (arguments as there); nothing for N = 0."""
+    plan = plan_linear_logprobs_fwd(*args, **kwargs)
+    if plan.grid[0]:
+        plan()

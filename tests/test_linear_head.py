@@ -1,0 +1,240 @@
+"""The fused linear head against its spec (the same ops on ``hidden @ weight.T + bias``) in float64:
+log-probs, entropy, every loss type, gradients of hidden, weight and bias; odd H and V, chunk
+boundaries, low precision within twice eager's error, masks, batch invariance, errors."""
+
+import pytest
+import torch
+
+import ppo_fast as pf
+from helpers import max_err
+from ppo_fast import objectives
+from ppo_fast import reference as R
+from ppo_fast.backends.reference import linear_chunk_tokens
+
+F64 = torch.float64
+
+
+def _head(N, H, V, dtype, device, seed=0, bias=True, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*(lead or (N,)), H, generator=g, dtype=F64)
+    weight = torch.randn(V, H, generator=g, dtype=F64) / H ** 0.5 * 3
+    b = torch.randn(V, generator=g, dtype=F64) if bias else None
+    labels = torch.randint(0, V, hidden.shape[:-1], generator=g)
+    labels[..., 1] = -100
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return to(hidden), to(weight), to(b), labels.to(device)
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    outs = out if isinstance(out, tuple) else (out,)
+    weights = [torch.randn(o.shape, generator=g, dtype=F64).to(o) for o in outs]
+    total = sum((o * w).sum() for o, w in zip(outs, weights))
+    return torch.autograd.grad(total, [t for t in inputs if t is not None])
+
+
+SHAPES = [(5, 1, 7), (9, 7, 97), (40, 100, 1003), (7, 4097, 50), (2100, 3, 7)]
+# One configuration at a 152k vocabulary: the interpreter runs the Triton tiles one by one.
+LARGE_VOCAB = [pytest.param(3, 5, 151936, True, 0.7, id="3-5-151936")]
+
+
+@pytest.mark.parametrize("N,H,V,bias,temperature", [
+    (*shape, bias, temperature) for shape in SHAPES for bias in (True, False) for temperature in (1.0, 0.7)
+] + LARGE_VOCAB)
+def test_log_probs_entropy_and_gradients_match_the_spec(N, H, V, bias, temperature, device, backend):
+    hidden, weight, b, labels = _head(N, H, V, F64, device, bias=bias)
+    out = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b, temperature=temperature,
+                                         return_entropy=True)
+    want = R.fused_linear_token_logprobs(hidden, weight, labels, bias=b, temperature=temperature,
+                                         return_entropy=True)
+    for got, exp in zip(out, want):
+        torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-12)
+    for got, exp in zip(_grads(out, (hidden, weight, b)), _grads(want, (hidden, weight, b))):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-11)
+
+
+def test_the_shapes_span_several_padded_chunks():
+    assert 2100 > 2 * linear_chunk_tokens(7, F64)
+    assert linear_chunk_tokens(50257, torch.bfloat16) == linear_chunk_tokens(50257, torch.float32)
+
+
+def test_leading_shape_and_log_probs_alone(device, backend):
+    hidden, weight, b, labels = _head(None, 11, 53, F64, device, lead=(3, 4))
+    logp = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b)
+    assert logp.shape == (3, 4)
+    torch.testing.assert_close(logp, R.fused_linear_token_logprobs(hidden, weight, labels, bias=b))
+    assert (logp[..., 1] == 0).all()
+
+
+LOSS_CASES = [(name, params[0]) for name, params in {
+    "vanilla": [{}], "gspo": [{}], "sapo": [{}], "gpg": [{}], "dppo_tv": [{}], "dppo_kl": [{}], "geo_mean": [{}],
+    "cispo": [{}], "vespo": [{}], "dro": [{"beta": 0.2}], "kl_cov": [{"kl_cov_ratio": 0.2}],
+    "clip_cov": [{"clip_cov_ratio": 0.2, "clip_cov_lb": -5.0, "clip_cov_ub": 5.0}]}.items()]
+
+
+@pytest.mark.parametrize("loss_type, params", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_every_loss_type_matches_the_spec(loss_type, params, agg, device, backend):
+    hidden, weight, b, labels = _head(None, 9, 131, F64, device, lead=(4, 6))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        lp = R.fused_linear_token_logprobs(hidden, weight, labels, bias=b)
+    old = lp + 0.3 * torch.randn(4, 6, generator=g, dtype=F64).to(device)
+    ref = lp + 0.3 * torch.randn(4, 6, generator=g, dtype=F64).to(device)
+    adv = torch.randn(4, 6, generator=g, dtype=F64).to(device)
+    mask = (torch.rand(4, 6, generator=g) > 0.2).to(device)
+    weights = (0.2 * torch.randn(4, 6, generator=g, dtype=F64)).exp().to(device)
+    kw = dict(loss_type=loss_type, loss_params=params, agg=agg, ref_logp=ref, kl_coef=0.05, entropy_coef=0.01,
+              rollout_is_weights=weights)
+    results = []
+    for fn in (pf.fused_linear_ppo_loss, R.fused_linear_ppo_loss):
+        torch.manual_seed(0)
+        loss, metrics = fn(hidden, weight, labels, old, adv, mask, bias=b, **kw)
+        results.append((loss, metrics, torch.autograd.grad(loss * 2.5, (hidden, weight, b))))
+    (loss, metrics, grads), (loss_r, metrics_r, grads_r) = results
+    torch.testing.assert_close(loss, loss_r, rtol=1e-10, atol=1e-12)
+    for got, exp in zip(grads, grads_r):
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-12)
+    assert metrics.keys() == metrics_r.keys()
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_within_twice_the_eager_error(dtype, device, backend):
+    """Against float64: the fused head's loss and gradients err at most twice what eager PyTorch
+    errs in the same dtype (the logits in that dtype, then :func:`pf.ppo_loss`)."""
+    hidden, weight, b, labels = _head(None, 64, 1000, dtype, device, lead=(4, 20))
+    g = torch.Generator().manual_seed(2)
+    old = (-torch.rand(4, 20, generator=g, dtype=F64) * 5).to(device)
+    adv = torch.randn(4, 20, generator=g, dtype=F64).to(device)
+    mask = torch.ones(4, 20, dtype=torch.bool, device=device)
+    kw = dict(entropy_coef=0.01, loss_type="vanilla")
+
+    def run(fn, *tensors):
+        loss, _ = fn(*tensors, labels, old, adv, mask, **kw)
+        return [loss] + list(torch.autograd.grad(loss, tensors))
+
+    exact = run(lambda h, w, bb, *a, **k: pf.fused_linear_ppo_loss(h, w, *a, bias=bb, **k),
+                *(t.detach().double().requires_grad_() for t in (hidden, weight, b)))
+    eager = run(lambda h, w, bb, *a, **k: pf.ppo_loss(torch.nn.functional.linear(h, w, bb), *a, **k),
+                hidden, weight, b)
+    fused = run(lambda h, w, bb, *a, **k: pf.fused_linear_ppo_loss(h, w, *a, bias=bb, **k), hidden, weight, b)
+    for name, got, eag, ex in zip(("loss", "hidden", "weight", "bias"), fused, eager, exact):
+        assert got.dtype == eag.dtype, name
+        # Plus one rounding of the result in the inputs' dtype: eager's error on a single number
+        # (the loss) can be near 0 by luck.
+        rounding = torch.finfo(dtype).eps * ex.abs().max().item()
+        assert max_err(got, ex) <= 2 * max_err(eag, ex) + rounding, name
+
+
+def test_masked_and_ignored_tokens_reach_nothing(device, backend):
+    hidden, weight, b, labels = _head(None, 8, 77, F64, device, lead=(3, 10))
+    mask = torch.ones(3, 10, dtype=torch.bool, device=device)
+    mask[0, 4:] = False
+    g = torch.Generator().manual_seed(4)
+    old = (-torch.rand(3, 10, generator=g, dtype=F64)).to(device)
+    adv = torch.randn(3, 10, generator=g, dtype=F64).to(device)
+    results = []
+    for poison in (None, float("nan"), float("inf")):
+        h = hidden.detach().clone()
+        lab = labels.clone()
+        if poison is not None:
+            h[~mask | (labels == -100)] = poison
+            lab[~mask] = 10**6  # garbage after EOS
+        h.requires_grad_()
+        loss, metrics = pf.fused_linear_ppo_loss(h, weight, lab, old, adv, mask, bias=b, entropy_coef=0.1)
+        grads = torch.autograd.grad(loss, (h, weight, b))
+        results.append((loss, grads))
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        for got, exp in zip(grads, results[0][1]):
+            assert torch.equal(got, exp)
+
+
+def test_all_masked_batch_is_zero_not_nan(device, backend):
+    hidden, weight, b, labels = _head(None, 8, 77, torch.float32, device, lead=(2, 5))
+    zeros = torch.zeros(2, 5, device=device)
+    loss, metrics = pf.fused_linear_ppo_loss(hidden, weight, labels, zeros, zeros, zeros.bool(), bias=b,
+                                             entropy_coef=0.1)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    assert loss.item() == 0 and all((g == 0).all() for g in grads)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+def test_a_tokens_result_does_not_depend_on_the_batch(device, backend):
+    """Bitwise: each chunk has one shape whatever the batch (the last one padded), so the GEMMs a
+    token goes through are the same alone and in any batch."""
+    hidden, weight, b, labels = _head(300, 64, 500, torch.float32, device, bias=True)
+    logp, entropy = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b, return_entropy=True)
+    (dh,) = torch.autograd.grad(logp.sum() + entropy.sum(), hidden)
+    for rows in ([0], [5, 6, 7], list(range(250, 300)), [299, 3, 100]):
+        sub = hidden.detach()[rows].requires_grad_()
+        lp, ent = pf.fused_linear_token_logprobs(sub, weight, labels[rows], bias=b, return_entropy=True)
+        (dsub,) = torch.autograd.grad(lp.sum() + ent.sum(), sub)
+        assert torch.equal(lp, logp[rows]) and torch.equal(ent, entropy[rows])
+        assert torch.equal(dsub, dh[rows])
+
+
+def test_scoring_under_no_grad_keeps_no_graph(device, backend):
+    hidden, weight, b, labels = _head(20, 8, 60, torch.float32, device)
+    with torch.no_grad():
+        logp = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b)
+    assert not logp.requires_grad
+
+
+def test_compiles_in_one_graph():
+    hidden, weight, b, labels = _head(None, 8, 60, torch.float32, "cpu", lead=(2, 5))
+    old = torch.zeros(2, 5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def step(h):
+        return pf.fused_linear_ppo_loss(h, weight, labels, old, old + 1, mask, bias=b, loss_type="gspo")[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(hidden), step(hidden))
+    torch.testing.assert_close(torch.autograd.grad(compiled(hidden), hidden)[0],
+                               torch.autograd.grad(step(hidden), hidden)[0])
+
+
+def test_module_takes_hidden_and_lm_head():
+    hidden, weight, b, labels = _head(None, 8, 60, F64, "cpu", lead=(2, 5))
+    head = torch.nn.Linear(8, 60, bias=True, dtype=F64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(b)
+    old = torch.zeros(2, 5, dtype=F64)
+    adv = torch.ones(2, 5, dtype=F64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    module = pf.PPOLoss(loss_type="sapo", entropy_coef=0.01)
+    got, _ = module(labels=labels, old_logp=old, advantages=adv, mask=mask, hidden=hidden, lm_head=head)
+    want, _ = module(torch.nn.functional.linear(hidden, weight, b), labels, old, adv, mask)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    got_w, _ = module(labels=labels, old_logp=old, advantages=adv, mask=mask, hidden=hidden, lm_head=weight)
+    want_w, _ = module(hidden @ weight.T, labels, old, adv, mask)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="either logits or hidden"):
+        module(hidden @ weight.T, labels, old, adv, mask, hidden=hidden, lm_head=head)
+    with pytest.raises(ValueError, match="lm_head"):
+        module(labels=labels, old_logp=old, advantages=adv, mask=mask, hidden=hidden)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h, w[:, 1:], y), r"weight must have shape \[V, H\]"),
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h, w.float(), y), "weight must have hidden's dtype"),
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h, w, y, bias=b[1:]), "bias must have shape"),
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h, w, y[:-1]), "labels must have shape"),
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h, w, y + 1000), r"labels must lie in \[0, 60\)"),
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h.long(), w, y), "hidden must be a floating"),
+    (lambda h, w, b, y: pf.fused_linear_token_logprobs(h, w, y, temperature=0.0), "temperature"),
+    (lambda h, w, b, y: pf.fused_linear_ppo_loss(h, w, y, y * 0.0, y * 0.0, y > 0, kl_coef=0.1), "needs ref_logp"),
+])
+def test_bad_inputs_are_named(call, match):
+    hidden, weight, b, labels = _head(10, 8, 60, F64, "cpu")
+    with pytest.raises(ValueError, match=match):
+        call(hidden, weight, b, labels.clamp(min=0))
+
+
+def test_objectives_table_is_covered():
+    assert {name for name, _ in LOSS_CASES} == set(objectives.OBJECTIVES)
