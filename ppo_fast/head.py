@@ -26,12 +26,31 @@ from .functional import fused_linear_ppo_loss, fused_linear_token_logprobs
 from .sequences import accepts_keyword, position_ids
 
 
-def output_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output embedding when it is an ``nn.Linear`` (a DeepSpeed engine's module's)."""
+def _output_embedding(model: nn.Module):
     module = getattr(model, "module", model)
     get = getattr(module, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, nn.Linear) else None
+    return get() if callable(get) else None
+
+
+def _head_problem(head) -> str | None:
+    if not isinstance(head, nn.Linear):
+        return "the model has no nn.Linear output embedding (get_output_embeddings())"
+    if type(head).forward is not nn.Linear.forward:
+        return f"its output embedding is a {type(head).__name__} with its own forward, not nn.Linear's"
+    if "forward" in vars(head):
+        # accelerate's offload and device-map hooks live there: swapping it would bypass them.
+        return "its output embedding's forward is wrapped (an instance attribute, e.g. accelerate hooks)"
+    return None
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    """The model's output embedding, an ``nn.Linear`` with nn.Linear's own unwrapped forward (a
+    DeepSpeed engine's module's); a ValueError saying why otherwise."""
+    head = _output_embedding(model)
+    problem = _head_problem(head)
+    if problem:
+        raise ValueError(f"the fused head cannot serve this model: {problem}")
+    return head
 
 
 @contextlib.contextmanager
@@ -45,6 +64,18 @@ def _head_forward(head: nn.Linear, forward):
         del head.forward
 
 
+def _check_call(sequences, attention_mask, prompt_len):
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        raise ValueError(f"sequences must be a [B, T] tensor of token ids, got "
+                         f"{getattr(sequences, 'shape', type(sequences).__name__)}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != sequences.shape:
+        raise ValueError(f"attention_mask must be a tensor of sequences' shape {tuple(sequences.shape)}, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 < prompt_len <= sequences.shape[1]:
+        raise ValueError(f"prompt_len must be an int in [1, {sequences.shape[1]}] (the completion follows at least "
+                         f"one prompt token), got {prompt_len!r}")
+
+
 def _model_forward(model, sequences, attention_mask, prompt_len):
     n_completion = sequences.shape[1] - prompt_len
     keep = {"logits_to_keep": n_completion + 1} if accepts_keyword(model, "logits_to_keep") else {}
@@ -56,9 +87,10 @@ def fused_head_unsupported(model: nn.Module, input_ids: torch.Tensor, attention_
     """None when the model's logits on this batch are exactly its output embedding applied to the
     hidden states that embedding receives (then the fused head computes the same function);
     otherwise the reason, in words."""
-    head = output_head(model)
-    if head is None:
-        return "the model has no nn.Linear output embedding (get_output_embeddings())"
+    head = _output_embedding(model)
+    problem = _head_problem(head)
+    if problem:
+        return problem
     seen = {}
 
     def plain_head(hidden):
@@ -74,8 +106,9 @@ def fused_head_unsupported(model: nn.Module, input_ids: torch.Tensor, attention_
     if logits.shape != expected.shape:
         return (f"the model reshapes its head's output (logits {tuple(logits.shape)}, head output "
                 f"{tuple(expected.shape)})")
-    if not torch.equal(logits.to(expected.dtype), expected):
-        gap = (logits.double() - expected.double()).abs().max().item()
+    # NaN equals NaN here: eager attention leaves NaN at fully padded positions on both sides.
+    if not torch.allclose(logits.to(expected.dtype), expected, rtol=0, atol=0, equal_nan=True):
+        gap = (logits.double() - expected.double()).nan_to_num().abs().max().item()
         return (f"the model transforms its head's output (max |logits - head(hidden)| = {gap:.3g}: "
                 "a logit soft-cap or scale after the head)")
     return None
@@ -87,17 +120,28 @@ def _through_head(model, sequences, attention_mask, prompt_len, compute):
     as it came out of the model (carrying ZeRO-3's backward hooks)."""
     head = output_head(model)
     n_completion = sequences.shape[1] - prompt_len
+    computed = []
 
     def fused(hidden):
-        return compute(hidden[:, -(n_completion + 1):-1], head.weight, head.bias)
+        computed.append(compute(hidden[:, -(n_completion + 1):-1], head.weight, head.bias))
+        return computed[-1]
 
     with _head_forward(head, fused):
-        return _model_forward(model, sequences, attention_mask, prompt_len)
+        out = _model_forward(model, sequences, attention_mask, prompt_len)
+    # What the model returns must be what the head gave it (ZeRO-3 may hand back a new tensor with
+    # the same values): a soft-cap or scale after the head would otherwise act on log-probs or the loss.
+    if len(computed) != 1 or out.shape != computed[0].shape or not torch.allclose(
+            out.to(computed[0].dtype), computed[0], rtol=0, atol=0, equal_nan=True):
+        raise ValueError("the model transforms its head's output, so the fused head would give wrong numbers: "
+                         "use the logits path (fused_head_unsupported(model, ...) says why)")
+    return out
 
 
 def completion_logprobs(model, sequences, attention_mask, prompt_len, *, temperature=1.0):
     """``[B, N]`` log-probs of ``sequences[:, prompt_len:]`` under softmax(logits / temperature),
-    from the fused head (the model must pass :func:`fused_head_unsupported`)."""
+    from the fused head; a ValueError where the model's logits are not its head's output (see
+    :func:`fused_head_unsupported`)."""
+    _check_call(sequences, attention_mask, prompt_len)
     labels = sequences[:, prompt_len:]
     return _through_head(model, sequences, attention_mask, prompt_len, lambda hidden, weight, bias:
                          fused_linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature))
@@ -106,6 +150,7 @@ def completion_logprobs(model, sequences, attention_mask, prompt_len, *, tempera
 def completion_ppo_loss(model, sequences, attention_mask, prompt_len, old_logp, advantages, mask, **options):
     """``(loss, metrics)`` of :func:`ppo_fast.fused_linear_ppo_loss` on the completion tokens;
     ``options`` as there."""
+    _check_call(sequences, attention_mask, prompt_len)
     labels = sequences[:, prompt_len:]
     metrics = {}
 

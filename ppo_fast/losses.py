@@ -43,11 +43,17 @@ class PPOLoss(nn.Module):
         if hidden is None:
             if logits is None:
                 raise ValueError("PPOLoss needs either logits or hidden (with lm_head)")
+            if lm_head is not None:
+                raise ValueError("PPOLoss got lm_head without hidden: pass hidden (the last hidden states) "
+                                 "with lm_head, or logits alone")
             return F.ppo_loss(logits, labels, old_logp, advantages, mask, inplace_backward=self.inplace_backward,
                               **tensors, **options)
         if logits is not None:
             raise ValueError("PPOLoss takes either logits or hidden (with lm_head), not both")
         if isinstance(lm_head, nn.Linear):
+            if type(lm_head).forward is not nn.Linear.forward:
+                raise ValueError(f"lm_head is a {type(lm_head).__name__} with its own forward: the fused head "
+                                 "computes nn.Linear's function, so pass its logits instead")
             weight, bias = lm_head.weight, lm_head.bias
         elif isinstance(lm_head, torch.Tensor):
             weight, bias = lm_head, None

@@ -270,18 +270,22 @@ _implement(linear_logprobs_op, "linear_logprobs", "linear_logprobs_forward")
 def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                                 lse: Tensor, entropy: Tensor, grad_logp: Tensor,
                                 grad_entropy: Optional[Tensor], inv_temp: float,
-                                ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dhidden, dweight, dbias)`` (``dbias`` empty without a bias), the logits recomputed chunk
-    by chunk: per chunk one GEMM for the logits, the row kernel for dlogits (written over the
-    chunk's logits where the backend can), one GEMM each for dhidden and dweight. dweight (and
-    dbias) accumulate over the chunks in float32 (float64 for float64), rounded once at the end."""
+                                ignore_index: int, need_hidden: bool, need_weight: bool,
+                                need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dhidden, dweight, dbias)``, each empty where not needed (a frozen head: no dweight, no
+    float32 accumulator, no GEMM for it), the logits recomputed chunk by chunk: per chunk one GEMM
+    for the logits, the row kernel for dlogits (written over the chunk's logits where the backend
+    can), one GEMM each for dhidden and dweight. dweight (and dbias) accumulate over the chunks in
+    float32 (float64 for float64), rounded once at the end."""
     raise _no_kernel("linear_logprobs_backward", hidden)
 
 
 @linear_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            weight.new_empty(weight.shape[:1] if bias is not None else (0,)))
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, need_hidden,
+      need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            weight.new_empty(weight.shape[:1] if need_bias else (0,)))
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -296,11 +300,11 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
-                     ignore_index):
+                     ignore_index, need_hidden, need_weight, need_bias):
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    dhidden = torch.zeros_like(hidden)
-    dweight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-    dbias = torch.zeros(weight.shape[:1] if bias is not None else (0,), dtype=acc_dtype, device=weight.device)
+    dhidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
+    dweight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc_dtype, device=weight.device)
+    dbias = torch.zeros(weight.shape[:1] if need_bias else (0,), dtype=acc_dtype, device=weight.device)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     impl = dispatch.resolve("token_logprobs", hidden.device).impl
 
@@ -315,9 +319,11 @@ def _linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad
             dlogits, logits, lab, padded(lse, start, stop), padded(entropy, start, stop),
             padded(grad_logp, start, stop), None if grad_entropy is None else padded(grad_entropy, start, stop),
             inv_temp, ignore_index)
-        dhidden[start:stop] = (dlogits @ weight)[: stop - start]
-        _accumulate_mm(dweight, dlogits.t(), h)
-        if bias is not None:
+        if need_hidden:
+            dhidden[start:stop] = (dlogits @ weight)[: stop - start]
+        if need_weight:
+            _accumulate_mm(dweight, dlogits.t(), h)
+        if need_bias:
             dbias += dlogits.sum(0, dtype=acc_dtype)
     return dhidden, dweight.to(weight.dtype), dbias.to(weight.dtype)
 
@@ -338,10 +344,14 @@ def _linear_backward_formula(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and bias is not None
     dhidden, dweight, dbias = linear_logprobs_backward_op(
         hidden, weight, bias, labels, lse, entropy, grad_logp,
-        grad_entropy if ctx.with_entropy else None, ctx.inv_temp, ctx.ignore_index)
-    return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None
+        grad_entropy if ctx.with_entropy else None, ctx.inv_temp, ctx.ignore_index, need_hidden, need_weight,
+        need_bias)
+    return (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None,
+            None, None, None, None)
 
 
 linear_logprobs_op.register_autograd(_linear_backward_formula, setup_context=_linear_setup)

@@ -89,3 +89,42 @@ def test_the_head_is_restored_after_an_error():
     assert "forward" not in vars(model.lm_head)
     with torch.no_grad():
         assert model(input_ids=seqs).logits.shape == (3, 10, 97)
+
+
+def test_a_transformed_or_wrapped_head_is_refused_not_silently_wrong():
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           final_logit_softcapping=5.0))
+    seqs, attn, P, mask, old, adv = _batch()
+    with pytest.raises(ValueError, match="transforms its head's output"):
+        completion_logprobs(gemma, seqs, attn, P)
+    with pytest.raises(ValueError, match="transforms its head's output"):
+        completion_ppo_loss(gemma, seqs, attn, P, old.float(), adv.float(), mask)
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _llama()
+    model.lm_head = ScaledHead(32, 97, bias=False, dtype=torch.float64)
+    assert "ScaledHead with its own forward" in fused_head_unsupported(model, seqs, attn)
+    with pytest.raises(ValueError, match="own forward"):
+        completion_logprobs(model, seqs, attn, P)
+
+    model = _llama()
+    wrapped = model.lm_head.forward
+    model.lm_head.forward = lambda x: wrapped(x)  # as accelerate's hooks install themselves
+    assert "wrapped" in fused_head_unsupported(model, seqs, attn)
+    with pytest.raises(ValueError, match="wrapped"):
+        completion_logprobs(model, seqs, attn, P)
+    assert "forward" in vars(model.lm_head)
+
+
+@pytest.mark.parametrize("prompt_len", [0, -1, 11, 4.0, True])
+def test_bad_prompt_length_is_named(prompt_len):
+    seqs, attn, *_ = _batch()
+    with pytest.raises(ValueError, match="prompt_len"):
+        completion_logprobs(_llama(), seqs, attn, prompt_len)
+    with pytest.raises(ValueError, match="attention_mask"):
+        completion_logprobs(_llama(), seqs, None, 4)

@@ -238,3 +238,29 @@ def test_bad_inputs_are_named(call, match):
 
 def test_objectives_table_is_covered():
     assert {name for name, _ in LOSS_CASES} == set(objectives.OBJECTIVES)
+
+
+def test_a_frozen_head_gets_no_weight_gradient_and_the_same_hidden_gradient():
+    hidden, weight, b, labels = _head(40, 16, 300, F64, "cpu")
+    frozen = weight.detach()
+    (dh,) = torch.autograd.grad(pf.fused_linear_token_logprobs(hidden, frozen, labels, bias=b.detach()).sum(), hidden)
+    (dh_r,) = torch.autograd.grad(R.fused_linear_token_logprobs(hidden, frozen, labels, bias=b.detach()).sum(), hidden)
+    torch.testing.assert_close(dh, dh_r, rtol=1e-11, atol=1e-12)
+    (dw,) = torch.autograd.grad(pf.fused_linear_token_logprobs(hidden.detach(), weight, labels).sum(), weight)
+    (dw_r,) = torch.autograd.grad(R.fused_linear_token_logprobs(hidden.detach(), weight, labels).sum(), weight)
+    torch.testing.assert_close(dw, dw_r, rtol=1e-11, atol=1e-12)
+
+
+def test_module_refuses_a_head_it_cannot_compute():
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hidden, weight, b, labels = _head(None, 8, 60, F64, "cpu", lead=(2, 5))
+    zeros = torch.zeros(2, 5, dtype=F64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="own forward"):
+        pf.PPOLoss()(labels=labels, old_logp=zeros, advantages=zeros, mask=mask, hidden=hidden,
+                     lm_head=ScaledHead(8, 60, dtype=F64))
+    with pytest.raises(ValueError, match="lm_head without hidden"):
+        pf.PPOLoss()(hidden @ weight.T, labels, zeros, zeros, mask, lm_head=weight)
