@@ -98,7 +98,7 @@ class PPOConfig:
     target_kl: float = 10.0
     """KL per sequence (nats) the adaptive controller steers towards."""
     kl_horizon: int = 32
-    """Horizon of the adaptive KL controller, in samples: β moves by up to 20%·samples/horizon per
+    """Horizon of the adaptive KL controller, in samples: β moves by up to 0.2·samples/horizon per
     step, so one rollout batch (32) lets it reach its target within the default 40 steps (at 320
     the final KL was 2.6x a target of 6 on the embedded default; 3 seeds each)."""
     score_clip: float = 0.0
