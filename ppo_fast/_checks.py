@@ -81,12 +81,18 @@ def logits_and_labels(logits, labels, ignore_index: int) -> torch.Tensor:
     ``ignore_index`` compares and fills the same whatever integer dtype they came in (-100 in a
     uint8 tensor would be 156)."""
     floating("logits", tensor("logits", logits))
-    integer("labels", tensor("labels", labels))
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {_describe(logits)}")
-    shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    same_device("logits", logits, labels=labels)
-    return labels_in_vocab(labels, logits.shape[-1], ignore_index, logits)
+    return token_labels("logits", logits, logits.shape[-1], labels, ignore_index)
+
+
+def token_labels(source_name: str, source: torch.Tensor, vocab: int, labels, ignore_index: int) -> torch.Tensor:
+    """Labels ``[...]`` for ``source`` ``[..., X]`` (the logits, or the hidden states of a fused head)
+    over a vocabulary of ``vocab``: checked, returned as int64 (see :func:`logits_and_labels`)."""
+    integer("labels", tensor("labels", labels))
+    shape("labels", labels, source.shape[:-1], f"{source_name}.shape[:-1]")
+    same_device(source_name, source, labels=labels)
+    return labels_in_vocab(labels, vocab, ignore_index, source)
 
 
 def labels_in_vocab(labels, vocab: int, ignore_index: int, source: torch.Tensor) -> torch.Tensor:

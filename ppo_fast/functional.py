@@ -457,10 +457,7 @@ def fused_linear_token_logprobs(
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     _check_head(hidden, weight, bias)
-    check.integer("labels", check.tensor("labels", labels))
-    check.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
-    check.same_device("hidden", hidden, labels=labels)
-    labels = check.labels_in_vocab(labels, weight.shape[0], ignore_index, hidden)
+    labels = check.token_labels("hidden", hidden, weight.shape[0], labels, ignore_index)
     logp, entropy = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
     return (logp, entropy) if return_entropy else logp
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .functional import fused_linear_ppo_loss, fused_linear_token_logprobs
-from .sequences import accepts_keyword, position_ids
+from .sequences import completion_forward, position_ids
 
 
 def _output_embedding(model: nn.Module):
@@ -76,13 +76,6 @@ def _check_call(sequences, attention_mask, prompt_len):
                          f"one prompt token), got {prompt_len!r}")
 
 
-def _model_forward(model, sequences, attention_mask, prompt_len):
-    n_completion = sequences.shape[1] - prompt_len
-    keep = {"logits_to_keep": n_completion + 1} if accepts_keyword(model, "logits_to_keep") else {}
-    return model(input_ids=sequences, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask), **keep).logits
-
-
 def fused_head_unsupported(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
     """None when the model's logits on this batch are exactly its output embedding applied to the
     hidden states that embedding receives (then the fused head computes the same function);
@@ -127,7 +120,7 @@ def _through_head(model, sequences, attention_mask, prompt_len, compute):
         return computed[-1]
 
     with _head_forward(head, fused):
-        out = _model_forward(model, sequences, attention_mask, prompt_len)
+        out = completion_forward(model, sequences, attention_mask, prompt_len)
     # What the model returns must be what the head gave it (ZeRO-3 may hand back a new tensor with
     # the same values): a soft-cap or scale after the head would otherwise act on log-probs or the loss.
     if len(computed) != 1 or out.shape != computed[0].shape or not torch.allclose(

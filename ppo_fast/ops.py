@@ -308,17 +308,12 @@ def _linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     impl = dispatch.resolve("token_logprobs", hidden.device).impl
 
-    def padded(t, start, stop):
-        piece = t[start:stop]
-        return piece if stop - start == chunk else torch.cat([piece, piece.new_zeros(chunk - (stop - start))])
-
-    for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
+    for start, stop, h, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c in linear_chunks(
+            hidden, labels, ignore_index, chunk, lse, entropy, grad_logp, grad_entropy):
         logits = torch.nn.functional.linear(h, weight, bias)
         dlogits = logits if impl.writes_in_place(logits) else torch.empty_like(logits)
-        token_logprobs_backward_op(
-            dlogits, logits, lab, padded(lse, start, stop), padded(entropy, start, stop),
-            padded(grad_logp, start, stop), None if grad_entropy is None else padded(grad_entropy, start, stop),
-            inv_temp, ignore_index)
+        token_logprobs_backward_op(dlogits, logits, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp,
+                                   ignore_index)
         if need_hidden:
             dhidden[start:stop] = (dlogits @ weight)[: stop - start]
         if need_weight:

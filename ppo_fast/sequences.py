@@ -48,13 +48,20 @@ def accepts_keyword(model: nn.Module, keyword: str) -> bool:
     return _forward_accepts(type(getattr(model, "module", model)), keyword)
 
 
-def completion_logits(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt_len: int) -> torch.Tensor:
-    """Logits that predict the completion tokens ``sequences[:, prompt_len:]``, ``[B, N, V]``.
-    Where the model takes ``logits_to_keep``, its LM head skips the prompt positions: no
-    ``[B, P, V]`` is computed."""
+def completion_forward(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                       prompt_len: int) -> torch.Tensor:
+    """The model's ``.logits`` output over (at least) the last ``N + 1`` positions, N the
+    completion's length: where the model takes ``logits_to_keep``, its LM head skips the prompt
+    positions. Position ``-(N + 1) + i`` predicts completion token ``i``."""
     n_completion = sequences.shape[1] - prompt_len
     keep = {"logits_to_keep": n_completion + 1} if accepts_keyword(model, "logits_to_keep") else {}
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask), **keep).logits
-    return logits[:, -(n_completion + 1):-1]
+    return model(input_ids=sequences, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), **keep).logits
+
+
+def completion_logits(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_len: int) -> torch.Tensor:
+    """Logits that predict the completion tokens ``sequences[:, prompt_len:]``, ``[B, N, V]``;
+    no ``[B, P, V]`` is computed where the model takes ``logits_to_keep``."""
+    n_completion = sequences.shape[1] - prompt_len
+    return completion_forward(model, sequences, attention_mask, prompt_len)[:, -(n_completion + 1):-1]

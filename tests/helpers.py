@@ -48,3 +48,40 @@ def assert_loss_matches_spec(fn, spec, logits, *args, **kwargs):
     for name in metrics:
         torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
         assert not metrics[name].requires_grad, name
+
+
+# Every objective with its default parameters first, then variants that reach other branches.
+OBJECTIVE_PARAMS = {
+    "vanilla": [{}, {"importance_level": "sequence"}],
+    "dppo_tv": [{}, {"ratio_cap": 1.5}],
+    "dppo_kl": [{}],
+    "gspo": [{}, {"token_gradient": False, "max_log_ratio": None}],
+    "sapo": [{}, {"tau_pos": 2.0, "tau_neg": 0.5, "importance_level": "sequence", "token_gradient": False}],
+    "gpg": [{}],
+    "clip_cov": [{"clip_cov_ratio": 0.3, "clip_cov_lb": -5.0, "clip_cov_ub": 5.0}],
+    "kl_cov": [{"kl_cov_ratio": 0.3}],
+    "geo_mean": [{}],
+    "dro": [{"beta": 0.3}],
+    "cispo": [{}, {"ratio_min": 0.0, "ratio_max": 1.1}],
+    "vespo": [{}, {"k_pos": 1.0, "lambda_neg": 0.5}],
+}
+
+
+def poison_actor_loss(after: int, patch=setattr) -> None:
+    """Make the trainer's actor loss NaN from its ``after + 1``-th call on, on either path (the fused
+    head's ``completion_ppo_loss`` or ``pf.ppo_loss`` on the logits). ``patch``: how to set the
+    attributes (``monkeypatch.setattr`` in a test, to undo them afterwards)."""
+    import ppo_fast as pf
+    from ppo_fast.trainer import loop
+
+    calls = {"n": 0}
+
+    def poisoned(real):
+        def loss_fn(*args, **kwargs):
+            loss, metrics = real(*args, **kwargs)
+            calls["n"] += 1
+            return (loss * float("nan") if calls["n"] > after else loss), metrics
+        return loss_fn
+
+    patch(pf, "ppo_loss", poisoned(pf.ppo_loss))
+    patch(loop, "completion_ppo_loss", poisoned(loop.completion_ppo_loss))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from helpers import max_err
+from helpers import OBJECTIVE_PARAMS, max_err
 from ppo_fast import objectives
 from ppo_fast import reference as R
 from ppo_fast.backends.reference import linear_chunk_tokens
@@ -66,10 +66,7 @@ def test_leading_shape_and_log_probs_alone(device, backend):
     assert (logp[..., 1] == 0).all()
 
 
-LOSS_CASES = [(name, params[0]) for name, params in {
-    "vanilla": [{}], "gspo": [{}], "sapo": [{}], "gpg": [{}], "dppo_tv": [{}], "dppo_kl": [{}], "geo_mean": [{}],
-    "cispo": [{}], "vespo": [{}], "dro": [{"beta": 0.2}], "kl_cov": [{"kl_cov_ratio": 0.2}],
-    "clip_cov": [{"clip_cov_ratio": 0.2, "clip_cov_lb": -5.0, "clip_cov_ub": 5.0}]}.items()]
+LOSS_CASES = [(name, params[0]) for name, params in OBJECTIVE_PARAMS.items()]
 
 
 @pytest.mark.parametrize("loss_type, params", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])

@@ -9,27 +9,13 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from helpers import assert_loss_matches_spec
+from helpers import OBJECTIVE_PARAMS, assert_loss_matches_spec
 from ppo_fast import objectives
 from ppo_fast import reference as R
 
 F64 = torch.float64
 
-PARAMS = {
-    "vanilla": [{}, {"importance_level": "sequence"}],
-    "dppo_tv": [{}, {"ratio_cap": 1.5}],
-    "dppo_kl": [{}],
-    "gspo": [{}, {"token_gradient": False, "max_log_ratio": None}],
-    "sapo": [{}, {"tau_pos": 2.0, "tau_neg": 0.5, "importance_level": "sequence", "token_gradient": False}],
-    "gpg": [{}],
-    "clip_cov": [{"clip_cov_ratio": 0.3, "clip_cov_lb": -5.0, "clip_cov_ub": 5.0}],
-    "kl_cov": [{"kl_cov_ratio": 0.3}],
-    "geo_mean": [{}],
-    "dro": [{"beta": 0.3}],
-    "cispo": [{}, {"ratio_min": 0.0, "ratio_max": 1.1}],
-    "vespo": [{}, {"k_pos": 1.0, "lambda_neg": 0.5}],
-}
-CASES = [(name, params) for name, options in PARAMS.items() for params in options]
+CASES = [(name, params) for name, options in OBJECTIVE_PARAMS.items() for params in options]
 CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for name, p in CASES]
 BATCH_WIDE = ("clip_cov", "kl_cov")
 
@@ -203,7 +189,7 @@ def test_the_loss_types_differ():
     old = old + 0.4 * torch.randn_like(old)
     losses = {}
     for name, params in CASES:
-        if params == PARAMS[name][0]:
+        if params == OBJECTIVE_PARAMS[name][0]:
             losses[name] = pf.policy_loss(logp, old, adv, mask, loss_type=name, loss_params=params)[0].item()
     assert len(set(losses.values())) == len(losses), losses
 

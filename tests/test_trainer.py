@@ -19,7 +19,7 @@ import ppo_fast as pf  # noqa: E402
 from ppo_fast.trainer import (PPOConfig, PPOTrainer, TrainingStopped, build_components,  # noqa: E402
                               load_prompts, train)
 
-from helpers import DEEPSPEED_LAUNCHER, subprocess_env  # noqa: E402
+from helpers import DEEPSPEED_LAUNCHER, poison_actor_loss, subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = dict(warmup_steps=60, reward_train_steps=120, rollout_batch_size=16, minibatch_size=8,
@@ -141,22 +141,9 @@ def test_empty_prompt_file_and_too_long_prompts(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
-    from ppo_fast.trainer import loop
-
     config, components = _trainer(tmp_path, steps=5, max_nonfinite_in_a_row=3)
-    calls = {"n": 0}
-
-    def poisoned(real):
-        def loss_fn(*args, **kwargs):
-            loss, metrics = real(*args, **kwargs)
-            calls["n"] += 1
-            # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
-            return (loss * float("nan") if calls["n"] > 4 else loss), metrics
-        return loss_fn
-
-    # The actor loss of either path: the fused head's, or pf.ppo_loss on the logits.
-    monkeypatch.setattr(pf, "ppo_loss", poisoned(pf.ppo_loss))
-    monkeypatch.setattr(loop, "completion_ppo_loss", poisoned(loop.completion_ppo_loss))
+    # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
+    poison_actor_loss(after=4, patch=monkeypatch.setattr)
     trainer = PPOTrainer(config, components)
     with pytest.raises(TrainingStopped, match="3 updates in a row had a non-finite loss") as info:
         trainer.train()

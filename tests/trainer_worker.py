@@ -11,9 +11,9 @@ import json
 import os
 import signal
 
-import ppo_fast as pf
+from helpers import poison_actor_loss
 from ppo_fast.distributed import shutdown_distributed
-from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components, loop
+from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_components
 
 
 def main():
@@ -29,18 +29,7 @@ def main():
     trainer = PPOTrainer(config, build_components(config))
     rank = trainer.rank
     if rank == 1 and args.mode == "nan":
-        calls = {"n": 0}
-
-        def poisoned(real):
-            def loss_fn(*a, **k):
-                loss, metrics = real(*a, **k)
-                calls["n"] += 1
-                return (loss * float("nan") if calls["n"] > 4 else loss), metrics
-            return loss_fn
-
-        # The actor loss of either path: the fused head's, or pf.ppo_loss on the logits.
-        pf.ppo_loss = poisoned(pf.ppo_loss)
-        loop.completion_ppo_loss = poisoned(loop.completion_ppo_loss)
+        poison_actor_loss(after=4)
     if rank == 1 and args.mode == "interrupt":
         real_step = trainer.one_step
 

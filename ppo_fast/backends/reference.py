@@ -172,10 +172,11 @@ def linear_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     return min(1024, max(16, 1 << (fit.bit_length() - 1)))
 
 
-def linear_chunks(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk: int):
-    """``(start, stop, hidden_chunk, labels_chunk)`` over the tokens, each chunk ``chunk`` rows (the
-    last padded with zero rows whose label is ``ignore_index``), the rows of ignored labels zeroed;
-    chunks where every label is ignored are skipped (their outputs and gradients are 0)."""
+def linear_chunks(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk: int, *per_token):
+    """``(start, stop, hidden_chunk, labels_chunk, *per_token_chunks)`` over the tokens, each chunk
+    ``chunk`` rows: the last one padded (hidden and ``per_token`` tensors, ``[N]`` or None, with
+    zeros, labels with ``ignore_index``), the rows of ignored labels zeroed; chunks where every
+    label is ignored are skipped (their outputs and gradients are 0)."""
     n = hidden.shape[0]
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -185,12 +186,14 @@ def linear_chunks(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int,
             continue
         # Ignored rows are zeroed, not just skipped by the row op: the weight's gradient sums over
         # every row of the chunk, and 0·NaN would carry a NaN from an ignored hidden state into it.
-        hidden_chunk = torch.where(active.unsqueeze(-1), hidden[start:stop], 0.0)
+        pieces = [torch.where(active.unsqueeze(-1), hidden[start:stop], 0.0), labels_chunk,
+                  *(None if t is None else t[start:stop] for t in per_token)]
+        fills = [0.0, ignore_index] + [0.0] * len(per_token)
         if stop - start < chunk:
             pad = chunk - (stop - start)
-            hidden_chunk = torch.cat([hidden_chunk, hidden_chunk.new_zeros(pad, hidden.shape[1])])
-            labels_chunk = torch.cat([labels_chunk, labels_chunk.new_full((pad,), ignore_index)])
-        yield start, stop, hidden_chunk, labels_chunk
+            pieces = [None if t is None else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+                      for t, fill in zip(pieces, fills)]
+        yield (start, stop, *pieces)
 
 
 def linear_logprobs_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
