@@ -4,6 +4,13 @@
     ppo-fast train [--config run.yaml] [--key value ...]
                              the PPO trainer; every PPOConfig field is an option (see train --help);
                              under DeepSpeed: deepspeed --num_gpus N --module ppo_fast.cli train ...
+    ppo-fast sft --model DIR --data FILE [--key value ...]
+                             supervised fine-tuning of a causal LM (see sft --help); writes <run>/model
+    ppo-fast rm --model DIR --data FILE [--key value ...]
+                             a reward model from preference pairs (see rm --help); writes <run>/model
+    ppo-fast eval --policy DIR [--reference DIR] --prompts FILE [--reward SPEC] [--gold SPEC]
+                             a policy on held-out prompts: every reward, win rate against the
+                             reference, length and diversity, KL; writes samples.jsonl, summary.json
     ppo-fast backends        which backend serves each op on each device, and why
 """
 
@@ -17,6 +24,8 @@ from . import __version__
 
 def _build_parser() -> argparse.ArgumentParser:
     from .trainer.config import add_arguments as add_train_arguments
+    from .trainer.evaluation import EvalConfig
+    from .trainer.supervised import RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="ppo-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +39,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "train", help="RLHF with PPO (default: the embedded task)",
         description="RLHF with PPO. Runs as one process or under the deepspeed launcher "
                     "(deepspeed --num_gpus N --module ppo_fast.cli train ...)."))
+    add_train_arguments(sub.add_parser(
+        "sft", help="supervised fine-tuning of a causal LM on prompt/response data",
+        description="Supervised fine-tuning: the loss on the response tokens of prompt/response or "
+                    "chat records. Runs as one process or under the deepspeed launcher."), SFTConfig)
+    add_train_arguments(sub.add_parser(
+        "rm", help="reward model (Bradley-Terry) from preference pairs",
+        description="A reward model trained on chosen/rejected pairs. Runs as one process or under "
+                    "the deepspeed launcher."), RMConfig)
+    add_train_arguments(sub.add_parser(
+        "eval", help="evaluate a policy on held-out prompts against a reference",
+        description="Generate on held-out prompts, score with every reward and a gold function, win "
+                    "rate against a reference policy, length and diversity statistics, KL. One "
+                    "process."), EvalConfig)
     return parser
 
 
@@ -44,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ppo-fast: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.command in ("sft", "rm", "eval"):
+        return _one_command(args)
     from .distributed import shutdown_distributed
     from .trainer import CheckpointError, ConfigError, TrainingStopped, train
     from .trainer.config import PPOConfig, from_args
@@ -64,6 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     shutdown_distributed()
     # An interrupted run is not a finished one: scripts can tell by the status (as a shell's 130).
     return 130 if "interrupted_at" in result else 0
+
+
+def _one_command(args) -> int:
+    from .distributed import shutdown_distributed
+    from .trainer.config import ConfigError, from_args
+    from .trainer.evaluation import EvalConfig, evaluate
+    from .trainer.supervised import RMConfig, SFTConfig, run_rm, run_sft
+
+    config_class, run = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
+                         "eval": (EvalConfig, evaluate)}[args.command]
+    try:
+        run(from_args(args, config_class))
+    except ConfigError as exc:
+        # Raised on every rank alike (every rank reads the same files), before any training.
+        print(f"ppo-fast: {exc}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
+    shutdown_distributed()
+    return 0
 
 
 if __name__ == "__main__":

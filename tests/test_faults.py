@@ -244,6 +244,10 @@ def test_yaml_values_are_coerced_or_rejected_by_field(tmp_path):
     (dict(loss_agg="mean"), "loss_agg must be one of"),
     (dict(kl_estimator="k9"), "kl_estimator must be one of"),
     (dict(resume=True), "resume needs run_name"),
+    (dict(task="sorting"), "task must be one of vowels, arithmetic, arithmetic-hackable"),
+    (dict(alarm_length_r2=1.5), r"alarm_length_r2 must be in \[0, 1\]"),
+    (dict(samples_per_prompt=0), "samples_per_prompt must be >= 1"),
+    (dict(max_minutes=-1), "max_minutes must be >= 0"),
 ])
 def test_config_ranges(tmp_path, overrides, match):
     if match is None:
@@ -257,6 +261,9 @@ def test_config_ranges(tmp_path, overrides, match):
     (dict(prompts_file="missing.txt"), "prompts_file: missing.txt does not exist"),
     (dict(policy_model="nowhere"), "policy_model: nowhere is not a Hugging Face model directory"),
     (dict(ds_config="missing.json"), "ds_config: cannot read missing.json"),
+    (dict(eval_prompts_file="held_out.jsonl"), "eval_prompts_file: held_out.jsonl does not exist"),
+    (dict(reward="no_such_rm_dir"), "reward: 'no_such_rm_dir' is neither a reward-model directory"),
+    (dict(gold="rules.py:exact"), "gold: 'rules.py:exact': rules.py does not exist"),
 ])
 def test_missing_files_are_reported_before_any_work(tmp_path, overrides, match):
     proc = cli(tmp_path, str(tmp_path / "cache"), run_name="r", steps=1, **overrides)

@@ -249,16 +249,27 @@ def test_training_from_hugging_face_directories(tmp_path):
     (reward_dir,) = (tmp_path / ".cache" / "default_task").glob("*/reward_model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\nworld\nabcdef\nqrstu\n")
-    cmd, env = _cli(["train", "--policy-model", str(source / "final_policy"), "--reward-model",
-                     str(reward_dir), "--prompts-file", str(prompts), "--output-dir", str(tmp_path),
+    (tmp_path / "held_out.jsonl").write_text('{"prompt": "zyx"}\n{"prompt": "mnop"}\n')
+    # A weighted list: the reward model, and a function from a module beside the working directory.
+    (tmp_path / "brevity.py").write_text("def score(prompts, completions):\n"
+                                         "    return [-0.1 * len(c) for c in completions]\n")
+    cmd, env = _cli(["train", "--policy-model", str(source / "final_policy"), "--reward",
+                     f"{reward_dir},0.5*brevity:score", "--gold", "brevity:score",
+                     "--prompts-file", str(prompts), "--eval-prompts-file", "held_out.jsonl",
+                     "--output-dir", str(tmp_path),
                      "--run-name", "dirs", "--steps", "2", "--rollout-batch-size", "8",
                      "--minibatch-size", "8", "--micro-batch-size", "8", "--eval-prompts", "4"])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "dirs" / "summary.json").read_text())
-    assert summary["gold_reward_before"] is None and summary["steps"] == 2
+    assert summary["gold_reward_before"] is not None and summary["steps"] == 2
     rows = _rows(tmp_path / "dirs")
     assert [r["step"] for r in rows if "eval_proxy_reward" in r] == [0, 2]
+    # Each term is logged with its own (unweighted) score.
+    assert "score[0.5*brevity:score]" in rows[1] and f"eval_reward[{reward_dir}]" in rows[2]
+    assert rows[2]["eval_proxy_reward"] == pytest.approx(
+        rows[2][f"eval_reward[{reward_dir}]"] + 0.5 * rows[2]["eval_reward[0.5*brevity:score]"], rel=1e-5)
+    assert rows[2]["eval_gold_reward"] == pytest.approx(rows[2]["eval_reward[0.5*brevity:score]"], rel=1e-5)
     assert (tmp_path / "dirs" / "final_policy" / "tokenizer.json").exists()
 
 

@@ -1,13 +1,21 @@
-"""The PPO trainer behind ``ppo-fast train``.
+"""The RLHF pipeline behind ``ppo-fast sft | rm | train | eval``.
 
-* ``config.py``      PPOConfig: every knob, documented, from YAML and the command line
+* ``config.py``      PPOConfig: every knob, documented, from YAML and the command line (RunConfig:
+                     what every command's config shares)
 * ``models.py``      actor, critic, reference and reward models, built in one place
+* ``rewards.py``     rewards from a spec: reward models, functions, weighted lists, ensembles
 * ``prompts.py``     reading, sampling and encoding prompts
-* ``loop.py``        PPOTrainer: generate → score → advantages → update, and fault handling
+* ``data.py``        user data (JSON/JSONL/Parquet/CSV through datasets): SFT examples, preference
+                     pairs, prompts, with errors naming the file, row and column
+* ``loop.py``        PPOTrainer: generate → score → advantages (PPO or critic-free) → update, and
+                     fault handling
+* ``diagnostics.py`` reward-hacking diagnostics and alarms
+* ``supervised.py``  ``ppo-fast sft`` and ``ppo-fast rm``
+* ``evaluation.py``  ``ppo-fast eval``
 * ``rundir.py``      the run directory: never written into by accident
 * ``checkpoint.py``  checkpoints that a crash cannot tear and a resume can trust
 * ``reporting.py``   metrics.jsonl, TensorBoard, progress bar, plot and summary
-* ``default_task.py`` the embedded default task
+* ``default_task.py`` the embedded tasks (vowels, the default; arithmetic; arithmetic-hackable)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Checkpoints that a crash cannot tear and a resume can trust.
 
-Layout: ``<run>/checkpoints/step<N>/`` holds ``actor/`` and ``critic/`` (the DeepSpeed engines),
+Layout: ``<run>/checkpoints/step<N>/`` holds ``actor/`` and ``critic/`` (the DeepSpeed engines;
+no critic for the critic-free algorithms),
 ``trainer/rank<r>.pt`` (everything else of each rank: tensors and plain values only) and
 ``manifest.json`` (every file's size and sha256). A checkpoint is written under a temporary name
 (``.step<N>.partial``) and published by one atomic rename once every rank has written and the
@@ -187,8 +188,8 @@ class Checkpoints:
             shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save
             partial.mkdir(parents=True)
         torch.distributed.barrier()
-        actor.save_checkpoint(str(partial), tag="actor", save_latest=False)
-        critic.save_checkpoint(str(partial), tag="critic", save_latest=False)
+        for engine, name in _engines(actor, critic):
+            engine.save_checkpoint(str(partial), tag=name, save_latest=False)
         (partial / "trainer").mkdir(exist_ok=True)
         torch.save(state, partial / "trainer" / f"rank{self.rank}.pt")
         torch.distributed.barrier()
@@ -236,7 +237,7 @@ class Checkpoints:
 
     def _try_load(self, directory: Path, actor, critic) -> tuple[dict | None, str | None]:
         try:
-            for engine, name in ((actor, "actor"), (critic, "critic")):
+            for engine, name in _engines(actor, critic):
                 path, _ = engine.load_checkpoint(str(directory), tag=name)
                 if path is None:
                     return None, f"{directory / name}: DeepSpeed found no checkpoint there"
@@ -247,6 +248,11 @@ class Checkpoints:
             return None, (f"{directory / 'trainer' / f'rank{self.rank}.pt'}: holds step "
                           f"{state.get('step')!r}")
         return state, None
+
+
+def _engines(actor, critic) -> list:
+    """The engines a checkpoint holds (no critic for the critic-free algorithms)."""
+    return [(actor, "actor")] + ([(critic, "critic")] if critic is not None else [])
 
 
 def _gather_errors(error: str | None) -> list[str]:

@@ -22,6 +22,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ..options import AGG_MODES, kl_estimator_name
 
@@ -29,7 +30,8 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A run name is a name: a letter or digit first, then up to 127 letters, digits, '.', '_' or '-'
 (no path separator, nothing that climbs out of output_dir)."""
 
-RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max_gathered_bytes", "fused_head")
+RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max_gathered_bytes", "fused_head",
+             "max_minutes", "stop_on_alarm")
 """Fields a resumed run may change. Every other field is the run's own: a resume that sets one
 differently is refused, since it would continue a different run on top of this one."""
 
@@ -37,12 +39,67 @@ LOCATION = ("run_name", "output_dir", "cache_dir", "resume", "overwrite")
 """Fields that say where a run is and how to start it, not what it computes."""
 
 
+ALGORITHMS = ("ppo", "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus",
+              "reinforce_plus_plus_baseline", "remax", "opo", "gpg", "grpo_passk", "gdpo")
+"""ppo (GAE and a critic), then the critic-free estimators of verl's registry the trainer runs.
+verl's gae is ppo here; its optimal-token baselines need every token's sum of squared
+probabilities, which the trainer does not compute."""
+
+GROUPED = ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+           "grpo_passk", "gdpo")
+"""Estimators that compare a completion with the others of its prompt."""
+
+TASKS = ("vowels", "arithmetic", "arithmetic-hackable")
+
+
 class ConfigError(ValueError):
     """A config field is wrong; the message names it and says what it must be."""
 
 
+class RunConfig:
+    """What every command's config shares: fields coerced to their types and range-checked when
+    built (``RANGES``: field -> (predicate, what it must be)), a run name that is a name,
+    ``check()`` for the rules between fields, YAML in, a dict out. Subclasses are dataclasses
+    with a docstring under each field (``--help`` shows it)."""
+
+    RANGES: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        for name, (ok, what) in self.RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if getattr(self, "run_name", "") and not RUN_NAME.fullmatch(self.run_name):
+            raise ConfigError(f"run_name must be a plain name of at most 128 characters (letters, "
+                              f"digits, '.', '_', '-'; no path separator, not starting with '.' or "
+                              f"'-'), got {self.run_name!r}")
+        if getattr(self, "resume", False) and getattr(self, "overwrite", False):
+            raise ConfigError("resume and overwrite exclude each other")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields; raises ConfigError."""
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        """The config in the YAML file ``path``, with ``overrides`` set over it."""
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = _read_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of field: value, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"{path}: unknown config keys {unknown}")
+        return cls(**{**data, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class PPOConfig:
+class PPOConfig(RunConfig):
     # --- run ---------------------------------------------------------------------------------
     run_name: str = ""
     """Name of the run; its files go to <output_dir>/<run_name>/. Empty: a fresh name from the
@@ -67,18 +124,34 @@ class PPOConfig:
     critic_model: str = ""
     """Causal-LM directory whose trunk the critic uses (a value head is added); empty: the
     policy's."""
-    reward_model: str = ""
-    """AutoModelForSequenceClassification directory; empty with the default task: a reward model
-    trained on synthetic preferences. A Python callable can be passed to the trainer instead."""
+    reward: str = ""
+    """What the policy is trained to maximise: a reward-model directory (a sequence classifier
+    sharing the policy's tokenizer), a Python function (module:function or path/file.py:function,
+    called as fn(prompts, completions) -> scores), a weighted list of them ("0.7*runs/rm/model,
+    0.3*my_rewards:brevity"), or "ensemble(DIR|DIR|...)" of reward models, combined as mean -
+    reward_ensemble_k * std. Empty with an embedded task: the task's own reward."""
+    reward_ensemble_k: float = 1.0
+    """k of the conservative ensemble combination mean - k * std (0: the plain mean)."""
+    gold: str = ""
+    """An evaluation-only reward in the same form as reward (a rule that knows the answer, or a
+    held-out reward model): never optimised, it is what the reward-hacking alarms compare the
+    trained reward against. Empty with an embedded task: the task's gold rule."""
+    task: str = "vowels"
+    """Embedded task used when policy_model is empty: vowels (preferences learned by a reward
+    model), arithmetic (a verifiable rule reward) or arithmetic-hackable (a length-biased proxy
+    reward that invites reward hacking; the rule stays the gold)."""
     prompts_file: str = ""
-    """Text file with one prompt per line (or JSONL with a "prompt" field); empty: the default
-    task's synthetic prompts."""
+    """Training prompts: JSON/JSONL/Parquet/CSV with a "prompt" (or chat "messages") column, or a
+    text file with one prompt per line; empty: the embedded task's prompts."""
+    eval_prompts_file: str = ""
+    """Held-out prompts for the evaluations (same formats); empty: the embedded task's, or the
+    first eval_prompts training prompts."""
 
     # --- rollout -----------------------------------------------------------------------------
     steps: int = 40
     """PPO steps (rollout + update)."""
     rollout_batch_size: int = 32
-    """Prompts per rollout on each rank."""
+    """Prompts per rollout on each rank (each sampled samples_per_prompt times)."""
     max_prompt_len: int = 16
     """Prompts longer than this many tokens are an error."""
     max_new_tokens: int = 12
@@ -87,6 +160,20 @@ class PPOConfig:
     """Sampling temperature of the rollouts."""
     top_p: float = 1.0
     """Nucleus sampling of the rollouts (1: off)."""
+
+    # --- algorithm ---------------------------------------------------------------------------
+    algorithm: str = "ppo"
+    """Advantage estimator, by verl's names: ppo (GAE with a critic), or a critic-free one: grpo,
+    rloo, reinforce_plus_plus, reinforce_plus_plus_baseline, remax, opo, gpg, grpo_passk, gdpo
+    (no critic is built; the group estimators need samples_per_prompt >= 2)."""
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt in a rollout (the group of GRPO, RLOO, ...)."""
+    loss_type: str = "vanilla"
+    """Policy objective (pf.ppo_loss's loss_type: vanilla, gspo, cispo, gpg, clip_cov, kl_cov,
+    ...)."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL-to-reference term (k3) in the actor loss, as verl's use_kl_loss (0: off;
+    the KL penalty in the reward, kl_coef, applies to every algorithm)."""
 
     # --- rewards and advantages --------------------------------------------------------------
     kl_coef: float = 0.1
@@ -128,8 +215,9 @@ class PPOConfig:
     """Value-function clip around the old values (0: off)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
-    loss_agg: str = "token-mean"
-    """Loss aggregation (token-mean, seq-mean-token-mean, ...)."""
+    loss_agg: str = ""
+    """Loss aggregation (token-mean, seq-mean-token-mean, ...); empty: the loss type's own
+    (token-mean for vanilla PPO)."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
     fused_head: bool = True
@@ -158,6 +246,26 @@ class PPOConfig:
     evaluation prompts before the first step and every this many steps (0: never)."""
     eval_prompts: int = 64
     """Prompts per gold-reward evaluation."""
+    max_minutes: float = 0.0
+    """Stop after the step that passes this many minutes of training (0: no limit); the run then
+    ends as a finished one (checkpoint, summary, final policy)."""
+
+    # --- reward-hacking alarms (checked at every evaluation) ---------------------------------
+    kl_budget: float = 0.0
+    """KL to the reference (nats per sequence, on the evaluation prompts) past which the KL alarm
+    fires; 0: twice target_kl."""
+    alarm_gold_drop: float = 0.5
+    """The divergence alarm fires when the trained reward is above its value at the best gold
+    (or held-out) evaluation while gold has fallen from that best by more than this many
+    standard deviations of the per-prompt gold reward."""
+    alarm_length_r2: float = 0.5
+    """The length alarm fires when the completion length explains more than this share of the
+    variance of the trained reward across the evaluation prompts, beyond what gold explains (the
+    rise of R^2 when length joins gold in a linear fit; plain R^2 without gold), with longer
+    scoring higher."""
+    stop_on_alarm: bool = False
+    """Stop the run at the first alarm after a training step (checkpoint saved); best_policy/
+    keeps the policy of the best gold (or held-out) evaluation either way."""
 
     # --- embedded default task ---------------------------------------------------------------
     warmup_steps: int = 150
@@ -165,16 +273,7 @@ class PPOConfig:
     reward_train_steps: int = 300
     """Training steps of the default reward model on synthetic preference pairs."""
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
-        for name, (ok, what) in _RANGES.items():
-            if not ok(getattr(self, name)):
-                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
-        if self.run_name and not RUN_NAME.fullmatch(self.run_name):
-            raise ConfigError(f"run_name must be a plain name of at most 128 characters (letters, "
-                              f"digits, '.', '_', '-'; no path separator, not starting with '.' or "
-                              f"'-'), got {self.run_name!r}")
+    def check(self) -> None:
         try:
             kl_estimator_name(self.kl_estimator)
         except ValueError as exc:
@@ -182,28 +281,20 @@ class PPOConfig:
         if self.minibatch_size % self.micro_batch_size:
             raise ConfigError(f"minibatch_size ({self.minibatch_size}) must be a multiple of "
                               f"micro_batch_size ({self.micro_batch_size})")
-        if self.rollout_batch_size % self.minibatch_size:
-            raise ConfigError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
-                              f"of minibatch_size ({self.minibatch_size})")
+        sequences = self.rollout_batch_size * self.samples_per_prompt
+        if sequences % self.minibatch_size:
+            raise ConfigError(f"rollout_batch_size * samples_per_prompt ({self.rollout_batch_size} * "
+                              f"{self.samples_per_prompt} = {sequences} sequences) must be a multiple of "
+                              f"minibatch_size ({self.minibatch_size})")
+        if self.algorithm in GROUPED and self.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm {self.algorithm} compares the completions of one prompt: "
+                              f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        from ..objectives import LOSS_TYPES
+
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.resume and not self.run_name:
             raise ConfigError("resume needs run_name: the name of the run to continue")
-        if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite exclude each other")
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "PPOConfig":
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = _read_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of field: value, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{path}: unknown config keys {unknown}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _whole(value) -> bool:
@@ -271,11 +362,12 @@ _RANGES = {
     **{name: _at_least(1) for name in (
         "steps", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "kl_horizon",
         "ppo_epochs", "minibatch_size", "micro_batch_size", "max_nonfinite_in_a_row",
-        "eval_prompts")},
+        "eval_prompts", "samples_per_prompt")},
     "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     **{name: _at_least(0) for name in (
         "save_every", "eval_every", "max_gathered_bytes", "warmup_steps",
-        "reward_train_steps", "kl_coef", "score_clip", "value_clip", "entropy_coef", "grad_clip")},
+        "reward_train_steps", "kl_coef", "score_clip", "value_clip", "entropy_coef", "grad_clip",
+        "reward_ensemble_k", "kl_loss_coef", "max_minutes", "kl_budget", "alarm_gold_drop")},
     **{name: _above(0) for name in ("temperature", "target_kl", "actor_lr", "critic_lr",
                                      "clip_high")},
     "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
@@ -283,33 +375,61 @@ _RANGES = {
     "gamma": _within(0, 1),
     "lam": _within(0, 1),
     "zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
-    "loss_agg": ((lambda v: v in AGG_MODES), f"one of {', '.join(AGG_MODES)}"),
+    "loss_agg": ((lambda v: v in AGG_MODES or v == ""), f"one of {', '.join(AGG_MODES)}, or empty (the loss "
+                 "type's own)"),
     "output_dir": ((lambda v: bool(v)), "a directory"),
+    "alarm_length_r2": _within(0, 1),
+    "algorithm": ((lambda v: v in ALGORITHMS), f"one of {', '.join(ALGORITHMS)}"),
+    "task": ((lambda v: v in TASKS), f"one of {', '.join(TASKS)}"),
 }
+PPOConfig.RANGES = _RANGES
 
 
 def check_files(config: PPOConfig) -> None:
     """Every file the run will read exists (and the DeepSpeed config parses), before any model
     loads; a ConfigError names the field and the path."""
-    for name in ("policy_model", "critic_model", "reward_model"):
+    for name in ("policy_model", "critic_model"):
         path = getattr(config, name)
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"{name}: {path} is not a Hugging Face model directory (no "
                               "config.json there)")
+    if config.critic_model and config.algorithm != "ppo":
+        raise ConfigError(f"critic_model: algorithm {config.algorithm} is critic-free; no critic is built")
+    if config.policy_model and config.task != "vowels":
+        raise ConfigError(f"task: {config.task!r} is an embedded task that brings its own policy; it cannot go "
+                          "with policy_model")
     if config.policy_model and not config.prompts_file:
-        raise ConfigError("prompts_file is required with policy_model (one prompt per line)")
-    if config.policy_model and not config.reward_model:
-        raise ConfigError("reward_model is required with policy_model (or pass reward_fn to "
-                          "PPOTrainer through Components)")
-    if config.prompts_file:
+        raise ConfigError("prompts_file is required with policy_model (the prompts to train on)")
+    if config.policy_model and not config.reward:
+        raise ConfigError("reward is required with policy_model: a reward-model directory, "
+                          "module:function, or a weighted list (or pass reward_fn to PPOTrainer "
+                          "through Components)")
+    from .rewards import RewardSpecError, check_spec
+
+    for name in ("reward", "gold"):
+        if getattr(config, name):
+            try:
+                check_spec(getattr(config, name), name)
+            except RewardSpecError as exc:
+                raise ConfigError(str(exc)) from None
+    tokenizer = None
+    for name in ("prompts_file", "eval_prompts_file"):
+        path = getattr(config, name)
+        if not path:
+            continue
         from .prompts import load_prompts
 
-        if not Path(config.prompts_file).is_file():
-            raise ConfigError(f"prompts_file: {config.prompts_file} does not exist")
+        if not Path(path).is_file():
+            raise ConfigError(f"{name}: {path} does not exist")
+        if tokenizer is None and config.policy_model:
+            # Chat prompts become text through the policy's chat template.
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
         try:
-            load_prompts(config.prompts_file)
+            load_prompts(path, tokenizer)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"prompts_file: {exc}") from None
+            raise ConfigError(f"{name}: {exc}") from None
     if config.ds_config:
         try:
             ds = json.loads(Path(config.ds_config).read_text())
@@ -374,9 +494,9 @@ def _read_yaml(path: str):
 
 
 @functools.lru_cache(maxsize=None)
-def field_docs() -> dict[str, str]:
-    """Each field's docstring, read from this class's source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(PPOConfig)))
+def field_docs(cls=None) -> dict[str, str]:
+    """Each field's docstring, read from the config class's source (PPOConfig by default)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls or PPOConfig)))
     body = tree.body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
@@ -395,25 +515,30 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
 
 
-def add_arguments(parser) -> None:
-    """One ``--field-name`` option per config field, documented by the field's docstring."""
-    docs = field_docs()
+def add_arguments(parser, cls=None) -> None:
+    """One ``--field-name`` option per field of the config class (PPOConfig by default),
+    documented by the field's docstring."""
+    cls = cls or PPOConfig
+    docs = field_docs(cls)
     parser.add_argument("--config", help="YAML file with any of the fields below")
     types = {"int": int, "float": float, "str": str, "bool": _parse_bool}
-    for f in dataclasses.fields(PPOConfig):
+    for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type],
                             default=None, metavar=f.type.upper(),
                             help=f"{docs.get(f.name, '')} (default: {f.default!r})")
 
 
-def from_args(args) -> PPOConfig:
-    """The config from ``--config`` and the command line. A resume starts from the run's saved
-    settings, and only what was set explicitly (in the YAML or as an option) is compared with them."""
-    config = PPOConfig.from_yaml(args.config) if args.config else PPOConfig()
+def from_args(args, cls=None):
+    """The config (a PPOConfig by default) from ``--config`` and the command line. A resume starts
+    from the run's saved settings, and only what was set explicitly (in the YAML or as an option)
+    is compared with them."""
+    cls = cls or PPOConfig
     explicit = set(_yaml_keys(args.config)) if args.config else set()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if getattr(args, f.name, None) is not None}
-    config = dataclasses.replace(config, **overrides)
+    config = cls.from_yaml(args.config, **overrides) if args.config else cls(**overrides)
+    if cls is not PPOConfig:
+        return config
     run_dir = Path(config.output_dir) / config.run_name
     if not (config.resume and config.run_name and (run_dir / "config.json").is_file()):
         return config  # the run directory check says what is wrong with a resume

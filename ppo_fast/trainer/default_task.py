@@ -1,4 +1,6 @@
-"""The embedded default task: RLHF end to end on a CPU in minutes, with no download.
+"""The embedded tasks: RLHF end to end on a CPU in minutes, with no download.
+
+``vowels`` (the default, ``ppo-fast`` with no arguments), learned from preferences:
 
 * Tokens: a character tokenizer (a Hugging Face fast tokenizer) over the 26 lowercase letters
   plus <pad>, <bos>, <eos>, <sep>.
@@ -10,12 +12,26 @@
 * Proxy reward: a tiny Llama sequence classifier trained on synthetic preference pairs labelled by
   the gold reward (Bradley-Terry). PPO optimises the proxy, with a KL penalty to the warm-up
   policy; the gold reward shows whether that helped.
+
+``arithmetic``, a verifiable task for critic-free training (GRPO, RLOO, ...):
+
+* Prompts: ``<bos> a+b= <sep>`` with single digits a, b; the answer is the sum's digits then <eos>.
+* Warm-up: right answers, briefly (the default 150 steps leave the tiny policy right about 60% of
+  the time when it samples at temperature 1, 89% greedily), so RL has something to learn.
+* Reward and gold: the rule (1 for exactly the right answer ended by <eos>, else 0).
+
+``arithmetic-hackable``: the same, trained against a proxy with a built-in length bias
+(correctness + 0.5 per answer token, as a reward model that learned "longer is better" would
+score), while the rule stays the gold. Longer answers are wrong answers here, so the policy games
+the proxy; the run's reward-hacking alarms must fire, where ``arithmetic`` stays quiet.
 """
 
 from __future__ import annotations
 
 import random
 import string
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,13 +44,17 @@ PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<sep>"]
 
 
-def char_tokenizer():
-    """A Hugging Face ``PreTrainedTokenizerFast`` over single letters (``<bos>`` and ``<sep>``
-    added around a prompt), so the exported models load with ``AutoTokenizer`` like any other."""
+DIGITS = "0123456789+="
+
+
+def char_tokenizer(alphabet: str = LETTERS):
+    """A Hugging Face ``PreTrainedTokenizerFast`` over the single characters of ``alphabet``
+    (``<bos>`` and ``<sep>`` added around a prompt), so the exported models load with
+    ``AutoTokenizer`` like any other."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + list(LETTERS))}
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(alphabet))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -76,20 +96,80 @@ def _random_response(rng: random.Random, vowel_prob: float) -> list[int]:
     return [len(SPECIALS) + LETTERS.index(c) for c in letters] + [EOS]
 
 
-def warm_up_policy(steps: int, seed: int, log=print) -> nn.Module:
-    """Supervised warm-up on random well-formed responses (uniform letters)."""
+def make_sums(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.randrange(10)}+{rng.randrange(10)}=" for _ in range(n)]
+
+
+def _answer_ids(text: str) -> list[int]:
+    return [len(SPECIALS) + DIGITS.index(c) for c in text] + [EOS]
+
+
+def _sum_demonstration(prompt: str, rng: random.Random) -> list[int]:
+    a, b = prompt.rstrip("=").split("+")
+    return _answer_ids(str(int(a) + int(b)))
+
+
+def _answer_text(completion_ids: list[int]) -> tuple[str, bool]:
+    """The completion's characters before <eos>, and whether <eos> ended it."""
+    ended = EOS in completion_ids
+    body = completion_ids[: completion_ids.index(EOS)] if ended else completion_ids
+    return "".join(DIGITS[i - len(SPECIALS)] if len(SPECIALS) <= i < len(SPECIALS) + len(DIGITS) else "?"
+                   for i in body), ended
+
+
+def exact_sum(prompt: str, completion_ids: list[int]) -> float:
+    """1 for exactly the digits of the sum ended by <eos>, else 0."""
+    a, b = prompt.rstrip("=").split("+")
+    text, ended = _answer_text(completion_ids)
+    return float(ended and text == str(int(a) + int(b)))
+
+
+def length_biased_sum(prompt: str, completion_ids: list[int]) -> float:
+    """The hackable proxy: correctness + 0.5 per answer token (ended or not)."""
+    text, _ = _answer_text(completion_ids)
+    return exact_sum(prompt, completion_ids) + 0.5 * len(text)
+
+
+@dataclass(frozen=True)
+class Task:
+    """An embedded task: everything a run needs, built from code."""
+
+    alphabet: str
+    make_prompts: Callable[[int, int], list[str]]
+    """``(n, seed) -> prompts``."""
+    demonstration: Callable[[str, random.Random], list[int]]
+    """A warm-up target (token ids ending in <eos>) for a prompt."""
+    gold: Callable[[str, list[int]], float]
+    """What the task means: evaluation only (and the reward where ``proxy`` is ``gold``)."""
+    proxy: Callable[[str, list[int]], float] | None
+    """The rule the policy is trained against; None: a Bradley-Terry reward model trained on
+    preference pairs labelled by the gold reward."""
+
+
+TASKS = {
+    "vowels": Task(LETTERS, make_prompts, lambda prompt, rng: _random_response(rng, vowel_prob=5 / 26),
+                   gold_reward, None),
+    "arithmetic": Task(DIGITS, make_sums, _sum_demonstration, exact_sum, exact_sum),
+    "arithmetic-hackable": Task(DIGITS, make_sums, _sum_demonstration, exact_sum, length_biased_sum),
+}
+
+
+def warm_up_policy(steps: int, seed: int, log=print, task: str = "vowels") -> nn.Module:
+    """Supervised warm-up on the task's demonstrations."""
     from transformers import LlamaForCausalLM
 
+    spec = TASKS[task]
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
-    tok = char_tokenizer()
+    tok = char_tokenizer(spec.alphabet)
     model = LlamaForCausalLM(llama_config(tok.vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
         rows, prompt_lens = [], []
-        for prompt in make_prompts(32, rng.randrange(2**31)):
+        for prompt in spec.make_prompts(32, rng.randrange(2**31)):
             p = tok.encode(prompt, add_special_tokens=True)
-            rows.append(p + _random_response(rng, vowel_prob=5 / 26))
+            rows.append(p + spec.demonstration(prompt, rng))
             prompt_lens.append(len(p))
         ids, mask = left_pad(rows, PAD)
         labels = ids.clone()

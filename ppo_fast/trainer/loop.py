@@ -4,39 +4,48 @@
     trainer.train()
 
 Per step:
-  1. generate: the hybrid engine samples completions from the actor.
+  1. generate: the hybrid engine samples samples_per_prompt completions per prompt from the actor.
   2. score: no-grad passes give the old and reference log-probs (the fused head: from the last
      hidden states and the output embedding, never the logits; or pf.token_logprobs on the logits
-     where a model's logits are not exactly its head's output) and the critic's values; the reward
-     model or reward function scores each sequence.
-  3. advantages: rewards are −β·KL per token plus the score at the last completion token; pf.gae
-     and pf.masked_whiten turn them into advantages.
-  4. update: ppo_epochs × minibatches (gradient accumulation over micro-batches) of the PPO loss
-     (pf.fused_linear_ppo_loss through the fused head, or pf.ppo_loss on the logits) for the actor
-     and pf.value_loss for the critic, each through its DeepSpeed engine.
+     where a model's logits are not exactly its head's output) and, with PPO, the critic's values;
+     the reward (reward models, functions, their weighted sum: rewards.py) scores each sequence.
+  3. advantages: rewards are −β·KL per token plus the score at the last completion token. PPO:
+     pf.gae and pf.masked_whiten; the critic-free algorithms: the estimator of that name
+     (pf.advantages, with each prompt's completions as a group).
+  4. update: ppo_epochs × minibatches (gradient accumulation over micro-batches) of the actor loss
+     (pf.fused_linear_ppo_loss through the fused head, or pf.ppo_loss on the logits; loss_type and
+     the optional KL loss) and, with PPO, pf.value_loss for the critic, each through its DeepSpeed
+     engine.
 Then a metrics row (reporting.py) and, every save_every steps, a checkpoint (checkpoint.py);
---resume continues from the last one, after kill -9 too. The models are built in models.py.
+--resume continues from the last one, after kill -9 too. Every eval_every steps an evaluation on
+held-out prompts logs the reward-hacking diagnostics and alarms (diagnostics.py) and keeps the
+policy of the best gold evaluation in best_policy/. The models are built in models.py.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import ppo_fast as pf
 
 from ..head import completion_logprobs, completion_ppo_loss, fused_head_unsupported
+from ..objectives import OBJECTIVES, resolve
 from ..sequences import completion_logits, position_ids
+from . import diagnostics
 from .checkpoint import Checkpoints, export_policy, rng_state, seed_everything, set_rng_state
-from .config import PPOConfig
+from .config import GROUPED, PPOConfig
 from .models import Components, build_models
 from .prompts import PromptSampler, encode_prompts
 from .reporting import Reporter
+from .rewards import Completions
 from .rundir import prepare_run_dir, release
 
 
@@ -51,7 +60,7 @@ class Experience:
     action_mask: torch.Tensor  # [B, N] completion tokens up to and including EOS
     old_logp: torch.Tensor  # [B, N]
     ref_logp: torch.Tensor  # [B, N]
-    values: torch.Tensor  # [B, N]
+    values: torch.Tensor | None  # [B, N], PPO only
     rewards: torch.Tensor  # [B, N]
     advantages: torch.Tensor  # [B, N]
     returns: torch.Tensor  # [B, N]
@@ -63,8 +72,6 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, components: Components, log=print):
         from ..distributed import init_distributed
 
-        if components.reward_model is None and components.reward_fn is None:
-            raise ValueError("a run needs a reward model or a reward_fn")
         init_distributed()
         config = prepare_run_dir(config, log)
         self.config, self.c, self.log = config, components, log
@@ -80,6 +87,17 @@ class PPOTrainer:
                        if config.adaptive_kl else pf.FixedKLController(config.kl_coef))
         self.sampler = PromptSampler(components.prompts, config.rollout_batch_size, config.seed,
                                      self.rank, self.world)
+        self.alarms = diagnostics.Alarms(gold_drop=config.alarm_gold_drop, length_r2=config.alarm_length_r2,
+                                         kl_budget=config.kl_budget or 2 * config.target_kl)
+        self.best_eval_step: int | None = None
+        self.best_value = float("-inf")
+        # pf.ppo_loss refuses clip settings for objectives that do not clip; an empty loss_agg
+        # leaves the objective's own aggregation (Dr. GRPO's, GSPO's).
+        clips = OBJECTIVES[resolve(config.loss_type, None)[0]].uses_clip
+        self.loss_options = dict(loss_type=config.loss_type, entropy_coef=config.entropy_coef,
+                                 temperature=config.temperature, agg=config.loss_agg or None,
+                                 **(dict(clip_low=config.clip_low, clip_high=config.clip_high) if clips else {}))
+        self.seconds_trained = 0.0
         self.shuffle = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         self.step = 0
         # Per model ("actor", "reference"): whether it goes through the fused head; decided on the
@@ -113,14 +131,19 @@ class PPOTrainer:
         self.report.write_config(cfg.to_dict())
         if not cfg.resume:
             before = self.evaluate() if cfg.eval_every else {}
-            self.report.row({"step": 0, **{f"eval_{k}": v for k, v in before.items()},
-                             "kl_coef": self.kl_ctl.value})
+            self.report.row({"step": 0, **before, "kl_coef": self.kl_ctl.value})
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         start = time.perf_counter()
         try:
             progress = self.report.progress(cfg.steps, self.step)
             while self.step < cfg.steps and self._stop_reason is None:
+                step_start = time.perf_counter()
                 row = self.one_step()
+                self.seconds_trained += time.perf_counter() - step_start
+                if cfg.max_minutes and self.seconds_trained >= 60 * cfg.max_minutes and self.step < cfg.steps:
+                    self.log(f"max_minutes: {self.seconds_trained / 60:.1f} minutes of training; ending the run "
+                             f"at step {self.step} of {cfg.steps}")
+                    self._stop_reason = "time"
                 self._agree_on_interrupt()
                 self.report.row(row)
                 if progress is not None:
@@ -137,6 +160,9 @@ class PPOTrainer:
             self.log(f"interrupted: checkpoint saved at step {self.step} in "
                      f"{self.checkpoints.directory}; continue with --resume")
             return {"interrupted_at": self.step}
+        if self._stop_reason == "alarm":
+            self.log(f"stop_on_alarm: stopped at step {self.step} (checkpoint saved); the policy of the best "
+                     f"gold evaluation (step {self.best_eval_step}) is in {self.run_dir / 'best_policy'}")
         if self._stop_reason == "nonfinite":
             raise TrainingStopped(
                 f"stopped at step {self.step}: {cfg.max_nonfinite_in_a_row} updates in a row had a "
@@ -155,7 +181,7 @@ class PPOTrainer:
         t2 = time.perf_counter()
         self.step += 1
         self.kl_ctl.update(self._mean_over_ranks({"kl": stats["kl"]})["kl"],
-                           n_steps=cfg.rollout_batch_size * self.world)
+                           n_steps=len(exp.scores) * self.world)
         trained_tokens = exp.attention_mask.sum().item() * cfg.ppo_epochs
         generate_seconds = stats.pop("generate_seconds")
         score_seconds = stats.pop("score_seconds")
@@ -165,6 +191,7 @@ class PPOTrainer:
             **stats,
             **{k: update[k] for k in ("entropy", "clipfrac", "approx_kl", "vf_loss", "actor_loss",
                                       "critic_loss", "vf_clipfrac", "ratio_max") if k in update},
+            **({"kl_loss": update["kl_loss"]} if cfg.kl_loss_coef and "kl_loss" in update else {}),
             "kl_coef": self.kl_ctl.value,
             "nonfinite_skipped": self.nonfinite_total,
             "seconds_generate": generate_seconds,
@@ -176,7 +203,7 @@ class PPOTrainer:
         }
         row = {"step": self.step, **self._mean_over_ranks({k: v for k, v in row.items() if k != "step"})}
         if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-            row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            row.update(self.evaluate())
         return row
 
     # -- 1-3. experience: generate, score, advantages ------------------------------------------
@@ -184,6 +211,8 @@ class PPOTrainer:
     @torch.no_grad()
     def make_experience(self, prompts: list[str]) -> tuple[Experience, dict]:
         cfg, m = self.config, self.models
+        n = cfg.samples_per_prompt
+        prompts = [p for p in prompts for _ in range(n)]
         ids, mask = encode_prompts(self.c.tokenizer, prompts, cfg.max_prompt_len, self.device)
         out = m.hybrid.generate(ids, attention_mask=mask)
         generated = time.perf_counter()
@@ -195,15 +224,16 @@ class PPOTrainer:
         old_logp = self._token_logprobs("actor", m.actor.module, seqs, attn, P)
         m.actor.module.train()
         ref_logp = self._token_logprobs("reference", m.reference, seqs, attn, P)
-        values = m.critic.module(seqs, attn, position_ids(attn))[:, P - 1:-1]
-        scores = self._scores(prompts, seqs, attn, P)
+        values = m.critic.module(seqs, attn, position_ids(attn))[:, P - 1:-1] if m.critic is not None else None
+        parts = m.reward.parts(Completions(prompts, seqs, attn, P, self.c.tokenizer))
+        scores = self._checked(m.reward.combine(parts), prompts)
 
         kl = pf.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * action_mask
         rewards = -self.kl_ctl.value * kl
         last = (action_mask.sum(-1) - 1).clamp(min=0)
         rewards[torch.arange(len(prompts), device=self.device), last] += scores
-        advantages, returns = pf.gae(rewards, values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = pf.masked_whiten(advantages, action_mask)
+        baselines = self._greedy_scores(prompts, ids, mask) if cfg.algorithm == "remax" else None
+        advantages, returns = self._advantages(rewards, values, action_mask, parts, scores, baselines)
 
         exp = Experience(seqs, attn, action_mask, old_logp, ref_logp, values, rewards, advantages,
                          returns, scores, P)
@@ -211,12 +241,44 @@ class PPOTrainer:
             "score": scores.mean().item(),
             "kl": kl.sum(-1).mean().item(),
             "response_length": action_mask.sum(-1).float().mean().item(),
-            "explained_variance": self._explained_variance(values, returns, action_mask),
             "generate_seconds": out.metrics["generate_seconds"] + out.metrics["gather_seconds"],
             "score_seconds": time.perf_counter() - generated,
             "new_tokens": out.metrics["new_tokens"],
         }
+        if values is not None:
+            stats["explained_variance"] = self._explained_variance(values, returns, action_mask)
+        if len(parts) > 1:
+            stats.update({f"score[{name}]": s.mean().item() for name, s in parts.items()})
         return exp, stats
+
+    def _advantages(self, rewards, values, action_mask, parts, scores, baselines):
+        cfg = self.config
+        if cfg.algorithm == "ppo":
+            advantages, returns = pf.gae(rewards, values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
+            return pf.masked_whiten(advantages, action_mask), returns
+        if cfg.algorithm == "remax":
+            return pf.advantages("remax", rewards, action_mask, baselines)
+        if cfg.algorithm == "reinforce_plus_plus":
+            return pf.advantages("reinforce_plus_plus", rewards, action_mask, gamma=cfg.gamma)
+        # The completions of one prompt are adjacent rows: one group each.
+        groups = torch.arange(len(rewards) // cfg.samples_per_prompt, device=self.device).repeat_interleave(
+            cfg.samples_per_prompt)
+        if cfg.algorithm == "gdpo":
+            # One dimension per reward term and one for the KL penalty, each normalised in its group.
+            kl_rewards = torch.where(action_mask.bool(), rewards, 0.0)
+            last = (action_mask.sum(-1) - 1).clamp(min=0)
+            rows = torch.arange(len(rewards), device=self.device)
+            kl_rewards[rows, last] -= scores
+            weights = [w for w, _ in self.models.reward.terms] + [1.0]
+            return pf.advantages("gdpo", [*parts.values(), kl_rewards], action_mask, groups, weights=weights)
+        assert cfg.algorithm in GROUPED, cfg.algorithm
+        return pf.advantages(cfg.algorithm, rewards, action_mask, groups)
+
+    def _greedy_scores(self, prompts, prompt_ids, prompt_mask) -> torch.Tensor:
+        """ReMax's baseline: the reward of each prompt's greedy completion."""
+        out = self.models.hybrid.generate(prompt_ids, attention_mask=prompt_mask, do_sample=False)
+        batch = Completions(prompts, out.sequences, out.attention_mask, out.prompt_length, self.c.tokenizer)
+        return self._checked(self.models.reward(batch), prompts)
 
     def _uses_fused_head(self, name, model, sequences, attention_mask) -> bool:
         if name not in self.fused_head:
@@ -236,19 +298,7 @@ class PPOTrainer:
         logits = completion_logits(model, sequences, attention_mask, prompt_len)
         return pf.token_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
 
-    def _scores(self, prompts, sequences, attention_mask, prompt_len) -> torch.Tensor:
-        if self.c.reward_fn is not None:
-            completions = [self.c.tokenizer.decode(row, skip_special_tokens=True)
-                           for row in sequences[:, prompt_len:].tolist()]
-            scores = self.c.reward_fn(prompts, completions)
-            scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device)
-            if scores.shape != (len(prompts),):
-                raise ValueError(f"reward_fn must return {len(prompts)} scores (one per prompt), "
-                                 f"got shape {tuple(scores.shape)}")
-        else:
-            scores = self.models.reward_model(
-                input_ids=sequences, attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask)).logits[:, 0].float()
+    def _checked(self, scores: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if not torch.isfinite(scores).all():
             bad = (~torch.isfinite(scores)).nonzero()[0].item()
             raise ValueError(f"the reward is not finite for prompt {prompts[bad][:40]!r}: "
@@ -278,17 +328,20 @@ class PPOTrainer:
                 for idx in minibatch.split(cfg.micro_batch_size):
                     seqs, attn = exp.sequences[idx], exp.attention_mask[idx]
                     batch = (exp.old_logp[idx], exp.advantages[idx], exp.action_mask[idx])
-                    options = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, entropy_coef=cfg.entropy_coef,
-                                   agg=cfg.loss_agg, temperature=cfg.temperature)
+                    options = dict(self.loss_options)
+                    if cfg.kl_loss_coef:
+                        options.update(ref_logp=exp.ref_logp[idx], kl_coef=cfg.kl_loss_coef, kl_estimator="k3")
                     if self.fused_head["actor"]:
                         actor_loss, metrics = completion_ppo_loss(actor, seqs, attn, P, *batch, **options)
                     else:
                         logits = completion_logits(actor, seqs, attn, P)
                         actor_loss, metrics = pf.ppo_loss(logits, seqs[:, P:], *batch, **options)
-                    values = critic(seqs, attn, position_ids(attn))[:, P - 1:-1]
-                    critic_loss, vmetrics = pf.value_loss(
-                        values, exp.values[idx], exp.returns[idx], exp.action_mask[idx],
-                        clip=cfg.value_clip or None, agg=cfg.loss_agg)
+                    critic_loss, vmetrics = actor_loss.new_zeros(()), {}
+                    if critic is not None:
+                        values = critic(seqs, attn, position_ids(attn))[:, P - 1:-1]
+                        critic_loss, vmetrics = pf.value_loss(
+                            values, exp.values[idx], exp.returns[idx], exp.action_mask[idx],
+                            clip=cfg.value_clip or None, agg=cfg.loss_agg or "token-mean")
                     if not self._finite_on_every_rank(actor_loss, critic_loss):
                         self._skip_nonfinite(actor_loss, critic_loss)
                         if self._stop_reason == "nonfinite":
@@ -296,17 +349,19 @@ class PPOTrainer:
                         if actor.gradient_accumulation_steps() > 1:
                             # Keep DeepSpeed's accumulation boundaries where they were: the
                             # skipped micro-batch contributes nothing to its minibatch's update.
-                            actor.step()
-                            critic.step()
+                            for engine in (actor, critic):
+                                if engine is not None:
+                                    engine.step()
                         continue
                     self.nonfinite_in_a_row = 0
                     actor.backward(actor_loss)
                     actor.step()
-                    critic.backward(critic_loss)
-                    critic.step()
+                    if critic is not None:
+                        critic.backward(critic_loss)
+                        critic.step()
                     updates += 1
-                    for name, value in {**metrics, **vmetrics, "actor_loss": actor_loss,
-                                        "critic_loss": critic_loss}.items():
+                    losses = {"actor_loss": actor_loss, **({"critic_loss": critic_loss} if critic is not None else {})}
+                    for name, value in {**metrics, **vmetrics, **losses}.items():
                         sums[name] = sums.get(name, 0.0) + value.item()
         return self._averages(sums, updates)
 
@@ -355,26 +410,64 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Gold (if known) and proxy reward of the current policy on the fixed eval prompts,
-        with its own random stream so evaluating does not change the training trajectory."""
+        """The reward-hacking diagnostics (diagnostics.py) of the current policy on the held-out
+        prompts, as ``eval_*`` metrics, and the alarms they raise as ``alarm_*`` (0 or 1). Runs
+        on its own random stream, so evaluating does not change the training trajectory. Keeps
+        the policy of the best gold (else trained-reward) evaluation in ``best_policy/``."""
         n = self.config.eval_prompts
         prompts = self.c.eval_prompts[:n] or self.sampler.prompts[:n]
         state = rng_state()
         torch.manual_seed(self.config.seed + 12345 + self.rank)
+        actor = self.models.actor.module
         try:
-            ids, mask = encode_prompts(self.c.tokenizer, prompts, self.config.max_prompt_len,
-                                       self.device)
+            ids, mask = encode_prompts(self.c.tokenizer, prompts, self.config.max_prompt_len, self.device)
             out = self.models.hybrid.generate(ids, attention_mask=mask)
-            P = out.prompt_length
-            proxy = self._scores(prompts, out.sequences, out.attention_mask, P).mean().item()
-            result = {"proxy_reward": proxy}
-            if self.c.gold_fn is not None:
-                completions = out.sequences[:, P:].tolist()
-                gold = [self.c.gold_fn(p, c) for p, c in zip(prompts, completions)]
-                result["gold_reward"] = float(np.mean(gold))
+            P, seqs, attn = out.prompt_length, out.sequences, out.attention_mask
+            batch = Completions(prompts, seqs, attn, P, self.c.tokenizer)
+            parts = self.models.reward.parts(batch)
+            proxy = self._checked(self.models.reward.combine(parts), prompts)
+            gold = self.models.gold(batch) if self.models.gold is not None else None
+            completion_mask = out.completion_mask[:, P:]
+            actor.eval()
+            logp = self._token_logprobs("actor", actor, seqs, attn, P)
+            actor.train()
+            ref_logp = self._token_logprobs("reference", self.models.reference, seqs, attn, P)
+            kl = torch.where(completion_mask.bool(), logp - ref_logp, 0.0).sum(-1)
+            completions = diagnostics.completion_tokens(batch.completion_ids, completion_mask)
+            metrics = diagnostics.sample_metrics(completions, parts, proxy, gold, kl)
         finally:
             set_rng_state(state)
-        return self._mean_over_ranks(result)
+        metrics = self._mean_over_ranks(metrics)
+        fired = self.alarms.check(self.step, metrics)
+        for name, why in fired.items():
+            if self.rank == 0:
+                self.log(f"warning: reward-hacking alarm '{name}' at step {self.step}: {why}")
+        if fired and self.config.stop_on_alarm and self.step > 0:
+            # Before the first step an alarm describes the reward and the starting policy: nothing
+            # trained yet to protect, so it is reported and the run goes on.
+            self._stop_reason = "alarm"
+        self._keep_best(metrics.get("gold_reward", metrics["proxy_reward"]))
+        return {**{f"eval_{k}": v for k, v in metrics.items()},
+                **{f"alarm_{name}": float(name in fired) for name in diagnostics.ALARMS}}
+
+    def _keep_best(self, value: float) -> None:
+        if self.best_eval_step is not None and value <= self.best_value:
+            return
+        self.best_eval_step, self.best_value = self.step, value
+        final = self.run_dir / "best_policy"
+        partial = self.run_dir / ".best_policy.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        export_policy(self.models.actor, self.c.tokenizer, partial, self.rank)
+        if self.rank == 0:
+            # Swapped in by renames: a kill leaves the previous best or the new one, never half of one.
+            old = self.run_dir / ".best_policy.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+            (final / "step.json").write_text(json.dumps({"step": self.step, "value": value}))
 
     def _mean_over_ranks(self, metrics: dict) -> dict:
         if self.world == 1 or not metrics:
@@ -390,7 +483,9 @@ class PPOTrainer:
         state = {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(),
                  "sampler": self.sampler.state_dict(), "shuffle": self.shuffle.get_state(),
                  "rng": rng_state(), "nonfinite_total": self.nonfinite_total,
-                 "history": self.report.history}
+                 "history": self.report.history, "alarms": self.alarms.state_dict(),
+                 "best": {"step": self.best_eval_step, "value": self.best_value},
+                 "seconds_trained": self.seconds_trained}
         return self.checkpoints.save(self.step, self.models.actor, self.models.critic, state)
 
     def load_checkpoint(self) -> None:
@@ -403,12 +498,19 @@ class PPOTrainer:
         self.shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])
         self.nonfinite_total = state["nonfinite_total"]
+        self.alarms.load_state_dict(state["alarms"])
+        self.best_eval_step, self.best_value = state["best"]["step"], state["best"]["value"]
+        self.seconds_trained = state["seconds_trained"]
         self.report.restore(state["history"])
 
     def finish(self, seconds: float) -> dict:
         summary = self.report.summary(self.step, seconds,
                                       self.checkpoints.directory / f"step{self.step}",
                                       self.nonfinite_total)
+        summary.update(algorithm=self.config.algorithm, alarms=dict(self.alarms.first_fired),
+                       kl_target=self.config.target_kl if self.config.adaptive_kl else None,
+                       best_policy={"step": self.best_eval_step, "value": self.best_value}
+                       if self.best_eval_step is not None else None)
         export_policy(self.models.actor, self.c.tokenizer, self.run_dir / "final_policy", self.rank)
         self.report.finish(summary)
         return summary

@@ -20,7 +20,7 @@ from torch import nn
 import ppo_fast as pf
 
 from .checkpoint import install_safe_loading
-from .config import PPOConfig, check_files
+from .config import ConfigError, PPOConfig, check_files
 from .prompts import load_prompts
 from .rundir import cache_dir
 
@@ -50,8 +50,9 @@ class Components:
     """Causal LM to optimise (its weights also initialise the reference)."""
     reference: nn.Module
     """Frozen copy of the initial policy (the KL anchor)."""
-    critic: nn.Module
-    """Value model: ``critic(input_ids, attention_mask, position_ids) -> [B, T]``."""
+    critic: nn.Module | None
+    """Value model: ``critic(input_ids, attention_mask, position_ids) -> [B, T]``; None for the
+    critic-free algorithms."""
     tokenizer: object
     """Encodes prompts (``encode``), decodes completions (``decode``), knows pad/eos ids."""
     prompts: list[str]
@@ -60,6 +61,8 @@ class Components:
     """Sequence classifier giving one score per sequence; or use ``reward_fn``."""
     reward_fn: Callable | None = None
     """``reward_fn(prompts, completions) -> [B] scores`` (texts), instead of a reward model."""
+    reward_rule: Callable | None = None
+    """``reward_rule(prompt, completion_ids) -> float``: an embedded task's rule reward."""
     gold_fn: Callable | None = None
     """``gold_fn(prompt, completion_ids) -> float``: evaluation only, never optimised."""
     eval_prompts: list[str] = field(default_factory=list)
@@ -67,46 +70,75 @@ class Components:
 
 
 def _from_directories(config: PPOConfig) -> Components:
-    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from ..hybrid import pick_attn_implementation
+    from .rewards import is_model_dir, parse, same_vocabulary
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    attn = pick_attn_implementation(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    dtype, attn = _dtype_and_attention()
     tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    for _, source in parse(config.reward) if config.reward else []:
+        for directory in _model_dirs(source):
+            reason = same_vocabulary(tokenizer, directory) if is_model_dir(directory) else None
+            if reason:
+                raise ConfigError(f"reward: {reason}")
     load = dict(dtype=dtype, attn_implementation=attn)
+    critic = None
+    if config.algorithm == "ppo":
+        critic = CriticModel(AutoModel.from_pretrained(config.critic_model or config.policy_model, **load))
     return Components(
         policy=AutoModelForCausalLM.from_pretrained(config.policy_model, **load),
         reference=AutoModelForCausalLM.from_pretrained(config.policy_model, **load),
-        critic=CriticModel(AutoModel.from_pretrained(config.critic_model or config.policy_model, **load)),
-        reward_model=AutoModelForSequenceClassification.from_pretrained(config.reward_model, **load),
+        critic=critic,
         tokenizer=tokenizer,
-        prompts=load_prompts(config.prompts_file),
+        prompts=load_prompts(config.prompts_file, tokenizer),
+        eval_prompts=(load_prompts(config.eval_prompts_file, tokenizer)[:config.eval_prompts]
+                      if config.eval_prompts_file else []),
     )
+
+
+def _model_dirs(source: str) -> list[str]:
+    from .rewards import ENSEMBLE
+
+    ensemble = ENSEMBLE.fullmatch(source)
+    return [d.strip() for d in ensemble.group(1).split("|")] if ensemble else [source]
+
+
+def _dtype_and_attention():
+    from ..hybrid import pick_attn_implementation
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return dtype, pick_attn_implementation(dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _default_task(config: PPOConfig, log) -> Components:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from . import default_task as task
+    from . import default_task
 
+    task = default_task.TASKS[config.task]
+    learned_reward = task.proxy is None and not config.reward
     # Shared by every run with the same recipe, outside any run directory; keyed by what made it.
-    artifacts = (cache_dir(config) / "default_task"
-                 / f"seed{config.seed}-warmup{config.warmup_steps}-rm{config.reward_train_steps}")
+    # The arithmetic tasks share one warm-up (they differ in the reward only).
+    family = config.task.split("-")[0]
+    recipe = f"{family}-seed{config.seed}-warmup{config.warmup_steps}"
+    if task.proxy is None:
+        recipe += f"-rm{config.reward_train_steps}"
+    artifacts = cache_dir(config) / "default_task" / recipe
     if torch.distributed.get_rank() == 0 and not artifacts.is_dir():
         _remove_abandoned_builds(artifacts)
-        log("default task: warming up the policy and training the reward model "
-            f"(cached in {artifacts})")
+        log(f"task {family}: warming up the policy" + (" and training the reward model" if task.proxy is None else "")
+            + f" (cached in {artifacts})")
         # Built aside and renamed into place, so a kill leaves no half-built cache entry.
         partial = artifacts.with_name(f".{artifacts.name}.partial-{os.getpid()}")
-        task.warm_up_policy(config.warmup_steps, config.seed, log).save_pretrained(partial / "policy")
-        task.train_reward_model(config.reward_train_steps, config.seed, log).save_pretrained(
-            partial / "reward_model")
-        for name in ("policy", "reward_model"):
-            task.char_tokenizer().save_pretrained(partial / name)
+        default_task.warm_up_policy(config.warmup_steps, config.seed, log, task=family).save_pretrained(
+            partial / "policy")
+        default_task.char_tokenizer(task.alphabet).save_pretrained(partial / "policy")
+        if task.proxy is None:
+            default_task.train_reward_model(config.reward_train_steps, config.seed, log).save_pretrained(
+                partial / "reward_model")
+            default_task.char_tokenizer(task.alphabet).save_pretrained(partial / "reward_model")
         try:
             os.replace(partial, artifacts)
         except OSError:  # another process published the same entry first
@@ -115,15 +147,19 @@ def _default_task(config: PPOConfig, log) -> Components:
     policy = LlamaForCausalLM.from_pretrained(artifacts / "policy")
     prompts = (load_prompts(config.prompts_file) if config.prompts_file
                else task.make_prompts(4096, config.seed))
+    eval_prompts = (load_prompts(config.eval_prompts_file)[:config.eval_prompts] if config.eval_prompts_file
+                    else task.make_prompts(config.eval_prompts, config.seed + 999))
     return Components(
         policy=policy,
         reference=copy.deepcopy(policy),
-        critic=CriticModel(copy.deepcopy(policy.model)),
-        reward_model=LlamaForSequenceClassification.from_pretrained(artifacts / "reward_model"),
-        tokenizer=task.char_tokenizer(),
+        critic=CriticModel(copy.deepcopy(policy.model)) if config.algorithm == "ppo" else None,
+        reward_model=(LlamaForSequenceClassification.from_pretrained(artifacts / "reward_model")
+                      if learned_reward else None),
+        reward_rule=task.proxy if not config.reward else None,
+        tokenizer=default_task.char_tokenizer(task.alphabet),
         prompts=prompts,
-        gold_fn=task.gold_reward,
-        eval_prompts=task.make_prompts(config.eval_prompts, config.seed + 999),
+        gold_fn=task.gold,
+        eval_prompts=eval_prompts,
     )
 
 
@@ -157,10 +193,13 @@ def build_components(config: PPOConfig, log=print) -> Components:
 class Models:
     actor: object
     """DeepSpeed engine of the policy."""
-    critic: object
-    """DeepSpeed engine of the critic."""
+    critic: object | None
+    """DeepSpeed engine of the critic (None: critic-free)."""
     reference: nn.Module
-    reward_model: nn.Module | None
+    reward: object
+    """What the policy is trained against (:class:`rewards.WeightedSum`)."""
+    gold: object | None
+    """Evaluation-only reward (:class:`rewards.WeightedSum`), when there is one."""
     hybrid: pf.HybridEngine
     """Generates with the actor's weights (gathered once per rollout under ZeRO-3)."""
     device: torch.device
@@ -209,16 +248,61 @@ def build_models(config: PPOConfig, components: Components) -> Models:
     actor, *_ = deepspeed.initialize(model=components.policy,
                                      config=ds_config(config, config.actor_lr),
                                      model_parameters=components.policy.parameters())
-    critic, *_ = deepspeed.initialize(model=components.critic,
-                                      config=ds_config(config, config.critic_lr),
-                                      model_parameters=components.critic.parameters())
+    critic = None
+    if config.algorithm == "ppo":
+        if components.critic is None:
+            raise ValueError("algorithm ppo needs a critic (Components.critic)")
+        critic, *_ = deepspeed.initialize(model=components.critic,
+                                          config=ds_config(config, config.critic_lr),
+                                          model_parameters=components.critic.parameters())
     for engine in (actor, critic):
-        install_safe_loading(engine)
+        if engine is not None:
+            install_safe_loading(engine)
     hybrid = pf.HybridEngine(actor, components.tokenizer, max_new_tokens=config.max_new_tokens,
                              do_sample=True, temperature=config.temperature, top_p=config.top_p,
                              max_gathered_bytes=config.max_gathered_bytes or None)
     reference = _frozen(components.reference, actor, config, device)
-    reward_model = (None if components.reward_model is None
-                    else _frozen(components.reward_model, actor, config, device))
     return Models(actor=actor, critic=critic, hybrid=hybrid, reference=reference,
-                  reward_model=reward_model, device=device)
+                  reward=_reward(config, components, actor, device), gold=_gold(config, components, actor, device),
+                  device=device)
+
+
+def _load_reward_model(config, actor, device):
+    from transformers import AutoModelForSequenceClassification
+
+    def load(directory: str) -> nn.Module:
+        dtype, attn = _dtype_and_attention()
+        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
+        return _frozen(model, actor, config, device)
+
+    return load
+
+
+def _reward(config: PPOConfig, components: Components, actor, device):
+    """The trained-against reward: the config's spec, else what the components bring."""
+    from . import rewards
+
+    if config.reward:
+        return rewards.build(config.reward, load_model=_load_reward_model(config, actor, device),
+                             ensemble_k=config.reward_ensemble_k)
+    if components.reward_model is not None:
+        term = rewards.ModelReward(_frozen(components.reward_model, actor, config, device), "reward_model")
+    elif components.reward_fn is not None:
+        term = rewards.FunctionReward(components.reward_fn, "reward_fn")
+    elif components.reward_rule is not None:
+        term = rewards.TokenReward(components.reward_rule, f"{config.task} reward")
+    else:
+        raise ValueError("a run needs a reward: the reward field, or a reward_model, reward_fn or "
+                         "reward_rule in its Components")
+    return rewards.WeightedSum([(1.0, term)])
+
+
+def _gold(config: PPOConfig, components: Components, actor, device):
+    from . import rewards
+
+    if config.gold:
+        return rewards.build(config.gold, load_model=_load_reward_model(config, actor, device),
+                             ensemble_k=config.reward_ensemble_k)
+    if components.gold_fn is not None:
+        return rewards.WeightedSum([(1.0, rewards.TokenReward(components.gold_fn, "gold"))])
+    return None

@@ -3,21 +3,21 @@ for generation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..sequences import left_pad
+from .data import BUILDERS, prompt_texts
 
 
-def load_prompts(path: str) -> list[str]:
-    """One prompt per line, or JSONL with a ``"prompt"`` field (``.jsonl``)."""
-    text = Path(path).read_text()
-    if path.endswith(".jsonl"):
-        prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
+def load_prompts(path: str, tokenizer=None) -> list[str]:
+    """The ``prompt`` column of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or its
+    chat ``messages`` rendered by ``tokenizer``'s chat template (:func:`data.prompt_texts`), or one
+    prompt per line of any other file."""
+    if Path(path).suffix.lower() in BUILDERS:
+        return prompt_texts(path, tokenizer)
+    prompts = [line for line in Path(path).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts_file {path} holds no prompts")
     return prompts

@@ -134,20 +134,35 @@ class Reporter:
             return
         evals = [r for r in self.history if "eval_proxy_reward" in r]
         steps = [r for r in self.history if "kl" in r]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+        (ax1, ax2), (ax3, ax4) = axes
+        at = [r["step"] for r in evals]
         if evals and "eval_gold_reward" in evals[0]:
-            ax1.plot([r["step"] for r in evals], [r["eval_gold_reward"] for r in evals], "o-",
-                     label="gold reward")
-        ax1.plot([r["step"] for r in evals], [r["eval_proxy_reward"] for r in evals], "s--",
-                 label="proxy reward (RM)")
-        ax1.set_xlabel("PPO step")
+            ax1.plot(at, [r["eval_gold_reward"] for r in evals], "o-", label="gold reward")
+        ax1.plot(at, [r["eval_proxy_reward"] for r in evals], "s--", label="trained reward (proxy)")
         ax1.set_title("reward on held-out prompts")
-        ax1.legend()
-        ax2.plot([r["step"] for r in steps], [r["kl"] for r in steps],
-                 label="KL to reference (nats/seq)")
-        ax2.set_xlabel("PPO step")
+        ax2.plot([r["step"] for r in steps], [r["kl"] for r in steps], label="KL to reference, rollouts (nats/seq)")
+        if evals and "eval_kl" in evals[0]:
+            ax2.plot(at, [r["eval_kl"] for r in evals], "o", label="KL on held-out prompts")
         ax2.set_title("KL")
-        ax2.legend()
+        if evals and "eval_length_r2" in evals[0]:
+            ax3.plot(at, [r["eval_length_r2"] for r in evals], "o-", label="length R² of the trained reward")
+            ax3.plot(at, [r["eval_distinct_2"] for r in evals], "s--", label="distinct-2")
+            ax3.plot(at, [r["eval_repetition"] for r in evals], "^:", label="repetition")
+            ax4.plot(at, [r["eval_response_length"] for r in evals], "o-", label="response length (tokens)")
+            ax4.plot(at, [r["eval_reward_per_token"] for r in evals], "s--", label="trained reward per token")
+        ax3.set_title("reward-hacking diagnostics")
+        ax4.set_title("length")
+        for ax in axes.flat:
+            ax.set_xlabel("step")
+            for name in ("divergence", "length", "kl"):
+                fired = [r["step"] for r in evals if r.get(f"alarm_{name}")]
+                if fired:
+                    ax.axvline(fired[0], color="red", alpha=0.4, linestyle=":")
+            if ax.has_data():
+                ax.legend(fontsize=8)
+        fig.suptitle("red dotted lines: first step of a reward-hacking alarm" if any(
+            r.get(f"alarm_{n}") for r in evals for n in ("divergence", "length", "kl")) else "")
         fig.tight_layout()
         fig.savefig(self.run_dir / "rewards.png", dpi=100)
         plt.close(fig)
@@ -161,11 +176,15 @@ def format_summary(s: dict) -> str:
             ("proxy reward", s["proxy_reward_before"], s["proxy_reward_after"])]
     lines = ["", f"{'':14}{'before':>10}{'after':>10}"]
     lines += [f"{name:14}{fmt(a):>10}{fmt(b):>10}" for name, a, b in rows]
-    lines += [f"KL to the reference at the end: {fmt(s['kl_final'])} nats per sequence",
+    target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
+    lines += [f"KL to the reference at the end: {fmt(s['kl_final'])} nats per sequence{target}",
               f"{s['steps']} steps in {s['seconds_total']:.0f} s; generation "
               f"{s['tokens_per_second_generate']:.0f} tokens/s, training "
               f"{s['tokens_per_second_train']:.0f} tokens/s, {100 * s['generate_share']:.0f}% of "
               f"each step generating",
               f"run directory: {s['run_dir']} (metrics.jsonl, summary.json, rewards.png, "
-              f"checkpoints/, final_policy/)"]
+              f"checkpoints/, final_policy/{', best_policy/' if s.get('best_policy') else ''})"]
+    alarms = s.get("alarms") or {}
+    lines.append("reward-hacking alarms: " + (", ".join(f"{name} (first at step {step})" for name, step in
+                                                        alarms.items()) if alarms else "none"))
     return "\n".join(lines)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, PPOConfig, resumed, saved_config
+from .config import ConfigError, resumed, saved_config
 
 
-def cache_dir(config: PPOConfig) -> Path:
+def cache_dir(config) -> Path:
     """Reusable work shared by runs (the default task's warm-up and reward model)."""
     return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / ".cache"
 
@@ -49,7 +49,7 @@ def _lock(output_dir: Path, name: str) -> None:
     _held_locks[key] = handle
 
 
-def release(config: PPOConfig) -> None:
+def release(config) -> None:
     """Let other processes write the run again (at the end of a run in a longer-lived process)."""
     path = Path(config.output_dir) / ".locks" / f"{config.run_name}.lock"
     handle = _held_locks.pop(str(path.resolve()), None) if config.run_name else None
@@ -87,7 +87,7 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return directory.is_dir() and any(p.name.startswith("step") for p in directory.iterdir())
 
 
-def _decide(config: PPOConfig) -> tuple[PPOConfig, bool]:
+def _decide(config) -> tuple:
     """(the run's config with its name, whether to delete an existing directory first); raises
     ConfigError."""
     output_dir = Path(config.output_dir)
@@ -97,7 +97,7 @@ def _decide(config: PPOConfig) -> tuple[PPOConfig, bool]:
     run_dir = output_dir / name
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} exists and is a file")
-    if config.resume:
+    if getattr(config, "resume", False):
         if not _has_checkpoint(run_dir):
             where = "does not exist" if not run_dir.exists() else "holds no checkpoint"
             raise ConfigError(f"resume: run directory {run_dir} {where} to resume from (a run "
@@ -111,7 +111,7 @@ def _decide(config: PPOConfig) -> tuple[PPOConfig, bool]:
     return dataclasses.replace(config, run_name=name, overwrite=False), occupied
 
 
-def prepare_run_dir(config: PPOConfig, log=print) -> PPOConfig:
+def prepare_run_dir(config, log=print):
     """The config the run goes on with (its name settled; on a resume, the settings it started
     with) and its run directory ready; collective over the ranks of an initialised process group.
     Raises ConfigError (on every rank) when the run may not write there."""
@@ -127,7 +127,7 @@ def prepare_run_dir(config: PPOConfig, log=print) -> PPOConfig:
     fields, delete, error = decision[0]
     if error is not None:
         raise ConfigError(error)
-    settled = PPOConfig(**fields)
+    settled = type(config)(**fields)
     run_dir = Path(settled.output_dir) / settled.run_name
     if torch.distributed.get_rank() == 0:
         if delete:

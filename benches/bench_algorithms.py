@@ -1,0 +1,75 @@
+"""PPO against a critic-free algorithm on the embedded default task, seeds side by side, each run
+given the same wall-clock budget of training.
+
+    python benches/bench_algorithms.py --seeds 0 1 2 --minutes 0.25 --out benches/results/algorithms_cpu.md
+
+Each run is `ppo-fast train --seed S --algorithm A --max-minutes M` in a fresh process (steps are
+not capped: the budget decides how many fit), one after another. PPO rolls out 32 prompts per step
+and trains a critic; GRPO rolls out 8 prompts x 4 samples (the same 32 sequences per step) and
+trains none. Everything else is the default.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ALGORITHMS = {
+    "ppo": [],
+    "grpo": ["--samples-per-prompt", "4", "--rollout-batch-size", "8"],
+}
+
+
+def run(algorithm: str, seed: int, minutes: float, workdir: Path, cache: Path) -> dict:
+    name = f"{algorithm}-seed{seed}"
+    subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", "--seed", str(seed), "--algorithm", algorithm,
+                    *ALGORITHMS[algorithm], "--steps", "100000", "--max-minutes", str(minutes),
+                    "--save-every", "0", "--run-name", name, "--output-dir", str(workdir),
+                    "--cache-dir", str(cache)],
+                   check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=workdir, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return json.loads((workdir / name / "summary.json").read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--minutes", type=float, default=0.25)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        results = [(a, s, run(a, s, args.minutes, workdir, workdir / "cache"))
+                   for s in args.seeds for a in ALGORITHMS]
+    lines = [
+        f"# PPO and GRPO on the embedded default, {60 * args.minutes:g} s of training each",
+        "",
+        f"Measured with `python benches/bench_algorithms.py --seeds {' '.join(map(str, args.seeds))} --minutes "
+        f"{args.minutes:g}` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), one process "
+        "per run, one after another. The budget counts the training steps (evaluations included), not the "
+        "start-up or the cached warm-up. GRPO: 8 prompts x 4 samples per step, no critic; PPO: 32 prompts, "
+        "GAE with a critic. Gold: vowels per response (evaluation only).",
+        "",
+        "| algorithm | seed | steps | gold before | gold after | proxy before | proxy after | KL final (nats/seq) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for algorithm, seed, s in results:
+        lines.append(f"| {algorithm} | {seed} | {s['steps']} | {s['gold_reward_before']:.2f} | "
+                     f"{s['gold_reward_after']:.2f} | {s['proxy_reward_before']:.2f} | {s['proxy_reward_after']:.2f} | "
+                     f"{s['kl_final']:.1f} |")
+    lines.append("")
+    for algorithm in ALGORITHMS:
+        gains = [s["gold_reward_after"] - s["gold_reward_before"] for a, _, s in results if a == algorithm]
+        lines.append(f"{algorithm}: gold gain mean {sum(gains) / len(gains):.2f}, min {min(gains):.2f}.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Critic-free training (verl's estimator names), the arithmetic tasks, the reward-hacking alarms
+in a run, and the time budget."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from ppo_fast.trainer import ConfigError, PPOConfig, PPOTrainer, build_components, train  # noqa: E402
+from ppo_fast.trainer.config import ALGORITHMS, check_files  # noqa: E402
+
+# The arithmetic task's warm-up takes seconds; GRPO needs a few prompts per step and a learning
+# rate that makes a 40-token minibatch count.
+ARITHMETIC = dict(task="arithmetic", algorithm="grpo", samples_per_prompt=4, rollout_batch_size=16,
+                  minibatch_size=32, micro_batch_size=32, actor_lr=1e-3, eval_prompts=64)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "ppo"])
+def test_every_critic_free_algorithm_trains_without_a_critic(algorithm, tmp_path, cache):
+    config = PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name=algorithm, task="arithmetic",
+                       algorithm=algorithm, samples_per_prompt=2, rollout_batch_size=4, minibatch_size=8,
+                       micro_batch_size=4, steps=1, eval_every=0, save_every=1)
+    components = build_components(config)
+    assert components.critic is None
+    summary = PPOTrainer(config, components).train()
+    assert summary["algorithm"] == algorithm and summary["steps"] == 1
+    (row,) = _rows(tmp_path / algorithm)[1:]
+    assert "critic_loss" not in row and "vf_loss" not in row and "explained_variance" not in row
+    assert torch.isfinite(torch.tensor([row["actor_loss"], row["score"], row["kl"]])).all()
+    checkpoint = tmp_path / algorithm / "checkpoints" / "step1"
+    assert (checkpoint / "actor").is_dir() and not (checkpoint / "critic").exists()
+
+
+def test_grpo_resumes_from_its_checkpoint_and_takes_loss_options(tmp_path, cache):
+    fields = dict(output_dir=str(tmp_path), cache_dir=cache, run_name="g", **ARITHMETIC, save_every=2,
+                  eval_every=0, loss_type="gspo", kl_loss_coef=0.01)
+    train(PPOConfig(**fields, steps=2))
+    summary = train(PPOConfig(**fields, steps=3, resume=True))
+    rows = _rows(tmp_path / "g")
+    assert summary["steps"] == 3 and [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["kl_loss"] >= 0 for r in rows[1:])  # the KL term of the actor loss is on
+
+
+def test_config_errors_of_the_algorithms(tmp_path):
+    with pytest.raises(ConfigError, match="algorithm grpo compares the completions of one prompt: "
+                                          "samples_per_prompt must be >= 2, got 1"):
+        PPOConfig(algorithm="grpo")
+    with pytest.raises(ConfigError, match=r"rollout_batch_size \* samples_per_prompt \(4 \* 3 = 12 sequences\) "
+                                          r"must be a multiple of minibatch_size \(8\)"):
+        PPOConfig(algorithm="rloo", samples_per_prompt=3, rollout_batch_size=4, minibatch_size=8, micro_batch_size=8)
+    with pytest.raises(ConfigError, match="algorithm must be one of ppo, grpo"):
+        PPOConfig(algorithm="optimal_token_baseline")
+    with pytest.raises(ConfigError, match="loss_type must be one of vanilla"):
+        PPOConfig(loss_type="ppo2")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="critic_model: algorithm grpo is critic-free"):
+        check_files(PPOConfig(algorithm="grpo", samples_per_prompt=2, critic_model=str(tmp_path),
+                              output_dir=str(tmp_path)))
+
+
+def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_path, cache):
+    """arithmetic-hackable: the proxy pays 0.5 per answer token, so the policy learns long wrong
+    answers; the alarms fire and stop_on_alarm ends the run with the best-gold policy kept."""
+    lines = []
+    config = PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="hack", **{
+        **ARITHMETIC, "task": "arithmetic-hackable"}, steps=40, eval_every=5, stop_on_alarm=True)
+    summary = train(config, log=lines.append)
+    assert summary["steps"] < 40 and "length" in summary["alarms"]
+    log = "\n".join(map(str, lines))
+    assert "reward-hacking alarm 'length'" in log and "stop_on_alarm: stopped at step" in log
+    rows = _rows(tmp_path / "hack")
+    fired = rows[-1]
+    assert fired["alarm_length"] == 1.0 and fired["eval_length_r2"] > 0.5
+    assert fired["eval_gold_reward"] < rows[0]["eval_gold_reward"] < rows[0]["eval_proxy_reward"]
+    best = json.loads((tmp_path / "hack" / "best_policy" / "step.json").read_text())
+    assert best["step"] < fired["step"] and best["value"] == max(r["eval_gold_reward"] for r in rows
+                                                                  if "eval_gold_reward" in r)
+    assert summary["best_policy"]["step"] == best["step"]
+
+
+def test_the_honest_rule_reward_stays_quiet(tmp_path, cache):
+    summary = train(PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="honest", **ARITHMETIC,
+                              steps=20, eval_every=5))
+    assert summary["alarms"] == {}
+    rows = [r for r in _rows(tmp_path / "honest") if "eval_gold_reward" in r]
+    assert all(r["eval_gold_reward"] == r["eval_proxy_reward"] and r["eval_length_r2"] == 0.0 for r in rows)
+
+
+def test_max_minutes_ends_the_run_as_a_finished_one(tmp_path, cache):
+    lines = []
+    summary = train(PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="timed", **ARITHMETIC,
+                              steps=50, eval_every=0, max_minutes=1e-4), log=lines.append)
+    assert summary["steps"] == 1 and (tmp_path / "timed" / "final_policy" / "config.json").exists()
+    assert any("max_minutes" in str(line) for line in lines)

@@ -1,0 +1,73 @@
+"""``ppo-fast eval``: samples, scores, win rates and KL of a policy against a reference."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("deepspeed")
+
+from ppo_fast.cli import main  # noqa: E402
+from ppo_fast.trainer import default_task  # noqa: E402
+from ppo_fast.trainer.config import ConfigError  # noqa: E402
+from ppo_fast.trainer.evaluation import EvalConfig, evaluate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policies")
+    for name, steps in (("a", 30), ("b", 5)):
+        default_task.warm_up_policy(steps, 0, log=lambda *a: None, task="arithmetic").save_pretrained(root / name)
+        default_task.char_tokenizer(default_task.DIGITS).save_pretrained(root / name)
+    default_task.char_tokenizer().save_pretrained(root / "letters")
+    (root / "letters" / "config.json").write_text("{}")
+    return root
+
+
+def test_a_policy_against_itself_ties_with_zero_kl(policies, tmp_path):
+    config = EvalConfig(policy=str(policies / "a"), reference=str(policies / "a"), task="arithmetic",
+                        output_dir=str(tmp_path), run_name="self", num_prompts=20, max_new_tokens=6,
+                        batch_size=8)
+    summary = evaluate(config, log=lambda *a: None)
+    assert summary["win_rate_reward"] == 0.5 and summary["win_rate_gold"] == 0.5
+    assert summary["policy"]["kl"] == 0.0
+    assert summary["policy"]["gold_reward"] == summary["reference"]["gold_reward"]
+    records = [json.loads(line) for line in (tmp_path / "self" / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 20 and records[0]["policy"]["completion"] == records[0]["reference"]["completion"]
+    assert set(records[0]["policy"]) == {"completion", "length", "reward", "gold", "kl"}
+    assert (tmp_path / "self" / "eval.png").stat().st_size > 1000
+
+
+def test_the_command_line_scores_with_a_weighted_reward_and_a_gold_function(policies, tmp_path, monkeypatch,
+                                                                              capsys):
+    (tmp_path / "rules.py").write_text(
+        "def exact(prompts, completions):\n"
+        "    return [float(c.strip() == str(eval(p.rstrip('=')))) for p, c in zip(prompts, completions)]\n"
+        "def length(prompts, completions):\n"
+        "    return [float(len(c)) for c in completions]\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n"
+                                                    for a in range(4) for b in range(3)))
+    monkeypatch.chdir(tmp_path)
+    status = main(["eval", "--policy", str(policies / "a"), "--reference", str(policies / "b"),
+                   "--prompts", "prompts.jsonl", "--reward", "rules:exact,0.1*rules:length", "--gold", "rules:exact",
+                   "--output-dir", str(tmp_path), "--run-name", "cli", "--max-new-tokens", "6"])
+    assert status == 0
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    policy = summary["policy"]
+    assert summary["prompts"] == 12 and 0 <= summary["win_rate_gold"] <= 1
+    assert policy["proxy_reward"] == pytest.approx(policy["reward[rules:exact]"]
+                                                   + 0.1 * policy["reward[0.1*rules:length]"])
+    assert policy["gold_reward"] == policy["reward[rules:exact]"]
+    assert "win rate gold of the policy over the reference" in capsys.readouterr().out
+
+
+def test_eval_errors_name_the_field(policies, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="policy is required"):
+        EvalConfig(prompts="p.txt", gold="x:y")
+    with pytest.raises(ConfigError, match="nothing to score with"):
+        EvalConfig(policy="p", prompts="p.txt")
+    with pytest.raises(ConfigError, match="reference: .* tokenizes differently from the policy"):
+        evaluate(EvalConfig(policy=str(policies / "a"), reference=str(policies / "letters"), task="arithmetic",
+                            output_dir=str(tmp_path), num_prompts=4), log=lambda *a: None)
+    assert main(["eval", "--policy", str(tmp_path / "absent"), "--task", "arithmetic"]) == 2
+    assert "policy: " in capsys.readouterr().err

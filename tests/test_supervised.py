@@ -1,0 +1,217 @@
+"""``ppo-fast sft`` and ``ppo-fast rm``: each end to end on a slice of the sample data, the token
+convention and the loss mask, the data formats, and every bad input."""
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+from ppo_fast.trainer.config import ConfigError  # noqa: E402
+from ppo_fast.trainer.data import (load_records, preference_pairs, prompt_texts,  # noqa: E402
+                                   render_prompt, sft_examples)
+from ppo_fast.trainer.prompts import load_prompts  # noqa: E402
+from ppo_fast.trainer.supervised import RMConfig, SFTConfig, run_rm, run_sft, sft_batch  # noqa: E402
+
+from helpers import subprocess_env  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "sample"
+BASE = SAMPLE / "base"
+QUICK = dict(max_steps=3, batch_size=8, micro_batch_size=4, eval_fraction=0.25, eval_every=2)
+
+
+def _rows(name: str, n: int | None = None) -> list[dict]:
+    lines = (SAMPLE / name).read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(BASE)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_then_rm_write_loadable_models_and_their_run_files(tmp_path):
+    data = _jsonl(tmp_path / "sft.jsonl", _rows("sft.jsonl", 40))
+    summary = run_sft(SFTConfig(model=str(BASE), data=data, output_dir=str(tmp_path), run_name="sft",
+                                **QUICK))
+    run = tmp_path / "sft"
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert json.loads((run / "config.json").read_text())["data"] == data
+    assert (summary["steps"], summary["train_rows"], summary["eval_rows"]) == (3, 30, 10)
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 3]
+    assert all("loss" in r for r in rows[1:])
+    assert not (run / ".model.partial").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.vocab_size == transformers.AutoTokenizer.from_pretrained(run / "model").vocab_size
+
+    # The same seed gives the same run.
+    run_sft(SFTConfig(model=str(BASE), data=data, output_dir=str(tmp_path), run_name="again", **QUICK))
+    assert _metrics(tmp_path / "again") == rows
+
+    prefs = _jsonl(tmp_path / "prefs.jsonl", _rows("prefs.jsonl", 40))
+    summary = run_rm(RMConfig(model=str(run / "model"), data=prefs, output_dir=str(tmp_path), run_name="rm",
+                              **QUICK))
+    for key in ("eval_accuracy_before", "eval_accuracy_after", "eval_loss_after", "seconds"):
+        assert summary[key] is not None, key
+    reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
+    assert reward_model.config.num_labels == 1
+    assert reward_model.config.pad_token_id == _tokenizer().pad_token_id
+
+
+def test_labels_are_the_response_tokens_and_eos_only(tmp_path):
+    tokenizer = _tokenizer()
+    data = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "3+4=", "response": "7"},
+                                           {"prompt": "9+9=", "response": "18"}])
+    short, long = sft_examples(data, tokenizer, max_len=64)
+    prompt = tokenizer.encode("3+4=", add_special_tokens=True)
+    assert prompt[0] == tokenizer.bos_token_id
+    assert short.ids == prompt + tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert short.prompt_len == len(prompt)
+    ids, mask, labels = sft_batch([short, long], tokenizer.pad_token_id)
+    assert ids.shape == (2, 8) and mask[0].tolist() == [0] + [1] * 7
+    assert labels[0].tolist() == [-100] * 6 + ids[0, 6:].tolist()  # pad, <bos> 3 + 4 = | 7 <eos>
+    assert labels[1].tolist() == [-100] * 5 + ids[1, 5:].tolist()  # <bos> 9 + 9 = | 1 8 <eos>
+    assert labels[1, -1].item() == tokenizer.eos_token_id
+
+
+def test_chat_records_give_the_ids_of_their_rendered_prompt_and_response(tmp_path):
+    tokenizer = _tokenizer()
+    chats = _rows("chat_sft.jsonl")
+    assert any(len(row["messages"]) > 2 for row in chats)
+    plain = [{"prompt": render_prompt(tokenizer, row["messages"][:-1]),
+              "response": row["messages"][-1]["content"]} for row in chats]
+    chat_examples = sft_examples(str(SAMPLE / "chat_sft.jsonl"), tokenizer, max_len=64)
+    assert chat_examples == sft_examples(_jsonl(tmp_path / "plain.jsonl", plain), tokenizer, max_len=64)
+
+    as_messages = [{"prompt": [{"role": "user", "content": row["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+                   for row in _rows("prefs.jsonl", 8)]
+    assert (preference_pairs(_jsonl(tmp_path / "chat_prefs.jsonl", as_messages), tokenizer, 64)
+            == preference_pairs(_jsonl(tmp_path / "prefs.jsonl", _rows("prefs.jsonl", 8)), tokenizer, 64))
+
+    # Prompts from conversations: the final assistant turn is left out.
+    prompts = prompt_texts(str(SAMPLE / "chat_sft.jsonl"), tokenizer)
+    assert prompts == [row["prompt"] for row in plain]
+    with pytest.raises(ConfigError, match="chat messages need a tokenizer's chat template"):
+        prompt_texts(str(SAMPLE / "chat_sft.jsonl"))
+
+
+def test_csv_parquet_and_json_load_the_same_records_as_jsonl(tmp_path):
+    from datasets import Dataset
+
+    rows = _rows("sft.jsonl", 30)
+    with open(tmp_path / "sft.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "response"])
+        writer.writeheader()
+        writer.writerows(rows)
+    Dataset.from_list(rows).to_parquet(tmp_path / "sft.parquet")
+    (tmp_path / "sft.json").write_text(json.dumps(rows))
+    jsonl = _jsonl(tmp_path / "sft.jsonl", rows)
+    for name in ("sft.csv", "sft.parquet", "sft.json"):
+        assert load_records(str(tmp_path / name), (("prompt", "response"),), "examples") \
+            == load_records(jsonl, (("prompt", "response"),), "examples"), name
+    assert sft_examples(str(tmp_path / "sft.csv"), _tokenizer(), 64) == sft_examples(jsonl, _tokenizer(), 64)
+
+    prompts = _rows("prompts.jsonl")
+    Dataset.from_list(prompts).to_parquet(tmp_path / "prompts.parquet")
+    (tmp_path / "prompts.txt").write_text("".join(row["prompt"] + "\n" for row in prompts))
+    expected = [row["prompt"] for row in prompts]
+    assert load_prompts(str(SAMPLE / "prompts.jsonl")) == expected
+    assert load_prompts(str(tmp_path / "prompts.parquet")) == expected
+    assert load_prompts(str(tmp_path / "prompts.txt")) == expected
+
+
+def _bad_data(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_DATA = [
+    (lambda d: str(d / "missing.jsonl"), r"data file .*missing.jsonl does not exist"),
+    (lambda d: _bad_data(d, "sft.tsv", "prompt\tresponse\n"),
+     r"sft.tsv: unsupported file type '.tsv'; .* are read from .jsonl, .json, .parquet, .csv files"),
+    (lambda d: _bad_data(d, "sft.jsonl", ""), r"sft.jsonl is empty"),
+    (lambda d: _bad_data(d, "sft.csv", "prompt,response\n"), r"sft.csv holds no rows"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "answer": "3"}\n'),
+     r"lacks the column\(s\) response for SFT examples .*; it has prompt, answer\. "
+     r"Accepted column sets: prompt \+ response or messages"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"}\n' * 3
+                         + '{"prompt": "1+2=", "response": "3333333333"}\n'),
+     r"sft.jsonl: row 3 is 16 tokens \(prompt and response with EOS\), longer than max_len=12"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"}\n{"prompt": "1+2="}\n'),
+     r"row 1: response must be text, got NoneType None"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"messages": [{"role": "user", "content": "1+2="}]}\n'),
+     r"row 0: messages must end with the assistant's message .* it ends with 'user'"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"\n'), r"sft.jsonl: cannot read it as json"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_DATA)
+def test_bad_data_is_refused_before_any_training(make, message, tmp_path):
+    config = SFTConfig(model=str(BASE), data=make(tmp_path), output_dir=str(tmp_path), max_len=12, **QUICK)
+    with pytest.raises(ConfigError, match=message):
+        run_sft(config)
+    assert not any(p.name.startswith("run-") for p in tmp_path.iterdir())  # no run directory made
+
+
+def test_bad_models_configs_and_run_directories(tmp_path):
+    prefs = str(SAMPLE / "prefs.jsonl")
+    with pytest.raises(ConfigError, match=r"model: .*base holds no weights \(\*.safetensors, \*.bin\); a "
+                                          "reward model starts from trained weights"):
+        run_rm(RMConfig(model=str(BASE), data=prefs, output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"model: .* is not a Hugging Face model directory \(no config.json"):
+        run_sft(SFTConfig(model=str(tmp_path), data=prefs, output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="model is required"):
+        run_sft(SFTConfig(data=prefs, output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"max_len=65 is more than the model's max_position_embeddings \(64\)"):
+        run_sft(SFTConfig(model=str(BASE), data=prefs, output_dir=str(tmp_path), max_len=65))
+    with pytest.raises(ConfigError, match=r"batch_size \(6\) must be a multiple of micro_batch_size \(4\)"):
+        SFTConfig(batch_size=6, micro_batch_size=4)
+    with pytest.raises(ConfigError, match=r"eval_fraction must be in \[0, 1\), got 1.0"):
+        RMConfig(eval_fraction=1)
+
+    data = _jsonl(tmp_path / "sft.jsonl", _rows("sft.jsonl", 40))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"run directory .*taken exists already"):
+        run_sft(SFTConfig(model=str(BASE), data=data, output_dir=str(tmp_path), run_name="taken", **QUICK))
+    with pytest.raises(ConfigError, match=r"40 rows; 4 are left for training after holding out 36"):
+        run_sft(SFTConfig(model=str(BASE), data=data, output_dir=str(tmp_path), run_name="few",
+                          **{**QUICK, "eval_fraction": 0.9}))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "ppo_fast.cli", *args], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=ROOT, timeout=300)
+
+
+def test_help_lists_every_field_and_errors_exit_with_status_2(tmp_path):
+    for command, config_class in (("sft", SFTConfig), ("rm", RMConfig)):
+        out = _cli(command, "--help")
+        assert out.returncode == 0, out.stderr
+        for f in fields(config_class):
+            assert f"--{f.name.replace('_', '-')}" in out.stdout, (command, f.name)
+    out = _cli("rm", "--model", str(BASE), "--data", str(SAMPLE / "prefs.jsonl"), "--output-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert "ppo-fast: model:" in out.stderr and "holds no weights" in out.stderr
