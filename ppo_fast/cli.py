@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import shutdown_distributed
     from .trainer import CheckpointError, ConfigError, TrainingStopped, train
     from .trainer.config import PPOConfig, from_args
+    from .trainer.rewards import RewardError
 
     try:
         config = PPOConfig() if args.command is None else from_args(args)
         result = train(config)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, RewardError) as exc:
         # Raised on every rank alike (decisions are collective), before or instead of any work.
         print(f"ppo-fast: {exc}", file=sys.stderr)
         shutdown_distributed()
@@ -86,21 +87,25 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
         return 3
     shutdown_distributed()
-    # An interrupted run is not a finished one: scripts can tell by the status (as a shell's 130).
-    return 130 if "interrupted_at" in result else 0
+    # An interrupted run is not a finished one, nor is one an alarm stopped: scripts can tell by
+    # the status (as a shell's 130 after Ctrl-C; 3 as for a run stopped on non-finite losses).
+    if "interrupted_at" in result:
+        return 130
+    return 3 if result.get("stopped_by") == "alarm" else 0
 
 
 def _one_command(args) -> int:
     from .distributed import shutdown_distributed
     from .trainer.config import ConfigError, from_args
     from .trainer.evaluation import EvalConfig, evaluate
+    from .trainer.rewards import RewardError
     from .trainer.supervised import RMConfig, SFTConfig, run_rm, run_sft
 
     config_class, run = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
                          "eval": (EvalConfig, evaluate)}[args.command]
     try:
         run(from_args(args, config_class))
-    except ConfigError as exc:
+    except (ConfigError, RewardError) as exc:
         # Raised on every rank alike (every rank reads the same files), before any training.
         print(f"ppo-fast: {exc}", file=sys.stderr)
         shutdown_distributed()

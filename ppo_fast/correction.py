@@ -290,7 +290,9 @@ def _check_importance_options(is_level, is_seq_stat, is_mode, is_upper, is_lower
     if group is not None:
         if not is_batch_normalize:
             raise ValueError("group only serves the batch normalisation: set is_batch_normalize=True or drop group")
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not (torch.distributed.is_available() and isinstance(group, torch.distributed.ProcessGroup)):
+            raise ValueError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+        if not torch.distributed.is_initialized():
             raise ValueError("group was given but torch.distributed is not initialised")
 
 

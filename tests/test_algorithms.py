@@ -78,7 +78,7 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
     config = PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="hack", **{
         **ARITHMETIC, "task": "arithmetic-hackable"}, steps=40, eval_every=5, stop_on_alarm=True)
     summary = train(config, log=lines.append)
-    assert summary["steps"] < 40 and "length" in summary["alarms"]
+    assert summary["steps"] < 40 and "length" in summary["alarms"] and summary["stopped_by"] == "alarm"
     log = "\n".join(map(str, lines))
     assert "reward-hacking alarm 'length'" in log and "stop_on_alarm: stopped at step" in log
     rows = _rows(tmp_path / "hack")

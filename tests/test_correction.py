@@ -462,7 +462,7 @@ ERRORS = [
     ({"is_lower": 3.0, "is_upper": 2.0}, "is_lower must be <= is_upper"),
     ({"is_mode": "mask", "is_upper": None}, "is_mode='mask'"),
     ({"is_batch_normalize": 1}, "is_batch_normalize"),
-    ({"group": object(), "is_batch_normalize": True}, "torch.distributed is not initialised"),
+    ({"group": object(), "is_batch_normalize": True}, "group must be a torch.distributed ProcessGroup, got object"),
     ({"group": object()}, "group only serves"),
     ({"is_level": None, "is_upper": 3.0}, "is_upper only apply"),
     ({"is_level": None, "is_batch_normalize": True}, "is_batch_normalize only apply"),

@@ -1,16 +1,25 @@
 """``ppo-fast eval``: samples, scores, win rates and KL of a policy against a reference."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from ppo_fast.cli import main  # noqa: E402
+from helpers import subprocess_env  # noqa: E402
+
 from ppo_fast.trainer import default_task  # noqa: E402
 from ppo_fast.trainer.config import ConfigError  # noqa: E402
 from ppo_fast.trainer.evaluation import EvalConfig, evaluate  # noqa: E402
+
+
+def cli(args, cwd):
+    """``ppo-fast ARGS`` in a process of its own (a command tears its process group down)."""
+    return subprocess.run([sys.executable, "-m", "ppo_fast.cli", *args], env=subprocess_env(), cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +47,7 @@ def test_a_policy_against_itself_ties_with_zero_kl(policies, tmp_path):
     assert (tmp_path / "self" / "eval.png").stat().st_size > 1000
 
 
-def test_the_command_line_scores_with_a_weighted_reward_and_a_gold_function(policies, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_the_command_line_scores_with_a_weighted_reward_and_a_gold_function(policies, tmp_path):
     (tmp_path / "rules.py").write_text(
         "def exact(prompts, completions):\n"
         "    return [float(c.strip() == str(eval(p.rstrip('=')))) for p, c in zip(prompts, completions)]\n"
@@ -47,21 +55,35 @@ def test_the_command_line_scores_with_a_weighted_reward_and_a_gold_function(poli
         "    return [float(len(c)) for c in completions]\n")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n"
                                                     for a in range(4) for b in range(3)))
-    monkeypatch.chdir(tmp_path)
-    status = main(["eval", "--policy", str(policies / "a"), "--reference", str(policies / "b"),
-                   "--prompts", "prompts.jsonl", "--reward", "rules:exact,0.1*rules:length", "--gold", "rules:exact",
-                   "--output-dir", str(tmp_path), "--run-name", "cli", "--max-new-tokens", "6"])
-    assert status == 0
+    out = cli(["eval", "--policy", str(policies / "a"), "--reference", str(policies / "b"),
+               "--prompts", "prompts.jsonl", "--reward", "rules:exact,0.1*rules:length", "--gold", "rules:exact",
+               "--output-dir", str(tmp_path), "--run-name", "cli", "--max-new-tokens", "6"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     policy = summary["policy"]
     assert summary["prompts"] == 12 and 0 <= summary["win_rate_gold"] <= 1
     assert policy["proxy_reward"] == pytest.approx(policy["reward[rules:exact]"]
                                                    + 0.1 * policy["reward[0.1*rules:length]"])
     assert policy["gold_reward"] == policy["reward[rules:exact]"]
-    assert "win rate gold of the policy over the reference" in capsys.readouterr().out
+    assert summary["policy_dir"] == str(policies / "a") and summary["reference_dir"] == str(policies / "b")
+    assert "win rate gold of the policy over the reference" in out.stdout
 
 
-def test_eval_errors_name_the_field(policies, tmp_path, capsys):
+def test_without_a_reference_and_with_a_failing_reward(policies, tmp_path):
+    (tmp_path / "rules.py").write_text("def nan(prompts, completions):\n    return [float('nan')] * len(prompts)\n")
+    out = cli(["eval", "--policy", str(policies / "a"), "--task", "arithmetic", "--num-prompts", "8",
+               "--max-new-tokens", "6", "--output-dir", str(tmp_path), "--run-name", "alone"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert summary["reference_dir"] is None and "reference" not in summary and "kl" not in summary["policy"]
+    out = cli(["eval", "--policy", str(policies / "a"), "--task", "arithmetic", "--reward", "rules:nan",
+               "--num-prompts", "8", "--max-new-tokens", "6", "--output-dir", str(tmp_path), "--run-name", "nan"],
+              cwd=tmp_path)
+    assert out.returncode == 2 and "the reward is not finite: rules:nan gave nan" in out.stderr
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_eval_errors_name_the_field(policies, tmp_path):
     with pytest.raises(ConfigError, match="policy is required"):
         EvalConfig(prompts="p.txt", gold="x:y")
     with pytest.raises(ConfigError, match="nothing to score with"):
@@ -69,5 +91,8 @@ def test_eval_errors_name_the_field(policies, tmp_path, capsys):
     with pytest.raises(ConfigError, match="reference: .* tokenizes differently from the policy"):
         evaluate(EvalConfig(policy=str(policies / "a"), reference=str(policies / "letters"), task="arithmetic",
                             output_dir=str(tmp_path), num_prompts=4), log=lambda *a: None)
-    assert main(["eval", "--policy", str(tmp_path / "absent"), "--task", "arithmetic"]) == 2
-    assert "policy: " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="task: the rules of task 'vowels' read the token ids of its own"):
+        evaluate(EvalConfig(policy=str(policies / "a"), task="vowels", output_dir=str(tmp_path), num_prompts=4),
+                 log=lambda *a: None)
+    out = cli(["eval", "--policy", str(tmp_path / "absent"), "--task", "arithmetic"], cwd=tmp_path)
+    assert out.returncode == 2 and "policy: " in out.stderr

@@ -392,10 +392,10 @@ def test_an_unknown_backend_is_refused_before_any_work(tmp_path, cache):
 
 def test_abandoned_default_task_builds_are_removed(tmp_path):
     cache = tmp_path / "cache"
-    abandoned = cache / "default_task" / ".seed0-warmup30-rm60.partial-999999999"
+    abandoned = cache / "default_task" / ".vowels-seed0-warmup30-rm60.partial-999999999"
     abandoned.mkdir(parents=True)
     train(PPOConfig(**fields(tmp_path, str(cache), run_name="r", steps=1)))
-    assert not abandoned.exists() and (cache / "default_task" / "seed0-warmup30-rm60").is_dir()
+    assert not abandoned.exists() and (cache / "default_task" / "vowels-seed0-warmup30-rm60").is_dir()
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, cache):

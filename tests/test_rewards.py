@@ -75,7 +75,7 @@ def test_weighted_sum_of_a_file_function_a_model_and_an_ensemble(tmp_path):
 
 def test_a_function_that_returns_the_wrong_number_of_scores_is_named():
     reward = rewards.FunctionReward(lambda prompts, completions: [1.0, 2.0], "mod:fn")
-    with pytest.raises(ValueError, match=r"mod:fn must return 5 scores \(one per prompt\), got shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"mod:fn must return 5 scores \(one per completion\), got shape \(2,\)"):
         reward(_batch())
     reward = rewards.FunctionReward(lambda prompts, completions: "high", "mod:fn")
     with pytest.raises(ValueError, match="mod:fn must return 5 numbers"):
@@ -117,3 +117,27 @@ def test_the_arithmetic_prompts_fit_the_default_prompt_length():
     prompts = default_task.make_sums(200, 0)
     assert max(len(tok.encode(p)) for p in prompts) <= PPOConfig().max_prompt_len
     assert len(set(prompts)) > 50 and np.all([p.endswith("=") for p in prompts])
+
+
+def test_negative_weights_single_member_ensembles_and_non_finite_terms(tmp_path):
+    a = _model_dir(tmp_path, "a")
+    assert rewards.parse(f"{a},-0.5*os.path:getsize") == [(1.0, a), (-0.5, "os.path:getsize")]
+    with pytest.raises(RewardSpecError, match=r"an ensemble needs at least 2 reward models"):
+        rewards.check_spec(f"ensemble({a})", "reward")
+    reward = rewards.WeightedSum([
+        (1.0, rewards.FunctionReward(lambda prompts, completions: [1.0] * len(prompts), "fine:one")),
+        (0.5, rewards.FunctionReward(lambda prompts, completions: [1.0, float("inf"), 0, 0, 0], "bad:inf"))])
+    with pytest.raises(rewards.RewardError, match=r"the reward is not finite: bad:inf gave inf for prompt"):
+        reward(_batch())
+
+
+def test_config_checks_prompt_lengths_loss_parameters_and_paths_before_any_model(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "abc"}\n{"prompt": "abcdefghijklmnopqrstuvwxyz"}\n')
+    with pytest.raises(ConfigError, match=r"prompts_file: prompt 1 of .*prompts.jsonl \('abcdefghij.*'\) is 28 tokens, "
+                                          r"longer than max_prompt_len=16"):
+        check_files(PPOConfig(prompts_file=str(prompts), output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="eval_prompts_file: .* is a directory, not a file"):
+        check_files(PPOConfig(eval_prompts_file=str(tmp_path), output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"loss_type: loss_type='dro' needs loss_params \['beta'\]"):
+        PPOConfig(loss_type="dro")

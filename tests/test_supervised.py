@@ -124,10 +124,12 @@ def test_csv_parquet_and_json_load_the_same_records_as_jsonl(tmp_path):
         writer = csv.DictWriter(f, fieldnames=["prompt", "response"])
         writer.writeheader()
         writer.writerows(rows)
+    # A spreadsheet export: a byte-order mark first.
+    (tmp_path / "sft_bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "sft.csv").read_bytes())
     Dataset.from_list(rows).to_parquet(tmp_path / "sft.parquet")
     (tmp_path / "sft.json").write_text(json.dumps(rows))
     jsonl = _jsonl(tmp_path / "sft.jsonl", rows)
-    for name in ("sft.csv", "sft.parquet", "sft.json"):
+    for name in ("sft.csv", "sft_bom.csv", "sft.parquet", "sft.json"):
         assert load_records(str(tmp_path / name), (("prompt", "response"),), "examples") \
             == load_records(jsonl, (("prompt", "response"),), "examples"), name
     assert sft_examples(str(tmp_path / "sft.csv"), _tokenizer(), 64) == sft_examples(jsonl, _tokenizer(), 64)

@@ -289,10 +289,14 @@ class PPOConfig(RunConfig):
         if self.algorithm in GROUPED and self.samples_per_prompt < 2:
             raise ConfigError(f"algorithm {self.algorithm} compares the completions of one prompt: "
                               f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
-        from ..objectives import LOSS_TYPES
+        from ..objectives import LOSS_TYPES, resolve
 
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        try:
+            resolve(self.loss_type, None)
+        except ValueError as exc:
+            raise ConfigError(f"loss_type: {exc}; the trainer runs objectives with their default parameters") from None
         if self.resume and not self.run_name:
             raise ConfigError("resume needs run_name: the name of the run to continue")
 
@@ -420,16 +424,24 @@ def check_files(config: PPOConfig) -> None:
         from .prompts import load_prompts
 
         if not Path(path).is_file():
-            raise ConfigError(f"{name}: {path} does not exist")
-        if tokenizer is None and config.policy_model:
-            # Chat prompts become text through the policy's chat template.
-            from transformers import AutoTokenizer
+            raise ConfigError(f"{name}: {path} " + ("is a directory, not a file" if Path(path).is_dir()
+                                                     else "does not exist"))
+        if tokenizer is None:
+            # Chat prompts become text through the policy's chat template; prompt lengths are
+            # counted in its tokens.
+            if config.policy_model:
+                from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
+                tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
+            else:
+                from .default_task import TASKS, char_tokenizer
+
+                tokenizer = char_tokenizer(TASKS[config.task].alphabet)
         try:
-            load_prompts(path, tokenizer)
+            prompts = load_prompts(path, tokenizer)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
+        check_prompt_lengths(name, path, prompts, tokenizer, config.max_prompt_len)
     if config.ds_config:
         try:
             ds = json.loads(Path(config.ds_config).read_text())
@@ -441,6 +453,15 @@ def check_files(config: PPOConfig) -> None:
         if not isinstance(ds.get("zero_optimization", {}), dict):
             raise ConfigError(f"ds_config: zero_optimization in {config.ds_config} must be a JSON "
                               "object")
+
+
+def check_prompt_lengths(name: str, path: str, prompts: list[str], tokenizer, max_prompt_len: int) -> None:
+    """A ConfigError naming the first prompt of ``path`` longer than ``max_prompt_len`` tokens."""
+    for row, prompt in enumerate(prompts):
+        length = len(tokenizer.encode(prompt, add_special_tokens=True))
+        if length > max_prompt_len:
+            raise ConfigError(f"{name}: prompt {row} of {path} ({prompt[:40]!r}) is {length} tokens, longer than "
+                              f"max_prompt_len={max_prompt_len}")
 
 
 def saved_config(run_dir: Path) -> PPOConfig:

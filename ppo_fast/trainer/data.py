@@ -89,9 +89,11 @@ def _read(file: Path, builder: str) -> list[dict]:
     if builder == "csv":
         # Every CSV column as text: pandas would read a response "07" as the number 7 and an empty
         # cell as NaN.
-        with open(file, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark, which would stick to the
+        # first column's name.
+        with open(file, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
-        options = dict(keep_default_na=False,
+        options = dict(keep_default_na=False, encoding="utf-8-sig",
                        features=datasets.Features({name: datasets.Value("string") for name in header}))
     # A private cache, deleted afterwards: the shared one could serve a stale copy of a file
     # rewritten in place.
@@ -161,7 +163,7 @@ def prompt_texts(path: str, tokenizer=None) -> list[str]:
     if Path(path).suffix.lower() == ".txt":
         if not Path(path).is_file():
             raise ConfigError(f"prompt file {path} does not exist")
-        prompts = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        prompts = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not prompts:
             raise ConfigError(f"{path} holds no prompts")
         return prompts

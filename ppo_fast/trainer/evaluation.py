@@ -104,14 +104,20 @@ def check_eval_files(config: EvalConfig) -> None:
                 raise ConfigError(str(exc)) from None
     if config.prompts:
         if not Path(config.prompts).is_file():
-            raise ConfigError(f"prompts: {config.prompts} does not exist")
+            raise ConfigError(f"prompts: {config.prompts} " + ("is a directory, not a file"
+                                                                if Path(config.prompts).is_dir() else "does not exist"))
         from transformers import AutoTokenizer
 
+        from .config import check_prompt_lengths
+
+        # Chat prompts become text through the policy's chat template.
+        tokenizer = AutoTokenizer.from_pretrained(config.policy)
         try:
-            # Chat prompts become text through the policy's chat template.
-            load_prompts(config.prompts, AutoTokenizer.from_pretrained(config.policy))
+            prompts = load_prompts(config.prompts, tokenizer)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"prompts: {exc}") from None
+        check_prompt_lengths("prompts", config.prompts, prompts[:config.num_prompts], tokenizer,
+                             config.max_prompt_len)
 
 
 def _logprobs(model, sequences, attention_mask, prompt_len, temperature) -> torch.Tensor:
@@ -160,22 +166,30 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         def load_causal(directory):
             return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
 
-        def load_reward_model(directory):
-            reason = rewards.same_vocabulary(tokenizer, directory)
-            if reason:
-                raise ConfigError(f"reward: {reason}")
-            return AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype).to(device).eval()
+        def reward_model_loader(field_name):
+            def load(directory):
+                reason = rewards.same_vocabulary(tokenizer, directory)
+                if reason:
+                    raise ConfigError(f"{field_name}: {reason}")
+                return AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype).to(device).eval()
+
+            return load
 
         task = default_task.TASKS[config.task] if config.task else None
+        if task is not None and tokenizer.get_vocab() != default_task.char_tokenizer(task.alphabet).get_vocab():
+            raise ConfigError(f"task: the rules of task {config.task!r} read the token ids of its own character "
+                              "tokenizer, and the policy tokenizes differently; score it with a text rule instead "
+                              "(gold: module:function)")
         if config.prompts:
             prompts = load_prompts(config.prompts, tokenizer)
         else:
             prompts = task.make_prompts(config.num_prompts, config.seed + 999)
         prompts = [p for p in prompts[:config.num_prompts] for _ in range(config.samples_per_prompt)]
-        reward = (rewards.build(config.reward, load_model=load_reward_model, ensemble_k=config.reward_ensemble_k)
-                  if config.reward else None)
+        reward = (rewards.build(config.reward, load_model=reward_model_loader("reward"),
+                                ensemble_k=config.reward_ensemble_k) if config.reward else None)
         if config.gold:
-            gold = rewards.build(config.gold, load_model=load_reward_model, ensemble_k=config.reward_ensemble_k)
+            gold = rewards.build(config.gold, load_model=reward_model_loader("gold"),
+                                 ensemble_k=config.reward_ensemble_k)
         elif task is not None:
             gold = rewards.WeightedSum([(1.0, rewards.TokenReward(task.gold, "gold"))])
         else:
@@ -231,7 +245,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 for key, value in values.items():
                     columns[name].setdefault(key, []).extend(value)
 
-        summary = {"policy": config.policy, "reference": config.reference or None,
+        summary = {"policy_dir": config.policy, "reference_dir": config.reference or None,
                    "prompts": len(prompts) // config.samples_per_prompt, "samples": len(prompts)}
         for name, col in columns.items():
             parts = {k[len("reward["):-1]: torch.tensor(v) for k, v in col.items() if k.startswith("reward[")}
@@ -287,7 +301,7 @@ def _plot(run_dir: Path, columns: dict, log) -> None:
 
 
 def format_eval(summary: dict, run_dir: Path) -> str:
-    names = [n for n in ("policy", "reference") if n in summary]
+    names = [n for n in ("policy", "reference") if summary.get(n) is not None]
     keys = [k for k in ("proxy_reward", "gold_reward", "response_length", "reward_per_token", "length_r2",
                         "distinct_1", "distinct_2", "repetition", "kl") if k in summary["policy"]]
     lines = ["", f"{'':18}" + "".join(f"{n:>12}" for n in names)]

@@ -45,7 +45,7 @@ from .config import GROUPED, PPOConfig
 from .models import Components, build_models
 from .prompts import PromptSampler, encode_prompts
 from .reporting import Reporter
-from .rewards import Completions
+from .rewards import Completions, RewardError
 from .rundir import prepare_run_dir, release
 
 
@@ -94,6 +94,8 @@ class PPOTrainer:
         # pf.ppo_loss refuses clip settings for objectives that do not clip; an empty loss_agg
         # leaves the objective's own aggregation (Dr. GRPO's, GSPO's).
         clips = OBJECTIVES[resolve(config.loss_type, None)[0]].uses_clip
+        if not clips and self.rank == 0:
+            log(f"loss_type {config.loss_type} does not clip the ratio: clip_low and clip_high are not used")
         self.loss_options = dict(loss_type=config.loss_type, entropy_coef=config.entropy_coef,
                                  temperature=config.temperature, agg=config.loss_agg or None,
                                  **(dict(clip_low=config.clip_low, clip_high=config.clip_high) if clips else {}))
@@ -141,7 +143,7 @@ class PPOTrainer:
                 row = self.one_step()
                 self.seconds_trained += time.perf_counter() - step_start
                 if cfg.max_minutes and self.seconds_trained >= 60 * cfg.max_minutes and self.step < cfg.steps:
-                    self.log(f"max_minutes: {self.seconds_trained / 60:.1f} minutes of training; ending the run "
+                    self.log(f"max_minutes: {self.seconds_trained / 60:.3g} minutes of training; ending the run "
                              f"at step {self.step} of {cfg.steps}")
                     self._stop_reason = "time"
                 self._agree_on_interrupt()
@@ -299,10 +301,10 @@ class PPOTrainer:
         return pf.token_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
 
     def _checked(self, scores: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if not torch.isfinite(scores).all():
+        if not torch.isfinite(scores).all():  # finite terms can still sum to inf
             bad = (~torch.isfinite(scores)).nonzero()[0].item()
-            raise ValueError(f"the reward is not finite for prompt {prompts[bad][:40]!r}: "
-                             f"{scores[bad].item()}")
+            raise RewardError(f"the reward is not finite for prompt {prompts[bad][:40]!r}: the weighted "
+                              f"sum of its terms is {scores[bad].item()}")
         if self.config.score_clip > 0:
             scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
         return scores
@@ -508,6 +510,7 @@ class PPOTrainer:
                                       self.checkpoints.directory / f"step{self.step}",
                                       self.nonfinite_total)
         summary.update(algorithm=self.config.algorithm, alarms=dict(self.alarms.first_fired),
+                       stopped_by=self._stop_reason,
                        kl_target=self.config.target_kl if self.config.adaptive_kl else None,
                        best_policy={"step": self.best_eval_step, "value": self.best_value}
                        if self.best_eval_step is not None else None)

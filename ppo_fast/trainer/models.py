@@ -78,11 +78,16 @@ def _from_directories(config: PPOConfig) -> Components:
     tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    for _, source in parse(config.reward) if config.reward else []:
-        for directory in _model_dirs(source):
-            reason = same_vocabulary(tokenizer, directory) if is_model_dir(directory) else None
-            if reason:
-                raise ConfigError(f"reward: {reason}")
+    # Every model that reads the policy's token ids must share its vocabulary.
+    for name in ("reward", "gold"):
+        for _, source in parse(getattr(config, name)) if getattr(config, name) else []:
+            for directory in _model_dirs(source):
+                reason = same_vocabulary(tokenizer, directory) if is_model_dir(directory) else None
+                if reason:
+                    raise ConfigError(f"{name}: {reason}")
+    reason = same_vocabulary(tokenizer, config.critic_model) if config.critic_model else None
+    if reason:
+        raise ConfigError(f"critic_model: {reason.replace('reward model', 'critic model')}")
     load = dict(dtype=dtype, attn_implementation=attn)
     critic = None
     if config.algorithm == "ppo":

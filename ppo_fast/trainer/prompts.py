@@ -17,7 +17,7 @@ def load_prompts(path: str, tokenizer=None) -> list[str]:
     prompt per line of any other file."""
     if Path(path).suffix.lower() in BUILDERS:
         return prompt_texts(path, tokenizer)
-    prompts = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts_file {path} holds no prompts")
     return prompts

@@ -9,7 +9,8 @@ them and conservative ensembles of reward models.
                                                               mean − k·std over the models
                                                               (k: reward_ensemble_k)
 
-A term is ``[WEIGHT*]SOURCE``; terms are separated by commas. A reward-model directory holds an
+A term is ``[WEIGHT*]SOURCE`` (a weight may be negative: ``-0.1*my_rewards:length`` is a length
+penalty); terms are separated by commas. A reward-model directory holds an
 ``AutoModelForSequenceClassification`` whose first logit is the score; it must tokenize like the
 policy (same vocabulary), since it scores the policy's token ids as they are. A function is called
 as ``fn(prompts, completions) -> scores`` with the prompt texts and the completion texts (decoded
@@ -33,13 +34,18 @@ import torch
 
 from ..sequences import position_ids
 
-WEIGHT = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*(.+)")
+WEIGHT = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*(.+)")
 FUNCTION = re.compile(r"(.+):([A-Za-z_][A-Za-z0-9_]*)")
 ENSEMBLE = re.compile(r"ensemble\((.*)\)", re.DOTALL)
 
 
 class RewardSpecError(ValueError):
     """A reward spec names something that is not a reward; the message says which term and why."""
+
+
+class RewardError(ValueError):
+    """A reward gave something that is not one finite score per completion; the message names
+    the term, the prompt and the value."""
 
 
 @dataclass
@@ -122,7 +128,7 @@ class WeightedSum:
         self.name = ",".join(name_of(w, r) for w, r in terms)
 
     def parts(self, batch: Completions) -> dict[str, torch.Tensor]:
-        return {name_of(w, r): r(batch) for w, r in self.terms}
+        return {name_of(w, r): finite(r.name, r(batch), batch) for w, r in self.terms}
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(w * parts[name_of(w, r)] for w, r in self.terms)
@@ -140,11 +146,20 @@ def checked_scores(name: str, scores, batch: Completions) -> torch.Tensor:
     try:
         scores = torch.as_tensor(scores, dtype=torch.float32, device=batch.sequences.device)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{name} must return {len(batch.prompts)} numbers (one per prompt), got "
-                         f"{type(scores).__name__}: {exc}") from None
+        raise RewardError(f"{name} must return {len(batch.prompts)} numbers (one per completion), got "
+                          f"{type(scores).__name__}: {exc}") from None
     if scores.shape != (len(batch.prompts),):
-        raise ValueError(f"{name} must return {len(batch.prompts)} scores (one per prompt), got shape "
-                         f"{tuple(scores.shape)}")
+        raise RewardError(f"{name} must return {len(batch.prompts)} scores (one per completion), got shape "
+                          f"{tuple(scores.shape)}")
+    return scores
+
+
+def finite(name: str, scores: torch.Tensor, batch: Completions) -> torch.Tensor:
+    """``scores``, or a RewardError naming the term, the first prompt at fault and its value."""
+    if not torch.isfinite(scores).all():
+        bad = (~torch.isfinite(scores)).nonzero()[0].item()
+        raise RewardError(f"the reward is not finite: {name} gave {scores[bad].item()} for prompt "
+                          f"{batch.prompts[bad][:40]!r} (completion {batch.texts[bad][:40]!r})")
     return scores
 
 
@@ -217,6 +232,8 @@ def check_spec(spec: str, field_name: str) -> None:
             ensemble = ENSEMBLE.fullmatch(source)
             for part in (ensemble.group(1).split("|") if ensemble else [source]):
                 part = part.strip()
+                if ensemble and len(ensemble.group(1).split("|")) < 2:
+                    raise RewardSpecError(f"{source!r}: an ensemble needs at least 2 reward models")
                 if ensemble and not is_model_dir(part):
                     raise RewardSpecError(f"ensemble member {part!r} is not a reward-model directory "
                                           "(no config.json there)")

@@ -106,8 +106,9 @@ def _decide(config) -> tuple:
         return resumed(dataclasses.replace(config, run_name=name), saved_config(run_dir)), False
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if occupied and not config.overwrite:
-        raise ConfigError(f"run directory {run_dir} exists already: pass resume to continue that "
-                          "run, overwrite to delete it and start over, or another run_name")
+        resume = "pass resume to continue that run, " if hasattr(config, "resume") else ""
+        raise ConfigError(f"run directory {run_dir} exists already: {resume}overwrite to delete it and "
+                          "start over, or another run_name")
     return dataclasses.replace(config, run_name=name, overwrite=False), occupied
 
 

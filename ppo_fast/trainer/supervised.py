@@ -299,9 +299,12 @@ def _engine(model, config, steps: int):
     ds = default_ds_config(stage=config.zero_stage, micro_batch_size=config.micro_batch_size,
                            lr=config.lr, grad_clip=config.grad_clip)
     ds["gradient_accumulation_steps"] = config.batch_size // config.micro_batch_size
+    warmup = max(1, steps // 20)
+    # The warm-up starts above 0: DeepSpeed's first steps run at warmup_min_lr, and at 0 they
+    # would train nothing.
     ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": config.lr,
-        "warmup_num_steps": max(1, steps // 20), "warmup_type": "linear"}}
+        "total_num_steps": steps, "warmup_min_lr": config.lr / (warmup + 1), "warmup_max_lr": config.lr,
+        "warmup_num_steps": warmup, "warmup_type": "linear"}}
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
     return engine
 
