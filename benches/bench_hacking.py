@@ -17,8 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-FLAGS = ["--algorithm", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "16", "--minibatch-size", "32",
-         "--micro-batch-size", "32", "--actor-lr", "1e-3", "--steps", "40", "--eval-every", "5", "--save-every", "0"]
+FLAGS = ["--algorithm", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "32", "--minibatch-size", "64",
+         "--micro-batch-size", "64", "--ppo-epochs", "1", "--actor-lr", "1e-3", "--steps", "60", "--eval-every", "5",
+         "--eval-prompts", "128", "--save-every", "0"]
 
 
 def run(task: str, seed: int, workdir: Path) -> tuple[dict, list[dict]]:

@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 from ppo_fast.trainer import ConfigError, PPOConfig, PPOTrainer, build_components, train  # noqa: E402
 from ppo_fast.trainer.config import ALGORITHMS, check_files  # noqa: E402
 
-# The arithmetic task's warm-up takes seconds; GRPO needs a few prompts per step and a learning
-# rate that makes a 40-token minibatch count.
-ARITHMETIC = dict(task="arithmetic", algorithm="grpo", samples_per_prompt=4, rollout_batch_size=16,
-                  minibatch_size=32, micro_batch_size=32, actor_lr=1e-3, eval_prompts=64)
+# The settings of benches/bench_hacking.py: the honest run learns (gold 0.41 -> 0.67 in 60 steps
+# at seed 0) and the hackable one games its proxy within 20.
+ARITHMETIC = dict(task="arithmetic", algorithm="grpo", samples_per_prompt=4, rollout_batch_size=32,
+                  minibatch_size=64, micro_batch_size=64, ppo_epochs=1, actor_lr=1e-3, eval_prompts=64)
 
 
 @pytest.fixture(scope="module")
