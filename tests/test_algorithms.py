@@ -105,3 +105,32 @@ def test_max_minutes_ends_the_run_as_a_finished_one(tmp_path, cache):
                               steps=50, eval_every=0, max_minutes=1e-4), log=lines.append)
     assert summary["steps"] == 1 and (tmp_path / "timed" / "final_policy" / "config.json").exists()
     assert any("max_minutes" in str(line) for line in lines)
+
+
+def test_grpo_and_sft_on_two_ranks_through_the_deepspeed_launcher(tmp_path):
+    """Each rank groups its own prompts' completions; the checkpoint holds no critic; SFT shards
+    its batches over the ranks and publishes one model."""
+    import os
+    import subprocess
+
+    from helpers import DEEPSPEED_LAUNCHER, subprocess_env
+
+    def launch(*args):
+        port = str(29500 + os.getpid() % 200 + len(args))
+        out = subprocess.run([*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", port, "--module",
+                              "ppo_fast.cli", *args], env=subprocess_env(), capture_output=True, text=True,
+                             timeout=900, cwd=Path(__file__).resolve().parent.parent)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    flags = {**ARITHMETIC, "rollout_batch_size": 8, "minibatch_size": 16, "micro_batch_size": 16,
+             "warmup_steps": 30, "eval_prompts": 16}
+    launch("train", *[item for k, v in flags.items() for item in (f"--{k.replace('_', '-')}", str(v))],
+           "--zero-stage", "2", "--steps", "2", "--eval-every", "2", "--output-dir", str(tmp_path),
+           "--run-name", "grpo2")
+    summary = json.loads((tmp_path / "grpo2" / "summary.json").read_text())
+    checkpoint = tmp_path / "grpo2" / "checkpoints" / "step2"
+    assert summary["steps"] == 2 and (checkpoint / "trainer" / "rank1.pt").is_file()
+    assert not (checkpoint / "critic").exists()
+    launch("sft", "--model", "examples/sample/base", "--data", "examples/sample/sft.jsonl", "--max-steps", "4",
+           "--zero-stage", "3", "--output-dir", str(tmp_path), "--run-name", "sft2")
+    assert (tmp_path / "sft2" / "model" / "config.json").is_file()

@@ -141,6 +141,10 @@ def test_csv_parquet_and_json_load_the_same_records_as_jsonl(tmp_path):
     assert load_prompts(str(SAMPLE / "prompts.jsonl")) == expected
     assert load_prompts(str(tmp_path / "prompts.parquet")) == expected
     assert load_prompts(str(tmp_path / "prompts.txt")) == expected
+    chat = tmp_path / "chat_prompts.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "1+2="}]}\n{"messages": []}\n')
+    with pytest.raises(ConfigError, match=r"chat_prompts.jsonl: row 1 has no turn before the assistant's answer"):
+        load_prompts(str(chat), _tokenizer())
 
 
 def _bad_data(tmp_path, name, text):

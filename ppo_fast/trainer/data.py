@@ -178,6 +178,8 @@ def prompt_texts(path: str, tokenizer=None) -> list[str]:
         turns = _messages(record, "messages", path, i)
         if turns and turns[-1]["role"] == "assistant":
             turns = turns[:-1]
+        if not turns:
+            raise ConfigError(f"{path}: row {i} has no turn before the assistant's answer to prompt with")
         prompts.append(render_prompt(tokenizer, turns, path, i))
     return prompts
 
