@@ -2,7 +2,7 @@
 
 Backends: ``reference`` (PyTorch on any device, from the spec), ``triton`` (fused kernels on
 CUDA; on the CPU only under ``TRITON_INTERPRET=1``, which is how the tests run them) and
-``native`` (C++ CPU kernels, not built in this release).
+``native`` (C++ CPU kernels from ``csrc/``, built on first use: :mod:`ppo_fast.native`).
 
 By default a CUDA call takes ``triton`` where the op has it and a CPU call ``native`` where it is
 built; everything else runs ``reference``. ``PPO_FAST_BACKEND=reference|triton|native`` forces a
@@ -35,12 +35,13 @@ ENV_VAR = "PPO_FAST_BACKEND"
 
 _REFERENCE = "ppo_fast.backends.reference"
 _TRITON = "ppo_fast.backends.triton"
+_NATIVE = "ppo_fast.backends.native"
 
 TABLE: dict[str, dict[str, str]] = {
-    "token_logprobs": {"reference": _REFERENCE, "triton": _TRITON},
+    "token_logprobs": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
     "ppo_loss": {"reference": _REFERENCE, "triton": _TRITON},
-    "linear_logprobs": {"reference": _REFERENCE, "triton": _TRITON},
-    "gae": {"reference": _REFERENCE, "triton": _TRITON},
+    "linear_logprobs": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
+    "gae": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
     "policy_loss": {"reference": _REFERENCE},
     "value_loss": {"reference": _REFERENCE},
     "kl_penalty": {"reference": _REFERENCE},
@@ -81,7 +82,11 @@ def _device_reason(backend: str, device: torch.device) -> str | None:
     if backend == "reference":
         return None
     if backend == "native":
-        return "not built: this release has no native (csrc/) kernels"
+        if device.type != "cpu":
+            return f"tensors are on {device.type}; the native kernels are for the CPU"
+        from . import native
+
+        return native.unavailable()
     if not _TRITON_INSTALLED:
         return "triton is not installed (pip install 'ppo-fast[triton]')"
     if device.type == "cuda":

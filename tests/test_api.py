@@ -84,7 +84,7 @@ def test_non_tensor_argument_is_a_type_error():
 def test_default_backends(monkeypatch):
     monkeypatch.delenv("PPO_FAST_BACKEND", raising=False)
     for op in dispatch.TABLE:
-        assert dispatch.choose(op, "cpu") == "reference", op
+        assert dispatch.choose(op, "cpu") == ("native" if "native" in dispatch.TABLE[op] else "reference"), op
         expected = "triton" if "triton" in dispatch.TABLE[op] else "reference"
         assert dispatch.choose(op, "cuda") == expected, op
 
@@ -97,7 +97,7 @@ def test_forced_backend_that_cannot_serve_lists_every_reason(monkeypatch):
     message = str(info.value)
     assert "PPO_FAST_BACKEND=triton cannot run token_logprobs on cpu tensors" in message
     assert "TRITON_INTERPRET is not 1" in message
-    assert "reference: available" in message and "native: not built" in message
+    assert "reference: available" in message and "native: available" in message
     with pytest.raises(pf.BackendUnavailable, match="cannot run gae"):
         pf.gae(torch.randn(2, 3), torch.randn(2, 3))
 
@@ -112,8 +112,8 @@ def test_forced_backend_an_op_lacks_runs_its_reference_and_warns_once(monkeypatc
         warnings.simplefilter("error")
         second = pf.kl_penalty(logp, logp - 1)
     torch.testing.assert_close(first, second)
-    with pytest.warns(UserWarning, match="token_logprobs has no native"):
-        pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.warns(UserWarning, match="ppo_loss has no native"):
+        pf.ppo_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(2), torch.ones(2), torch.ones(2))
 
 
 def test_unknown_backend_name(monkeypatch):
@@ -278,8 +278,10 @@ def test_cli_backends_prints_the_op_table(capsys):
     out = capsys.readouterr().out
     for op in dispatch.TABLE:
         assert op in out
-    assert re.search(r"token_logprobs +yes \*", out)  # the CPU default
-    assert "not built: this release has no native" in out
+    cpu = out.split("\n\n")[1]
+    assert re.search(r"^  token_logprobs .* yes \*$", cpu, re.M)  # the CPU default: native, the last column
+    assert re.search(r"^  gae .* yes \*$", cpu, re.M)
+    assert re.search(r"^  ppo_loss +yes \* .* no \[\d\]$", cpu, re.M)
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "ppo_loss_tokens", "gae"])
@@ -395,5 +397,5 @@ def test_forced_backend_warning_points_at_the_callers_line(monkeypatch):
     monkeypatch.setenv("PPO_FAST_BACKEND", "native")
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(UserWarning) as record:
-        pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
+        pf.kl_penalty(torch.randn(2, 3), torch.randn(2, 3))
     assert record[0].filename == __file__

@@ -196,17 +196,19 @@ def linear_chunks(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int,
         yield (start, stop, *pieces)
 
 
-def linear_logprobs_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
+def linear_logprobs_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy,
+                            row_forward=token_logprobs_forward):
     """``(logp, entropy, lse)`` chunk by chunk: each chunk's logits (one GEMM, in the inputs'
-    dtype, as ``hidden @ weight.T + bias`` would give them) go through the row op and are freed;
-    the peak extra memory is one chunk's."""
+    dtype, as ``hidden @ weight.T + bias`` would give them) go through the row op
+    (``row_forward``: this backend's, or the native one) and are freed; the peak extra memory is
+    one chunk's."""
     out_dtype = spec.compute_dtype(hidden)
     n = hidden.shape[0]
     logp, entropy, lse = (torch.zeros(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
         logits = torch.nn.functional.linear(h, weight, bias)
-        outs = token_logprobs_forward(logits, lab, inv_temp, ignore_index, with_entropy)
+        outs = row_forward(logits, lab, inv_temp, ignore_index, with_entropy)
         for out, value in zip((logp, entropy, lse), outs):
             out[start:stop] = value[: stop - start]
     return logp, entropy, lse

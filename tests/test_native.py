@@ -1,0 +1,187 @@
+"""The native CPU kernels (csrc/) against the reference ops, the spec: float64 on fresh random
+inputs, odd shapes, every option, gradients; garbage in ignored rows; batch invariance over
+thread counts and batches."""
+
+import os
+
+import pytest
+import torch
+
+import ppo_fast as pf
+from ppo_fast import dispatch, native
+from ppo_fast.backends import native as nb
+from ppo_fast.backends import reference as rb
+
+if os.environ.get("PPO_FAST_NATIVE") == "0":
+    pytest.skip("native kernels switched off (PPO_FAST_NATIVE=0)", allow_module_level=True)
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+SHAPES = [(1, 1), (1, 7), (37, 1271), (3, 5, 301), (2, 4, 4099)]
+
+
+def _inputs(shape, dtype, seed, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    if labels.numel() > 2:
+        labels.view(-1)[1] = ignore_index
+        logits.view(-1, shape[-1])[1] = float("nan")  # an ignored row holds garbage
+    return logits, labels
+
+
+def test_the_native_kernels_build_and_serve_the_cpu():
+    assert native.unavailable() is None
+    assert dispatch.choose("token_logprobs", "cpu") == "native"
+    assert dispatch.choose("gae", "cpu") == "native"
+    assert dispatch.choose("ppo_loss", "cpu") == "reference"  # no native PPO terms yet
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_and_backward_match_the_reference(shape, dtype, temperature):
+    logits, labels = _inputs(shape, dtype, seed=hash((shape, str(dtype))) % 1000)
+    inv_temp = 1.0 / temperature
+    ours = nb.token_logprobs_forward(logits, labels, inv_temp, -100, True, True)
+    spec = rb.token_logprobs_forward(logits, labels, inv_temp, -100, True, True)
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(("logp", "entropy", "lse", "sum_pi_squared"), ours, spec):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+    g = torch.Generator().manual_seed(3)
+    grad_logp = torch.randn(shape[:-1], generator=g, dtype=ours[0].dtype)
+    for grad_entropy in (None, torch.randn(shape[:-1], generator=g, dtype=ours[0].dtype)):
+        got, want = torch.full_like(logits, 7.0), torch.empty_like(logits)
+        nb.token_logprobs_backward(got, logits, labels, ours[2], ours[1], grad_logp, grad_entropy, inv_temp, -100)
+        rb.token_logprobs_backward(want, logits, labels, spec[2], spec[1], grad_logp, grad_entropy, inv_temp, -100)
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=max(tol, 1e-2 * (dtype not in (
+            torch.float64, torch.float32))))
+
+
+def test_a_shifted_view_and_the_gradient_in_place():
+    g = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(4, 9, 513, generator=g), torch.randint(0, 513, (4, 9), generator=g)
+    view = logits[:, :-1]
+    lab = labels[:, 1:].contiguous()
+    ours = nb.token_logprobs_forward(view, lab, 1.0, -100, True)
+    spec = rb.token_logprobs_forward(view, lab, 1.0, -100, True)
+    torch.testing.assert_close(ours[0], spec[0], rtol=2e-5, atol=2e-5)
+    want = torch.empty_like(view)
+    grad = torch.randn(lab.shape)
+    rb.token_logprobs_backward(want, view, lab, spec[2], spec[1], grad, None, 1.0, -100)
+    assert nb.writes_in_place(view)
+    nb.token_logprobs_backward(view, view, lab, ours[2], ours[1], grad, None, 1.0, -100)
+    torch.testing.assert_close(view, want, rtol=2e-5, atol=2e-5)
+
+
+def test_a_banned_label_gives_minus_infinity_and_finite_entropy():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0]], dtype=torch.float64)
+    labels = torch.tensor([1])
+    ours = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+    spec = rb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+    assert ours[0].item() == float("-inf") and torch.isfinite(ours[1]).all()
+    torch.testing.assert_close(ours[1], spec[1])
+    torch.testing.assert_close(ours[2], spec[2])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_is_the_same_alone_in_any_batch_and_any_thread_count(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits, labels = _inputs((64, 3001), torch.float32, seed=11)
+        whole = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+        shuffled = nb.token_logprobs_forward(logits[order], labels[order], 1.0, -100, True)
+        alone = nb.token_logprobs_forward(logits[5:6], labels[5:6], 1.0, -100, True)
+        for w, s, a in zip(whole, shuffled, alone):
+            assert torch.equal(w[order], s) and torch.equal(w[5:6], a)
+    finally:
+        torch.set_num_threads(previous)
+    torch.set_num_threads(3 - threads)
+    try:
+        again = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+        assert all(torch.equal(a, b) for a, b in zip(again, whole))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gae_padded_and_packed_matches_the_reference(dtype):
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([1, 17, 5, 64, 3])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    total = int(cu[-1])
+    rewards = torch.randn(total, generator=g, dtype=dtype)
+    values = torch.randn(total, generator=g, dtype=dtype)
+    mask = torch.rand(total, generator=g) > 0.25
+    rewards[~mask] = float("nan")  # never read
+    values[~mask] = float("inf")
+    ours = nb.gae_forward(rewards, values, mask, cu, 0.99, 0.9)
+    spec = rb.gae_forward(rewards, values, mask, cu, 0.99, 0.9)
+    for a, b in zip(ours, spec):
+        torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-6)
+    adv, ret = pf.gae(torch.randn(4, 33, dtype=dtype), torch.randn(4, 33, dtype=dtype),
+                      torch.ones(4, 33, dtype=torch.bool))
+    assert torch.isfinite(adv).all() and adv.dtype == dtype
+
+
+def test_the_public_functions_give_the_references_gradients(monkeypatch):
+    logits, labels = _inputs((6, 11, 257), torch.float64, seed=7)
+    x = logits.clone().requires_grad_()
+    logp, ent = pf.token_logprobs(x, labels, return_entropy=True, temperature=0.8)
+    (logp.nan_to_num().sum() + 0.3 * ent.sum()).backward()
+    monkeypatch.setenv("PPO_FAST_BACKEND", "reference")
+    y = logits.clone().requires_grad_()
+    logp_r, ent_r = pf.token_logprobs(y, labels, return_entropy=True, temperature=0.8)
+    (logp_r.nan_to_num().sum() + 0.3 * ent_r.sum()).backward()
+    torch.testing.assert_close(logp, logp_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_switched_off_it_says_why():
+    import subprocess
+    import sys
+
+    code = "from ppo_fast import dispatch; print(dispatch.reasons('token_logprobs', 'cpu')['native'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PPO_FAST_NATIVE": "0"},
+                         capture_output=True, text=True, check=True)
+    assert "switched off by PPO_FAST_NATIVE=0" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fused_linear_head_on_the_native_row_kernel(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(45, 24, generator=g, dtype=dtype)
+    weight = torch.randn(1031, 24, generator=g, dtype=dtype)
+    labels = torch.randint(0, 1031, (45,), generator=g)
+    labels[3] = -100
+    assert dispatch.choose("linear_logprobs", "cpu") == "native"
+    results = []
+    for backend in ("native", "reference"):
+        monkeypatch.setenv("PPO_FAST_BACKEND", backend)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = pf.fused_linear_token_logprobs(h, w, labels, return_entropy=True)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        results.append((logp, ent, h.grad, w.grad))
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_without_a_compiler_import_works_warns_once_and_runs_the_reference(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, ppo_fast as pf\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    a = pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))\n"
+            "    b = pf.gae(torch.randn(2, 3), torch.randn(2, 3))\n"
+            "print(sum('could not be built' in str(w.message) for w in seen))\n"
+            "from ppo_fast import dispatch; print(dispatch.choose('token_logprobs', 'cpu'))\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "PPO_FAST_NATIVE_DIR": str(tmp_path / "cache")}
+    env.pop("PPO_FAST_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "reference"], out.stdout + out.stderr[-2000:]
