@@ -67,9 +67,22 @@ def main():
         z = logits.detach().requires_grad_()
         torch.autograd.backward(pf.token_logprobs(z, labels), grad)
 
+    def inplace_seconds() -> float:
+        """inplace_backward writes dlogits over the logits (a caller's buffer it no longer needs):
+        no fresh [N, V] buffer to page in. The logits are restored outside the timing."""
+        spare, times = torch.empty_like(logits), []
+        for _ in range(args.repeats + 1):
+            spare.copy_(logits)
+            z = spare.detach().requires_grad_()
+            start = time.perf_counter()
+            torch.autograd.backward(pf.token_logprobs(z, labels, inplace_backward=True), grad)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
     rows = {"eager (log_softmax + gather)": eager, "ppo_fast reference backend": backend(reference),
             "ppo_fast native backend": backend(native), "pf.token_logprobs (native, autograd)": public}
     times = {name: median_seconds(fn, args.repeats) for name, fn in rows.items()}
+    times["pf.token_logprobs (native, inplace_backward)"] = inplace_seconds()
     bandwidth = copy_bandwidth(N * V)
     floor = 3 * 4 * N * V / bandwidth
 

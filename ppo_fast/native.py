@@ -38,7 +38,11 @@ def _flags() -> list[str]:
     """Compiler flags: ATen's AVX2 vectors (its exp is SLEEF's, 1 ULP) where the CPU has AVX2, its
     portable ones otherwise; OpenMP, which at::parallel_for runs on."""
     flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif capability == "AVX2":
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
