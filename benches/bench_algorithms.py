@@ -10,13 +10,12 @@ trains none. Everything else is the default.
 """
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from bench_trainer import train_run
 
 ALGORITHMS = {
     "ppo": [],
@@ -25,14 +24,10 @@ ALGORITHMS = {
 
 
 def run(algorithm: str, seed: int, minutes: float, workdir: Path, cache: Path) -> dict:
-    name = f"{algorithm}-seed{seed}"
-    subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", "--seed", str(seed), "--algorithm", algorithm,
-                    *ALGORITHMS[algorithm], "--steps", "100000", "--max-minutes", str(minutes),
-                    "--save-every", "0", "--run-name", name, "--output-dir", str(workdir),
-                    "--cache-dir", str(cache)],
-                   check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=workdir, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return json.loads((workdir / name / "summary.json").read_text())
+    summary, _ = train_run(workdir, f"{algorithm}-seed{seed}", [
+        "--seed", str(seed), "--algorithm", algorithm, *ALGORITHMS[algorithm], "--steps", "100000",
+        "--max-minutes", str(minutes), "--save-every", "0", "--cache-dir", str(cache)])
+    return summary
 
 
 def main():

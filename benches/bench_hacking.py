@@ -9,13 +9,12 @@ and the alarms that fired.
 """
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from bench_trainer import train_run
 
 FLAGS = ["--algorithm", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "32", "--minibatch-size", "64",
          "--micro-batch-size", "64", "--ppo-epochs", "1", "--actor-lr", "1e-3", "--steps", "60", "--eval-every", "5",
@@ -23,13 +22,8 @@ FLAGS = ["--algorithm", "grpo", "--samples-per-prompt", "4", "--rollout-batch-si
 
 
 def run(task: str, seed: int, workdir: Path) -> tuple[dict, list[dict]]:
-    name = f"{task}-seed{seed}"
-    subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", "--task", task, "--seed", str(seed), *FLAGS,
-                    "--run-name", name, "--output-dir", str(workdir)],
-                   check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=workdir, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((workdir / name / "summary.json").read_text()), [r for r in rows if "eval_gold_reward" in r]
+    summary, rows = train_run(workdir, f"{task}-seed{seed}", ["--task", task, "--seed", str(seed), *FLAGS])
+    return summary, [r for r in rows if "eval_gold_reward" in r]
 
 
 def main():

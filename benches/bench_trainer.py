@@ -19,16 +19,22 @@ import time
 from pathlib import Path
 
 
+def train_run(workdir: Path, name: str, flags: list[str]) -> tuple[dict, list[dict]]:
+    """``ppo-fast train --run-name NAME --output-dir WORKDIR FLAGS`` in a fresh process: its summary
+    and its metrics rows (the benches of the trainer share this)."""
+    out = subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", "--run-name", name, "--output-dir",
+                          str(workdir), *flags], env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=workdir,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode:
+        raise RuntimeError(f"run {name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((workdir / name / "summary.json").read_text()), rows
+
+
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", "--seed", str(seed),
-                    "--run-name", f"seed{seed}", "--output-dir", str(workdir), *extra],
-                   check=True, env=env, cwd=workdir, stdout=subprocess.DEVNULL)
+    summary, steps = train_run(workdir, f"seed{seed}", ["--seed", str(seed), *extra])
     wall = time.perf_counter() - start
-    run = workdir / f"seed{seed}"
-    summary = json.loads((run / "summary.json").read_text())
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "seconds_train" in r]
     phases = {name: statistics.mean(r[f"seconds_{name}"] for r in steps)
               for name in ("generate", "score", "train")}

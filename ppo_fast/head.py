@@ -22,8 +22,8 @@ import contextlib
 import torch
 from torch import nn
 
-from .functional import fused_linear_ppo_loss, fused_linear_token_logprobs
-from .sequences import completion_forward, position_ids
+from .functional import fused_linear_ppo_loss, fused_linear_token_logprobs, token_logprobs
+from .sequences import completion_forward, completion_logits, position_ids
 
 
 def _output_embedding(model: nn.Module):
@@ -130,12 +130,16 @@ def _through_head(model, sequences, attention_mask, prompt_len, compute):
     return out
 
 
-def completion_logprobs(model, sequences, attention_mask, prompt_len, *, temperature=1.0):
+def completion_logprobs(model, sequences, attention_mask, prompt_len, *, temperature=1.0, fused=True):
     """``[B, N]`` log-probs of ``sequences[:, prompt_len:]`` under softmax(logits / temperature),
     from the fused head; a ValueError where the model's logits are not its head's output (see
-    :func:`fused_head_unsupported`)."""
+    :func:`fused_head_unsupported`). ``fused=False``: from the model's logits (pf.token_logprobs),
+    for a model the fused head cannot serve."""
     _check_call(sequences, attention_mask, prompt_len)
     labels = sequences[:, prompt_len:]
+    if not fused:
+        return token_logprobs(completion_logits(model, sequences, attention_mask, prompt_len), labels,
+                              temperature=temperature)
     return _through_head(model, sequences, attention_mask, prompt_len, lambda hidden, weight, bias:
                          fused_linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature))
 

@@ -392,11 +392,7 @@ PPOConfig.RANGES = _RANGES
 def check_files(config: PPOConfig) -> None:
     """Every file the run will read exists (and the DeepSpeed config parses), before any model
     loads; a ConfigError names the field and the path."""
-    for name in ("policy_model", "critic_model"):
-        path = getattr(config, name)
-        if path and not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"{name}: {path} is not a Hugging Face model directory (no "
-                              "config.json there)")
+    check_model_directories(config, "policy_model", "critic_model")
     if config.critic_model and config.algorithm != "ppo":
         raise ConfigError(f"critic_model: algorithm {config.algorithm} is critic-free; no critic is built")
     if config.policy_model and config.task != "vowels":
@@ -408,24 +404,11 @@ def check_files(config: PPOConfig) -> None:
         raise ConfigError("reward is required with policy_model: a reward-model directory, "
                           "module:function, or a weighted list (or pass reward_fn to PPOTrainer "
                           "through Components)")
-    from .rewards import RewardSpecError, check_spec
-
-    for name in ("reward", "gold"):
-        if getattr(config, name):
-            try:
-                check_spec(getattr(config, name), name)
-            except RewardSpecError as exc:
-                raise ConfigError(str(exc)) from None
+    check_reward_specs(config, "reward", "gold")
     tokenizer = None
     for name in ("prompts_file", "eval_prompts_file"):
-        path = getattr(config, name)
-        if not path:
+        if not getattr(config, name):
             continue
-        from .prompts import load_prompts
-
-        if not Path(path).is_file():
-            raise ConfigError(f"{name}: {path} " + ("is a directory, not a file" if Path(path).is_dir()
-                                                     else "does not exist"))
         if tokenizer is None:
             # Chat prompts become text through the policy's chat template; prompt lengths are
             # counted in its tokens.
@@ -437,11 +420,7 @@ def check_files(config: PPOConfig) -> None:
                 from .default_task import TASKS, char_tokenizer
 
                 tokenizer = char_tokenizer(TASKS[config.task].alphabet)
-        try:
-            prompts = load_prompts(path, tokenizer)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-        check_prompt_lengths(name, path, prompts, tokenizer, config.max_prompt_len)
+        check_prompts_file(name, getattr(config, name), tokenizer, config.max_prompt_len)
     if config.ds_config:
         try:
             ds = json.loads(Path(config.ds_config).read_text())
@@ -455,9 +434,41 @@ def check_files(config: PPOConfig) -> None:
                               "object")
 
 
-def check_prompt_lengths(name: str, path: str, prompts: list[str], tokenizer, max_prompt_len: int) -> None:
-    """A ConfigError naming the first prompt of ``path`` longer than ``max_prompt_len`` tokens."""
-    for row, prompt in enumerate(prompts):
+def check_model_directories(config, *names: str) -> None:
+    """Each of the config's fields ``names`` that is set names a Hugging Face model directory."""
+    for name in names:
+        path = getattr(config, name)
+        if path and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{name}: {path} is not a Hugging Face model directory (no "
+                              "config.json there)")
+
+
+def check_reward_specs(config, *names: str) -> None:
+    """Each of the config's reward-spec fields ``names`` that is set names rewards that exist."""
+    from .rewards import RewardSpecError, check_spec
+
+    for name in names:
+        if getattr(config, name):
+            try:
+                check_spec(getattr(config, name), name)
+            except RewardSpecError as exc:
+                raise ConfigError(str(exc)) from None
+
+
+def check_prompts_file(name: str, path: str, tokenizer, max_prompt_len: int, limit: int | None = None) -> None:
+    """The prompts file of field ``name`` reads (chat prompts through ``tokenizer``'s template) and
+    its first ``limit`` prompts (all: None) fit ``max_prompt_len`` tokens; a ConfigError naming the
+    field, the file and the first prompt at fault otherwise."""
+    from .prompts import load_prompts
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{name}: {path} " + ("is a directory, not a file" if Path(path).is_dir()
+                                                 else "does not exist"))
+    try:
+        prompts = load_prompts(path, tokenizer)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    for row, prompt in enumerate(prompts[:limit]):
         length = len(tokenizer.encode(prompt, add_special_tokens=True))
         if length > max_prompt_len:
             raise ConfigError(f"{name}: prompt {row} of {path} ({prompt[:40]!r}) is {length} tokens, longer than "

@@ -29,6 +29,12 @@ import torch
 ALARMS = ("divergence", "length", "kl")
 
 
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` KL to the reference in nats per completion: the k1 estimate Σ (logp − ref_logp) over
+    its tokens (unbiased, so a mean over few samples can dip below 0)."""
+    return torch.where(completion_mask.bool(), logp - ref_logp, 0.0).sum(-1)
+
+
 def completion_tokens(completion_ids: list[list[int]], completion_mask: torch.Tensor) -> list[list[int]]:
     """Each completion's tokens up to and including EOS (the padding after it is not read)."""
     return [[t for t, m in zip(ids, row) if m] for ids, row in zip(completion_ids, completion_mask.tolist())]
@@ -72,7 +78,6 @@ def sample_metrics(completions: list[list[int]], proxy_parts: dict, proxy: torch
     """The diagnostics of one evaluation batch (see the module docstring). ``completions``: each
     completion's tokens (:func:`completion_tokens`); ``proxy_parts``: each term's scores when the
     proxy has several; ``kl``: ``[B]`` nats per completion, or None when there is no reference."""
-    bodies = completions
     length = np.array([len(c) for c in completions], dtype=np.float64)
     proxy_np = proxy.double().cpu().numpy()
     gold_np = None if gold is None else gold.double().cpu().numpy()
@@ -86,9 +91,9 @@ def sample_metrics(completions: list[list[int]], proxy_parts: dict, proxy: torch
         response_length=float(length.mean()),
         reward_per_token=float((proxy_np / np.maximum(length, 1)).mean()),
         length_r2=length_r2(length, proxy_np, gold_np) if len(length) > 2 else 0.0,
-        distinct_1=distinct_n(bodies, 1),
-        distinct_2=distinct_n(bodies, 2),
-        repetition=repetition(bodies),
+        distinct_1=distinct_n(completions, 1),
+        distinct_2=distinct_n(completions, 2),
+        repetition=repetition(completions),
     )
     if kl is not None:
         metrics["kl"] = float(kl.double().mean())

@@ -89,47 +89,16 @@ class EvalConfig(RunConfig):
 
 
 def check_eval_files(config: EvalConfig) -> None:
-    from .prompts import load_prompts
-    from .rewards import RewardSpecError, check_spec
+    from .config import check_model_directories, check_prompts_file, check_reward_specs
 
-    for name in ("policy", "reference"):
-        path = getattr(config, name)
-        if path and not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"{name}: {path} is not a Hugging Face model directory (no config.json there)")
-    for name in ("reward", "gold"):
-        if getattr(config, name):
-            try:
-                check_spec(getattr(config, name), name)
-            except RewardSpecError as exc:
-                raise ConfigError(str(exc)) from None
+    check_model_directories(config, "policy", "reference")
+    check_reward_specs(config, "reward", "gold")
     if config.prompts:
-        if not Path(config.prompts).is_file():
-            raise ConfigError(f"prompts: {config.prompts} " + ("is a directory, not a file"
-                                                                if Path(config.prompts).is_dir() else "does not exist"))
         from transformers import AutoTokenizer
 
-        from .config import check_prompt_lengths
-
         # Chat prompts become text through the policy's chat template.
-        tokenizer = AutoTokenizer.from_pretrained(config.policy)
-        try:
-            prompts = load_prompts(config.prompts, tokenizer)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"prompts: {exc}") from None
-        check_prompt_lengths("prompts", config.prompts, prompts[:config.num_prompts], tokenizer,
-                             config.max_prompt_len)
-
-
-def _logprobs(model, sequences, attention_mask, prompt_len, temperature) -> torch.Tensor:
-    import ppo_fast as pf
-
-    from ..head import completion_logprobs, fused_head_unsupported
-    from ..sequences import completion_logits
-
-    if fused_head_unsupported(model, sequences, attention_mask) is None:
-        return completion_logprobs(model, sequences, attention_mask, prompt_len, temperature=temperature)
-    logits = completion_logits(model, sequences, attention_mask, prompt_len)
-    return pf.token_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
+        check_prompts_file("prompts", config.prompts, AutoTokenizer.from_pretrained(config.policy),
+                           config.max_prompt_len, limit=config.num_prompts)
 
 
 def _win_rate(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -143,6 +112,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     from transformers.utils import logging as hf_logging
 
     from ..distributed import init_distributed
+    from ..head import completion_logprobs, fused_head_unsupported
     from ..hybrid import HybridEngine
     from . import default_task, diagnostics, rewards
     from .prompts import encode_prompts, load_prompts
@@ -199,9 +169,9 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         reward = reward or gold
         models = {"policy": load_causal(config.policy)}
         if config.reference:
-            reason = rewards.same_vocabulary(tokenizer, config.reference)
+            reason = rewards.same_vocabulary(tokenizer, config.reference, "reference")
             if reason:
-                raise ConfigError(f"reference: {reason.replace('reward model', 'reference')}")
+                raise ConfigError(f"reference: {reason}")
             models["reference"] = load_causal(config.reference)
 
         context = getattr(models["policy"].config, "max_position_embeddings", None)
@@ -210,6 +180,14 @@ def evaluate(config: EvalConfig, log=print) -> dict:
             raise ConfigError(f"max_new_tokens: the longest prompt ({longest} tokens) + max_new_tokens "
                               f"{config.max_new_tokens} exceeds the policy's context of {context} tokens; "
                               f"at most {context - longest} new tokens fit")
+        decided: dict[int, bool] = {}
+
+        def fused_head(model, sequences, attention_mask) -> bool:
+            # The probe runs the model once more: once per model, on its first batch.
+            if id(model) not in decided:
+                decided[id(model)] = fused_head_unsupported(model, sequences, attention_mask) is None
+            return decided[id(model)]
+
         records = [{"prompt": p, "sample": i % config.samples_per_prompt} for i, p in enumerate(prompts)]
         columns: dict[str, dict[str, list]] = {name: {} for name in models}
         for name, model in models.items():
@@ -232,10 +210,12 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                     completion_mask = out.completion_mask[:, P:]
                     kl = None
                     if name == "policy" and "reference" in models:
-                        logp = _logprobs(model, out.sequences, out.attention_mask, P, config.temperature)
-                        ref_logp = _logprobs(models["reference"], out.sequences, out.attention_mask, P,
-                                             config.temperature)
-                        kl = torch.where(completion_mask.bool(), logp - ref_logp, 0.0).sum(-1)
+                        logp, ref_logp = (
+                            completion_logprobs(m, out.sequences, out.attention_mask, P,
+                                                temperature=config.temperature,
+                                                fused=fused_head(m, out.sequences, out.attention_mask))
+                            for m in (model, models["reference"]))
+                        kl = diagnostics.sequence_kl(logp, ref_logp, completion_mask)
                 values = {"completion": batch.texts,
                           "tokens": diagnostics.completion_tokens(batch.completion_ids, completion_mask),
                           "length": completion_mask.sum(-1).tolist(),

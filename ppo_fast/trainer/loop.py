@@ -294,11 +294,8 @@ class PPOTrainer:
 
     def _token_logprobs(self, name, model, sequences, attention_mask, prompt_len):
         # The rollouts sample from softmax(z / T): score them under the same distribution.
-        temperature = self.config.temperature
-        if self._uses_fused_head(name, model, sequences, attention_mask):
-            return completion_logprobs(model, sequences, attention_mask, prompt_len, temperature=temperature)
-        logits = completion_logits(model, sequences, attention_mask, prompt_len)
-        return pf.token_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
+        return completion_logprobs(model, sequences, attention_mask, prompt_len, temperature=self.config.temperature,
+                                   fused=self._uses_fused_head(name, model, sequences, attention_mask))
 
     def _checked(self, scores: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if not torch.isfinite(scores).all():  # finite terms can still sum to inf
@@ -434,7 +431,7 @@ class PPOTrainer:
             logp = self._token_logprobs("actor", actor, seqs, attn, P)
             actor.train()
             ref_logp = self._token_logprobs("reference", self.models.reference, seqs, attn, P)
-            kl = torch.where(completion_mask.bool(), logp - ref_logp, 0.0).sum(-1)
+            kl = diagnostics.sequence_kl(logp, ref_logp, completion_mask)
             completions = diagnostics.completion_tokens(batch.completion_ids, completion_mask)
             metrics = diagnostics.sample_metrics(completions, parts, proxy, gold, kl)
         finally:

@@ -72,7 +72,7 @@ class Components:
 def _from_directories(config: PPOConfig) -> Components:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .rewards import is_model_dir, parse, same_vocabulary
+    from .rewards import model_directories, same_vocabulary
 
     dtype, attn = _dtype_and_attention()
     tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
@@ -80,14 +80,13 @@ def _from_directories(config: PPOConfig) -> Components:
         tokenizer.pad_token = tokenizer.eos_token
     # Every model that reads the policy's token ids must share its vocabulary.
     for name in ("reward", "gold"):
-        for _, source in parse(getattr(config, name)) if getattr(config, name) else []:
-            for directory in _model_dirs(source):
-                reason = same_vocabulary(tokenizer, directory) if is_model_dir(directory) else None
-                if reason:
-                    raise ConfigError(f"{name}: {reason}")
-    reason = same_vocabulary(tokenizer, config.critic_model) if config.critic_model else None
+        for directory in model_directories(getattr(config, name)) if getattr(config, name) else []:
+            reason = same_vocabulary(tokenizer, directory)
+            if reason:
+                raise ConfigError(f"{name}: {reason}")
+    reason = same_vocabulary(tokenizer, config.critic_model, "critic model") if config.critic_model else None
     if reason:
-        raise ConfigError(f"critic_model: {reason.replace('reward model', 'critic model')}")
+        raise ConfigError(f"critic_model: {reason}")
     load = dict(dtype=dtype, attn_implementation=attn)
     critic = None
     if config.algorithm == "ppo":
@@ -101,13 +100,6 @@ def _from_directories(config: PPOConfig) -> Components:
         eval_prompts=(load_prompts(config.eval_prompts_file, tokenizer)[:config.eval_prompts]
                       if config.eval_prompts_file else []),
     )
-
-
-def _model_dirs(source: str) -> list[str]:
-    from .rewards import ENSEMBLE
-
-    ensemble = ENSEMBLE.fullmatch(source)
-    return [d.strip() for d in ensemble.group(1).split("|")] if ensemble else [source]
 
 
 def _dtype_and_attention():

@@ -224,21 +224,31 @@ def is_model_dir(source: str) -> bool:
     return (Path(source) / "config.json").is_file()
 
 
+def ensemble_members(source: str) -> list[str] | None:
+    """The reward-model directories of an ``ensemble(DIR|DIR|...)`` term, or None for another term."""
+    ensemble = ENSEMBLE.fullmatch(source)
+    return [member.strip() for member in ensemble.group(1).split("|")] if ensemble else None
+
+
+def model_directories(spec: str) -> list[str]:
+    """Every reward-model directory ``spec`` names, ensemble members included."""
+    return [d for _, source in parse(spec) for d in ensemble_members(source) or [source] if is_model_dir(d)]
+
+
 def check_spec(spec: str, field_name: str) -> None:
     """Every term of ``spec`` exists: model directories hold a config, functions import. Raises
     RewardSpecError naming the field."""
     try:
         for _, source in parse(spec):
-            ensemble = ENSEMBLE.fullmatch(source)
-            for part in (ensemble.group(1).split("|") if ensemble else [source]):
-                part = part.strip()
-                if ensemble and len(ensemble.group(1).split("|")) < 2:
-                    raise RewardSpecError(f"{source!r}: an ensemble needs at least 2 reward models")
-                if ensemble and not is_model_dir(part):
-                    raise RewardSpecError(f"ensemble member {part!r} is not a reward-model directory "
+            members = ensemble_members(source)
+            if members is not None and len(members) < 2:
+                raise RewardSpecError(f"{source!r}: an ensemble needs at least 2 reward models")
+            for member in members or []:
+                if not is_model_dir(member):
+                    raise RewardSpecError(f"ensemble member {member!r} is not a reward-model directory "
                                           "(no config.json there)")
-                if not is_model_dir(part):
-                    load_function(part)
+            if members is None and not is_model_dir(source):
+                load_function(source)
     except RewardSpecError as exc:
         raise RewardSpecError(f"{field_name}: {exc}") from None
 
@@ -248,10 +258,9 @@ def build(spec: str, *, load_model: Callable[[str], object], ensemble_k: float) 
     classifier."""
     terms = []
     for weight, source in parse(spec):
-        ensemble = ENSEMBLE.fullmatch(source)
-        if ensemble:
-            members = [ModelReward(load_model(d.strip()), d.strip()) for d in ensemble.group(1).split("|")]
-            reward = Ensemble(members, ensemble_k, source)
+        members = ensemble_members(source)
+        if members is not None:
+            reward = Ensemble([ModelReward(load_model(d), d) for d in members], ensemble_k, source)
         elif is_model_dir(source):
             reward = ModelReward(load_model(source), source)
         else:
@@ -260,9 +269,9 @@ def build(spec: str, *, load_model: Callable[[str], object], ensemble_k: float) 
     return WeightedSum(terms)
 
 
-def same_vocabulary(policy_tokenizer, directory: str) -> str | None:
-    """Why the reward model in ``directory`` cannot score the policy's token ids, or None. A
-    directory without tokenizer files is taken at its word."""
+def same_vocabulary(policy_tokenizer, directory: str, what: str = "reward model") -> str | None:
+    """Why the model in ``directory`` (``what``: a reward model, a critic, a reference) cannot read
+    the policy's token ids, or None. A directory without tokenizer files is taken at its word."""
     from transformers import AutoTokenizer
 
     try:
@@ -270,7 +279,7 @@ def same_vocabulary(policy_tokenizer, directory: str) -> str | None:
     except (OSError, ValueError):
         return None
     if theirs.get_vocab() != policy_tokenizer.get_vocab():
-        return (f"reward model {directory} tokenizes differently from the policy (vocabularies of "
-                f"{len(theirs.get_vocab())} and {len(policy_tokenizer.get_vocab())} tokens differ); it scores "
+        return (f"{what} {directory} tokenizes differently from the policy (vocabularies of "
+                f"{len(theirs.get_vocab())} and {len(policy_tokenizer.get_vocab())} tokens differ); it reads "
                 "the policy's token ids as they are, so it must share the policy's tokenizer")
     return None
