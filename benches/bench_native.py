@@ -2,24 +2,42 @@
 
     python benches/bench_native.py --out benches/results/native_cpu.md
 
-token_logprobs forward+backward on fp32 logits [4096, 32000] (eager: log_softmax + gather and its
-autograd backward), and GAE on [512, 1024] (the Python loop over T, the spec). Median of
---repeats timed calls after one warm-up, on fresh random inputs (never zeros); the floor is the
-bytes that must move (read the logits twice, write dlogits once) over the measured copy bandwidth.
+* token_logprobs forward+backward, fp32 logits [4096, 32000]: eager (log_softmax + gather and its
+  autograd backward), the reference backend, the native backend; the floor is the bytes that must
+  move (read the logits twice, write dlogits once) over the measured copy bandwidth. Peak extra
+  memory is the resident-set high-water mark above the inputs, one fresh process per provider.
+* the PPO actor loss forward+backward on the same shape (KL k3, entropy bonus, dual clip,
+  token-mean): the eager composite (log_softmax, gather, entropy, the clipped surrogate, k3, mean)
+  against pf.ppo_loss on each backend.
+* GAE on [512, 1024]: the Python loop over T (the spec) against pf.gae.
+* the embedded default's training tokens/s (``ppo-fast train``) with the native kernels switched
+  off (PPO_FAST_NATIVE=0) and on, runs alternating.
+
+Timings are medians of --repeats calls after one warm-up, on fresh random inputs (never zeros),
+fresh gradient buffers every call (as in training).
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import ppo_fast as pf
+from ppo_fast import native
 from ppo_fast import reference as spec
-from ppo_fast.backends import native, reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_trainer import train_run  # noqa: E402
+
+KL_COEF, ENTROPY_COEF, CLIP, DUAL_CLIP = 0.05, 0.01, 0.2, 3.0
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -38,78 +56,169 @@ def copy_bandwidth(numel: int) -> float:
     return 2 * 4 * numel / seconds
 
 
+def inputs(N: int, V: int):
+    torch.manual_seed(0)
+    logits = torch.randn(N, V).mul_(3)
+    labels = torch.randint(0, V, (N,))
+    with torch.no_grad():  # in chunks: no [N, V] temporary before the peak-memory measurement
+        logp = torch.cat([torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+                          for z, y in zip(logits.split(256), labels.split(256))])
+    return dict(logits=logits, labels=labels, grad=torch.randn(N), old=logp + 0.3 * torch.randn(N),
+                ref=logp + 0.3 * torch.randn(N), adv=torch.randn(N), mask=torch.rand(N) > 0.1)
+
+
+def eager_logprobs(x, z):
+    logp = torch.log_softmax(z, -1).gather(-1, x["labels"][:, None]).squeeze(-1)
+    torch.autograd.backward(logp, x["grad"])
+
+
+def public_logprobs(x, z):
+    torch.autograd.backward(pf.token_logprobs(z, x["labels"]), x["grad"])
+
+
+def eager_ppo(x, z):
+    """The PPO actor loss as verl or TRL write it in eager PyTorch."""
+    logp_all = torch.log_softmax(z, -1)
+    logp = logp_all.gather(-1, x["labels"][:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    ratio = (logp - x["old"]).clamp(-20, 20).exp()
+    adv = x["adv"]
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * DUAL_CLIP), pg)
+    k = (x["ref"] - logp).clamp(-20, 20)
+    kl = (k.exp() - k - 1).clamp(-10, 10)
+    mask = x["mask"].float()
+    loss = ((pg + KL_COEF * kl - ENTROPY_COEF * entropy) * mask).sum() / mask.sum()
+    loss.backward()
+
+
+def public_ppo(x, z):
+    loss, _ = pf.ppo_loss(z, x["labels"], x["old"], x["adv"], x["mask"], ref_logp=x["ref"], kl_coef=KL_COEF,
+                          kl_estimator="k3", entropy_coef=ENTROPY_COEF, clip_low=CLIP, clip_high=CLIP,
+                          dual_clip=DUAL_CLIP, agg="token-mean")
+    loss.backward()
+
+
+PROVIDERS = {
+    "logprobs": {"eager (log_softmax + gather)": (eager_logprobs, None),
+                 "pf.token_logprobs, reference backend": (public_logprobs, "reference"),
+                 "pf.token_logprobs, native backend": (public_logprobs, "native")},
+    "ppo": {"eager composite": (eager_ppo, None),
+            "pf.ppo_loss, reference backend": (public_ppo, "reference"),
+            "pf.ppo_loss, native backend": (public_ppo, "native")},
+}
+
+
+def timed(op: str, name: str, x, repeats: int) -> float:
+    fn, backend = PROVIDERS[op][name]
+    if backend:
+        os.environ["PPO_FAST_BACKEND"] = backend
+    try:
+        return median_seconds(lambda: fn(x, x["logits"].detach().requires_grad_()), repeats)
+    finally:
+        os.environ.pop("PPO_FAST_BACKEND", None)
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_extra_child(op: str, name: str, N: int, V: int) -> None:
+    """In a fresh process: the resident high-water mark of one forward+backward above the inputs
+    (the mark is reset first by writing 5 to /proc/self/clear_refs)."""
+    x = inputs(N, V)
+    z = x["logits"].detach().requires_grad_()
+    fn, backend = PROVIDERS[op][name]
+    if backend:
+        os.environ["PPO_FAST_BACKEND"] = backend
+    small = inputs(8, 64)
+    fn(small, small["logits"].detach().requires_grad_())  # loads what a first call loads
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    fn(x, z)
+    print(json.dumps(_status_bytes("VmHWM") - before))
+
+
+def peak_extra(op: str, name: str, N: int, V: int) -> int:
+    out = subprocess.run([sys.executable, __file__, "--peak-child", op, name, "--tokens", str(N), "--vocab", str(V)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def trainer_tokens_per_second(pairs: int):
+    """Training tokens/s of the embedded default, reference (native off) and native, alternating."""
+    rates = {"reference": [], "native": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            for label, switch in (("reference", "0"), ("native", "1")):
+                os.environ["PPO_FAST_NATIVE"] = switch
+                try:
+                    summary, _ = train_run(Path(tmp), f"{label}{i}", ["--seed", str(i)])
+                finally:
+                    os.environ.pop("PPO_FAST_NATIVE")
+                rates[label].append(summary["tokens_per_second_train"])
+    return rates
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--trainer-pairs", type=int, default=2)
+    parser.add_argument("--peak-child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     N, V = args.tokens, args.vocab
-    torch.manual_seed(0)
-    logits = torch.randn(N, V) * 3
-    labels = torch.randint(0, V, (N,))
-    grad = torch.randn(N)
-
-    def eager():
-        z = logits.detach().requires_grad_()
-        logp = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
-        torch.autograd.backward(logp, grad)
-
-    def backend(module):
-        def run():
-            logp, entropy, lse = module.token_logprobs_forward(logits, labels, 1.0, -100, False)
-            dlogits = torch.empty_like(logits)
-            module.token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad, None, 1.0, -100)
-        return run
-
-    def public():
-        z = logits.detach().requires_grad_()
-        torch.autograd.backward(pf.token_logprobs(z, labels), grad)
-
-    def inplace_seconds() -> float:
-        """inplace_backward writes dlogits over the logits (a caller's buffer it no longer needs):
-        no fresh [N, V] buffer to page in. The logits are restored outside the timing."""
-        spare, times = torch.empty_like(logits), []
-        for _ in range(args.repeats + 1):
-            spare.copy_(logits)
-            z = spare.detach().requires_grad_()
-            start = time.perf_counter()
-            torch.autograd.backward(pf.token_logprobs(z, labels, inplace_backward=True), grad)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
-
-    rows = {"eager (log_softmax + gather)": eager, "ppo_fast reference backend": backend(reference),
-            "ppo_fast native backend": backend(native), "pf.token_logprobs (native, autograd)": public}
-    times = {name: median_seconds(fn, args.repeats) for name, fn in rows.items()}
-    times["pf.token_logprobs (native, inplace_backward)"] = inplace_seconds()
-    bandwidth = copy_bandwidth(N * V)
-    floor = 3 * 4 * N * V / bandwidth
-
-    B, T = 512, 1024
+    if args.peak_child:
+        peak_extra_child(*args.peak_child, N, V)
+        return
+    native.load()
+    B, T = 512, 1024  # measured first, before any [N, V] buffer has been through the allocator
     rewards, values = torch.randn(B, T), torch.randn(B, T)
     mask = torch.rand(B, T) > 0.1
     loop = median_seconds(lambda: spec.gae(rewards, values, mask), 3)
-    ours = median_seconds(lambda: pf.gae(rewards, values, mask), args.repeats)
+    ours = median_seconds(lambda: pf.gae(rewards, values, mask), 50)
+    gae_line = f"GAE [{B}, {T}] fp32: Python loop over T {1e3 * loop:.1f} ms, pf.gae (native) " \
+               f"{1e3 * ours:.2f} ms (median of 50): {loop / ours:.0f}x the loop."
 
+    x = inputs(N, V)
+    bandwidth = copy_bandwidth(N * V)
+    floor = 3 * 4 * N * V / bandwidth
     lines = [
         "# Native CPU kernels against eager PyTorch (side by side, one run)",
         "",
         f"Measured with `python benches/bench_native.py` on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}. Median of "
-        f"{args.repeats} calls after a warm-up. Copy bandwidth {bandwidth / 1e9:.1f} GB/s; the floor of the "
-        f"log-prob forward+backward (read the logits twice, write dlogits once) is {1e3 * floor:.0f} ms.",
-        "",
-        f"token_logprobs forward+backward, fp32 logits [{N}, {V}]:",
-        "",
-        "| provider | median ms | vs eager | × floor |",
-        "| --- | --- | --- | --- |",
+        f"{args.repeats} calls after a warm-up, a fresh gradient buffer each call. Copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s: the floor of a log-prob forward+backward (read the logits twice, write "
+        f"dlogits once) is {1e3 * floor:.0f} ms. Peak extra memory: resident high-water mark of one "
+        f"forward+backward above the inputs, a fresh process each; dlogits alone is {4 * N * V / 2**20:.0f} MiB.",
     ]
-    base = times["eager (log_softmax + gather)"]
-    for name, seconds in times.items():
-        lines.append(f"| {name} | {1e3 * seconds:.0f} | {base / seconds:.2f} | {seconds / floor:.1f} |")
-    lines += ["", f"GAE [{B}, {T}] fp32: Python loop over T {1e3 * loop:.0f} ms, pf.gae (native) "
-                  f"{1e3 * ours:.2f} ms: {loop / ours:.0f}x the loop."]
+    titles = {"logprobs": f"token_logprobs forward+backward, fp32 logits [{N}, {V}]",
+              "ppo": f"PPO actor loss forward+backward, fp32 logits [{N}, {V}] (KL k3 {KL_COEF}, entropy "
+                     f"{ENTROPY_COEF}, clip {CLIP}, dual clip {DUAL_CLIP}, token-mean)"}
+    for op, providers in PROVIDERS.items():
+        times = {name: timed(op, name, x, args.repeats) for name in providers}
+        peaks = {name: peak_extra(op, name, N, V) for name in providers}
+        base = next(iter(times.values()))
+        lines += ["", titles[op] + ":", "", "| provider | median ms | × eager speed | × floor | peak extra MiB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, seconds in times.items():
+            lines.append(f"| {name} | {1e3 * seconds:.0f} | {base / seconds:.2f} | {seconds / floor:.1f} | "
+                         f"{peaks[name] / 2**20:.0f} |")
+
+    lines += ["", gae_line]
+    if args.trainer_pairs:
+        rates = trainer_tokens_per_second(args.trainer_pairs)
+        ref, nat = statistics.mean(rates["reference"]), statistics.mean(rates["native"])
+        lines += ["", f"Embedded default (`ppo-fast train`, seeds 0..{args.trainer_pairs - 1}, runs alternating): "
+                      f"training tokens/s {ref:.0f} with the native kernels off (PPO_FAST_NATIVE=0; runs "
+                      f"{', '.join(f'{r:.0f}' for r in rates['reference'])}), {nat:.0f} on (runs "
+                      f"{', '.join(f'{r:.0f}' for r in rates['native'])}): {nat / ref:.2f}x."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

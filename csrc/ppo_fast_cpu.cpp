@@ -22,8 +22,15 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
+#include <mutex>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -113,6 +120,29 @@ void row_sums(const acc_t* s, int64_t V, acc_t m, bool with_entropy, bool with_s
   out[2] = total_squares;
 }
 
+template <typename acc_t>
+struct RowResult {
+  acc_t logp, entropy, lse, squares;
+};
+
+// One row's log-prob, entropy, log-sum-exp and Σp². A label outside [0, V) (only possible when the
+// public checks are skipped, as under torch.compile) is never read: the row's results are NaN, as
+// on the other backends, and the backward turns the NaN lse into a NaN gradient.
+template <typename in_t, typename acc_t>
+RowResult<acc_t> row_forward(const in_t* z, int64_t V, int64_t label, acc_t inv_temp, bool with_entropy,
+                             bool with_squares, std::vector<acc_t>& buffer) {
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  if (label < 0 || label >= V) return {nan, nan, nan, nan};
+  const acc_t* s = scaled_row<in_t, acc_t>(z, V, inv_temp, buffer);
+  const acc_t m = row_max(s, V);
+  acc_t sums[3];
+  row_sums(s, V, m, with_entropy, with_squares, sums);
+  const acc_t log_sum = std::log(sums[0]);
+  const acc_t lse = m + log_sum;
+  return {s[label] - lse, with_entropy ? log_sum - sums[1] / sums[0] : acc_t(0), lse,
+          with_squares ? sums[2] / (sums[0] * sums[0]) : acc_t(0)};
+}
+
 template <typename in_t, typename acc_t>
 void logprobs_forward_kernel(const at::Tensor& logits, const at::Tensor& labels, double inv_temp_d,
                              int64_t ignore_index, bool with_entropy, bool with_squares, at::Tensor& logp,
@@ -135,16 +165,12 @@ void logprobs_forward_kernel(const at::Tensor& logits, const at::Tensor& labels,
         if (with_squares) out_squares[r] = 0;
         continue;
       }
-      const acc_t* s = scaled_row<in_t, acc_t>(base + rows.offset(r), V, inv_temp, buffer);
-      const acc_t m = row_max(s, V);
-      acc_t sums[3];
-      row_sums(s, V, m, with_entropy, with_squares, sums);
-      const acc_t log_sum = std::log(sums[0]);
-      const acc_t row_lse = m + log_sum;
-      out_lse[r] = row_lse;
-      out_logp[r] = s[y[r]] - row_lse;
-      out_entropy[r] = with_entropy ? log_sum - sums[1] / sums[0] : acc_t(0);
-      if (with_squares) out_squares[r] = sums[2] / (sums[0] * sums[0]);
+      const RowResult<acc_t> result =
+          row_forward<in_t, acc_t>(base + rows.offset(r), V, y[r], inv_temp, with_entropy, with_squares, buffer);
+      out_lse[r] = result.lse;
+      out_logp[r] = result.logp;
+      out_entropy[r] = result.entropy;
+      if (with_squares) out_squares[r] = result.squares;
     }
   });
 }
@@ -240,7 +266,7 @@ void logprobs_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, con
         acc_t centred = std::max(s[j] - mean_s, std::numeric_limits<acc_t>::lowest());
         d[j] = (acc_t(0) - p * gr - p * centred * hr) * inv_temp;
       }
-      d[y[r]] += gr * inv_temp;
+      if (y[r] >= 0 && y[r] < V) d[y[r]] += gr * inv_temp;
       if constexpr (!std::is_same_v<in_t, acc_t>) {
         for (int64_t k = 0; k < V; ++k) d_row[k] = static_cast<in_t>(d[k]);
       }
@@ -281,6 +307,262 @@ void token_logprobs_backward(at::Tensor dlogits, const at::Tensor& logits, const
     default:
       TORCH_CHECK(false, "logits must be float64, float32, bfloat16 or float16, got ", logits.scalar_type());
   }
+}
+
+// The PPO actor loss per token, fused into the row pass (kernels/ppo_loss.py has the same math).
+// With logp and H from the row and Δ = logp − old_logp:
+//   ratio = e^{clamp(Δ, ±20)},  pg = max(−A·ratio, −A·clip(ratio, 1 − ε_low, 1 + ε_high))
+//   dual clip (c > 1), A < 0: pg = min(pg, −A·c);  truncated IS: pg ·= min(e^{clamp(old − rollout, ±20)}, cap)
+//   token_loss = pg + β·kl(logp, ref) − η·H,  and ∂token_loss/∂logp for the backward.
+enum KlMode { kNoKl = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4, kK1Plus = 5, kK3Plus = 6 };
+
+KlMode kl_mode_of(const std::string& name) {
+  if (name == "k1") return kK1;
+  if (name == "abs") return kAbs;
+  if (name == "k2") return kK2;
+  if (name == "k3") return kK3;
+  if (name == "k1+") return kK1Plus;
+  if (name == "k3+") return kK3Plus;
+  TORCH_CHECK(false, "kl_estimator must be one of k1, abs, k2, k3, k1+, k3+, got '", name, "'");
+}
+
+struct PpoScalars {
+  double clip_low, clip_high, dual_clip, tis_cap, kl_coef, entropy_coef;
+  bool has_dual_clip;
+  KlMode kl_mode;
+};
+
+template <typename acc_t>
+struct PpoToken {
+  acc_t loss, dloss, pg, kl, log_ratio;
+  int8_t flags;
+};
+
+template <typename acc_t>
+PpoToken<acc_t> ppo_token(acc_t logp, acc_t entropy, acc_t old_logp, acc_t adv, const acc_t* ref,
+                          const acc_t* rollout, const PpoScalars& c) {
+  constexpr acc_t bound = 20, k3_bound = 10;
+  const acc_t raw_log_ratio = logp - old_logp;
+  const bool ratio_in = raw_log_ratio >= -bound && raw_log_ratio <= bound;
+  const acc_t log_ratio = std::min(std::max(raw_log_ratio, -bound), bound);
+  const acc_t ratio = std::exp(log_ratio);
+  const acc_t unclipped = -adv * ratio;
+  const acc_t clipped_loss =
+      -adv * std::min(std::max(ratio, acc_t(1 - c.clip_low)), acc_t(1 + c.clip_high));
+  const bool clipped = clipped_loss > unclipped;
+  acc_t pg = clipped ? clipped_loss : unclipped;
+  acc_t dpg = (clipped || !ratio_in) ? acc_t(0) : unclipped;
+  bool clipped_lower = false;
+  if (c.has_dual_clip) {
+    const acc_t cap = -adv * acc_t(c.dual_clip);
+    clipped_lower = adv < 0 && pg > cap;
+    if (clipped_lower) {
+      pg = cap;
+      dpg = 0;
+    }
+  }
+  if (rollout) {
+    const acc_t is_log_ratio = std::min(std::max(old_logp - *rollout, -bound), bound);
+    const acc_t weight = std::min(std::exp(is_log_ratio), acc_t(c.tis_cap));
+    pg *= weight;
+    dpg *= weight;
+  }
+  acc_t kl = 0, dkl = 0;
+  if (ref && c.kl_mode != kNoKl) {
+    const acc_t diff = logp - *ref;
+    switch (c.kl_mode) {
+      case kK1:
+        kl = diff;
+        dkl = 1;
+        break;
+      case kAbs:
+        kl = std::abs(diff);
+        dkl = diff > 0 ? acc_t(1) : (diff < 0 ? acc_t(-1) : acc_t(0));
+        break;
+      case kK2:
+        kl = acc_t(0.5) * diff * diff;
+        dkl = diff;
+        break;
+      case kK1Plus:
+        kl = diff;
+        dkl = diff;
+        break;
+      default: {  // k3 and k3+: e^x − x − 1, x = clamp(ref − logp, ±20), the value clamped to ±10
+        const bool x_in = -diff >= -bound && -diff <= bound;
+        const acc_t x = std::min(std::max(-diff, -bound), bound);
+        const acc_t raw = std::exp(x) - x - 1;
+        kl = std::min(std::max(raw, -k3_bound), k3_bound);
+        if (c.kl_mode == kK3Plus) {
+          dkl = diff;
+        } else {
+          dkl = (x_in && raw >= -k3_bound && raw <= k3_bound) ? acc_t(1) - std::exp(x) : acc_t(0);
+        }
+      }
+    }
+  }
+  const acc_t kl_coef = static_cast<acc_t>(c.kl_coef), entropy_coef = static_cast<acc_t>(c.entropy_coef);
+  return {pg + kl_coef * kl - entropy_coef * entropy, dpg + kl_coef * dkl, pg, kl, log_ratio,
+          static_cast<int8_t>((clipped ? 1 : 0) + (clipped_lower ? 2 : 0))};
+}
+
+template <typename in_t, typename acc_t>
+void ppo_forward_kernel(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+                        const at::Tensor& advantages, const c10::optional<at::Tensor>& ref_logp,
+                        const c10::optional<at::Tensor>& rollout_logp, double inv_temp_d, int64_t ignore_index,
+                        const PpoScalars& scalars, std::vector<at::Tensor>& out) {
+  const int64_t V = logits.size(-1);
+  const int64_t N = labels.numel();
+  const Rows rows = rows_of(logits);
+  const in_t* base = logits.data_ptr<in_t>();
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const acc_t* old = old_logp.data_ptr<acc_t>();
+  const acc_t* adv = advantages.data_ptr<acc_t>();
+  const acc_t* ref = ref_logp.has_value() ? ref_logp->data_ptr<acc_t>() : nullptr;
+  const acc_t* rollout = rollout_logp.has_value() ? rollout_logp->data_ptr<acc_t>() : nullptr;
+  acc_t *loss = out[0].data_ptr<acc_t>(), *dloss = out[1].data_ptr<acc_t>(), *logp = out[2].data_ptr<acc_t>(),
+        *entropy = out[3].data_ptr<acc_t>(), *lse = out[4].data_ptr<acc_t>(), *pg = out[5].data_ptr<acc_t>(),
+        *kl = out[6].data_ptr<acc_t>(), *log_ratio = out[7].data_ptr<acc_t>();
+  int8_t* flags = out[8].data_ptr<int8_t>();
+  const acc_t inv_temp = static_cast<acc_t>(inv_temp_d);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer;
+    for (int64_t r = begin; r < end; ++r) {
+      if (y[r] == ignore_index) {
+        loss[r] = dloss[r] = logp[r] = entropy[r] = lse[r] = pg[r] = kl[r] = log_ratio[r] = 0;
+        flags[r] = 0;
+        continue;
+      }
+      const RowResult<acc_t> row =
+          row_forward<in_t, acc_t>(base + rows.offset(r), V, y[r], inv_temp, true, false, buffer);
+      const PpoToken<acc_t> token = ppo_token<acc_t>(row.logp, row.entropy, old[r], adv[r], ref ? ref + r : nullptr,
+                                                     rollout ? rollout + r : nullptr, scalars);
+      loss[r] = token.loss;
+      dloss[r] = token.dloss;
+      logp[r] = row.logp;
+      entropy[r] = row.entropy;
+      lse[r] = row.lse;
+      pg[r] = token.pg;
+      kl[r] = token.kl;
+      log_ratio[r] = token.log_ratio;
+      flags[r] = token.flags;
+    }
+  });
+}
+
+std::vector<at::Tensor> ppo_loss_forward(const at::Tensor& logits, const at::Tensor& labels,
+                                         const at::Tensor& old_logp, const at::Tensor& advantages,
+                                         const c10::optional<at::Tensor>& ref_logp,
+                                         const c10::optional<at::Tensor>& rollout_logp, double inv_temp,
+                                         int64_t ignore_index, double clip_low, double clip_high,
+                                         c10::optional<double> dual_clip, double tis_cap, double kl_coef,
+                                         double entropy_coef, const std::string& kl_estimator) {
+  check_rows(logits, labels);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&old_logp, &advantages, ref_logp ? &*ref_logp : nullptr,
+                              rollout_logp ? &*rollout_logp : nullptr}) {
+    TORCH_CHECK(t == nullptr || (t->scalar_type() == acc && t->is_contiguous() && t->numel() == labels.numel()),
+                "old_logp, advantages, ref_logp and rollout_logp must be contiguous ", acc, " of ",
+                labels.numel(), " tokens");
+  }
+  const PpoScalars scalars{clip_low, clip_high, dual_clip.value_or(0.0), tis_cap, kl_coef, entropy_coef,
+                           dual_clip.has_value(), ref_logp.has_value() ? kl_mode_of(kl_estimator) : kNoKl};
+  auto options = logits.options().dtype(acc);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 8; ++i) out.push_back(at::empty(labels.sizes(), options));
+  out.push_back(at::empty(labels.sizes(), options.dtype(at::kChar)));
+  switch (logits.scalar_type()) {
+    case at::kDouble:
+      ppo_forward_kernel<double, double>(logits, labels, old_logp, advantages, ref_logp, rollout_logp, inv_temp,
+                                         ignore_index, scalars, out);
+      break;
+    case at::kFloat:
+      ppo_forward_kernel<float, float>(logits, labels, old_logp, advantages, ref_logp, rollout_logp, inv_temp,
+                                       ignore_index, scalars, out);
+      break;
+    case at::kBFloat16:
+      ppo_forward_kernel<at::BFloat16, float>(logits, labels, old_logp, advantages, ref_logp, rollout_logp,
+                                              inv_temp, ignore_index, scalars, out);
+      break;
+    case at::kHalf:
+      ppo_forward_kernel<at::Half, float>(logits, labels, old_logp, advantages, ref_logp, rollout_logp, inv_temp,
+                                          ignore_index, scalars, out);
+      break;
+    default:
+      TORCH_CHECK(false, "logits must be float64, float32, bfloat16 or float16, got ", logits.scalar_type());
+  }
+  return out;
+}
+
+// An uninitialised contiguous tensor of the shape and dtype of `like`, for a [tokens, vocab]
+// gradient. Large ones are backed by 2 MiB pages (madvise, where the kernel's transparent huge
+// pages allow it), and the last one freed is kept for the next: a fresh buffer is faulted in and
+// zeroed by the kernel page by page on its first write, which on a 0.5 GB dlogits took longer than
+// the backward kernel itself. Training allocates one such buffer per backward, each about the size
+// of the last, so keeping one moves no peak: the kept buffer becomes the next dlogits. Held
+// between steps, it is given back by release_gradient_cache() (ppo_fast.native.release_cache).
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kPooledBytes = 8 * kHugePage;
+
+struct KeptBuffer {
+  std::mutex lock;
+  void* data = nullptr;
+  size_t capacity = 0;
+};
+
+KeptBuffer& kept_buffer() {
+  static KeptBuffer* kept = new KeptBuffer();  // never destroyed: deleters may run at exit
+  return *kept;
+}
+
+void release_gradient_cache() {
+  KeptBuffer& kept = kept_buffer();
+  std::lock_guard<std::mutex> guard(kept.lock);
+  std::free(kept.data);
+  kept.data = nullptr;
+  kept.capacity = 0;
+}
+
+void keep_or_free(void* data, size_t capacity) {
+  KeptBuffer& kept = kept_buffer();
+  std::lock_guard<std::mutex> guard(kept.lock);
+  if (kept.data == nullptr) {
+    kept.data = data;
+    kept.capacity = capacity;
+  } else {
+    std::free(data);
+  }
+}
+
+at::Tensor empty_gradient_like(const at::Tensor& like) {
+  const auto sizes = like.sizes();
+  const auto dtype = like.scalar_type();
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  auto options = at::TensorOptions().dtype(dtype);
+  if (bytes < kPooledBytes) return at::empty(sizes, options);
+  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* data = nullptr;
+  size_t capacity = rounded;
+  {
+    KeptBuffer& kept = kept_buffer();
+    std::lock_guard<std::mutex> guard(kept.lock);
+    // Taken when it fits without wasting more than half of it; otherwise given back.
+    if (kept.data != nullptr && kept.capacity >= rounded && kept.capacity <= 2 * rounded) {
+      data = kept.data;
+      capacity = kept.capacity;
+    } else {
+      std::free(kept.data);
+    }
+    kept.data = nullptr;
+    kept.capacity = 0;
+  }
+  if (data == nullptr) {
+    data = std::aligned_alloc(kHugePage, rounded);
+    TORCH_CHECK(data != nullptr, "could not allocate ", bytes, " bytes for a gradient");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data, rounded, MADV_HUGEPAGE);
+#endif
+  }
+  return at::from_blob(data, sizes, [capacity](void* p) { keep_or_free(p, capacity); }, options);
 }
 
 template <typename acc_t>
@@ -336,4 +618,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward", &token_logprobs_forward);
   m.def("token_logprobs_backward", &token_logprobs_backward);
   m.def("gae_forward", &gae_forward);
+  m.def("ppo_loss_forward", &ppo_loss_forward);
+  m.def("empty_gradient_like", &empty_gradient_like);
+  m.def("release_gradient_cache", &release_gradient_cache);
 }

@@ -39,7 +39,7 @@ _NATIVE = "ppo_fast.backends.native"
 
 TABLE: dict[str, dict[str, str]] = {
     "token_logprobs": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
-    "ppo_loss": {"reference": _REFERENCE, "triton": _TRITON},
+    "ppo_loss": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
     "linear_logprobs": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
     "gae": {"reference": _REFERENCE, "triton": _TRITON, "native": _NATIVE},
     "policy_loss": {"reference": _REFERENCE},

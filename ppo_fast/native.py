@@ -37,7 +37,7 @@ SOURCES = [_source_directory() / "ppo_fast_cpu.cpp"]
 def _flags() -> list[str]:
     """Compiler flags: ATen's AVX2 vectors (its exp is SLEEF's, 1 ULP) where the CPU has AVX2, its
     portable ones otherwise; OpenMP, which at::parallel_for runs on."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp"]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX512":
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
@@ -135,6 +135,14 @@ def unavailable() -> str | None:
     except RuntimeError as exc:
         return str(exc)
     return None
+
+
+def release_cache() -> None:
+    """Give back the gradient buffer the native backward keeps between steps (the last freed
+    ``[tokens, vocab]`` dlogits of 16 MiB or more, reused by the next backward of a size that fits;
+    see ``empty_gradient_like`` in csrc/ppo_fast_cpu.cpp). A no-op when the kernels are not loaded."""
+    if _module is not None:
+        _module.release_gradient_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,7 @@ def _dlogits(ctx, logits, labels, lse, entropy, grad_logp, grad_entropy) -> Tens
     if ctx.inplace_backward and impl.writes_in_place(logits):
         dlogits = logits
     else:
-        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        dlogits = impl.empty_dlogits(logits)
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     token_logprobs_backward_op(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,

@@ -33,9 +33,18 @@ def force_backend(monkeypatch):
     return force
 
 
-@pytest.fixture(params=["reference", "triton"])
+# The native C++ kernels serve CPU tensors only; without them (PPO_FAST_NATIVE=0) their cases skip.
+BACKEND_PARAMS = ["reference", "triton"] + (["native"] if DEVICE == "cpu" else [])
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request, force_backend):
     """Runs the test body with this backend forced for every public call."""
+    if request.param == "native":
+        from ppo_fast import native
+
+        if native.unavailable() is not None:
+            pytest.skip(f"native kernels: {native.unavailable()}")
     with force_backend(request.param):
         yield request.param
 

@@ -9,6 +9,7 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import dispatch, native
+from ppo_fast.backends import PPO_OUTPUTS
 from ppo_fast.backends import native as nb
 from ppo_fast.backends import reference as rb
 
@@ -33,7 +34,8 @@ def test_the_native_kernels_build_and_serve_the_cpu():
     assert native.unavailable() is None
     assert dispatch.choose("token_logprobs", "cpu") == "native"
     assert dispatch.choose("gae", "cpu") == "native"
-    assert dispatch.choose("ppo_loss", "cpu") == "reference"  # no native PPO terms yet
+    assert dispatch.choose("ppo_loss", "cpu") == "native"
+    assert dispatch.choose("linear_logprobs", "cpu") == "native"
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -56,6 +58,83 @@ def test_forward_and_backward_match_the_reference(shape, dtype, temperature):
         rb.token_logprobs_backward(want, logits, labels, spec[2], spec[1], grad_logp, grad_entropy, inv_temp, -100)
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=max(tol, 1e-2 * (dtype not in (
             torch.float64, torch.float32))))
+
+
+PPO_CASES = [
+    dict(),
+    dict(dual_clip=3.0),
+    dict(kl_estimator="k1", kl_coef=0.1),
+    dict(kl_estimator="abs", kl_coef=0.1, entropy_coef=0.01),
+    dict(kl_estimator="k2", kl_coef=0.2, dual_clip=2.0, rollout=True),
+    dict(kl_estimator="k3", kl_coef=0.05, entropy_coef=0.02, clip_high=0.28),
+    dict(kl_estimator="k1+", kl_coef=0.1, rollout=True, tis_cap=1.5),
+    dict(kl_estimator="k3+", kl_coef=0.1, entropy_coef=0.03, dual_clip=3.0, rollout=True),
+    dict(kl_estimator="k3", kl_coef=0.0),
+]
+
+
+@pytest.mark.parametrize("case", PPO_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
+@pytest.mark.parametrize("shape,dtype", [((37, 1271), torch.float64), ((3, 5, 301), torch.float32),
+                                         ((2, 4, 4099), torch.bfloat16), ((1, 7), torch.float16)])
+def test_the_fused_ppo_terms_match_the_reference(case, shape, dtype):
+    """Every per-token output, the log ratio pushed past the ±20 clamp and the k3 value past ±10
+    on some tokens; an ignored row holds NaN."""
+    case = dict(case)
+    logits, labels = _inputs(shape, dtype, seed=len(case) + shape[-1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(9)
+    logp = rb.token_logprobs_forward(logits, labels, 0.8, -100, False)[0]
+    old = logp + torch.randn(labels.shape, generator=g, dtype=acc)
+    ref = logp + 3 * torch.randn(labels.shape, generator=g, dtype=acc)
+    old.view(-1)[0] -= 25
+    ref.view(-1)[-1] += 25
+    rollout = old + 0.5 * torch.randn(labels.shape, generator=g, dtype=acc) if case.pop("rollout", False) else None
+    adv = torch.randn(labels.shape, generator=g, dtype=acc)
+    kl_estimator = case.pop("kl_estimator", "k3")
+    args = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, tis_cap=2.0, kl_coef=0.0, entropy_coef=0.0)
+    args.update(case)
+    call = (logits, labels, old, adv, ref if "kl_coef" in case else None, rollout, 1 / 0.8, -100, args["clip_low"],
+            args["clip_high"], args["dual_clip"], args["tis_cap"], args["kl_coef"], args["entropy_coef"],
+            kl_estimator)
+    ours, spec = nb.ppo_loss_forward(*call), rb.ppo_loss_forward(*call)
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(PPO_OUTPUTS, ours, spec):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+def test_an_out_of_range_label_gives_nan_not_a_wild_read():
+    """The label range is checked on the host except under torch.compile; the kernels then give NaN
+    for such a row (as the Triton ones) and never read outside it."""
+    logits = torch.randn(3, 40)
+    labels = torch.tensor([5, 40, -100])
+    logp, entropy, lse = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(lse[1]) and logp[2] == 0
+    dlogits = torch.zeros_like(logits)
+    nb.token_logprobs_backward(dlogits, logits, labels, lse, entropy, torch.ones(3), None, 1.0, -100)
+    assert torch.isfinite(dlogits[0]).all() and torch.isnan(dlogits[1]).all() and (dlogits[2] == 0).all()
+
+
+def test_a_large_gradient_on_huge_pages_is_an_ordinary_tensor(monkeypatch):
+    """Buffers of 16 MiB and more come from the 2 MiB-page allocator: the gradient must still be a
+    tensor autograd can accumulate into and free."""
+    logits, labels = _inputs((1100, 4099), torch.float32, seed=12)
+    results = []
+    for backend in ("native", "reference"):
+        monkeypatch.setenv("PPO_FAST_BACKEND", backend)
+        x = logits.clone().requires_grad_()
+        pf.token_logprobs(x, labels).nan_to_num().sum().backward()
+        pf.token_logprobs(x, labels).nan_to_num().sum().backward()  # accumulates into x.grad
+        results.append(x.grad)
+    assert results[0].is_contiguous() and results[0].shape == logits.shape
+    torch.testing.assert_close(results[0], results[1], rtol=2e-5, atol=2e-5)
+    kept = nb.empty_dlogits(logits)
+    assert kept.untyped_storage().nbytes() >= logits.numel() * 4
+    address = kept.data_ptr()
+    del kept  # kept for the next gradient that fits ...
+    assert nb.empty_dlogits(logits[:-7]).data_ptr() == address
+    assert nb.empty_dlogits(logits[:100]).shape == (100, 4099)  # ... not taken by a much smaller one
+    native.release_cache()
 
 
 def test_a_shifted_view_and_the_gradient_in_place():

@@ -6,6 +6,7 @@ under the same function names and signatures:
     token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,
                             inv_temp, ignore_index)              writes ∂loss/∂logits into dlogits
     writes_in_place(logits) -> bool                              may dlogits be the logits buffer
+    empty_dlogits(logits) -> Tensor                              a fresh buffer for dlogits
     ppo_loss_forward(logits, labels, old_logp, advantages, ref_logp, rollout_logp, inv_temp,
                      ignore_index, clip_low, clip_high, dual_clip, tis_cap, kl_coef,
                      entropy_coef, kl_estimator) -> PPO_OUTPUTS, per token

@@ -17,6 +17,11 @@ def writes_in_place(logits: torch.Tensor) -> bool:
     return logits.stride(-1) == 1
 
 
+def empty_dlogits(logits: torch.Tensor) -> torch.Tensor:
+    """Large buffers on 2 MiB pages (see ``empty_gradient_like`` in csrc/ppo_fast_cpu.cpp)."""
+    return native.load().empty_gradient_like(logits)
+
+
 def _rows(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
@@ -34,6 +39,24 @@ def token_logprobs_backward(dlogits, logits, labels, lse, entropy, grad_logp, gr
         dlogits, _rows(logits), labels.long().contiguous(), lse.contiguous(), entropy.to(dtype).contiguous(),
         grad_logp.to(dtype).contiguous(), None if grad_entropy is None else grad_entropy.to(dtype).contiguous(),
         float(inv_temp), int(ignore_index))
+
+
+def ppo_loss_forward(logits, labels, old_logp, advantages, ref_logp, rollout_logp, inv_temp,
+                     ignore_index, clip_low, clip_high, dual_clip, tis_cap, kl_coef, entropy_coef,
+                     kl_estimator):
+    """The row pass and the per-token loss in one kernel; outputs as ``PPO_OUTPUTS``."""
+    dtype = compute_dtype(logits)
+    shape = labels.shape
+
+    def per_token(t):
+        return None if t is None else t.to(dtype).reshape(shape).contiguous()
+
+    out = native.load().ppo_loss_forward(
+        _rows(logits), labels.long().contiguous(), per_token(old_logp), per_token(advantages),
+        per_token(ref_logp), per_token(rollout_logp), float(inv_temp), int(ignore_index),
+        float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
+        float(tis_cap), float(kl_coef), float(entropy_coef), str(kl_estimator))
+    return tuple(out)
 
 
 def linear_logprobs_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):

@@ -25,6 +25,10 @@ def writes_in_place(logits: torch.Tensor) -> bool:
     return False
 
 
+def empty_dlogits(logits: torch.Tensor) -> torch.Tensor:
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
 # On the CPU, where this backend is the fast path, each fresh [N, V] buffer costs about as much as
 # a pass over it (the pages are faulted in anew), so both directions allocate as few as they can:
 # the forward one (two with entropy), the backward none beyond dlogits (one more with entropy).

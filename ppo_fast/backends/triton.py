@@ -41,6 +41,10 @@ def writes_in_place(logits: torch.Tensor) -> bool:
     return logprobs_kernels.row_layout(logits)[0] is logits
 
 
+def empty_dlogits(logits: torch.Tensor) -> torch.Tensor:
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
 def token_logprobs_forward(logits, labels, inv_temp, ignore_index, with_entropy,
                            with_sum_pi_squared=False):
     """``(logp, entropy, lse)``, and ``sum_pi_squared`` as a fourth output when asked for, all
