@@ -2,8 +2,8 @@
 
 Run with ``pytest benches/ --benchmark-enable`` (the repo's addopts disable benchmarks, so a plain
 ``pytest benches/`` only runs each case once as a smoke test). CUDA when available, with the
-issue's shapes; otherwise small CPU shapes, where ``ppo_fast`` runs its reference backend and
-the Triton backend is skipped.
+issue's shapes; otherwise small CPU shapes, where ``ppo_fast`` runs its native backend (its
+reference one is timed beside it) and the Triton backend is skipped.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ N_INPUT_SETS = 3
 # Enough rounds for a stable median while keeping the CPU suite near a minute.
 pytestmark = pytest.mark.benchmark(min_rounds=5, max_time=0.5, warmup=False)
 
-# On the CPU the public functions fall back to the reference ops: benchmark that under its own
-# name, and list the Triton backend so the report shows it was skipped rather than absent.
-PPO_FAST_BACKENDS = ("triton",) if DEVICE.type == "cuda" else ("triton", "reference")
+# On the CPU the public functions run the native kernels where built, the reference ops otherwise:
+# benchmark both under their own names, and list the Triton backend so the report shows it was
+# skipped rather than absent.
+PPO_FAST_BACKENDS = ("triton",) if DEVICE.type == "cuda" else ("triton", "native", "reference")
 
 
 def provider_params(providers: dict):
@@ -40,6 +41,11 @@ def run_provider(measure, group, providers, provider, input_sets, n_bytes):
     name, forced = provider
     if forced == "triton" and DEVICE.type != "cuda":
         pytest.skip("Triton backend needs CUDA; its CPU interpreter is too slow to benchmark")
+    if forced == "native":
+        from ppo_fast import native
+
+        if native.unavailable() is not None:
+            pytest.skip(f"native kernels: {native.unavailable()}")
     label = forced or "eager PyTorch"
     if forced is None:
         measure(group, name, providers[name], input_sets, n_bytes, label)

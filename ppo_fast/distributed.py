@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,20 @@ def init_distributed(backend: str | None = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
+    _unlink_cpu_allreduce_buffers()
+
+
+def _unlink_cpu_allreduce_buffers() -> None:
+    """DeepSpeed's CPU all-reduce (its shm op, used when every rank is on one machine) puts one
+    segment per rank in /dev/shm and never unlinks it: each 2-rank CPU run left 132 MiB of RAM
+    behind until reboot. Once every rank is past init, every rank has mapped every segment, so
+    each rank unlinks its own name; the memory lives on until the last process unmaps it."""
+    if torch.cuda.is_available() or torch.distributed.get_world_size() < 2:
+        return
+    torch.distributed.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def shutdown_distributed() -> None:
