@@ -602,6 +602,15 @@ std::vector<at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor&
               "rewards and values must be contiguous in the compute dtype");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous(), "mask must be contiguous bool");
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.is_contiguous(), "cu_seqlens must be int64");
+  // Checked here too: under torch.compile the public check is skipped, and a wrong boundary would
+  // have the kernel read and write outside the tokens.
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  const int64_t bounds = cu_seqlens.numel();
+  TORCH_CHECK(bounds >= 1 && cu[0] == 0 && cu[bounds - 1] == rewards.numel(),
+              "cu_seqlens must run from 0 to the number of tokens (", rewards.numel(), ")");
+  for (int64_t i = 0; i + 1 < bounds; ++i) {
+    TORCH_CHECK(cu[i + 1] >= cu[i], "cu_seqlens must not decrease, got ", cu[i], " then ", cu[i + 1]);
+  }
   at::Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   if (rewards.scalar_type() == at::kDouble) {
     gae_kernel<double>(rewards, values, mask, cu_seqlens, gamma, lam, adv, ret);

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import native as _native
+from .backends import native as _native_backend  # noqa: F401  (loaded before any trace; builds nothing)
 from .backends import reference as _reference_backend  # noqa: F401  (loaded before any trace)
 
 BACKENDS = ("reference", "triton", "native")
@@ -84,9 +86,7 @@ def _device_reason(backend: str, device: torch.device) -> str | None:
     if backend == "native":
         if device.type != "cpu":
             return f"tensors are on {device.type}; the native kernels are for the CPU"
-        from . import native
-
-        return native.unavailable()
+        return _native.unavailable(build=not torch.compiler.is_compiling())
     if not _TRITON_INSTALLED:
         return "triton is not installed (pip install 'ppo-fast[triton]')"
     if device.type == "cuda":

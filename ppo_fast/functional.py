@@ -39,8 +39,9 @@ def token_logprobs(
             (in ``[1/V, 1]``; verl's ``sum_pi_squared`` for its optimal-token-baseline
             advantages), computed in the same pass over the logits. Forward only: it comes back
             with ``requires_grad=False`` and no gradient flows through it.
-        inplace_backward: on the Triton path, write the gradient into the logits buffer itself
-            during backward (saves one ``[N, V]`` buffer; the logits are overwritten).
+        inplace_backward: on the Triton and native paths, write the gradient into the logits
+            buffer itself during backward (saves one ``[N, V]`` buffer; the logits are
+            overwritten). Logits whose rows share memory (an expanded view) get a fresh buffer.
 
     Returns:
         ``logp`` ``[...]`` float32 (float64 for float64 logits) when neither extra is asked for,

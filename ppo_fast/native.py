@@ -126,10 +126,16 @@ def _import(library: Path):
     return module
 
 
-def unavailable() -> str | None:
-    """Why the native kernels cannot run here (None: they can; builds them on first use)."""
+def unavailable(build: bool = True) -> str | None:
+    """Why the native kernels cannot run here (None: they can; builds them on first use). With
+    ``build=False`` (while torch.compile traces, which cannot follow a build) a build not yet
+    tried counts as available: the op's first run outside the trace builds it."""
     if os.environ.get("PPO_FAST_NATIVE", "1") == "0":
         return "switched off by PPO_FAST_NATIVE=0"
+    if _module is not None:
+        return None
+    if _failure is not None or not build:
+        return _failure
     try:
         load()
     except RuntimeError as exc:

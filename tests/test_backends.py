@@ -177,6 +177,20 @@ def test_inplace_backward_writes_gradient_into_logits(device, force_backend):
     assert torch.equal(logits, got), "the gradient was not written into the logits buffer"
 
 
+def test_inplace_backward_on_expanded_logits_gets_a_fresh_buffer(device, backend):
+    """Rows that share memory (a stride-0 view): a gradient written over one row would be read
+    back as another, so the backward writes a buffer of its own."""
+    row = random_logits((1, 4, 97), torch.float32, device)
+    labels = random_labels((3, 4), 97, device)
+    grads = []
+    for inplace in (False, True):
+        leaf = row.clone().requires_grad_()
+        logits = (leaf * 1.0).expand(3, 4, 97)
+        pf.token_logprobs(logits, labels, inplace_backward=inplace).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_inplace_backward_on_logits_that_need_a_copy_falls_back(device, force_backend):
     """Logits the kernels cannot address directly are copied, so the gradient cannot go into them."""
     base = random_logits((2, 3, 6, 41), torch.float32, device)

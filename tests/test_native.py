@@ -115,6 +115,42 @@ def test_an_out_of_range_label_gives_nan_not_a_wild_read():
     assert torch.isfinite(dlogits[0]).all() and torch.isnan(dlogits[1]).all() and (dlogits[2] == 0).all()
 
 
+def test_rows_apart_tells_views_whose_rows_share_memory():
+    from ppo_fast.backends import rows_apart
+
+    x = torch.randn(4, 9, 13)
+    assert rows_apart(x) and rows_apart(x[:, :-1]) and rows_apart(x.transpose(0, 1)) and rows_apart(x[:, ::2])
+    assert not rows_apart(x[:1].expand(3, 9, 13))
+    assert not rows_apart(torch.randn(6, 13).as_strided((5, 13), (5, 1)))
+
+
+def test_gae_refuses_cu_seqlens_outside_the_tokens():
+    """Checked in the kernel too: under torch.compile the public check is skipped."""
+    rewards = values = torch.randn(10)
+    mask = torch.ones(10, dtype=torch.bool)
+    for cu in ([0, 12], [0, 50_000_000], [1, 10], [0, 7, 3, 10], []):
+        with pytest.raises(RuntimeError, match="cu_seqlens must"):
+            nb.gae_forward(rewards, values, mask, torch.tensor(cu, dtype=torch.long), 1.0, 0.95)
+
+
+def test_compiled_before_any_eager_call_builds_at_run_time(tmp_path):
+    """torch.compile(fullgraph=True) as a fresh process's first call: the trace cannot follow a
+    build, so it only records the op; the first run builds (here into an empty cache)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, ppo_fast as pf\n"
+            "f = torch.compile(lambda x, y: pf.token_logprobs(x, y), fullgraph=True)\n"
+            "x, y = torch.randn(4, 7, dtype=torch.float64), torch.tensor([0, 1, 2, 3])\n"
+            "torch.testing.assert_close(f(x, y), torch.log_softmax(x, -1).gather(-1, y[:, None])[:, 0])\n"
+            "from ppo_fast import dispatch; print(dispatch.choose('token_logprobs', 'cpu'))\n")
+    env = {**os.environ, "PPO_FAST_NATIVE_DIR": str(tmp_path / "cache")}
+    env.pop("PPO_FAST_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "native"
+
+
 def test_a_large_gradient_on_huge_pages_is_an_ordinary_tensor(monkeypatch):
     """Buffers of 16 MiB and more come from the 2 MiB-page allocator: the gradient must still be a
     tensor autograd can accumulate into and free."""

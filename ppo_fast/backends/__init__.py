@@ -21,3 +21,15 @@ PPO_OUTPUTS = ("token_loss", "dloss_dlogp", "logp", "entropy", "lse", "pg", "kl"
                "flags")
 """The per-token outputs of ``ppo_loss_forward``, in order; ``flags`` is int8 (bit 0: clipped,
 bit 1: clipped by the dual-clip cap), the rest are float32 (float64 for float64 logits)."""
+
+
+def rows_apart(logits) -> bool:
+    """Whether the rows of ``logits [..., V]`` (unit stride on V) occupy disjoint memory, so a
+    gradient written over one row cannot change another that is still to be read. An expanded
+    view (stride 0) or overlapping strides fail; sizes of 1 do not count."""
+    extent = logits.shape[-1]
+    for stride, size in sorted((abs(t), s) for s, t in zip(logits.shape[:-1], logits.stride()[:-1]) if s > 1):
+        if stride < extent:
+            return False
+        extent += stride * (size - 1)
+    return True

@@ -8,13 +8,14 @@ import torch
 
 from .. import native
 from ..reference import compute_dtype
-from . import reference
+from . import reference, rows_apart
 
 
 def writes_in_place(logits: torch.Tensor) -> bool:
-    # Each row is read whole before any of it is written; a row that is not unit-stride on the
-    # vocabulary is read from a copy, and then the gradient cannot go back into it.
-    return logits.stride(-1) == 1
+    """Each row is read whole before any of it is written, so the gradient can go over the row it
+    came from, unless the row was read from a copy (not unit-stride on the vocabulary) or rows
+    share memory (an expanded view: a row written would be read again as another)."""
+    return logits.stride(-1) == 1 and rows_apart(logits)
 
 
 def empty_dlogits(logits: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ..kernels import linear_logprobs as linear_kernels
 from ..kernels import logprobs as logprobs_kernels
 from ..kernels import ppo_loss as ppo_kernels
 from ..kernels.launch import ENABLE_FP_FUSION, Launch  # noqa: F401  (for ppo_fast.compile_check)
-from . import PPO_OUTPUTS
+from . import PPO_OUTPUTS, rows_apart
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,8 +37,9 @@ def _flat(t):
 
 
 def writes_in_place(logits: torch.Tensor) -> bool:
-    """The gradient can go into the logits buffer where the kernels address it without a copy."""
-    return logprobs_kernels.row_layout(logits)[0] is logits
+    """The gradient can go into the logits buffer where the kernels address it without a copy and
+    no two rows share memory (an expanded view would have a written row read again as another)."""
+    return logprobs_kernels.row_layout(logits)[0] is logits and rows_apart(logits)
 
 
 def empty_dlogits(logits: torch.Tensor) -> torch.Tensor:
