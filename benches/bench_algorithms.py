@@ -15,7 +15,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from bench_trainer import train_run
+from bench_trainer import publish, train_run
 
 ALGORITHMS = {
     "ppo": [],
@@ -60,10 +60,7 @@ def main():
     for algorithm in ALGORITHMS:
         gains = [s["gold_reward_after"] - s["gold_reward_before"] for a, _, s in results if a == algorithm]
         lines.append(f"{algorithm}: gold gain mean {sum(gains) / len(gains):.2f}, min {min(gains):.2f}.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from bench_trainer import train_run
+from bench_trainer import publish, train_run
 
 FLAGS = ["--algorithm", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "32", "--minibatch-size", "64",
          "--micro-batch-size", "64", "--ppo-epochs", "1", "--actor-lr", "1e-3", "--steps", "60", "--eval-every", "5",
@@ -55,10 +55,7 @@ def main():
                     lines.append(f"| {r['step']} | {r['eval_gold_reward']:.3f} | {r['eval_proxy_reward']:.3f} | "
                                  f"{r['eval_response_length']:.1f} | {r['eval_length_r2']:.2f} | {r['eval_kl']:.1f} | "
                                  f"{', '.join(fired) or '-'} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ fresh gradient buffers every call (as in training).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,25 +35,11 @@ from ppo_fast import native
 from ppo_fast import reference as spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import train_run  # noqa: E402
+from bench_providers import ForcedBackend  # noqa: E402
+from bench_trainer import publish, train_run  # noqa: E402
+from floors import Timer, copy_bandwidth  # noqa: E402
 
 KL_COEF, ENTROPY_COEF, CLIP, DUAL_CLIP = 0.05, 0.01, 0.2, 3.0
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(numel: int) -> float:
-    src, dst = torch.randn(numel), torch.empty(numel)
-    seconds = median_seconds(lambda: dst.copy_(src), 5)
-    return 2 * 4 * numel / seconds
 
 
 def inputs(N: int, V: int):
@@ -109,14 +95,15 @@ PROVIDERS = {
 }
 
 
+def forced(backend: str | None):
+    return ForcedBackend(backend) if backend else contextlib.nullcontext()
+
+
 def timed(op: str, name: str, x, repeats: int) -> float:
+    """Median seconds of one forward+backward."""
     fn, backend = PROVIDERS[op][name]
-    if backend:
-        os.environ["PPO_FAST_BACKEND"] = backend
-    try:
-        return median_seconds(lambda: fn(x, x["logits"].detach().requires_grad_()), repeats)
-    finally:
-        os.environ.pop("PPO_FAST_BACKEND", None)
+    with forced(backend):
+        return 1e-3 * Timer("cpu", repeats)(lambda: fn(x, x["logits"].detach().requires_grad_()))
 
 
 def _status_bytes(field: str) -> int:
@@ -132,13 +119,12 @@ def peak_extra_child(op: str, name: str, N: int, V: int) -> None:
     x = inputs(N, V)
     z = x["logits"].detach().requires_grad_()
     fn, backend = PROVIDERS[op][name]
-    if backend:
-        os.environ["PPO_FAST_BACKEND"] = backend
-    small = inputs(8, 64)
-    fn(small, small["logits"].detach().requires_grad_())  # loads what a first call loads
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_bytes("VmRSS")
-    fn(x, z)
+    with forced(backend):
+        small = inputs(8, 64)
+        fn(small, small["logits"].detach().requires_grad_())  # loads what a first call loads
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes("VmRSS")
+        fn(x, z)
     print(json.dumps(_status_bytes("VmHWM") - before))
 
 
@@ -183,15 +169,15 @@ def main():
     # Alternating rounds (one loop, then 20 calls of ours), so both see the same machine.
     loops, ours = [], []
     for _ in range(7):
-        loops.append(median_seconds(lambda: spec.gae(rewards, values, mask), 1))
-        ours.append(median_seconds(lambda: pf.gae(rewards, values, mask), 20))
+        loops.append(Timer("cpu", 1)(lambda: spec.gae(rewards, values, mask)))
+        ours.append(Timer("cpu", 20)(lambda: pf.gae(rewards, values, mask)))
     loop, mine = statistics.median(loops), statistics.median(ours)
-    gae_line = f"GAE [{B}, {T}] fp32: Python loop over T {1e3 * loop:.1f} ms, pf.gae (native) " \
-               f"{1e3 * mine:.2f} ms: {loop / mine:.0f}x the loop (medians of 7 alternating rounds; ratio per " \
+    gae_line = f"GAE [{B}, {T}] fp32: Python loop over T {loop:.1f} ms, pf.gae (native) " \
+               f"{mine:.2f} ms: {loop / mine:.0f}x the loop (medians of 7 alternating rounds; ratio per " \
                f"round {min(a / b for a, b in zip(loops, ours)):.0f}-{max(a / b for a, b in zip(loops, ours)):.0f}x)."
 
     x = inputs(N, V)
-    bandwidth = copy_bandwidth(N * V)
+    bandwidth = copy_bandwidth("cpu", Timer("cpu"), 4 * N * V)
     floor = 3 * 4 * N * V / bandwidth
     lines = [
         "# Native CPU kernels against eager PyTorch (side by side, one run)",
@@ -224,10 +210,7 @@ def main():
                       f"training tokens/s {ref:.0f} with the native kernels off (PPO_FAST_NATIVE=0; runs "
                       f"{', '.join(f'{r:.0f}' for r in rates['reference'])}), {nat:.0f} on (runs "
                       f"{', '.join(f'{r:.0f}' for r in rates['native'])}): {nat / ref:.2f}x."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

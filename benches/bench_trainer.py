@@ -31,6 +31,14 @@ def train_run(workdir: Path, name: str, flags: list[str]) -> tuple[dict, list[di
     return json.loads((workdir / name / "summary.json").read_text()), rows
 
 
+def publish(lines: list[str], out: str | None) -> None:
+    """Print a bench's report and write it to ``out`` when given (the benches share this)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
     start = time.perf_counter()
     summary, steps = train_run(workdir, f"seed{seed}", ["--seed", str(seed), *extra])
@@ -71,10 +79,7 @@ def main():
     gains = [r["summary"]["gold_reward_after"] - r["summary"]["gold_reward_before"] for r in results]
     lines += ["", f"Gold-reward gain: mean {statistics.mean(gains):.2f}, min {min(gains):.2f} "
               f"(the gold reward counts vowels in the response, about 1.4 for the warm-up policy)."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

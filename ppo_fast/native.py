@@ -132,10 +132,8 @@ def unavailable(build: bool = True) -> str | None:
     tried counts as available: the op's first run outside the trace builds it."""
     if os.environ.get("PPO_FAST_NATIVE", "1") == "0":
         return "switched off by PPO_FAST_NATIVE=0"
-    if _module is not None:
+    if not build and _module is None and _failure is None:
         return None
-    if _failure is not None or not build:
-        return _failure
     try:
         load()
     except RuntimeError as exc:

@@ -311,7 +311,7 @@ def _linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad
     for start, stop, h, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c in linear_chunks(
             hidden, labels, ignore_index, chunk, lse, entropy, grad_logp, grad_entropy):
         logits = torch.nn.functional.linear(h, weight, bias)
-        dlogits = logits if impl.writes_in_place(logits) else torch.empty_like(logits)
+        dlogits = logits if impl.writes_in_place(logits) else impl.empty_dlogits(logits)
         token_logprobs_backward_op(dlogits, logits, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp,
                                    ignore_index)
         if need_hidden:
