@@ -62,7 +62,8 @@ python3 -c "import ppo_fast, torch, triton; print('ppo_fast from', ppo_fast.__fi
 print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$out/gpu_info.log"
 
 # verl is not on the GPU image: its comparisons run in CI (tests/integrations and -k verl).
-env "${device_args[@]}" timeout 150 python3 -m pytest "${tests[@]}" -k "not verl" -q -p no:cacheprovider -rfEs \
+# Both tiers: on a GPU the launcher and trainer tests are the ones CI cannot run.
+env "${device_args[@]}" timeout 150 python3 -m pytest "${tests[@]}" -k "not verl" -m "slow or not slow" -q -p no:cacheprovider -rfEs \
     2>&1 | tee "$out/gpu_tests.log"
 tests_rc=$?
 

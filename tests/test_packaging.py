@@ -24,3 +24,28 @@ def test_wheel_ships_every_package(tmp_path):
     missing = sorted(s for s in sources if s not in shipped and "__pycache__" not in s)
     assert not missing, f"the wheel lacks {missing}"
     assert not any(name.startswith(("kernels/", "csrc/", "tests/", "benches/")) for name in shipped)
+
+
+def _from_root(*args):
+    """Runs python from the repository root, where `python -m`/`-c` put the root first on sys.path."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_root_kernels_folder_never_stands_in_for_the_pypi_kernels_package():
+    # transformers >= 5.25 imports the PyPI package `kernels`; from the root, our kernels/ folder
+    # used to be imported in its place and every transformers model import failed.
+    import importlib.metadata
+
+    real = importlib.metadata.distribution("kernels")
+    run = _from_root("-c", "import kernels, transformers.modeling_utils; print(kernels.__file__)")
+    assert run.returncode == 0, run.stderr
+    imported = Path(run.stdout.strip()).resolve()
+    assert imported == Path(real.locate_file("kernels/__init__.py")).resolve()
+
+
+def test_from_the_root_the_cli_and_the_triton_kernels_still_import():
+    run = _from_root("-m", "ppo_fast.cli", "--help")
+    assert run.returncode == 0, run.stderr
+    run = _from_root("-c", "import ppo_fast.kernels.logprobs as k; print(k.__file__)")
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()).resolve() == ROOT / "kernels" / "logprobs.py"
