@@ -1,7 +1,7 @@
 """What a launcher decides, as a value: the kernel, its grid, its arguments and its compile options.
 
 Launchers build a :class:`Launch` and call it. Because the plan is a value, the ahead-of-time
-compile check (``python -m ppo_fast.compile_check``) compiles exactly what a launch on a GPU would
+compile check (``python scripts/compile_check.py``) compiles exactly what a launch on a GPU would
 compile, with the same specialisation, on a machine without one.
 """
 
