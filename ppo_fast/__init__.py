@@ -7,7 +7,7 @@
     adv, returns = pf.advantages("grpo", rewards, mask, group_ids)   # verl's 14 estimators
     weights, mask, stats = pf.rollout_correction(old_logp, rollout_logp, mask, is_level="token")
 
-The reference ops (``ppo_fast.reference``) are the specification; on CUDA the same functions run
+The reference ops (``ppo_fast.spec``) are the specification; on CUDA the same functions run
 fused Triton kernels (``ppo_fast.kernels``). ``ppo_fast.dispatch`` says which backend serves each
 op; ``PPO_FAST_BACKEND=reference|triton|native`` forces one.
 """

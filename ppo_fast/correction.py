@@ -67,9 +67,8 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as check
-from . import dispatch
-from .options import _is_number, choice
-from .reference import compute_dtype
+from ._checks import choice, is_number
+from .spec import compute_dtype
 
 IS_LEVELS = ("token", "sequence")
 IS_SEQ_STATS = ("sum", "mean")
@@ -258,7 +257,7 @@ def _filter_parts(name: str) -> tuple[str, str]:
 def _optional_bound(name: str, value, positive_only: bool) -> None:
     if value is None:
         return
-    if not _is_number(value) or (positive_only and value <= 0):
+    if not is_number(value) or (positive_only and value <= 0):
         what = "a finite number > 0" if positive_only else "a finite number"
         raise ValueError(f"{name} must be {what} or None, got {value!r}")
 
@@ -307,7 +306,7 @@ def _rejection_bounds(rejection) -> list[tuple[str, float | None, float | None]]
         choice("rejection filter", name, REJECTION_FILTERS)
         ratio = _filter_parts(name)[1] == "k1"
         where = f"rejection[{name!r}]"
-        if _is_number(spec):
+        if is_number(spec):
             if ratio and not spec >= 1:
                 raise ValueError(f"{where}: a single k1 bound u is the ratio band [1/u, u], so u must be >= 1; "
                                  f"got {spec!r}")
@@ -428,7 +427,6 @@ def rollout_correction(
     bounds (weight 0) in mask mode; it fails every rejection filter.
     """
     check.tensor("old_logp", old_logp)
-    dispatch.resolve("rollout_correction", old_logp.device)
     _check_log_probs(old_logp, rollout_logp, mask)
     _check_importance_options(is_level, is_seq_stat, is_mode, is_upper, is_lower, is_batch_normalize, group)
     filters = _rejection_bounds(rejection)
@@ -612,7 +610,6 @@ def openrlhf_coefficients(old_logp, rollout_logp, mask, level, mode, gating, thr
     gating). The seq-level ratio gate compares ``exp(mean log r)`` with the bounds, as OpenRLHF.
     """
     check.tensor("old_logp", old_logp)
-    dispatch.resolve("rollout_correction", old_logp.device)
     _check_log_probs(old_logp, rollout_logp, mask)
     choice("level", level, OPENRLHF_LEVELS)
     choice("mode", mode, OPENRLHF_MODES)
@@ -621,7 +618,7 @@ def openrlhf_coefficients(old_logp, rollout_logp, mask, level, mode, gating, thr
         raise ValueError(f"mode='clip' needs level='token' and gating='ratio', got level={level!r}, "
                          f"gating={gating!r}")
     if not (isinstance(threshold, (tuple, list)) and len(threshold) == 2
-            and all(_is_number(v) for v in threshold)):
+            and all(is_number(v) for v in threshold)):
         raise ValueError(f"threshold must be a (low, high) pair of finite numbers, got {threshold!r}")
     low, high = float(threshold[0]), float(threshold[1])
     if low > high:

@@ -1,8 +1,8 @@
 """The policy objectives: the per-token policy-gradient term of every loss variant that verl,
-OpenRLHF and TRL ship, selected by ``loss_type``. Part of the spec (:mod:`ppo_fast.reference`).
+OpenRLHF and TRL ship, selected by ``loss_type``. Part of the spec (:mod:`ppo_fast.spec`).
 
 Each objective maps per-token log-probs to a per-token loss ``pg``; the caller adds the KL and
-entropy terms and aggregates with ``agg`` (:func:`ppo_fast.reference.reduce`). An objective needs
+entropy terms and aggregates with ``agg`` (:func:`ppo_fast.spec.reduce`). An objective needs
 only the sampled tokens' log-probs, so from logits every variant runs on the fused log-prob kernel
 and nothing of size ``[tokens, vocab]`` is made beyond what that kernel makes.
 
@@ -57,6 +57,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
+
+from ._checks import choice, is_number, positive
 
 LOG_RATIO_CLAMP = 20.0
 """|log-ratio| clamp before ``exp``: no ratio overflows (also for the sequence ratio)."""
@@ -341,7 +343,6 @@ each token's term (geo_mean: their geometric mean over the sequence; vespo: into
 
 
 def _check_param(loss_type: str, name: str, value) -> None:
-    from .options import _is_number, choice, positive
 
     if name == "importance_level":
         choice("loss_params['importance_level']", value, ("token", "sequence"))
@@ -349,7 +350,7 @@ def _check_param(loss_type: str, name: str, value) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"loss_params['token_gradient'] must be a bool, got {value!r}")
     elif name in ("max_log_ratio", "ratio_min", "ratio_max"):
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise ValueError(f"loss_params[{name!r}] must be a finite number or None, got {value!r}")
         if name == "ratio_min" and value is not None and value < 0:
             raise ValueError(f"loss_params['ratio_min'] must be >= 0, got {value!r}")
@@ -360,7 +361,7 @@ def _check_param(loss_type: str, name: str, value) -> None:
         if value > 1:
             raise ValueError(f"loss_params[{name!r}] is a share of the tokens, in (0, 1]; got {value!r}")
     elif name in ("clip_cov_lb", "clip_cov_ub", "kl_cov_coef", "k_pos", "k_neg"):
-        if not _is_number(value):
+        if not is_number(value):
             raise ValueError(f"loss_params[{name!r}] must be a finite number, got {value!r}")
     else:  # ratio_cap, tau_pos, tau_neg, beta, lambda_pos, lambda_neg
         positive(f"loss_params[{name!r}]", value)

@@ -13,6 +13,9 @@ from typing import Mapping
 
 import numpy as np
 
+from . import objectives
+from ._checks import choice, int_option, is_number, non_negative, positive
+
 AGG_MODES = (
     "token-mean",
     "token-sum",
@@ -24,38 +27,6 @@ AGG_MODES = (
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "k3+")
 KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 """verl's names for the same estimators."""
-
-
-def _is_number(value) -> bool:
-    # value − value is 0 for a finite number and NaN for ±inf and NaN. Unlike math.isfinite it
-    # also works on the symbolic floats torch.compile passes once an option changes between calls.
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-            and value - value == 0)
-
-
-def integer(name: str, value, low: int = -(2**63), high: int = 2**63 - 1) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-
-
-def positive(name: str, value) -> None:
-    if not (_is_number(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def non_negative(name: str, value) -> None:
-    if not (_is_number(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def in_unit_interval(name: str, value) -> None:
-    if not (_is_number(value) and 0 <= value <= 1):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def kl_estimator_name(value) -> str:
@@ -109,15 +80,13 @@ class LossOptions:
     """Divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO); None: T."""
 
     def __post_init__(self):
-        from .objectives import OBJECTIVES, resolve
-
         for name in _NUMERIC_FIELDS:
             value = getattr(self, name)
             if isinstance(value, (np.integer, np.floating)):
                 # numpy scalars (a count from numpy, a coefficient from a config) are numbers.
                 object.__setattr__(self, name, value.item())
 
-        loss_type, params, default_agg = resolve(self.loss_type, self.loss_params)
+        loss_type, params, default_agg = objectives.resolve(self.loss_type, self.loss_params)
         clip_given = self.clip_low != 0.2 or self.clip_high is not None
         object.__setattr__(self, "loss_type", loss_type)
         object.__setattr__(self, "loss_params", MappingProxyType(params))
@@ -127,7 +96,7 @@ class LossOptions:
         if self.clip_high is None:
             object.__setattr__(self, "clip_high", self.clip_low)
         non_negative("clip_high", self.clip_high)
-        if self.dual_clip is not None and not (_is_number(self.dual_clip) and self.dual_clip > 1):
+        if self.dual_clip is not None and not (is_number(self.dual_clip) and self.dual_clip > 1):
             raise ValueError(f"dual_clip must be a number > 1 or None, got {self.dual_clip!r}")
         if self.dual_clip is not None and loss_type != "vanilla":
             raise ValueError(f"dual_clip applies to loss_type='vanilla' only, got loss_type="
@@ -139,7 +108,7 @@ class LossOptions:
                 raise ValueError(f"loss_type='cispo' truncates the ratio to [{low!r}, {high!r}]: the lower "
                                  "bound (ratio_min, or 1 - clip_low) must not exceed the upper (ratio_max, or "
                                  "1 + clip_high)")
-        if clip_given and not OBJECTIVES[loss_type].uses_clip:
+        if clip_given and not objectives.OBJECTIVES[loss_type].uses_clip:
             raise ValueError(f"loss_type={loss_type!r} does not clip: clip_low / clip_high would "
                              "be ignored; leave them unset")
         positive("tis_cap", self.tis_cap)
@@ -147,7 +116,7 @@ class LossOptions:
         object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))
         non_negative("entropy_coef", self.entropy_coef)
         positive("temperature", self.temperature)
-        integer("ignore_index", self.ignore_index)
+        int_option("ignore_index", self.ignore_index)
         choice("agg", self.agg, AGG_MODES)
         for name in ("num_tokens", "num_seqs", "horizon"):
             if getattr(self, name) is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from ppo_fast import dispatch, native
+from ppo_fast import dispatch, native, spec
 from ppo_fast.options import LossOptions
 
 
@@ -108,18 +108,14 @@ def test_forced_backend_that_cannot_serve_lists_every_reason(monkeypatch):
         pf.gae(torch.randn(2, 3), torch.randn(2, 3))
 
 
-def test_forced_backend_an_op_lacks_runs_its_reference_and_warns_once(monkeypatch):
+def test_functions_outside_the_table_run_their_spec_whatever_the_forced_backend(monkeypatch):
     monkeypatch.setenv("PPO_FAST_BACKEND", "native")
-    monkeypatch.setattr(dispatch, "_warned", set())
     logp = torch.randn(2, 3)
-    with pytest.warns(UserWarning, match="PPO_FAST_BACKEND=native: kl_penalty has no native"):
-        first = pf.kl_penalty(logp, logp - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = pf.kl_penalty(logp, logp - 1)
-    torch.testing.assert_close(first, second)
-    with pytest.warns(UserWarning, match="masked_mean has no native"):
+        torch.testing.assert_close(pf.kl_penalty(logp, logp - 1), spec.kl_penalty(logp, logp - 1))
         pf.masked_mean(torch.randn(2, 3), torch.ones(2, 3))
+    assert "kl_penalty" not in dispatch.TABLE and "masked_mean" not in dispatch.TABLE
 
 
 def test_unknown_backend_name(monkeypatch):
@@ -150,21 +146,22 @@ def _named_batch():
     return dict(logits=logits, labels=labels, old=old, adv=adv, mask=mask)
 
 
-def test_every_public_op_resolves_its_backend_through_the_table(monkeypatch):
-    assert set(PUBLIC_CALLS) == set(dispatch.TABLE)
-    resolved = []
-    original = dispatch.resolve
+def test_every_op_of_the_table_chooses_its_backend_there(monkeypatch):
+    assert set(dispatch.TABLE) == {"token_logprobs", "ppo_loss", "linear_logprobs", "gae"}
+    assert set(dispatch.TABLE) < set(PUBLIC_CALLS)
+    chosen = []
+    original = dispatch.choose
 
-    def spy(op, device, stacklevel=3):
-        resolved.append(op)
-        return original(op, device, stacklevel)
+    def spy(op, device):
+        chosen.append(op)
+        return original(op, device)
 
-    monkeypatch.setattr(dispatch, "resolve", spy)
+    monkeypatch.setattr(dispatch, "choose", spy)
     batch = _named_batch()
-    for op, call in PUBLIC_CALLS.items():
-        resolved.clear()
-        call(batch)
-        assert op in resolved, f"pf.{op} did not go through dispatch.resolve (it resolved {resolved})"
+    for op in dispatch.TABLE:
+        chosen.clear()
+        PUBLIC_CALLS[op](batch)
+        assert op in chosen, f"pf.{op} did not choose its backend from the table (it chose {chosen})"
 
 
 @pytest.mark.parametrize("op", list(PUBLIC_CALLS))
@@ -288,7 +285,7 @@ def test_cli_backends_prints_the_op_table(capsys):
     for op in ("token_logprobs", "ppo_loss", "linear_logprobs", "gae"):
         # The CPU default: native (the last column) where built, else the reference (the first).
         assert re.search(rf"^  {op} .* yes \*$" if NATIVE else rf"^  {op} +yes \* ", cpu, re.M), op
-    assert re.search(r"^  value_loss +yes \* .* no \[\d\]$", cpu, re.M)
+    assert re.search(r"^Every other function \(policy_loss, value_loss, .*\) runs its PyTorch spec", out, re.M)
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "ppo_loss_tokens", "gae"])
@@ -299,7 +296,7 @@ def test_library_ops_have_one_kernel_per_device(op):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_both_backends_reach_the_one_reduction(backend, force_backend, monkeypatch):
-    from ppo_fast import reference
+    from ppo_fast import spec as reference
 
     calls = []
     original = reference.reduce
@@ -398,11 +395,3 @@ def test_cli_backends_with_an_unknown_backend_is_one_line(monkeypatch, capsys):
     assert main(["backends"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ppo-fast: PPO_FAST_BACKEND must be one of") and "Traceback" not in err
-
-
-def test_forced_backend_warning_points_at_the_callers_line(monkeypatch):
-    monkeypatch.setenv("PPO_FAST_BACKEND", "native")
-    monkeypatch.setattr(dispatch, "_warned", set())
-    with pytest.warns(UserWarning) as record:
-        pf.kl_penalty(torch.randn(2, 3), torch.randn(2, 3))
-    assert record[0].filename == __file__

@@ -1,4 +1,4 @@
-"""Every backend of every op against the spec (``ppo_fast.reference``, called directly), on fresh
+"""Every backend of every op against the spec (``ppo_fast.spec``, called directly), on fresh
 random inputs.
 
 ``backend`` runs each test on the reference backend (PyTorch, with its hand-written gradients)
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from ppo_fast import reference as R
+from ppo_fast import spec as R
 
 from helpers import assert_loss_matches_spec, max_err, random_labels, random_logits
 
@@ -384,19 +384,21 @@ def test_gae_packed_varlen(device, backend):
 
 
 def test_ops_pass_torch_library_opcheck(device, backend):
-    from ppo_fast import ops
+    from ppo_fast.ops.gae import gae_op
+    from ppo_fast.ops.ppo_loss import ppo_loss_tokens_op
+    from ppo_fast.ops.token_logprobs import token_logprobs_op
 
     logits = random_logits((3, 5, 33), torch.float32, device).requires_grad_()
     labels = random_labels((3, 5), 33, device)
-    torch.library.opcheck(ops.token_logprobs_op, (logits, labels, 1.0, -100, True, False))
+    torch.library.opcheck(token_logprobs_op, (logits, labels, 1.0, -100, True, False))
     old, adv = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     torch.library.opcheck(
-        ops.ppo_loss_tokens_op,
-        (logits, labels, old, adv, old + 0.1, None, 1.0, -100, 0.2, 0.3, 3.0, 2.0, 0.1, 0.01, "k3", False),
+        ppo_loss_tokens_op,
+        (logits, labels, old, adv, old + 0.1, None, [1.0, 0.2, 0.3, 3.0, 2.0, 0.1, 0.01], -100, "k3", False),
     )
     r, v = torch.randn(20, device=device), torch.randn(20, device=device)
     cu = torch.tensor([0, 7, 20], device=device)
-    torch.library.opcheck(ops.gae_op, (r, v, torch.ones(20, device=device), cu, 0.99, 0.95))
+    torch.library.opcheck(gae_op, (r, v, torch.ones(20, device=device), cu, 0.99, 0.95))
 
 
 def test_launchers_write_every_output_element(device):
