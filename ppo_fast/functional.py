@@ -204,7 +204,7 @@ def policy_loss(
     *,
     loss_type: str = "vanilla",
     loss_params: dict | None = None,
-    clip_low: float = 0.2,
+    clip_low: float | None = None,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str | None = None,
@@ -221,7 +221,8 @@ def policy_loss(
     All tensors share the shape of ``logp`` (``[B, T]`` for the ``seq-*`` aggregations and the
     sequence-level objectives). ``loss_type`` picks the objective, ``loss_params`` its own
     parameters (:mod:`ppo_fast.objectives` lists both; default PPO's clipped surrogate).
-    ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
+    ``clip_low`` defaults to 0.2 for the objectives that clip (those that do not refuse it),
+    ``clip_high`` to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
     (> 1, vanilla only) caps the loss of negative-advantage tokens at ``−A·dual_clip``.
     Importance weights multiply each token's policy term (no gradient): ``rollout_is_weights``
     as given (e.g. from :func:`ppo_fast.rollout_correction`), and with ``rollout_logp`` the
@@ -301,7 +302,7 @@ def ppo_loss(
     ignore_index: int = -100,
     loss_type: str = "vanilla",
     loss_params: dict | None = None,
-    clip_low: float = 0.2,
+    clip_low: float | None = None,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str | None = None,
@@ -475,7 +476,7 @@ def fused_linear_ppo_loss(
     ignore_index: int = -100,
     loss_type: str = "vanilla",
     loss_params: dict | None = None,
-    clip_low: float = 0.2,
+    clip_low: float | None = None,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str | None = None,

@@ -38,6 +38,10 @@ def kl_estimator_name(value) -> str:
     return canonical
 
 
+DEFAULT_CLIP = 0.2
+"""PPO's ε: the ratio is clipped to [1 − 0.2, 1 + 0.2] unless clip_low / clip_high say otherwise."""
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """Every option of the policy and PPO losses (the value loss takes the aggregation ones).
@@ -47,9 +51,10 @@ class LossOptions:
     """The policy objective (:mod:`ppo_fast.objectives`; aliases stored canonical)."""
     loss_params: Mapping[str, object] | None = None
     """The objective's own parameters; stored complete (defaults filled in), read-only."""
-    clip_low: float = 0.2
+    clip_low: float | None = None
     """The ratio is clipped below at 1 − clip_low (≥ 0; from 1 on nothing is clipped below). For
-    dppo the thresholds of the trust region, for geo_mean the log-ratio bound −clip_low."""
+    dppo the thresholds of the trust region, for geo_mean the log-ratio bound −clip_low. None:
+    :data:`DEFAULT_CLIP` (set by ``__post_init__``); objectives that do not clip take none."""
     clip_high: float | None = None
     """The ratio is clipped above at 1 + clip_high; None: clip_low (set by ``__post_init__``).
     Higher than clip_low is DAPO's clip-higher."""
@@ -87,11 +92,13 @@ class LossOptions:
                 object.__setattr__(self, name, value.item())
 
         loss_type, params, default_agg = objectives.resolve(self.loss_type, self.loss_params)
-        clip_given = self.clip_low != 0.2 or self.clip_high is not None
+        clip_given = self.clip_low is not None or self.clip_high is not None
         object.__setattr__(self, "loss_type", loss_type)
         object.__setattr__(self, "loss_params", MappingProxyType(params))
         if self.agg is None:
             object.__setattr__(self, "agg", default_agg)
+        if self.clip_low is None:
+            object.__setattr__(self, "clip_low", DEFAULT_CLIP)
         non_negative("clip_low", self.clip_low)
         if self.clip_high is None:
             object.__setattr__(self, "clip_high", self.clip_low)
