@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..options import AGG_MODES, kl_estimator_name
+from .errors import ConfigError
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A run name is a name: a letter or digit first, then up to 127 letters, digits, '.', '_' or '-'
@@ -50,10 +51,6 @@ GROUPED = ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus
 """Estimators that compare a completion with the others of its prompt."""
 
 TASKS = ("vowels", "arithmetic", "arithmetic-hackable")
-
-
-class ConfigError(ValueError):
-    """A config field is wrong; the message names it and says what it must be."""
 
 
 class RunConfig:
