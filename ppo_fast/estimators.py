@@ -179,7 +179,7 @@ def _per_token(a: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch
 def _reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """``R_t = r_t + γ·R_next`` over the masked tokens (masked tokens are skipped, not zeros in the
     chain), 0 at masked positions: GAE with ``V = 0`` and ``λ = 1``, so one kernel launch on CUDA."""
-    returns, _ = functional.gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    returns, _ = functional.gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, whiten=False)
     return returns
 
 
@@ -200,16 +200,13 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95,
 
     then ``advantages = masked_whiten(A, mask)`` (batch mean and unbiased variance over the masked
     tokens, ``(A − μ)/sqrt(σ² + 1e-8)``; needs ≥ 2 masked tokens) unless ``whiten=False``.
-    Returns are not whitened. :func:`ppo_fast.functional.gae` (one Triton launch on CUDA) and
-    :func:`ppo_fast.functional.masked_whiten`. Batch-invariant only with ``whiten=False``.
+    Returns are not whitened. :func:`ppo_fast.functional.gae` (one Triton launch on CUDA), with
+    the same default. Batch-invariant only with ``whiten=False``.
     """
     check.tensor("rewards", rewards)
     _flag("whiten", whiten)
     check.tensor("mask", mask)
-    adv, returns = functional.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    if whiten:
-        adv = functional.masked_whiten(adv, mask)
-    return AdvantageOutput(adv, returns)
+    return AdvantageOutput(*functional.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten))
 
 
 @torch.no_grad()

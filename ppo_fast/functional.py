@@ -80,16 +80,22 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     cu_seqlens: torch.Tensor | None = None,
+    whiten: bool = True,
 ):
-    """Generalised advantage estimation; returns ``(advantages, returns)``.
+    """Generalised advantage estimation; returns ``(advantages, returns)``, the advantages
+    whitened over the batch by default, as ``pf.advantages("gae", ...)`` (and verl) give them.
 
     Padded form: ``rewards``, ``values``, ``mask`` are ``[B, T]``. Packed form: they are 1-D
     ``[total]`` and ``cu_seqlens`` ``[S + 1]`` (int, as flash-attn's varlen API) delimits the
     sequences (its values are not checked under ``torch.compile``). ``mask`` (default all ones)
     marks the tokens that count; masked tokens add no TD error and do not break the chain, and
-    both outputs are 0 there. No whitening (see :func:`masked_whiten`). On CUDA, one kernel
+    both outputs are 0 there. ``whiten`` (default True): ``advantages = masked_whiten(A, mask)``
+    (:func:`masked_whiten`; needs at least 2 masked tokens); returns are never whitened.
+    Differentiable in ``rewards`` and ``values`` (GAE is linear in both). On CUDA, one kernel
     launch for the whole batch.
     """
+    if not isinstance(whiten, bool):
+        raise ValueError(f"whiten must be a bool, got {whiten!r}")
     for name, t in (("rewards", rewards), ("values", values)):
         check.floating(name, check.tensor(name, t))
     packed = cu_seqlens is not None
@@ -118,7 +124,10 @@ def gae(
                              f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
     advantages, returns = gae_op(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), cu_seqlens,
                                  float(gamma), float(lam))
-    return advantages.view(rewards.shape), returns.view(rewards.shape)
+    advantages, returns = advantages.view(rewards.shape), returns.view(rewards.shape)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True):

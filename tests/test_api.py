@@ -26,7 +26,7 @@ def test_readme_contract_runs_on_cpu():
     logp = pf.token_logprobs(logits, labels)
     logp, ent = pf.token_logprobs(logits, labels, return_entropy=True, temperature=0.7)
     rewards, values = torch.randn(2, 5), torch.randn(2, 5)
-    a, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    a, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95, whiten=False)
     a = pf.masked_whiten(a, mask)
     kl = pf.kl_penalty(logp, old, estimator="k3")
     loss, metrics = pf.policy_loss(logp, old, a, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
@@ -63,11 +63,11 @@ def test_readme_contract_runs_on_cpu():
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp, a, m, ref_logp=lp[0]), r"ref_logp must have shape"),
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp.long(), a, m), "old_logp must be a floating-point"),
     (lambda logits, y, lp, a, m: pf.value_loss(lp, lp, a, m, clip=0), "clip must be"),
-    (lambda logits, y, lp, a, m: pf.gae(lp, a[:, :2], m), r"values must have shape \(2, 5\)"),
-    (lambda logits, y, lp, a, m: pf.gae(lp, a, m, gamma=1.5), r"gamma must be a number in \[0, 1\]"),
-    (lambda logits, y, lp, a, m: pf.gae(lp[0], a[0], m[0]), r"rewards must be \[B, T\]"),
+    (lambda logits, y, lp, a, m: pf.gae(lp, a[:, :2], m, whiten=False), r"values must have shape \(2, 5\)"),
+    (lambda logits, y, lp, a, m: pf.gae(lp, a, m, gamma=1.5, whiten=False), r"gamma must be a number in \[0, 1\]"),
+    (lambda logits, y, lp, a, m: pf.gae(lp[0], a[0], m[0], whiten=False), r"rewards must be \[B, T\]"),
     (lambda logits, y, lp, a, m: pf.gae(lp.flatten(), a.flatten(), m.flatten(),
-                                   cu_seqlens=torch.tensor([0, 4, 9])), "cu_seqlens must rise from 0"),
+                                   cu_seqlens=torch.tensor([0, 4, 9]), whiten=False), "cu_seqlens must rise from 0"),
     (lambda logits, y, lp, a, m: pf.masked_whiten(lp, torch.zeros_like(m)), "at least 2 tokens"),
     (lambda logits, y, lp, a, m: pf.group_advantages(lp, torch.zeros(2, 5).long()), "scores must be 1-D"),
 ])
@@ -105,7 +105,7 @@ def test_forced_backend_that_cannot_serve_lists_every_reason(monkeypatch):
     assert "TRITON_INTERPRET is not 1" in message
     assert "reference: available" in message and ("native: available" in message or not NATIVE)
     with pytest.raises(pf.BackendUnavailable, match="cannot run gae"):
-        pf.gae(torch.randn(2, 3), torch.randn(2, 3))
+        pf.gae(torch.randn(2, 3), torch.randn(2, 3), whiten=False)
 
 
 def test_functions_outside_the_table_run_their_spec_whatever_the_forced_backend(monkeypatch):
@@ -129,7 +129,7 @@ PUBLIC_CALLS = {
     "ppo_loss": lambda b: pf.ppo_loss(b["logits"], b["labels"], b["old"], b["adv"], b["mask"]),
     "linear_logprobs": lambda b: pf.fused_linear_ppo_loss(
         b["logits"], b["logits"].detach().reshape(-1, 11)[:7], b["labels"] % 7, b["old"], b["adv"], b["mask"]),
-    "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"]),
+    "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"], whiten=False),
     "policy_loss": lambda b: pf.policy_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "value_loss": lambda b: pf.value_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "kl_penalty": lambda b: pf.kl_penalty(b["old"], b["adv"]),

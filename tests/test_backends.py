@@ -343,7 +343,7 @@ def test_gae_matches_the_loop(B, T, mask_kind, device, backend):
         idx = torch.arange(T, device=device)
         mask = (idx >= T // 4) & (idx < T - T // 5)
         mask = mask.expand(B, T)
-    adv, ret = pf.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    adv, ret = pf.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=False)
     adv_r, ret_r = R.gae(rewards, values, mask, gamma=0.99, lam=0.95)
     torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
@@ -351,7 +351,7 @@ def test_gae_matches_the_loop(B, T, mask_kind, device, backend):
 
 def test_gae_with_no_time_steps(device, backend):
     empty = torch.empty(3, 0, device=device)
-    adv, ret = pf.gae(empty, empty)
+    adv, ret = pf.gae(empty, empty, whiten=False)
     assert adv.shape == ret.shape == (3, 0)
 
 
@@ -359,7 +359,7 @@ def test_gae_float32_and_bfloat16_inputs(device, backend):
     rewards = torch.randn(3, 300, device=device).to(torch.bfloat16)
     values = torch.randn(3, 300, device=device)
     mask = torch.rand(3, 300, device=device) > 0.1
-    adv, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    adv, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95, whiten=False)
     adv_r, _ = R.gae(rewards.double(), values.double(), mask, gamma=1.0, lam=0.95)
     assert adv.dtype == torch.float32
     assert (adv.double() - adv_r).abs().max() < 1e-4 * adv_r.abs().max()
@@ -372,10 +372,55 @@ def test_gae_packed_varlen(device, backend):
     rewards = torch.randn(total, dtype=F64, device=device)
     values = torch.randn(total, dtype=F64, device=device)
     mask = torch.rand(total, device=device) > 0.3
-    adv, ret = pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, cu_seqlens=cu)
+    adv, ret = pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, cu_seqlens=cu, whiten=False)
     adv_r, ret_r = R.gae_packed(rewards, values, mask, cu, gamma=0.97, lam=0.9)
     torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
+
+
+def test_gae_whitens_by_default_as_the_gae_estimator(device, backend):
+    rewards, values = torch.randn(4, 9, dtype=F64, device=device), torch.randn(4, 9, dtype=F64, device=device)
+    mask = torch.rand(4, 9, device=device) > 0.3
+    adv, ret = pf.gae(rewards, values, mask, gamma=0.99, lam=0.9)
+    estimated = pf.advantages("gae", rewards, values, mask, gamma=0.99, lam=0.9)
+    torch.testing.assert_close(adv, estimated.advantages, rtol=0, atol=0)
+    torch.testing.assert_close(ret, estimated.returns, rtol=0, atol=0)
+    raw, _ = R.gae(rewards, values, mask, gamma=0.99, lam=0.9)
+    torch.testing.assert_close(adv, R.masked_whiten(raw, mask), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gae_gradients_match_the_spec(device, backend, packed, whiten):
+    """GAE is linear in rewards and values: its backward against the spec's autograd, with
+    gradients on both outputs, masked tokens inside the sequences and NaN where masked."""
+    B, T = 3, 11
+    mask = torch.rand(B, T, device=device) > 0.3
+    mask[1, :4] = False
+    rewards = torch.randn(B, T, dtype=F64, device=device).masked_fill(~mask, float("nan")).requires_grad_()
+    values = torch.randn(B, T, dtype=F64, device=device).masked_fill(~mask, float("nan")).requires_grad_()
+    w_adv, w_ret = torch.randn(B, T, dtype=F64, device=device), torch.randn(B, T, dtype=F64, device=device)
+
+    def loss(adv, ret):
+        return torch.where(mask, adv * w_adv + ret * w_ret, 0.0).sum()
+
+    if packed:
+        cu = torch.arange(B + 1, device=device) * T
+        adv, ret = pf.gae(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), gamma=0.97, lam=0.9,
+                          cu_seqlens=cu, whiten=whiten)
+        adv, ret = adv.view(B, T), ret.view(B, T)
+    else:
+        adv, ret = pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, whiten=whiten)
+    got = torch.autograd.grad(loss(adv, ret), (rewards, values))
+    clean_r = torch.where(mask, rewards, 0.0)
+    clean_v = torch.where(mask, values, 0.0)
+    adv_r, ret_r = R.gae(clean_r, clean_v, mask, gamma=0.97, lam=0.9)
+    if whiten:
+        adv_r = R.masked_whiten(adv_r, mask)
+    want = torch.autograd.grad(loss(adv_r, ret_r), (rewards, values))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------

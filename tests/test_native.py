@@ -237,7 +237,7 @@ def test_gae_padded_and_packed_matches_the_reference(dtype):
     for a, b in zip(ours, spec):
         torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-6)
     adv, ret = pf.gae(torch.randn(4, 33, dtype=dtype), torch.randn(4, 33, dtype=dtype),
-                      torch.ones(4, 33, dtype=torch.bool))
+                      torch.ones(4, 33, dtype=torch.bool), whiten=False)
     assert torch.isfinite(adv).all() and adv.dtype == dtype
 
 
@@ -292,7 +292,7 @@ def test_without_a_compiler_import_works_warns_once_and_runs_the_reference(tmp_p
             "with warnings.catch_warnings(record=True) as seen:\n"
             "    warnings.simplefilter('always')\n"
             "    a = pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))\n"
-            "    b = pf.gae(torch.randn(2, 3), torch.randn(2, 3))\n"
+            "    b = pf.gae(torch.randn(2, 3), torch.randn(2, 3), whiten=False)\n"
             "print(sum('could not be built' in str(w.message) for w in seen))\n"
             "from ppo_fast import dispatch; print(dispatch.choose('token_logprobs', 'cpu'))\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "PPO_FAST_NATIVE_DIR": str(tmp_path / "cache")}

@@ -256,8 +256,7 @@ class PPOTrainer:
     def _advantages(self, rewards, values, action_mask, parts, scores, baselines):
         cfg = self.config
         if cfg.algorithm == "ppo":
-            advantages, returns = pf.gae(rewards, values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
-            return pf.masked_whiten(advantages, action_mask), returns
+            return pf.gae(rewards, values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.algorithm == "remax":
             return pf.advantages("remax", rewards, action_mask, baselines)
         if cfg.algorithm == "reinforce_plus_plus":
