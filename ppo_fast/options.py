@@ -1,4 +1,5 @@
-"""The loss options in one frozen dataclass.
+"""The loss options in one frozen dataclass, and ``loss_type`` / ``loss_params`` resolved against
+the objectives' table (:data:`ppo_fast.objectives.OBJECTIVES`).
 
 The public functions keep their keyword arguments; inside, the options travel as one
 :class:`LossOptions`, checked once when it is built, so no function below the public API takes or
@@ -13,8 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
-from . import objectives
 from ._checks import choice, int_option, is_number, non_negative, positive
+from .objectives import ALIASES, LOSS_TYPES, OBJECTIVES, REQUIRED
 
 AGG_MODES = (
     "token-mean",
@@ -36,6 +37,68 @@ def kl_estimator_name(value) -> str:
         names = KL_ESTIMATORS + tuple(KL_ALIASES)
         raise ValueError(f"kl_estimator must be one of {', '.join(map(repr, names))}; got {value!r}")
     return canonical
+
+
+def _check_param(loss_type: str, name: str, value) -> None:
+
+    if name == "importance_level":
+        choice("loss_params['importance_level']", value, ("token", "sequence"))
+    elif name == "token_gradient":
+        if not isinstance(value, bool):
+            raise ValueError(f"loss_params['token_gradient'] must be a bool, got {value!r}")
+    elif name in ("max_log_ratio", "ratio_min", "ratio_max"):
+        if value is not None and not is_number(value):
+            raise ValueError(f"loss_params[{name!r}] must be a finite number or None, got {value!r}")
+        if name == "ratio_min" and value is not None and value < 0:
+            raise ValueError(f"loss_params['ratio_min'] must be >= 0, got {value!r}")
+        if name in ("ratio_max", "max_log_ratio") and value is not None:
+            positive(f"loss_params[{name!r}]", value)
+    elif name == "clip_cov_ratio" or name == "kl_cov_ratio":
+        positive(f"loss_params[{name!r}]", value)
+        if value > 1:
+            raise ValueError(f"loss_params[{name!r}] is a share of the tokens, in (0, 1]; got {value!r}")
+    elif name in ("clip_cov_lb", "clip_cov_ub", "kl_cov_coef", "k_pos", "k_neg"):
+        if not is_number(value):
+            raise ValueError(f"loss_params[{name!r}] must be a finite number, got {value!r}")
+    else:  # ratio_cap, tau_pos, tau_neg, beta, lambda_pos, lambda_neg
+        positive(f"loss_params[{name!r}]", value)
+
+
+def resolve(loss_type, loss_params) -> tuple[str, dict, str]:
+    """``(objective name, its full params, its default aggregation)`` for a loss_type (alias
+    allowed) and the user's ``loss_params``; raises ValueError naming what is wrong."""
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {loss_type!r}")
+    name, agg = ALIASES.get(loss_type, (loss_type, None))
+    objective = OBJECTIVES[name]
+    given = {} if loss_params is None else loss_params
+    if not isinstance(given, Mapping):
+        raise ValueError(f"loss_params must be a dict of {loss_type!r}'s parameters or None, got "
+                         f"{type(given).__name__}")
+    unknown = sorted(set(given) - set(objective.params))
+    if unknown:
+        known = ", ".join(objective.params) or "none"
+        raise ValueError(f"loss_params has {unknown} which loss_type={loss_type!r} does not take "
+                         f"(its parameters: {known})")
+    # numpy scalars (from a config or a computation) are numbers like any other.
+    params = {**objective.params,
+              **{key: value.item() if isinstance(value, np.generic) else value for key, value in given.items()}}
+    missing = [key for key, value in params.items() if value is REQUIRED]
+    if missing:
+        raise ValueError(f"loss_type={loss_type!r} needs loss_params {missing} (no default)")
+    for key, value in params.items():
+        _check_param(loss_type, key, value)
+    if name == "gspo" and params["importance_level"] != "sequence":
+        raise ValueError("loss_type='gspo' is the sequence ratio: loss_params['importance_level'] must be "
+                         "'sequence' (for the token ratio use loss_type='vanilla')")
+    if params.get("importance_level") == "token" and params.get("max_log_ratio") is not None:
+        raise ValueError("loss_params['max_log_ratio'] bounds the sequence ratio; it needs "
+                         "importance_level='sequence'")
+    if name == "clip_cov" and not params["clip_cov_lb"] < params["clip_cov_ub"]:
+        raise ValueError(f"loss_params needs clip_cov_lb < clip_cov_ub (the covariance band), got "
+                         f"{params['clip_cov_lb']!r} and {params['clip_cov_ub']!r}")
+    return name, params, agg or objective.agg
+
 
 
 DEFAULT_CLIP = 0.2
@@ -91,7 +154,7 @@ class LossOptions:
                 # numpy scalars (a count from numpy, a coefficient from a config) are numbers.
                 object.__setattr__(self, name, value.item())
 
-        loss_type, params, default_agg = objectives.resolve(self.loss_type, self.loss_params)
+        loss_type, params, default_agg = resolve(self.loss_type, self.loss_params)
         clip_given = self.clip_low is not None or self.clip_high is not None
         object.__setattr__(self, "loss_type", loss_type)
         object.__setattr__(self, "loss_params", MappingProxyType(params))
@@ -115,7 +178,7 @@ class LossOptions:
                 raise ValueError(f"loss_type='cispo' truncates the ratio to [{low!r}, {high!r}]: the lower "
                                  "bound (ratio_min, or 1 - clip_low) must not exceed the upper (ratio_max, or "
                                  "1 + clip_high)")
-        if clip_given and not objectives.OBJECTIVES[loss_type].uses_clip:
+        if clip_given and not OBJECTIVES[loss_type].uses_clip:
             raise ValueError(f"loss_type={loss_type!r} does not clip: clip_low / clip_high would "
                              "be ignored; leave them unset")
         positive("tis_cap", self.tis_cap)

@@ -446,6 +446,13 @@ def test_ops_pass_torch_library_opcheck(device, backend):
     torch.library.opcheck(gae_op, (r, v, torch.ones(20, device=device), cu, 0.99, 0.95))
 
 
+def test_the_loss_coefficients_are_packed_in_the_order_the_kernels_read_them():
+    from ppo_fast.kernels.ppo_loss import SCALARS
+    from ppo_fast.ops.ppo_loss import LossCoefficients
+
+    assert LossCoefficients._fields == SCALARS
+
+
 def test_launchers_write_every_output_element(device):
     """Outputs poisoned with NaN before each launch must come back fully written and right."""
     import triton.language as tl

@@ -286,7 +286,8 @@ class PPOConfig(RunConfig):
         if self.algorithm in GROUPED and self.samples_per_prompt < 2:
             raise ConfigError(f"algorithm {self.algorithm} compares the completions of one prompt: "
                               f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
-        from ..objectives import LOSS_TYPES, resolve
+        from ..objectives import LOSS_TYPES
+        from ..options import resolve
 
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")

@@ -37,7 +37,8 @@ import torch
 import ppo_fast as pf
 
 from ..head import completion_logprobs, completion_ppo_loss, fused_head_unsupported
-from ..objectives import OBJECTIVES, resolve
+from ..objectives import OBJECTIVES
+from ..options import resolve
 from ..sequences import completion_logits, position_ids
 from . import diagnostics
 from .checkpoint import Checkpoints, export_policy, rng_state, seed_everything, set_rng_state
