@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, spec
-from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, rows
+from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, row_ops_for
 from .token_logprobs import token_logprobs_backward_op
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
     dweight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc_dtype, device=weight.device)
     dbias = torch.zeros(weight.shape[:1] if need_bias else (0,), dtype=acc_dtype, device=weight.device)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
-    row_ops = rows(hidden.device)
+    row_ops = row_ops_for(hidden.device)
 
     for start, stop, h, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c in linear_chunks(
             hidden, labels, ignore_index, chunk, lse, entropy, grad_logp, grad_entropy):

@@ -97,7 +97,7 @@ def _setup(ctx, inputs, output):
     out = dict(zip(PPO_OUTPUTS, output))
     ctx.save_for_backward(logits, labels, out["lse"], out["entropy"], out["dloss_dlogp"])
     ctx.coefficients, ctx.ignore_index = LossCoefficients(*coefficients), ignore_index
-    ctx.inplace_backward = inplace_backward
+    ctx.inplace_backward, ctx.input_count = inplace_backward, len(inputs)
 
 
 def _autograd_backward(ctx, grad_token_loss, *_grads_of_metrics):
@@ -108,7 +108,7 @@ def _autograd_backward(ctx, grad_token_loss, *_grads_of_metrics):
     grad_entropy = grad_token_loss * -entropy_coef if entropy_coef != 0 else None
     dlogits = dlogits_of(logits, labels, lse, entropy, grad_token_loss * dloss_dlogp, grad_entropy,
                          ctx.coefficients.inv_temp, ctx.ignore_index, ctx.inplace_backward)
-    return (dlogits,) + (None,) * 9
+    return (dlogits,) + (None,) * (ctx.input_count - 1)
 
 
 ppo_loss_tokens_op.register_autograd(_autograd_backward, setup_context=_setup)

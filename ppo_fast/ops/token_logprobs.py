@@ -57,7 +57,7 @@ class RowOps(NamedTuple):
     empty_dlogits: Callable
 
 
-def rows(device) -> RowOps:
+def row_ops_for(device) -> RowOps:
     """The row implementation that serves tensors on ``device``."""
     return dispatch.implementation("token_logprobs", device)
 
@@ -89,7 +89,7 @@ def _(logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward,
 def _forward(logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward,
              with_sum_pi_squared=False):
     # inplace_backward is for the autograd formula; the forward gives Σ p² only when asked for.
-    out = rows(logits.device).forward(logits, labels, inv_temp, ignore_index, with_entropy,
+    out = row_ops_for(logits.device).forward(logits, labels, inv_temp, ignore_index, with_entropy,
                                       with_sum_pi_squared)
     if with_sum_pi_squared:
         return out
@@ -109,7 +109,7 @@ def _(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
 
 
 def _backward(dlogits, logits, *args):
-    rows(logits.device).backward(dlogits, logits, *args)
+    row_ops_for(logits.device).backward(dlogits, logits, *args)
 
 
 for _device_type in DEVICE_TYPES:
@@ -121,7 +121,7 @@ def dlogits_of(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
                inplace_backward: bool) -> Tensor:
     """∂loss/∂logits from the upstream gradients of logp and entropy (None: no gradient), written
     over the logits where asked for and the serving backend can."""
-    impl = rows(logits.device)
+    impl = row_ops_for(logits.device)
     if inplace_backward and impl.writes_in_place(logits):
         dlogits = logits
     else:
@@ -268,9 +268,9 @@ def triton_forward(logits, labels, inv_temp, ignore_index, with_entropy, with_su
     entropy = torch.zeros(lead, dtype=dtype, device=logits.device)
     lse = torch.empty(lead, dtype=dtype, device=logits.device)
     sum_pi_squared = torch.empty(lead, dtype=dtype, device=logits.device) if with_sum_pi_squared else None
-    rows_, layout = kernels.row_layout(logits)
+    rows, layout = kernels.row_layout(logits)
     kernels.logprobs_fwd(
-        rows_, layout, flat(labels), logp.view(-1), entropy.view(-1), lse.view(-1),
+        rows, layout, flat(labels), logp.view(-1), entropy.view(-1), lse.view(-1),
         coefficients([inv_temp], logits.dtype, logits.device), ignore_index, with_entropy,
         accumulator(logits.dtype), None if sum_pi_squared is None else sum_pi_squared.view(-1))
     out = (logp, entropy, lse)
@@ -284,13 +284,13 @@ def triton_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entro
     from ..kernels import logprobs as kernels
     from ..kernels.launch import accumulator, coefficients
 
-    rows_, layout = kernels.row_layout(logits)
+    rows, layout = kernels.row_layout(logits)
     drows, dlayout = kernels.row_layout(dlogits)
     if drows is not dlogits:
         raise ValueError("dlogits must have unit column stride and rows addressable as "
                          f"[outer, inner, V]; got strides {tuple(dlogits.stride())}")
     kernels.logprobs_bwd(
-        rows_, layout, dlogits, dlayout, flat(labels), lse.reshape(-1), entropy.reshape(-1),
+        rows, layout, dlogits, dlayout, flat(labels), lse.reshape(-1), entropy.reshape(-1),
         flat(grad_logp), flat(grad_entropy), coefficients([inv_temp], logits.dtype, logits.device),
         ignore_index, accumulator(logits.dtype))
 
