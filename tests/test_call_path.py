@@ -15,7 +15,6 @@ count, and the Triton case stands in for the CUDA call's path.
 import os
 import sys
 
-import pytest
 import torch
 
 import ppo_fast as pf

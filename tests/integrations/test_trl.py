@@ -416,7 +416,7 @@ class Spy:
                 return fused.apply(*args)
 
         monkeypatch.setattr(functional, "token_logprobs", spy_public)
-        monkeypatch.setattr(ops, "token_logprobs_op", spy_op)
+        monkeypatch.setattr(functional, "token_logprobs_op", spy_op)
         monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", SpyFused)
 
 
