@@ -32,7 +32,7 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import native
-from ppo_fast import reference as spec
+from ppo_fast import spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_providers import ForcedBackend  # noqa: E402
@@ -170,7 +170,7 @@ def main():
     loops, ours = [], []
     for _ in range(7):
         loops.append(Timer("cpu", 1)(lambda: spec.gae(rewards, values, mask)))
-        ours.append(Timer("cpu", 20)(lambda: pf.gae(rewards, values, mask)))
+        ours.append(Timer("cpu", 20)(lambda: pf.gae(rewards, values, mask, whiten=False)))
     loop, mine = statistics.median(loops), statistics.median(ours)
     gae_line = f"GAE [{B}, {T}] fp32: Python loop over T {loop:.1f} ms, pf.gae (native) " \
                f"{mine:.2f} ms: {loop / mine:.0f}x the loop (medians of 7 alternating rounds; ratio per " \

@@ -381,7 +381,7 @@ def gae_providers():
         raise Unavailable("Liger has no GAE op")
 
     def ppo_fast_fn(inp):
-        return lambda: ppo_fast.gae(inp.rewards, inp.values, inp.mask, gamma=GAMMA, lam=LAM)
+        return lambda: ppo_fast.gae(inp.rewards, inp.values, inp.mask, gamma=GAMMA, lam=LAM, whiten=False)
 
     return dict(eager=eager, compiled=compiled_ref, liger=liger, ppo_fast=ppo_fast_fn)
 

@@ -10,7 +10,7 @@ with respect to hidden and weight, on the same random inputs, never zeros):
 - ``fused``: ``pf.fused_linear_ppo_loss``; the logits are never stored.
 - ``logits + pf.ppo_loss``: ``F.linear`` then ``pf.ppo_loss`` (the fused log-prob kernel on the
   stored logits).
-- ``eager``: ``F.linear`` then ``ppo_fast.reference.ppo_loss`` (log_softmax, gather, entropy).
+- ``eager``: ``F.linear`` then ``ppo_fast.spec.ppo_loss`` (log_softmax, gather, entropy).
 - ``liger``: Liger's ``LigerFusedLinearGRPOLoss`` (its chunked head), where liger-kernel is
   installed and runs on the device.
 
@@ -65,7 +65,7 @@ def make_inputs(N, H, V, dtype, device, seed=0):
 def make_run(provider, inputs):
     """A function doing one forward+backward; returns the gradients of hidden and weight."""
     import ppo_fast as pf
-    from ppo_fast import reference
+    from ppo_fast import spec as reference
 
     hidden, weight, labels, old, adv, mask = inputs
     options = dict(clip_low=0.2, clip_high=0.28, entropy_coef=ENTROPY_COEF)

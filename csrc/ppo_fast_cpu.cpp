@@ -452,10 +452,13 @@ void ppo_forward_kernel(const at::Tensor& logits, const at::Tensor& labels, cons
 std::vector<at::Tensor> ppo_loss_forward(const at::Tensor& logits, const at::Tensor& labels,
                                          const at::Tensor& old_logp, const at::Tensor& advantages,
                                          const c10::optional<at::Tensor>& ref_logp,
-                                         const c10::optional<at::Tensor>& rollout_logp, double inv_temp,
-                                         int64_t ignore_index, double clip_low, double clip_high,
-                                         c10::optional<double> dual_clip, double tis_cap, double kl_coef,
-                                         double entropy_coef, const std::string& kl_estimator) {
+                                         const c10::optional<at::Tensor>& rollout_logp,
+                                         const std::vector<double>& coefficients, int64_t ignore_index,
+                                         const std::string& kl_estimator) {
+  // The loss options packed once, in the order of ppo_fast/ops/ppo_loss.py's LossCoefficients:
+  // inv_temp, clip_low, clip_high, dual_clip (0: off; it is > 1 when on), tis_cap, kl_coef, entropy_coef.
+  TORCH_CHECK(coefficients.size() == 7, "coefficients must hold 7 values, got ", coefficients.size());
+  const double inv_temp = coefficients[0];
   check_rows(logits, labels);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const at::Tensor* t : {&old_logp, &advantages, ref_logp ? &*ref_logp : nullptr,
@@ -464,8 +467,8 @@ std::vector<at::Tensor> ppo_loss_forward(const at::Tensor& logits, const at::Ten
                 "old_logp, advantages, ref_logp and rollout_logp must be contiguous ", acc, " of ",
                 labels.numel(), " tokens");
   }
-  const PpoScalars scalars{clip_low, clip_high, dual_clip.value_or(0.0), tis_cap, kl_coef, entropy_coef,
-                           dual_clip.has_value(), ref_logp.has_value() ? kl_mode_of(kl_estimator) : kNoKl};
+  const PpoScalars scalars{coefficients[1], coefficients[2], coefficients[3], coefficients[4], coefficients[5],
+                           coefficients[6], coefficients[3] > 0, ref_logp.has_value() ? kl_mode_of(kl_estimator) : kNoKl};
   auto options = logits.options().dtype(acc);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 8; ++i) out.push_back(at::empty(labels.sizes(), options));

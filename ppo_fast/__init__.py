@@ -7,9 +7,10 @@
     adv, returns = pf.advantages("grpo", rewards, mask, group_ids)   # verl's 14 estimators
     weights, mask, stats = pf.rollout_correction(old_logp, rollout_logp, mask, is_level="token")
 
-The reference ops (``ppo_fast.reference``) are the specification; on CUDA the same functions run
-fused Triton kernels (``ppo_fast.kernels``). ``ppo_fast.dispatch`` says which backend serves each
-op; ``PPO_FAST_BACKEND=reference|triton|native`` forces one.
+The specification is ``ppo_fast.spec``; the ops (``ppo_fast.ops``, one module each) run it in
+PyTorch, as fused Triton kernels on CUDA (``ppo_fast.kernels``) or as C++ kernels on the CPU.
+``ppo_fast.dispatch`` chooses which backend serves each call; ``PPO_FAST_BACKEND=reference|
+triton|native`` forces one.
 """
 
 from .correction import rollout_correction

@@ -1,6 +1,7 @@
 """Tensor checks shared by every public function: each error names the argument, what was
 expected and what was given, so a wrong call fails at the call and not as a NaN three steps later.
-(Options are checked by :class:`ppo_fast.options.LossOptions`.)
+Scalar options are checked here too (the numbers of :class:`ppo_fast.options.LossOptions` and
+every other function's).
 
 Checks of values that live on the device (label ranges, ``cu_seqlens``, mask counts) need a host
 sync; they are skipped while ``torch.compile`` traces (:func:`values_checked`), which is
@@ -9,7 +10,40 @@ documented on each public function that has one.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def is_number(value) -> bool:
+    # value − value is 0 for a finite number and NaN for ±inf and NaN. Unlike math.isfinite it
+    # also works on the symbolic floats torch.compile passes once an option changes between calls.
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and value - value == 0)
+
+
+def int_option(name: str, value, low: int = -(2**63), high: int = 2**63 - 1) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+
+
+def positive(name: str, value) -> None:
+    if not (is_number(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def non_negative(name: str, value) -> None:
+    if not (is_number(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def in_unit_interval(name: str, value) -> None:
+    if not (is_number(value) and 0 <= value <= 1):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def values_checked(*tensors: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ The peers' options, here:
   (``is_level="token", is_upper=None``) and the gate is a filter: ``seq_mean_k1`` for ``ratio``
   at level ``seq``, ``token_binary_kl`` / ``seq_mean_binary_kl``, ``token_tv`` / ``seq_mean_tv``;
   all with ``log_ratio_bound=None``. OpenRLHF keeps filtered tokens in the loss's denominator
-  with weight 0: use the weights with the input mask. :func:`openrlhf_coefficients` reproduces it
+  with weight 0: use the weights with the input mask. :func:`ppo_fast.integrations.openrlhf.openrlhf_coefficients` reproduces it
   exactly.
 * TRL (``vllm_importance_sampling_mode`` ``{token,sequence}_{truncate,mask}``, ``clip_min``,
   ``clip_max``): ``is_level``, ``is_mode``, ``is_lower=clip_min``, ``is_upper=clip_max``,
@@ -67,9 +67,8 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as check
-from . import dispatch
-from .options import _is_number, choice
-from .reference import compute_dtype
+from ._checks import choice, is_number
+from .spec import compute_dtype
 
 IS_LEVELS = ("token", "sequence")
 IS_SEQ_STATS = ("sum", "mean")
@@ -82,9 +81,6 @@ REJECTION_FILTERS = tuple(f"{agg}_{stat}" for stat in STATISTICS for agg in AGGR
 DEFAULT_LOG_RATIO_BOUND = 20.0
 PROB_CLAMP = 1e-6
 """binary_kl and tv clamp the token probabilities into [PROB_CLAMP, 1 − PROB_CLAMP] (OpenRLHF's)."""
-OPENRLHF_LEVELS = ("token", "seq")
-OPENRLHF_MODES = ("mask", "clip")
-OPENRLHF_GATINGS = ("ratio", "binary_kl", "tv")
 
 _IS_DEFAULTS = {"is_seq_stat": "sum", "is_mode": "truncate", "is_upper": 2.0, "is_lower": None,
                 "is_batch_normalize": False, "group": None}
@@ -147,7 +143,7 @@ def _all_reduce_mean(total: torch.Tensor, count: torch.Tensor, group) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (the verl adapter and openrlhf_coefficients assemble them too)
+# Building blocks (the verl and OpenRLHF adapters assemble them too)
 # --------------------------------------------------------------------------------------------
 
 def _log_ratio(old_logp: torch.Tensor, rollout_logp: torch.Tensor | None, valid: torch.Tensor):
@@ -258,7 +254,7 @@ def _filter_parts(name: str) -> tuple[str, str]:
 def _optional_bound(name: str, value, positive_only: bool) -> None:
     if value is None:
         return
-    if not _is_number(value) or (positive_only and value <= 0):
+    if not is_number(value) or (positive_only and value <= 0):
         what = "a finite number > 0" if positive_only else "a finite number"
         raise ValueError(f"{name} must be {what} or None, got {value!r}")
 
@@ -307,7 +303,7 @@ def _rejection_bounds(rejection) -> list[tuple[str, float | None, float | None]]
         choice("rejection filter", name, REJECTION_FILTERS)
         ratio = _filter_parts(name)[1] == "k1"
         where = f"rejection[{name!r}]"
-        if _is_number(spec):
+        if is_number(spec):
             if ratio and not spec >= 1:
                 raise ValueError(f"{where}: a single k1 bound u is the ratio band [1/u, u], so u must be >= 1; "
                                  f"got {spec!r}")
@@ -428,7 +424,6 @@ def rollout_correction(
     bounds (weight 0) in mask mode; it fails every rejection filter.
     """
     check.tensor("old_logp", old_logp)
-    dispatch.resolve("rollout_correction", old_logp.device)
     _check_log_probs(old_logp, rollout_logp, mask)
     _check_importance_options(is_level, is_seq_stat, is_mode, is_upper, is_lower, is_batch_normalize, group)
     filters = _rejection_bounds(rejection)
@@ -568,100 +563,3 @@ def _offpolicy_metrics(old, rollout, log_ratio, valid, bound) -> dict:
         "chi2_token": _masked_mean(ratio.square() - 1.0, valid),
         "chi2_seq": _masked_mean(torch.exp(2.0 * sequence_log_ratio) - 1.0, rows),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# OpenRLHF 0.11.2's PolicyLoss correction (is_correction_level / _mode / _gating / _threshold)
-# --------------------------------------------------------------------------------------------
-
-def openrlhf_coefficients(old_logp, rollout_logp, mask, level, mode, gating, threshold):
-    """The per-token coefficient OpenRLHF's ``PolicyLoss`` multiplies into the PPO loss, with its
-    ``is_filter_ratio`` and ``vllm_kl`` (``policy_loss_type="ppo"``, correction on).
-
-    Args:
-        old_logp, rollout_logp: ``[B, T]`` float (``old_log_probs``, ``rollout_log_probs``).
-        mask: ``[B, T]`` bool or 0/1 (``action_mask``).
-        level: ``"token"`` or ``"seq"`` (``is_correction_level``; ``"off"`` means no correction:
-            do not call this).
-        mode: ``"mask"`` or ``"clip"``; gating: ``"ratio"``, ``"binary_kl"`` or ``"tv"``;
-        threshold: ``(low, high)`` (``is_correction_threshold``).
-
-    Returns:
-        ``(coef, filtered_ratio, vllm_kl)``. ``coef`` ``[B, T]`` (compute dtype, detached; 0 at
-        masked tokens), the loss is ``coef · loss`` aggregated with the unchanged mask (filtered
-        tokens count in the denominator with coefficient 0). With ``r = exp(old − rollout)``
-        (never clamped, as OpenRLHF):
-
-        * clip (token level, ratio gating only): ``clamp(r, low, high)`` (TIS);
-        * mask: ``r`` where the token's unit passes the gate, else 0; the gate reads the token's
-          ``r`` (token, ratio: IcePop), the geometric mean of its sequence's ratios (seq, ratio),
-          the token's binary_kl / tv (token) or their mean over the sequence (seq), inclusive in
-          ``[low, high]``. Survivors keep their own per-token ``r`` at both levels.
-
-        ``filtered_ratio``: token level, the fraction of valid tokens filtered (clip: ``r``
-        outside ``[low, high]``, NaN not counted; mask: failing the gate, NaN counted), in
-        float32 (float64 for a float64 mask), as OpenRLHF computes it; seq level, the fraction of
-        **all** B sequences filtered, sequences without a valid token counted as filtered (their
-        statistic is OpenRLHF's 0/0 = NaN), float32. ``vllm_kl`` = mean of
-        ``rollout − old`` over valid tokens (dtype of the log-probs, float64 with a float64 mask).
-
-    Deliberate differences from OpenRLHF: masks select, so NaN/inf at masked positions changes
-    nothing (OpenRLHF multiplies by the mask: NaN·0 = NaN) and ``coef`` is 0 there; with no valid
-    token ``vllm_kl`` and the token-level ratio are 0 (OpenRLHF: 0/0 = NaN); bounds that
-    OpenRLHF accepts but that make no sense are errors (``low > high``; ``high <= 0`` with ratio
-    gating). The seq-level ratio gate compares ``exp(mean log r)`` with the bounds, as OpenRLHF.
-    """
-    check.tensor("old_logp", old_logp)
-    dispatch.resolve("rollout_correction", old_logp.device)
-    _check_log_probs(old_logp, rollout_logp, mask)
-    choice("level", level, OPENRLHF_LEVELS)
-    choice("mode", mode, OPENRLHF_MODES)
-    choice("gating", gating, OPENRLHF_GATINGS)
-    if mode == "clip" and (level == "seq" or gating != "ratio"):
-        raise ValueError(f"mode='clip' needs level='token' and gating='ratio', got level={level!r}, "
-                         f"gating={gating!r}")
-    if not (isinstance(threshold, (tuple, list)) and len(threshold) == 2
-            and all(_is_number(v) for v in threshold)):
-        raise ValueError(f"threshold must be a (low, high) pair of finite numbers, got {threshold!r}")
-    low, high = float(threshold[0]), float(threshold[1])
-    if low > high:
-        raise ValueError(f"threshold must have low <= high, got {threshold!r}")
-    if gating != "ratio" and low > 0:
-        raise ValueError(f"gating={gating!r} bounds a divergence from above only: low must be <= 0, "
-                         f"got threshold={threshold!r}")
-    if gating == "ratio" and high <= 0:
-        raise ValueError(f"gating='ratio' needs high > 0 (a ratio is never negative), got threshold={threshold!r}")
-
-    valid = mask.bool()
-    old, rollout = old_logp.detach(), rollout_logp.detach()
-    log_ratio = _log_ratio(old, rollout, valid)
-    # A ratio is never negative: a lower bound <= 0 only rejects NaN, as the open bound does.
-    ratio_low = low if low > 0 else None
-    # OpenRLHF's token-level share is float32, widened by a float64 mask.
-    share_dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
-    if gating == "ratio" and level == "token":
-        imp = _importance(log_ratio, valid, level="token", seq_stat="sum",
-                          mode="truncate" if mode == "clip" else "mask", lower=ratio_low, upper=high, bound=None)
-        coef = imp.weights
-        if mode == "clip":
-            filtered = valid & ((imp.raw < low) | (imp.raw > high))
-        else:
-            filtered = valid & ~imp.inside
-        filtered_ratio = _share(filtered, valid, share_dtype)
-    else:
-        imp = _importance(log_ratio, valid, level="token", seq_stat="sum", mode="truncate", lower=None,
-                          upper=None, bound=None)
-        statistic = "k1" if gating == "ratio" else gating
-        name = f"{'token' if level == 'token' else 'seq_mean'}_{statistic}"
-        lower, upper = (ratio_low, high) if gating == "ratio" else (low, high)
-        gate = _rejection(name, log_ratio, old, rollout, valid, lower, upper, ratio_bounds=gating == "ratio")
-        coef = torch.where(gate.keep & valid, imp.weights, 0.0)
-        if level == "token":
-            filtered_ratio = _share(valid & ~gate.keep, valid, share_dtype)
-        else:
-            filtered_rows = ~(gate.keep & valid).any(-1)
-            filtered_ratio = _share(filtered_rows, torch.ones_like(filtered_rows), torch.float32)
-    kl_dtype = torch.promote_types(log_ratio.dtype, mask.dtype) if mask.is_floating_point() else log_ratio.dtype
-    # The difference in the log-probs' precision, then widened by a float64 mask, as OpenRLHF.
-    vllm_kl = _masked_mean((rollout.to(log_ratio.dtype) - old.to(log_ratio.dtype)).to(kl_dtype), valid)
-    return coef, filtered_ratio, vllm_kl

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from . import _checks as check
-from . import dispatch, functional
-from .options import in_unit_interval, positive
-from .reference import compute_dtype
+from . import functional
+from ._checks import in_unit_interval, positive
+from .spec import compute_dtype
 
 __all__ = ["ESTIMATORS", "AdvantageOutput", "advantages", "gae", "gdpo", "gpg", "grpo",
            "grpo_passk", "opo", "optimal_token_baseline", "reinforce_plus_plus",
@@ -66,10 +66,6 @@ class AdvantageOutput(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve(rewards) -> None:
-    check.tensor("rewards", rewards)
-    # stacklevel: resolve -> _resolve -> estimator -> torch.no_grad's wrapper -> the caller.
-    dispatch.resolve("advantages", rewards.device, stacklevel=5)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -183,7 +179,7 @@ def _per_token(a: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch
 def _reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """``R_t = r_t + γ·R_next`` over the masked tokens (masked tokens are skipped, not zeros in the
     chain), 0 at masked positions: GAE with ``V = 0`` and ``λ = 1``, so one kernel launch on CUDA."""
-    returns, _ = functional.gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    returns, _ = functional.gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, whiten=False)
     return returns
 
 
@@ -204,16 +200,13 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95,
 
     then ``advantages = masked_whiten(A, mask)`` (batch mean and unbiased variance over the masked
     tokens, ``(A − μ)/sqrt(σ² + 1e-8)``; needs ≥ 2 masked tokens) unless ``whiten=False``.
-    Returns are not whitened. :func:`ppo_fast.functional.gae` (one Triton launch on CUDA) and
-    :func:`ppo_fast.functional.masked_whiten`. Batch-invariant only with ``whiten=False``.
+    Returns are not whitened. :func:`ppo_fast.functional.gae` (one Triton launch on CUDA), with
+    the same default. Batch-invariant only with ``whiten=False``.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _flag("whiten", whiten)
     check.tensor("mask", mask)
-    adv, returns = functional.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    if whiten:
-        adv = functional.masked_whiten(adv, mask)
-    return AdvantageOutput(adv, returns)
+    return AdvantageOutput(*functional.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten))
 
 
 @torch.no_grad()
@@ -225,7 +218,7 @@ def reinforce_plus_plus(rewards, mask, *, gamma: float = 1.0, whiten: bool = Tru
     masked_whiten(returns, mask)`` (needs ≥ 2 masked tokens) unless ``whiten=False``; returns are
     not whitened. Batch-invariant only with ``whiten=False``.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=False)
     _flag("whiten", whiten)
     in_unit_interval("gamma", gamma)
@@ -242,7 +235,7 @@ def remax(rewards, mask, baselines) -> AdvantageOutput:
     ``returns_t = Σ_{t' ≥ t, masked} r_t'``: ``advantages_t = returns_t − baselines``. Row by row
     (batch-invariant).
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=False)
     check.floating("baselines", check.tensor("baselines", baselines))
     check.shape("baselines", baselines, rewards.shape[:1], "[B] = rewards.shape[:1]")
@@ -272,7 +265,7 @@ def grpo(rewards, mask, group_ids, *, eps: float = 1e-6, normalize_std: bool = T
     :func:`ppo_fast.functional.group_advantages`, in float64. Also verl's ``grpo_vectorized``
     (the same estimator). Depends on the other rows of the group.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=True)
     positive("eps", eps)
     _flag("normalize_std", normalize_std)
@@ -301,7 +294,7 @@ def gdpo(rewards, mask, group_ids, *, weights=None, eps: float = 1e-6, normalize
     dims = [rewards] if isinstance(rewards, torch.Tensor) else list(rewards)
     if not dims:
         raise ValueError("rewards must hold at least one reward dimension, got an empty sequence")
-    _resolve(dims[0])
+    check.tensor("rewards", dims[0])
     for k, r in enumerate(dims):
         _check_rewards(r, mask, scores_allowed=True, name=f"rewards[{k}]" if len(dims) > 1 else "rewards")
         if r.shape[0] != dims[0].shape[0]:
@@ -340,7 +333,7 @@ def grpo_passk(rewards, mask, group_ids, *, eps: float = 1e-6, normalize_std: bo
     Among rows tied for the best, the first in row order is "best" (the gap is then 0 anyway).
     Depends on the other rows of the group.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=True)
     positive("eps", eps)
     _flag("normalize_std", normalize_std)
@@ -374,7 +367,7 @@ def reinforce_plus_plus_baseline(rewards, mask, group_ids, *, whiten: bool = Tru
     has baseline 0. ``advantages = masked_whiten(s_i − mean_g broadcast over the masked tokens,
     mask)`` (needs ≥ 2 masked tokens) unless ``whiten=False``. Not batch-invariant.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=True)
     _flag("whiten", whiten)
     groups = _groups(group_ids, rewards.shape[0], rewards.device)
@@ -398,7 +391,7 @@ def rloo(rewards, mask, group_ids) -> AdvantageOutput:
     ``rloo``; verl's ``rloo_vectorized`` gives 0 instead, see the verl adapter). Depends on the
     other rows of the group.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=True)
     groups = _groups(group_ids, rewards.shape[0], rewards.device)
     s = _scores(rewards, mask)
@@ -420,7 +413,7 @@ def opo(rewards, mask, group_ids) -> AdvantageOutput:
     A group of one row, or whose rows have no masked token, has baseline 0. Depends on the other
     rows of the group.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=True)
     groups = _groups(group_ids, rewards.shape[0], rewards.device)
     s = _scores(rewards, mask)
@@ -445,7 +438,7 @@ def gpg(rewards, mask, group_ids, *, f_norm: float = 1.0, alpha: float | None = 
     (verl's definition of α; pass ``alpha`` to fix it). A group of one row has mean 0. Not
     batch-invariant: α counts the whole batch.
     """
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _check_rewards(rewards, mask, scores_allowed=True)
     positive("f_norm", f_norm)
     if alpha is not None:
@@ -517,7 +510,7 @@ def _otb_parts(rewards, mask, groups: _Groups, old_logp, sum_pi_squared, is_weig
 
 def _otb(compact: bool, rewards, mask, group_ids, old_logp, sum_pi_squared, is_weights, handle_zero_tail,
          eps) -> AdvantageOutput:
-    _resolve(rewards)
+    check.tensor("rewards", rewards)
     _otb_check(rewards, mask, old_logp, sum_pi_squared, is_weights, eps, handle_zero_tail)
     groups = _groups(group_ids, rewards.shape[0], rewards.device)
     baseline, returns = _otb_parts(rewards, mask, groups, old_logp, sum_pi_squared, is_weights, eps=eps,

@@ -1,9 +1,9 @@
 """The public functional API. Every function reads the same way: check the inputs, dispatch to the
-backend that serves the device (:mod:`ppo_fast.dispatch`), compute, and for the losses reduce the
-per-token terms with :func:`ppo_fast.reference.reduce`.
+op (:mod:`ppo_fast.ops`, whose implementation per backend :mod:`ppo_fast.dispatch` picks) or the
+spec, and for the losses reduce the per-token terms with :func:`ppo_fast.spec.reduce`.
 
 Shapes use ``N`` (tokens, any leading shape), ``V`` (vocabulary), ``B``/``T`` (sequences, time).
-Semantics are those of :mod:`ppo_fast.reference`, the spec; the docstrings there give formulas.
+Semantics are those of :mod:`ppo_fast.spec`, the spec; the docstrings there give formulas.
 Every function works under ``torch.compile(fullgraph=True)``; while it traces, the checks that
 read values on the device (label ranges, ``cu_seqlens``, mask counts) are skipped.
 """
@@ -13,8 +13,13 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from . import dispatch, ops, reference
-from .options import LossOptions, in_unit_interval, integer, positive
+from . import spec
+from .ops.gae import gae_op
+from .ops.linear_logprobs import linear_logprobs_op
+from .ops.ppo_loss import ppo_token_terms
+from .ops.token_logprobs import token_logprobs_op
+from ._checks import in_unit_interval, int_option, positive
+from .options import LossOptions
 
 
 def token_logprobs(
@@ -49,15 +54,14 @@ def token_logprobs(
         ``(logp, entropy)`` or ``(logp, sum_pi_squared)``. On CUDA one read of the logits
         forward and one read + one write backward; no float32 copy of the logits is made.
     """
-    integer("ignore_index", ignore_index)
+    int_option("ignore_index", ignore_index)
     positive("temperature", temperature)
     for flag, value in (("return_entropy", return_entropy), ("return_sum_pi_squared", return_sum_pi_squared),
                         ("inplace_backward", inplace_backward)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be a bool, got {value!r}")
     labels = check.logits_and_labels(logits, labels, ignore_index)
-    dispatch.resolve("token_logprobs", logits.device)
-    logp, entropy, _, sum_pi_squared = ops.token_logprobs_op(
+    logp, entropy, _, sum_pi_squared = token_logprobs_op(
         logits, labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy),
         bool(inplace_backward), bool(return_sum_pi_squared))
     out = (logp,)
@@ -76,16 +80,22 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     cu_seqlens: torch.Tensor | None = None,
+    whiten: bool = True,
 ):
-    """Generalised advantage estimation; returns ``(advantages, returns)``.
+    """Generalised advantage estimation; returns ``(advantages, returns)``, the advantages
+    whitened over the batch by default, as ``pf.advantages("gae", ...)`` (and verl) give them.
 
     Padded form: ``rewards``, ``values``, ``mask`` are ``[B, T]``. Packed form: they are 1-D
     ``[total]`` and ``cu_seqlens`` ``[S + 1]`` (int, as flash-attn's varlen API) delimits the
     sequences (its values are not checked under ``torch.compile``). ``mask`` (default all ones)
     marks the tokens that count; masked tokens add no TD error and do not break the chain, and
-    both outputs are 0 there. No whitening (see :func:`masked_whiten`). On CUDA, one kernel
+    both outputs are 0 there. ``whiten`` (default True): ``advantages = masked_whiten(A, mask)``
+    (:func:`masked_whiten`; needs at least 2 masked tokens); returns are never whitened.
+    Differentiable in ``rewards`` and ``values`` (GAE is linear in both). On CUDA, one kernel
     launch for the whole batch.
     """
+    if not isinstance(whiten, bool):
+        raise ValueError(f"whiten must be a bool, got {whiten!r}")
     for name, t in (("rewards", rewards), ("values", values)):
         check.floating(name, check.tensor(name, t))
     packed = cu_seqlens is not None
@@ -112,10 +122,12 @@ def gae(
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != rewards.numel() or bool((lengths < 0).any()):
             raise ValueError(f"cu_seqlens must rise from 0 to rewards.numel()={rewards.numel()}, "
                              f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
-    dispatch.resolve("gae", rewards.device)
-    advantages, returns = ops.gae_op(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1),
-                                     cu_seqlens, float(gamma), float(lam))
-    return advantages.view(rewards.shape), returns.view(rewards.shape)
+    advantages, returns = gae_op(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), cu_seqlens,
+                                 float(gamma), float(lam))
+    advantages, returns = advantages.view(rewards.shape), returns.view(rewards.shape)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True):
@@ -133,8 +145,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
         count = int(mask.to(torch.bool).sum())
         if count < 2:
             raise ValueError(f"mask must select at least 2 tokens to estimate a variance, selects {count}")
-    impl = dispatch.resolve("masked_whiten", values.device).impl
-    return impl.masked_whiten(values, mask, shift_mean=shift_mean)
+    return spec.masked_whiten(values, mask, shift_mean=shift_mean)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -142,7 +153,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     check.floating("values", check.tensor("values", values))
     check.mask_like("mask", mask, values.shape, "values.shape")
     check.same_device("values", values, mask=mask)
-    return dispatch.resolve("masked_mean", values.device).impl.masked_mean(values, mask)
+    return spec.masked_mean(values, mask)
 
 
 def group_advantages(
@@ -171,8 +182,7 @@ def group_advantages(
             raise ValueError(f"mask must be [B, T] with B={scores.shape[0]}, got shape {tuple(mask.shape)}")
         check.mask_like("mask", mask, mask.shape, "[B, T]")
     check.same_device("scores", scores, group_ids=group_ids, mask=mask)
-    impl = dispatch.resolve("group_advantages", scores.device).impl
-    adv = impl.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
+    adv = spec.group_advantages(scores, group_ids, normalize_std=normalize_std, eps=eps)
     if mask is None:
         return adv
     return torch.where(mask.bool(), adv.unsqueeze(-1), 0.0)
@@ -185,7 +195,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     check.token_tensor("ref_logp", ref_logp, logp.shape, "logp.shape")
     check.same_device("logp", logp, ref_logp=ref_logp)
     estimator = LossOptions(kl_estimator=estimator).kl_estimator
-    return dispatch.resolve("kl_penalty", logp.device).impl.kl_penalty(logp, ref_logp, estimator)
+    return spec.kl_penalty(logp, ref_logp, estimator)
 
 
 def _check_per_token(shape, what, mask, **tensors) -> None:
@@ -203,7 +213,7 @@ def policy_loss(
     *,
     loss_type: str = "vanilla",
     loss_params: dict | None = None,
-    clip_low: float = 0.2,
+    clip_low: float | None = None,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str | None = None,
@@ -220,14 +230,15 @@ def policy_loss(
     All tensors share the shape of ``logp`` (``[B, T]`` for the ``seq-*`` aggregations and the
     sequence-level objectives). ``loss_type`` picks the objective, ``loss_params`` its own
     parameters (:mod:`ppo_fast.objectives` lists both; default PPO's clipped surrogate).
-    ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
+    ``clip_low`` defaults to 0.2 for the objectives that clip (those that do not refuse it),
+    ``clip_high`` to ``clip_low`` (set it higher for DAPO's clip-higher). ``dual_clip``
     (> 1, vanilla only) caps the loss of negative-advantage tokens at ``−A·dual_clip``.
     Importance weights multiply each token's policy term (no gradient): ``rollout_is_weights``
     as given (e.g. from :func:`ppo_fast.rollout_correction`), and with ``rollout_logp`` the
     truncated ``min(π_old / π_rollout, tis_cap)``. ``agg`` defaults to the loss type's
     aggregation (token-mean for most). Differentiable in ``logp`` only (the rest is data).
     ``num_tokens`` / ``num_seqs`` / ``dp_size``: global normalisers (see
-    :func:`ppo_fast.reference.agg_weights`). Metrics: ``pg_loss``, ``clipfrac``,
+    :func:`ppo_fast.spec.agg_weights`). Metrics: ``pg_loss``, ``clipfrac``,
     ``clipfrac_lower`` (per objective, see ``objectives.FLAGS``), ``approx_kl``, ``ratio_mean``,
     ``ratio_max`` (detached 0-d tensors).
     """
@@ -243,12 +254,11 @@ def policy_loss(
     check.same_device("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask,
                       rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
     check.weights("rollout_is_weights", rollout_is_weights, mask)
-    impl = dispatch.resolve("policy_loss", logp.device).impl
-    dtype = reference.compute_dtype(logp, old_logp, advantages)
-    terms = impl.ppo_token_terms(logp.to(dtype), old_logp.detach(), advantages.detach(), opts,
+    dtype = spec.compute_dtype(logp, old_logp, advantages)
+    terms = spec.ppo_token_terms(logp.to(dtype), old_logp.detach(), advantages.detach(), opts,
                                  mask=mask, rollout_logp=_data(rollout_logp),
                                  rollout_is_weights=_data(rollout_is_weights))
-    return reference.reduce(terms, mask, opts)
+    return spec.reduce(terms, mask, opts)
 
 
 def _data(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -281,8 +291,7 @@ def value_loss(
     _check_per_token(values.shape, "values.shape", mask, old_values=old_values, returns=returns)
     check.seq_mask(opts.agg, mask)
     check.same_device("values", values, old_values=old_values, returns=returns, mask=mask)
-    impl = dispatch.resolve("value_loss", values.device).impl
-    return impl.value_loss(values, old_values, returns, mask, clip=clip, agg=opts.agg,
+    return spec.value_loss(values, old_values, returns, mask, clip=clip, agg=opts.agg,
                            num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
                            dp_size=opts.dp_size, horizon=opts.horizon)
 
@@ -302,7 +311,7 @@ def ppo_loss(
     ignore_index: int = -100,
     loss_type: str = "vanilla",
     loss_params: dict | None = None,
-    clip_low: float = 0.2,
+    clip_low: float | None = None,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str | None = None,
@@ -345,13 +354,11 @@ def ppo_loss(
     valid = labels != ignore_index
     if opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
             and rollout_is_weights is None:
-        dispatch.resolve("ppo_loss", logits.device)
-        terms = ops.ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp,
-                                    opts, inplace_backward)
-        return reference.reduce(terms, valid, opts)
-    dispatch.resolve("token_logprobs", logits.device)
-    logp, entropy = ops.token_logprobs_op(logits, labels, 1.0 / float(opts.temperature),
-                                          int(ignore_index), True, bool(inplace_backward))[:2]
+        terms = ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
+                                inplace_backward)
+        return spec.reduce(terms, valid, opts)
+    logp, entropy = token_logprobs_op(logits, labels, 1.0 / float(opts.temperature), int(ignore_index), True,
+                                      bool(inplace_backward))[:2]
     return _loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
                                rollout_is_weights, opts)
 
@@ -387,11 +394,11 @@ def _check_actor_inputs(source_name, source, lead, what, vocab, labels, old_logp
 
 def _loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights,
                         opts):
-    terms = reference.ppo_token_terms(logp, _data(old_logp), _data(advantages), opts, mask=valid,
+    terms = spec.ppo_token_terms(logp, _data(old_logp), _data(advantages), opts, mask=valid,
                                       entropy=entropy, ref_logp=_data(ref_logp),
                                       rollout_logp=_data(rollout_logp),
                                       rollout_is_weights=_data(rollout_is_weights))
-    return reference.reduce(terms, valid, opts)
+    return spec.reduce(terms, valid, opts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,11 +426,9 @@ def _check_head(hidden, weight, bias) -> None:
 
 
 def _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, with_entropy):
-    dispatch.resolve("linear_logprobs", hidden.device)
     lead = hidden.shape[:-1]
-    logp, entropy, _ = ops.linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                              labels.reshape(-1), 1.0 / float(temperature), int(ignore_index),
-                                              bool(with_entropy))
+    logp, entropy, _ = linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
+                                          1.0 / float(temperature), int(ignore_index), bool(with_entropy))
     return logp.view(lead), entropy.view(lead)
 
 
@@ -449,11 +454,11 @@ def fused_linear_token_logprobs(
     Differentiable in hidden, weight and bias. Under ``torch.no_grad`` it is the scoring pass for
     old and reference log-probs. On CUDA one Triton kernel tiles tokens × vocab with the matmul on
     tensor cores and an online log-sum-exp; elsewhere, and in every backward, the logits are
-    recomputed chunk by chunk (:func:`ppo_fast.ops.linear_chunk_tokens`): the peak extra memory is
+    recomputed chunk by chunk (:func:`ppo_fast.ops.linear_logprobs.linear_chunk_tokens`): the peak extra memory is
     one chunk's logits, plus a float32 accumulator for the weight's gradient when the weight is
     bf16/fp16. A token's result does not depend on the rest of the batch.
     """
-    integer("ignore_index", ignore_index)
+    int_option("ignore_index", ignore_index)
     positive("temperature", temperature)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
@@ -480,7 +485,7 @@ def fused_linear_ppo_loss(
     ignore_index: int = -100,
     loss_type: str = "vanilla",
     loss_params: dict | None = None,
-    clip_low: float = 0.2,
+    clip_low: float | None = None,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     agg: str | None = None,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .options import LossOptions, positive
+from ._checks import positive
+from .options import LossOptions
 
 
 class PPOLoss(nn.Module):

@@ -1,8 +1,8 @@
 """The policy objectives: the per-token policy-gradient term of every loss variant that verl,
-OpenRLHF and TRL ship, selected by ``loss_type``. Part of the spec (:mod:`ppo_fast.reference`).
+OpenRLHF and TRL ship, selected by ``loss_type``. Part of the spec (:mod:`ppo_fast.spec`).
 
 Each objective maps per-token log-probs to a per-token loss ``pg``; the caller adds the KL and
-entropy terms and aggregates with ``agg`` (:func:`ppo_fast.reference.reduce`). An objective needs
+entropy terms and aggregates with ``agg`` (:func:`ppo_fast.spec.reduce`). An objective needs
 only the sampled tokens' log-probs, so from logits every variant runs on the fused log-prob kernel
 and nothing of size ``[tokens, vocab]`` is made beyond what that kernel makes.
 
@@ -55,8 +55,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, NamedTuple
 
-import numpy as np
 import torch
+
 
 LOG_RATIO_CLAMP = 20.0
 """|log-ratio| clamp before ``exp``: no ratio overflows (also for the sequence ratio)."""
@@ -338,68 +338,6 @@ LOSS_TYPES = tuple(OBJECTIVES) + tuple(ALIASES)
 WEIGHTS_INSIDE = ("geo_mean", "vespo")
 """Objectives that fold the importance weights into a sequence quantity instead of multiplying
 each token's term (geo_mean: their geometric mean over the sequence; vespo: into ``W``)."""
-
-
-def _check_param(loss_type: str, name: str, value) -> None:
-    from .options import _is_number, choice, positive
-
-    if name == "importance_level":
-        choice("loss_params['importance_level']", value, ("token", "sequence"))
-    elif name == "token_gradient":
-        if not isinstance(value, bool):
-            raise ValueError(f"loss_params['token_gradient'] must be a bool, got {value!r}")
-    elif name in ("max_log_ratio", "ratio_min", "ratio_max"):
-        if value is not None and not _is_number(value):
-            raise ValueError(f"loss_params[{name!r}] must be a finite number or None, got {value!r}")
-        if name == "ratio_min" and value is not None and value < 0:
-            raise ValueError(f"loss_params['ratio_min'] must be >= 0, got {value!r}")
-        if name in ("ratio_max", "max_log_ratio") and value is not None:
-            positive(f"loss_params[{name!r}]", value)
-    elif name == "clip_cov_ratio" or name == "kl_cov_ratio":
-        positive(f"loss_params[{name!r}]", value)
-        if value > 1:
-            raise ValueError(f"loss_params[{name!r}] is a share of the tokens, in (0, 1]; got {value!r}")
-    elif name in ("clip_cov_lb", "clip_cov_ub", "kl_cov_coef", "k_pos", "k_neg"):
-        if not _is_number(value):
-            raise ValueError(f"loss_params[{name!r}] must be a finite number, got {value!r}")
-    else:  # ratio_cap, tau_pos, tau_neg, beta, lambda_pos, lambda_neg
-        positive(f"loss_params[{name!r}]", value)
-
-
-def resolve(loss_type, loss_params) -> tuple[str, dict, str]:
-    """``(objective name, its full params, its default aggregation)`` for a loss_type (alias
-    allowed) and the user's ``loss_params``; raises ValueError naming what is wrong."""
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {loss_type!r}")
-    name, agg = ALIASES.get(loss_type, (loss_type, None))
-    objective = OBJECTIVES[name]
-    given = {} if loss_params is None else loss_params
-    if not isinstance(given, Mapping):
-        raise ValueError(f"loss_params must be a dict of {loss_type!r}'s parameters or None, got "
-                         f"{type(given).__name__}")
-    unknown = sorted(set(given) - set(objective.params))
-    if unknown:
-        known = ", ".join(objective.params) or "none"
-        raise ValueError(f"loss_params has {unknown} which loss_type={loss_type!r} does not take "
-                         f"(its parameters: {known})")
-    # numpy scalars (from a config or a computation) are numbers like any other.
-    params = {**objective.params,
-              **{key: value.item() if isinstance(value, np.generic) else value for key, value in given.items()}}
-    missing = [key for key, value in params.items() if value is REQUIRED]
-    if missing:
-        raise ValueError(f"loss_type={loss_type!r} needs loss_params {missing} (no default)")
-    for key, value in params.items():
-        _check_param(loss_type, key, value)
-    if name == "gspo" and params["importance_level"] != "sequence":
-        raise ValueError("loss_type='gspo' is the sequence ratio: loss_params['importance_level'] must be "
-                         "'sequence' (for the token ratio use loss_type='vanilla')")
-    if params.get("importance_level") == "token" and params.get("max_log_ratio") is not None:
-        raise ValueError("loss_params['max_log_ratio'] bounds the sequence ratio; it needs "
-                         "importance_level='sequence'")
-    if name == "clip_cov" and not params["clip_cov_lb"] < params["clip_cov_ub"]:
-        raise ValueError(f"loss_params needs clip_cov_lb < clip_cov_ub (the covariance band), got "
-                         f"{params['clip_cov_lb']!r} and {params['clip_cov_ub']!r}")
-    return name, params, agg or objective.agg
 
 
 def policy_terms(logp, old_logp, advantages, mask, opts, *, weights=None) -> ObjectiveTerms:

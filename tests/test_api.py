@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from ppo_fast import dispatch, native
+from ppo_fast import dispatch, native, spec
 from ppo_fast.options import LossOptions
 
 
@@ -26,7 +26,7 @@ def test_readme_contract_runs_on_cpu():
     logp = pf.token_logprobs(logits, labels)
     logp, ent = pf.token_logprobs(logits, labels, return_entropy=True, temperature=0.7)
     rewards, values = torch.randn(2, 5), torch.randn(2, 5)
-    a, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    a, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95, whiten=False)
     a = pf.masked_whiten(a, mask)
     kl = pf.kl_penalty(logp, old, estimator="k3")
     loss, metrics = pf.policy_loss(logp, old, a, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
@@ -63,11 +63,11 @@ def test_readme_contract_runs_on_cpu():
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp, a, m, ref_logp=lp[0]), r"ref_logp must have shape"),
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp.long(), a, m), "old_logp must be a floating-point"),
     (lambda logits, y, lp, a, m: pf.value_loss(lp, lp, a, m, clip=0), "clip must be"),
-    (lambda logits, y, lp, a, m: pf.gae(lp, a[:, :2], m), r"values must have shape \(2, 5\)"),
-    (lambda logits, y, lp, a, m: pf.gae(lp, a, m, gamma=1.5), r"gamma must be a number in \[0, 1\]"),
-    (lambda logits, y, lp, a, m: pf.gae(lp[0], a[0], m[0]), r"rewards must be \[B, T\]"),
+    (lambda logits, y, lp, a, m: pf.gae(lp, a[:, :2], m, whiten=False), r"values must have shape \(2, 5\)"),
+    (lambda logits, y, lp, a, m: pf.gae(lp, a, m, gamma=1.5, whiten=False), r"gamma must be a number in \[0, 1\]"),
+    (lambda logits, y, lp, a, m: pf.gae(lp[0], a[0], m[0], whiten=False), r"rewards must be \[B, T\]"),
     (lambda logits, y, lp, a, m: pf.gae(lp.flatten(), a.flatten(), m.flatten(),
-                                   cu_seqlens=torch.tensor([0, 4, 9])), "cu_seqlens must rise from 0"),
+                                   cu_seqlens=torch.tensor([0, 4, 9]), whiten=False), "cu_seqlens must rise from 0"),
     (lambda logits, y, lp, a, m: pf.masked_whiten(lp, torch.zeros_like(m)), "at least 2 tokens"),
     (lambda logits, y, lp, a, m: pf.group_advantages(lp, torch.zeros(2, 5).long()), "scores must be 1-D"),
 ])
@@ -105,21 +105,17 @@ def test_forced_backend_that_cannot_serve_lists_every_reason(monkeypatch):
     assert "TRITON_INTERPRET is not 1" in message
     assert "reference: available" in message and ("native: available" in message or not NATIVE)
     with pytest.raises(pf.BackendUnavailable, match="cannot run gae"):
-        pf.gae(torch.randn(2, 3), torch.randn(2, 3))
+        pf.gae(torch.randn(2, 3), torch.randn(2, 3), whiten=False)
 
 
-def test_forced_backend_an_op_lacks_runs_its_reference_and_warns_once(monkeypatch):
+def test_functions_outside_the_table_run_their_spec_whatever_the_forced_backend(monkeypatch):
     monkeypatch.setenv("PPO_FAST_BACKEND", "native")
-    monkeypatch.setattr(dispatch, "_warned", set())
     logp = torch.randn(2, 3)
-    with pytest.warns(UserWarning, match="PPO_FAST_BACKEND=native: kl_penalty has no native"):
-        first = pf.kl_penalty(logp, logp - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = pf.kl_penalty(logp, logp - 1)
-    torch.testing.assert_close(first, second)
-    with pytest.warns(UserWarning, match="masked_mean has no native"):
+        torch.testing.assert_close(pf.kl_penalty(logp, logp - 1), spec.kl_penalty(logp, logp - 1))
         pf.masked_mean(torch.randn(2, 3), torch.ones(2, 3))
+    assert "kl_penalty" not in dispatch.TABLE and "masked_mean" not in dispatch.TABLE
 
 
 def test_unknown_backend_name(monkeypatch):
@@ -133,7 +129,7 @@ PUBLIC_CALLS = {
     "ppo_loss": lambda b: pf.ppo_loss(b["logits"], b["labels"], b["old"], b["adv"], b["mask"]),
     "linear_logprobs": lambda b: pf.fused_linear_ppo_loss(
         b["logits"], b["logits"].detach().reshape(-1, 11)[:7], b["labels"] % 7, b["old"], b["adv"], b["mask"]),
-    "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"]),
+    "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"], whiten=False),
     "policy_loss": lambda b: pf.policy_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "value_loss": lambda b: pf.value_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "kl_penalty": lambda b: pf.kl_penalty(b["old"], b["adv"]),
@@ -150,21 +146,22 @@ def _named_batch():
     return dict(logits=logits, labels=labels, old=old, adv=adv, mask=mask)
 
 
-def test_every_public_op_resolves_its_backend_through_the_table(monkeypatch):
-    assert set(PUBLIC_CALLS) == set(dispatch.TABLE)
-    resolved = []
-    original = dispatch.resolve
+def test_every_op_of_the_table_chooses_its_backend_there(monkeypatch):
+    assert set(dispatch.TABLE) == {"token_logprobs", "ppo_loss", "linear_logprobs", "gae"}
+    assert set(dispatch.TABLE) < set(PUBLIC_CALLS)
+    chosen = []
+    original = dispatch.choose
 
-    def spy(op, device, stacklevel=3):
-        resolved.append(op)
-        return original(op, device, stacklevel)
+    def spy(op, device):
+        chosen.append(op)
+        return original(op, device)
 
-    monkeypatch.setattr(dispatch, "resolve", spy)
+    monkeypatch.setattr(dispatch, "choose", spy)
     batch = _named_batch()
-    for op, call in PUBLIC_CALLS.items():
-        resolved.clear()
-        call(batch)
-        assert op in resolved, f"pf.{op} did not go through dispatch.resolve (it resolved {resolved})"
+    for op in dispatch.TABLE:
+        chosen.clear()
+        PUBLIC_CALLS[op](batch)
+        assert op in chosen, f"pf.{op} did not choose its backend from the table (it chose {chosen})"
 
 
 @pytest.mark.parametrize("op", list(PUBLIC_CALLS))
@@ -288,7 +285,7 @@ def test_cli_backends_prints_the_op_table(capsys):
     for op in ("token_logprobs", "ppo_loss", "linear_logprobs", "gae"):
         # The CPU default: native (the last column) where built, else the reference (the first).
         assert re.search(rf"^  {op} .* yes \*$" if NATIVE else rf"^  {op} +yes \* ", cpu, re.M), op
-    assert re.search(r"^  value_loss +yes \* .* no \[\d\]$", cpu, re.M)
+    assert re.search(r"^Every other function \(policy_loss, value_loss, .*\) runs its PyTorch spec", out, re.M)
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "ppo_loss_tokens", "gae"])
@@ -299,7 +296,7 @@ def test_library_ops_have_one_kernel_per_device(op):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_both_backends_reach_the_one_reduction(backend, force_backend, monkeypatch):
-    from ppo_fast import reference
+    from ppo_fast import spec as reference
 
     calls = []
     original = reference.reduce
@@ -398,11 +395,3 @@ def test_cli_backends_with_an_unknown_backend_is_one_line(monkeypatch, capsys):
     assert main(["backends"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ppo-fast: PPO_FAST_BACKEND must be one of") and "Traceback" not in err
-
-
-def test_forced_backend_warning_points_at_the_callers_line(monkeypatch):
-    monkeypatch.setenv("PPO_FAST_BACKEND", "native")
-    monkeypatch.setattr(dispatch, "_warned", set())
-    with pytest.warns(UserWarning) as record:
-        pf.kl_penalty(torch.randn(2, 3), torch.randn(2, 3))
-    assert record[0].filename == __file__

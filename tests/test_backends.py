@@ -1,4 +1,4 @@
-"""Every backend of every op against the spec (``ppo_fast.reference``, called directly), on fresh
+"""Every backend of every op against the spec (``ppo_fast.spec``, called directly), on fresh
 random inputs.
 
 ``backend`` runs each test on the reference backend (PyTorch, with its hand-written gradients)
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from ppo_fast import reference as R
+from ppo_fast import spec as R
 
 from helpers import assert_loss_matches_spec, max_err, random_labels, random_logits
 
@@ -343,7 +343,7 @@ def test_gae_matches_the_loop(B, T, mask_kind, device, backend):
         idx = torch.arange(T, device=device)
         mask = (idx >= T // 4) & (idx < T - T // 5)
         mask = mask.expand(B, T)
-    adv, ret = pf.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    adv, ret = pf.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=False)
     adv_r, ret_r = R.gae(rewards, values, mask, gamma=0.99, lam=0.95)
     torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
@@ -351,7 +351,7 @@ def test_gae_matches_the_loop(B, T, mask_kind, device, backend):
 
 def test_gae_with_no_time_steps(device, backend):
     empty = torch.empty(3, 0, device=device)
-    adv, ret = pf.gae(empty, empty)
+    adv, ret = pf.gae(empty, empty, whiten=False)
     assert adv.shape == ret.shape == (3, 0)
 
 
@@ -359,7 +359,7 @@ def test_gae_float32_and_bfloat16_inputs(device, backend):
     rewards = torch.randn(3, 300, device=device).to(torch.bfloat16)
     values = torch.randn(3, 300, device=device)
     mask = torch.rand(3, 300, device=device) > 0.1
-    adv, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    adv, ret = pf.gae(rewards, values, mask, gamma=1.0, lam=0.95, whiten=False)
     adv_r, _ = R.gae(rewards.double(), values.double(), mask, gamma=1.0, lam=0.95)
     assert adv.dtype == torch.float32
     assert (adv.double() - adv_r).abs().max() < 1e-4 * adv_r.abs().max()
@@ -372,10 +372,55 @@ def test_gae_packed_varlen(device, backend):
     rewards = torch.randn(total, dtype=F64, device=device)
     values = torch.randn(total, dtype=F64, device=device)
     mask = torch.rand(total, device=device) > 0.3
-    adv, ret = pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, cu_seqlens=cu)
+    adv, ret = pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, cu_seqlens=cu, whiten=False)
     adv_r, ret_r = R.gae_packed(rewards, values, mask, cu, gamma=0.97, lam=0.9)
     torch.testing.assert_close(adv, adv_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ret_r, rtol=1e-10, atol=1e-10)
+
+
+def test_gae_whitens_by_default_as_the_gae_estimator(device, backend):
+    rewards, values = torch.randn(4, 9, dtype=F64, device=device), torch.randn(4, 9, dtype=F64, device=device)
+    mask = torch.rand(4, 9, device=device) > 0.3
+    adv, ret = pf.gae(rewards, values, mask, gamma=0.99, lam=0.9)
+    estimated = pf.advantages("gae", rewards, values, mask, gamma=0.99, lam=0.9)
+    torch.testing.assert_close(adv, estimated.advantages, rtol=0, atol=0)
+    torch.testing.assert_close(ret, estimated.returns, rtol=0, atol=0)
+    raw, _ = R.gae(rewards, values, mask, gamma=0.99, lam=0.9)
+    torch.testing.assert_close(adv, R.masked_whiten(raw, mask), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gae_gradients_match_the_spec(device, backend, packed, whiten):
+    """GAE is linear in rewards and values: its backward against the spec's autograd, with
+    gradients on both outputs, masked tokens inside the sequences and NaN where masked."""
+    B, T = 3, 11
+    mask = torch.rand(B, T, device=device) > 0.3
+    mask[1, :4] = False
+    rewards = torch.randn(B, T, dtype=F64, device=device).masked_fill(~mask, float("nan")).requires_grad_()
+    values = torch.randn(B, T, dtype=F64, device=device).masked_fill(~mask, float("nan")).requires_grad_()
+    w_adv, w_ret = torch.randn(B, T, dtype=F64, device=device), torch.randn(B, T, dtype=F64, device=device)
+
+    def loss(adv, ret):
+        return torch.where(mask, adv * w_adv + ret * w_ret, 0.0).sum()
+
+    if packed:
+        cu = torch.arange(B + 1, device=device) * T
+        adv, ret = pf.gae(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), gamma=0.97, lam=0.9,
+                          cu_seqlens=cu, whiten=whiten)
+        adv, ret = adv.view(B, T), ret.view(B, T)
+    else:
+        adv, ret = pf.gae(rewards, values, mask, gamma=0.97, lam=0.9, whiten=whiten)
+    got = torch.autograd.grad(loss(adv, ret), (rewards, values))
+    clean_r = torch.where(mask, rewards, 0.0)
+    clean_v = torch.where(mask, values, 0.0)
+    adv_r, ret_r = R.gae(clean_r, clean_v, mask, gamma=0.97, lam=0.9)
+    if whiten:
+        adv_r = R.masked_whiten(adv_r, mask)
+    want = torch.autograd.grad(loss(adv_r, ret_r), (rewards, values))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,19 +429,28 @@ def test_gae_packed_varlen(device, backend):
 
 
 def test_ops_pass_torch_library_opcheck(device, backend):
-    from ppo_fast import ops
+    from ppo_fast.ops.gae import gae_op
+    from ppo_fast.ops.ppo_loss import ppo_loss_tokens_op
+    from ppo_fast.ops.token_logprobs import token_logprobs_op
 
     logits = random_logits((3, 5, 33), torch.float32, device).requires_grad_()
     labels = random_labels((3, 5), 33, device)
-    torch.library.opcheck(ops.token_logprobs_op, (logits, labels, 1.0, -100, True, False))
+    torch.library.opcheck(token_logprobs_op, (logits, labels, 1.0, -100, True, False))
     old, adv = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     torch.library.opcheck(
-        ops.ppo_loss_tokens_op,
-        (logits, labels, old, adv, old + 0.1, None, 1.0, -100, 0.2, 0.3, 3.0, 2.0, 0.1, 0.01, "k3", False),
+        ppo_loss_tokens_op,
+        (logits, labels, old, adv, old + 0.1, None, [1.0, 0.2, 0.3, 3.0, 2.0, 0.1, 0.01], -100, "k3", False),
     )
     r, v = torch.randn(20, device=device), torch.randn(20, device=device)
     cu = torch.tensor([0, 7, 20], device=device)
-    torch.library.opcheck(ops.gae_op, (r, v, torch.ones(20, device=device), cu, 0.99, 0.95))
+    torch.library.opcheck(gae_op, (r, v, torch.ones(20, device=device), cu, 0.99, 0.95))
+
+
+def test_the_loss_coefficients_are_packed_in_the_order_the_kernels_read_them():
+    from ppo_fast.kernels.ppo_loss import SCALARS
+    from ppo_fast.ops.ppo_loss import LossCoefficients
+
+    assert LossCoefficients._fields == SCALARS
 
 
 def test_launchers_write_every_output_element(device):

@@ -1,6 +1,6 @@
 """ppo_fast.correction (pf.rollout_correction): the core against a plain-loop float64 oracle written here from the
 documented semantics (every option, every mask dtype, metric keys in order), masked-position
-poisoning, errors, distributed batch normalisation over two gloo ranks; ``openrlhf_coefficients``
+poisoning, errors, distributed batch normalisation over two gloo ranks; ``integrations.openrlhf.openrlhf_coefficients``
 against OpenRLHF 0.11.2's real ``PolicyLoss``; the TRL 1.16.0 vLLM IS modes expressed with the
 core's options."""
 
@@ -21,6 +21,7 @@ import peers  # noqa: E402
 
 from ppo_fast import dispatch  # noqa: E402
 from ppo_fast import correction as rc  # noqa: E402
+from ppo_fast.integrations import openrlhf  # noqa: E402
 
 MASK_DTYPES = [torch.bool, torch.int64, torch.float32, torch.float64]
 LENGTHS = [7, 1, 0, 4, 3, 6, 7, 5]
@@ -436,19 +437,18 @@ def test_traces_under_torch_compile():
     assert all(torch.equal(got[2][k], want[2][k]) for k in want[2])
 
 
-def test_dispatch_resolves_the_op(force_backend, monkeypatch):
+def test_rollout_correction_runs_its_spec_whatever_the_forced_backend(force_backend):
+    """Outside the dispatch table (it has one implementation): a forced backend changes nothing
+    and warns about nothing."""
+    assert "rollout_correction" not in dispatch.TABLE
     old, rollout, mask = batch(10)
-    for call in [lambda: rc.rollout_correction(old, rollout, mask),
-                 lambda: rc.openrlhf_coefficients(old, rollout, mask, "token", "clip", "ratio", (0.5, 2.0))]:
-        monkeypatch.setattr(dispatch, "_warned", set())
-        with force_backend("triton"), pytest.warns(UserWarning, match="rollout_correction has no triton") as caught:
-            call()
-        assert caught[0].filename == __file__
-    with force_backend("reference"), warnings.catch_warnings():
-        warnings.simplefilter("error")
-        rc.rollout_correction(old, rollout, mask)
-    with force_backend("bogus"), pytest.raises(ValueError, match="PPO_FAST_BACKEND"):
-        rc.rollout_correction(old, rollout, mask)
+    want = rc.rollout_correction(old, rollout, mask)
+    for backend in ("triton", "native"):
+        with force_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = rc.rollout_correction(old, rollout, mask)
+            openrlhf.openrlhf_coefficients(old, rollout, mask, "token", "clip", "ratio", (0.5, 2.0))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 ERRORS = [
@@ -579,7 +579,7 @@ def test_trl_vllm_importance_sampling_modes(mode):
 
 OPENRLHF_SETTINGS = [
     (level, mode, gating, threshold)
-    for level, mode, gating in itertools.product(rc.OPENRLHF_LEVELS, rc.OPENRLHF_MODES, rc.OPENRLHF_GATINGS)
+    for level, mode, gating in itertools.product(openrlhf.OPENRLHF_LEVELS, openrlhf.OPENRLHF_MODES, openrlhf.OPENRLHF_GATINGS)
     if mode == "mask" or (level == "token" and gating == "ratio")
     for threshold in ([(0.7, 1.4), (0.0, 1.3), (-1.0, 0.9)] if gating == "ratio"
                       else [(0.0, 0.18), (-0.5, 0.25)] if gating == "tv" else [(0.0, 0.1), (-1.0, 0.2)])
@@ -604,7 +604,7 @@ def test_openrlhf_coefficients_match_policy_loss(mask_dtype):
     valid = mask.bool()
     for setting in OPENRLHF_SETTINGS:
         want_coef, want_filtered, want_kl = openrlhf_reference(loss_module, old, rollout, mask, *setting)
-        coef, filtered, vllm_kl = rc.openrlhf_coefficients(old, rollout, mask, *setting)
+        coef, filtered, vllm_kl = openrlhf.openrlhf_coefficients(old, rollout, mask, *setting)
         assert coef.shape == old.shape and not coef[~valid].any()
         assert torch.allclose(coef, want_coef, rtol=1e-12, atol=0), setting
         assert filtered.dtype == want_filtered.dtype and filtered.item() == want_filtered.item(), setting
@@ -616,15 +616,15 @@ def test_openrlhf_coefficients_match_policy_loss(mask_dtype):
 def test_openrlhf_coefficients_poison_and_empty_rows():
     old, rollout, mask = batch(16, spread=0.6)
     for setting in OPENRLHF_SETTINGS:
-        clean = rc.openrlhf_coefficients(old, rollout, mask, *setting)
+        clean = openrlhf.openrlhf_coefficients(old, rollout, mask, *setting)
         o, r = old.clone(), rollout.clone()
         o[~mask], r[~mask] = math.nan, math.inf
-        poisoned = rc.openrlhf_coefficients(o, r, mask, *setting)
+        poisoned = openrlhf.openrlhf_coefficients(o, r, mask, *setting)
         assert all(torch.equal(a, b) for a, b in zip(clean, poisoned)), setting
     # Row 2 is empty: OpenRLHF's seq statistic is 0/0 = NaN there, so the row counts as filtered.
-    _, filtered, _ = rc.openrlhf_coefficients(old, rollout, mask, "seq", "mask", "ratio", (1e-9, 1e9))
+    _, filtered, _ = openrlhf.openrlhf_coefficients(old, rollout, mask, "seq", "mask", "ratio", (1e-9, 1e9))
     assert filtered.item() == pytest.approx(1 / 8)
-    coef, filtered, vllm_kl = rc.openrlhf_coefficients(old, rollout, torch.zeros_like(mask), "token", "mask",
+    coef, filtered, vllm_kl = openrlhf.openrlhf_coefficients(old, rollout, torch.zeros_like(mask), "token", "mask",
                                                        "tv", (0.0, 0.1))
     assert not coef.any() and filtered.item() == 0 and vllm_kl.item() == 0
 
@@ -644,4 +644,4 @@ def test_openrlhf_coefficients_poison_and_empty_rows():
 def test_openrlhf_coefficients_errors(args, match):
     old, rollout, mask = batch(17)
     with pytest.raises(ValueError, match=match):
-        rc.openrlhf_coefficients(old, rollout, mask, *args)
+        openrlhf.openrlhf_coefficients(old, rollout, mask, *args)

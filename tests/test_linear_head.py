@@ -8,8 +8,8 @@ import torch
 import ppo_fast as pf
 from helpers import OBJECTIVE_PARAMS, max_err
 from ppo_fast import objectives
-from ppo_fast import reference as R
-from ppo_fast.backends.reference import linear_chunk_tokens
+from ppo_fast import spec as R
+from ppo_fast.ops.linear_logprobs import linear_chunk_tokens
 
 F64 = torch.float64
 

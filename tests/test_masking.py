@@ -92,13 +92,13 @@ def test_policy_and_value_losses(poison, device, backend):
 def test_gae_padded_and_packed(poison, device, backend):
     mask = _mask(device, B=3, T=40)
     rewards, values = torch.randn(3, 40, dtype=F64, device=device), torch.randn(3, 40, dtype=F64, device=device)
-    clean = pf.gae(rewards, values, mask, gamma=0.99, lam=0.95)
-    dirty = pf.gae(poisoned(rewards, mask, poison), poisoned(values, mask, poison), mask, gamma=0.99, lam=0.95)
+    clean = pf.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=False)
+    dirty = pf.gae(poisoned(rewards, mask, poison), poisoned(values, mask, poison), mask, gamma=0.99, lam=0.95, whiten=False)
     assert_same(clean, dirty)
     assert (clean[0][~mask] == 0).all() and (clean[1][~mask] == 0).all()
     cu = torch.tensor([0, 40, 80, 120], device=device)
     packed = pf.gae(poisoned(rewards, mask, poison).reshape(-1), poisoned(values, mask, poison).reshape(-1),
-                    mask.reshape(-1), gamma=0.99, lam=0.95, cu_seqlens=cu)
+                    mask.reshape(-1), gamma=0.99, lam=0.95, cu_seqlens=cu, whiten=False)
     assert_same((clean[0].reshape(-1), clean[1].reshape(-1)), packed)
 
 
@@ -124,7 +124,7 @@ def test_masks_hold_only_zero_and_one(bad):
     mask[1, 2] = bad
     for call in (lambda: pf.masked_mean(x, mask), lambda: pf.masked_whiten(x, mask),
                  lambda: pf.policy_loss(x, x, x, mask), lambda: pf.value_loss(x, x, x, mask),
-                 lambda: pf.gae(x, x, mask), lambda: pf.ppo_loss(torch.randn(2, 4, 5),
+                 lambda: pf.gae(x, x, mask, whiten=False), lambda: pf.ppo_loss(torch.randn(2, 4, 5),
                                                                  torch.zeros(2, 4, dtype=torch.long),
                                                                  x, x, mask)):
         with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
@@ -147,7 +147,7 @@ def test_ppo_loss_is_differentiable_in_the_logits_only(backend_name, force_backe
 def test_empty_batches_give_empty_results():
     empty = torch.empty(0, 6)
     assert pf.masked_whiten(torch.empty(0), torch.empty(0, dtype=torch.bool)).shape == (0,)
-    adv, ret = pf.gae(empty, empty)
+    adv, ret = pf.gae(empty, empty, whiten=False)
     assert adv.shape == ret.shape == (0, 6)
     assert pf.group_advantages(torch.empty(0), torch.empty(0, dtype=torch.long)).shape == (0,)
     assert pf.token_logprobs(torch.empty(0, 5), torch.empty(0, dtype=torch.long)).shape == (0,)

@@ -9,9 +9,9 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import dispatch, native
-from ppo_fast.backends import PPO_OUTPUTS
-from ppo_fast.backends import native as nb
-from ppo_fast.backends import reference as rb
+from ppo_fast.ops import gae as gae_ops
+from ppo_fast.ops import ppo_loss as ppo_ops
+from ppo_fast.ops import token_logprobs as row_ops
 
 if os.environ.get("PPO_FAST_NATIVE") == "0":
     pytest.skip("native kernels switched off (PPO_FAST_NATIVE=0)", allow_module_level=True)
@@ -44,8 +44,8 @@ def test_the_native_kernels_build_and_serve_the_cpu():
 def test_forward_and_backward_match_the_reference(shape, dtype, temperature):
     logits, labels = _inputs(shape, dtype, seed=hash((shape, str(dtype))) % 1000)
     inv_temp = 1.0 / temperature
-    ours = nb.token_logprobs_forward(logits, labels, inv_temp, -100, True, True)
-    spec = rb.token_logprobs_forward(logits, labels, inv_temp, -100, True, True)
+    ours = row_ops.native_forward(logits, labels, inv_temp, -100, True, True)
+    spec = row_ops.reference_forward(logits, labels, inv_temp, -100, True, True)
     tol = TOLERANCE[dtype]
     for name, a, b in zip(("logp", "entropy", "lse", "sum_pi_squared"), ours, spec):
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -54,8 +54,8 @@ def test_forward_and_backward_match_the_reference(shape, dtype, temperature):
     grad_logp = torch.randn(shape[:-1], generator=g, dtype=ours[0].dtype)
     for grad_entropy in (None, torch.randn(shape[:-1], generator=g, dtype=ours[0].dtype)):
         got, want = torch.full_like(logits, 7.0), torch.empty_like(logits)
-        nb.token_logprobs_backward(got, logits, labels, ours[2], ours[1], grad_logp, grad_entropy, inv_temp, -100)
-        rb.token_logprobs_backward(want, logits, labels, spec[2], spec[1], grad_logp, grad_entropy, inv_temp, -100)
+        row_ops.native_backward(got, logits, labels, ours[2], ours[1], grad_logp, grad_entropy, inv_temp, -100)
+        row_ops.reference_backward(want, logits, labels, spec[2], spec[1], grad_logp, grad_entropy, inv_temp, -100)
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=max(tol, 1e-2 * (dtype not in (
             torch.float64, torch.float32))))
 
@@ -83,7 +83,7 @@ def test_the_fused_ppo_terms_match_the_reference(case, shape, dtype):
     logits, labels = _inputs(shape, dtype, seed=len(case) + shape[-1])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(9)
-    logp = rb.token_logprobs_forward(logits, labels, 0.8, -100, False)[0]
+    logp = row_ops.reference_forward(logits, labels, 0.8, -100, False)[0]
     old = logp + torch.randn(labels.shape, generator=g, dtype=acc)
     ref = logp + 3 * torch.randn(labels.shape, generator=g, dtype=acc)
     old.view(-1)[0] -= 25
@@ -93,12 +93,12 @@ def test_the_fused_ppo_terms_match_the_reference(case, shape, dtype):
     kl_estimator = case.pop("kl_estimator", "k3")
     args = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, tis_cap=2.0, kl_coef=0.0, entropy_coef=0.0)
     args.update(case)
-    call = (logits, labels, old, adv, ref if "kl_coef" in case else None, rollout, 1 / 0.8, -100, args["clip_low"],
-            args["clip_high"], args["dual_clip"], args["tis_cap"], args["kl_coef"], args["entropy_coef"],
-            kl_estimator)
-    ours, spec = nb.ppo_loss_forward(*call), rb.ppo_loss_forward(*call)
+    coefficients = ppo_ops.LossCoefficients(1 / 0.8, args["clip_low"], args["clip_high"], args["dual_clip"] or 0.0,
+                                            args["tis_cap"], args["kl_coef"], args["entropy_coef"])
+    call = (logits, labels, old, adv, ref if "kl_coef" in case else None, rollout, coefficients, -100, kl_estimator)
+    ours, spec = ppo_ops.native_forward(*call), ppo_ops.reference_forward(*call)
     tol = TOLERANCE[dtype]
-    for name, a, b in zip(PPO_OUTPUTS, ours, spec):
+    for name, a, b in zip(ppo_ops.PPO_OUTPUTS, ours, spec):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
 
@@ -108,15 +108,15 @@ def test_an_out_of_range_label_gives_nan_not_a_wild_read():
     for such a row (as the Triton ones) and never read outside it."""
     logits = torch.randn(3, 40)
     labels = torch.tensor([5, 40, -100])
-    logp, entropy, lse = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+    logp, entropy, lse = row_ops.native_forward(logits, labels, 1.0, -100, True)
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(lse[1]) and logp[2] == 0
     dlogits = torch.zeros_like(logits)
-    nb.token_logprobs_backward(dlogits, logits, labels, lse, entropy, torch.ones(3), None, 1.0, -100)
+    row_ops.native_backward(dlogits, logits, labels, lse, entropy, torch.ones(3), None, 1.0, -100)
     assert torch.isfinite(dlogits[0]).all() and torch.isnan(dlogits[1]).all() and (dlogits[2] == 0).all()
 
 
 def test_rows_apart_tells_views_whose_rows_share_memory():
-    from ppo_fast.backends import rows_apart
+    from ppo_fast.ops.token_logprobs import rows_apart
 
     x = torch.randn(4, 9, 13)
     assert rows_apart(x) and rows_apart(x[:, :-1]) and rows_apart(x.transpose(0, 1)) and rows_apart(x[:, ::2])
@@ -130,7 +130,7 @@ def test_gae_refuses_cu_seqlens_outside_the_tokens():
     mask = torch.ones(10, dtype=torch.bool)
     for cu in ([0, 12], [0, 50_000_000], [1, 10], [0, 7, 3, 10], []):
         with pytest.raises(RuntimeError, match="cu_seqlens must"):
-            nb.gae_forward(rewards, values, mask, torch.tensor(cu, dtype=torch.long), 1.0, 0.95)
+            gae_ops.native_forward(rewards, values, mask, torch.tensor(cu, dtype=torch.long), 1.0, 0.95)
 
 
 def test_compiled_before_any_eager_call_builds_at_run_time(tmp_path):
@@ -164,12 +164,12 @@ def test_a_large_gradient_on_huge_pages_is_an_ordinary_tensor(monkeypatch):
         results.append(x.grad)
     assert results[0].is_contiguous() and results[0].shape == logits.shape
     torch.testing.assert_close(results[0], results[1], rtol=2e-5, atol=2e-5)
-    kept = nb.empty_dlogits(logits)
+    kept = row_ops.NATIVE.empty_dlogits(logits)
     assert kept.untyped_storage().nbytes() >= logits.numel() * 4
     address = kept.data_ptr()
     del kept  # kept for the next gradient that fits ...
-    assert nb.empty_dlogits(logits[:-7]).data_ptr() == address
-    assert nb.empty_dlogits(logits[:100]).shape == (100, 4099)  # ... not taken by a much smaller one
+    assert row_ops.NATIVE.empty_dlogits(logits[:-7]).data_ptr() == address
+    assert row_ops.NATIVE.empty_dlogits(logits[:100]).shape == (100, 4099)  # ... not taken by a much smaller one
     native.release_cache()
 
 
@@ -178,22 +178,22 @@ def test_a_shifted_view_and_the_gradient_in_place():
     logits, labels = torch.randn(4, 9, 513, generator=g), torch.randint(0, 513, (4, 9), generator=g)
     view = logits[:, :-1]
     lab = labels[:, 1:].contiguous()
-    ours = nb.token_logprobs_forward(view, lab, 1.0, -100, True)
-    spec = rb.token_logprobs_forward(view, lab, 1.0, -100, True)
+    ours = row_ops.native_forward(view, lab, 1.0, -100, True)
+    spec = row_ops.reference_forward(view, lab, 1.0, -100, True)
     torch.testing.assert_close(ours[0], spec[0], rtol=2e-5, atol=2e-5)
     want = torch.empty_like(view)
     grad = torch.randn(lab.shape)
-    rb.token_logprobs_backward(want, view, lab, spec[2], spec[1], grad, None, 1.0, -100)
-    assert nb.writes_in_place(view)
-    nb.token_logprobs_backward(view, view, lab, ours[2], ours[1], grad, None, 1.0, -100)
+    row_ops.reference_backward(want, view, lab, spec[2], spec[1], grad, None, 1.0, -100)
+    assert row_ops.NATIVE.writes_in_place(view)
+    row_ops.native_backward(view, view, lab, ours[2], ours[1], grad, None, 1.0, -100)
     torch.testing.assert_close(view, want, rtol=2e-5, atol=2e-5)
 
 
 def test_a_banned_label_gives_minus_infinity_and_finite_entropy():
     logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0]], dtype=torch.float64)
     labels = torch.tensor([1])
-    ours = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
-    spec = rb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+    ours = row_ops.native_forward(logits, labels, 1.0, -100, True)
+    spec = row_ops.reference_forward(logits, labels, 1.0, -100, True)
     assert ours[0].item() == float("-inf") and torch.isfinite(ours[1]).all()
     torch.testing.assert_close(ours[1], spec[1])
     torch.testing.assert_close(ours[2], spec[2])
@@ -205,17 +205,17 @@ def test_a_row_is_the_same_alone_in_any_batch_and_any_thread_count(threads):
     torch.set_num_threads(threads)
     try:
         logits, labels = _inputs((64, 3001), torch.float32, seed=11)
-        whole = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+        whole = row_ops.native_forward(logits, labels, 1.0, -100, True)
         order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
-        shuffled = nb.token_logprobs_forward(logits[order], labels[order], 1.0, -100, True)
-        alone = nb.token_logprobs_forward(logits[5:6], labels[5:6], 1.0, -100, True)
+        shuffled = row_ops.native_forward(logits[order], labels[order], 1.0, -100, True)
+        alone = row_ops.native_forward(logits[5:6], labels[5:6], 1.0, -100, True)
         for w, s, a in zip(whole, shuffled, alone):
             assert torch.equal(w[order], s) and torch.equal(w[5:6], a)
     finally:
         torch.set_num_threads(previous)
     torch.set_num_threads(3 - threads)
     try:
-        again = nb.token_logprobs_forward(logits, labels, 1.0, -100, True)
+        again = row_ops.native_forward(logits, labels, 1.0, -100, True)
         assert all(torch.equal(a, b) for a, b in zip(again, whole))
     finally:
         torch.set_num_threads(previous)
@@ -232,12 +232,12 @@ def test_gae_padded_and_packed_matches_the_reference(dtype):
     mask = torch.rand(total, generator=g) > 0.25
     rewards[~mask] = float("nan")  # never read
     values[~mask] = float("inf")
-    ours = nb.gae_forward(rewards, values, mask, cu, 0.99, 0.9)
-    spec = rb.gae_forward(rewards, values, mask, cu, 0.99, 0.9)
+    ours = gae_ops.native_forward(rewards, values, mask, cu, 0.99, 0.9)
+    spec = gae_ops.reference_forward(rewards, values, mask, cu, 0.99, 0.9)
     for a, b in zip(ours, spec):
         torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-6)
     adv, ret = pf.gae(torch.randn(4, 33, dtype=dtype), torch.randn(4, 33, dtype=dtype),
-                      torch.ones(4, 33, dtype=torch.bool))
+                      torch.ones(4, 33, dtype=torch.bool), whiten=False)
     assert torch.isfinite(adv).all() and adv.dtype == dtype
 
 
@@ -258,7 +258,7 @@ def test_switched_off_it_says_why():
     import subprocess
     import sys
 
-    code = "from ppo_fast import dispatch; print(dispatch.reasons('token_logprobs', 'cpu')['native'])"
+    code = "from ppo_fast import dispatch; print(dispatch.reasons('cpu')['native'])"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PPO_FAST_NATIVE": "0"},
                          capture_output=True, text=True, check=True)
     assert "switched off by PPO_FAST_NATIVE=0" in out.stdout
@@ -292,7 +292,7 @@ def test_without_a_compiler_import_works_warns_once_and_runs_the_reference(tmp_p
             "with warnings.catch_warnings(record=True) as seen:\n"
             "    warnings.simplefilter('always')\n"
             "    a = pf.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))\n"
-            "    b = pf.gae(torch.randn(2, 3), torch.randn(2, 3))\n"
+            "    b = pf.gae(torch.randn(2, 3), torch.randn(2, 3), whiten=False)\n"
             "print(sum('could not be built' in str(w.message) for w in seen))\n"
             "from ppo_fast import dispatch; print(dispatch.choose('token_logprobs', 'cpu'))\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "PPO_FAST_NATIVE_DIR": str(tmp_path / "cache")}

@@ -11,7 +11,7 @@ import torch
 import ppo_fast as pf
 from helpers import OBJECTIVE_PARAMS, assert_loss_matches_spec
 from ppo_fast import objectives
-from ppo_fast import reference as R
+from ppo_fast import spec as R
 
 F64 = torch.float64
 

@@ -1,8 +1,10 @@
 """The wheel that ``pip install .`` builds ships every subpackage (a wheel once shipped without
 ``ppo_fast/trainer``), with the kernels under ``ppo_fast/kernels`` and the C++ sources under
 ``ppo_fast/csrc``. The full install of that
-wheel into a fresh environment, run from outside the source tree, is a step of ``.ci/run``."""
+wheel into a fresh environment, run from outside the source tree, is a step of ``.ci/run``. No
+module of the package imports, at the top or inside a function, one that imports it back."""
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -49,3 +51,41 @@ def test_from_the_root_the_cli_and_the_triton_kernels_still_import():
     run = _from_root("-c", "import ppo_fast.kernels.logprobs as k; print(k.__file__)")
     assert run.returncode == 0, run.stderr
     assert Path(run.stdout.strip()).resolve() == ROOT / "kernels" / "logprobs.py"
+
+
+def _imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The package's modules that ``module`` (in ``path``) imports anywhere in its text."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            # `from . import x` imports the submodule x, not the package around it.
+            named = {f"{target}.{alias.name}" for alias in node.names} & modules
+            found |= named or ({target} & modules)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names} & modules
+    return found - {module}
+
+
+def test_no_import_circles():
+    files = {}
+    for path in (ROOT / "ppo_fast").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {module: _imports(path, module, set(files)) for module, path in files.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            module = todo.pop()
+            if module == goal:
+                return True
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return False
+
+    circles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
+    assert not circles, f"modules that import each other (directly or through others): {circles}"

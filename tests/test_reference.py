@@ -11,7 +11,7 @@ import torch
 from torch.autograd import gradcheck
 
 import ppo_fast as pf
-from ppo_fast import reference as R
+from ppo_fast import spec as R
 
 F64 = torch.float64
 

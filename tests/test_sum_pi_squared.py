@@ -1,7 +1,7 @@
 """Σ_v softmax(z/τ)_v² per position, the by-product of the log-prob pass
 (``token_logprobs(..., return_sum_pi_squared=True)``), on every backend.
 
-Oracles: a plain per-row loop written here, the float64 spec (``ppo_fast.reference``), the direct
+Oracles: a plain per-row loop written here, the float64 spec (``ppo_fast.spec``), the direct
 ``softmax(z/τ)².sum(-1)``, and verl's own ``calculate_sum_pi_squared_from_logits`` (of the tempered
 logits, as verl's actor calls it). The Triton kernel runs under the interpreter on this CPU
 (conftest.py) and compiled with PPO_FAST_TEST_DEVICE=cuda.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from ppo_fast import reference as R
+from ppo_fast import spec as R
 
 import peers
 from helpers import random_labels, random_logits
@@ -275,13 +275,13 @@ def test_batch_invariance_is_bitwise(device, force_backend):
 
 
 def test_opcheck_with_and_without_the_flag(device, backend):
-    from ppo_fast import ops
+    from ppo_fast.ops.token_logprobs import token_logprobs_op
 
     logits = random_logits((3, 5, 33), torch.float32, device).requires_grad_()
     labels = random_labels((3, 5), 33, device, ignore_fraction=0.25)
     for args in ((1.0, -100, True, False, True), (0.5, -100, False, False, True), (1.0, -100, True, False)):
-        torch.library.opcheck(ops.token_logprobs_op, (logits, labels, *args))
-    out = ops.token_logprobs_op(logits, labels, 1.0, -100, True, False)
+        torch.library.opcheck(token_logprobs_op, (logits, labels, *args))
+    out = token_logprobs_op(logits, labels, 1.0, -100, True, False)
     assert len(out) == 4 and out[3].shape == (0,)
 
 

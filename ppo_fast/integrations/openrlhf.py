@@ -3,7 +3,7 @@ ppo_fast: ``from ppo_fast.integrations.openrlhf import PolicyLoss, ValueLoss, co
 
 ``PolicyLoss`` takes the per-token objective from :mod:`ppo_fast.objectives` (``ppo`` → vanilla
 with dual clip, ``gspo`` → the same on the sequence ratio, with the gradient of its mean) and the rollout
-correction (``is_correction_*``) from :func:`ppo_fast.correction.openrlhf_coefficients`;
+correction (``is_correction_*``) from :func:`openrlhf_coefficients`;
 the aggregation and the metrics are OpenRLHF's. ``log_probs_from_logits`` and
 ``compute_entropy`` (what OpenRLHF's ``Actor.forward`` calls on the logits) run the fused
 log-prob kernel. OpenRLHF itself is never imported.
@@ -26,7 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _checks as check
+from .. import correction as core
 from .. import objectives
+from .._checks import choice, is_number
 from ..functional import token_logprobs
 from ..options import LossOptions
 
@@ -119,7 +122,6 @@ class PolicyLoss(nn.Module):
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
                 dp_size=1, batch_num_tokens=None, global_batch_size=None):
-        from ..correction import openrlhf_coefficients
 
         if action_mask is None:
             action_mask = torch.ones_like(log_probs, dtype=torch.bool)
@@ -208,3 +210,104 @@ def compute_entropy(logits):
     """Entropy of ``softmax(logits)`` per position, differentiable (fused kernel on CUDA)."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return token_logprobs(logits, labels, return_entropy=True)[1]
+
+# --------------------------------------------------------------------------------------------
+# OpenRLHF 0.11.2's PolicyLoss correction (is_correction_level / _mode / _gating / _threshold),
+# assembled from the building blocks of ppo_fast.correction
+# --------------------------------------------------------------------------------------------
+
+OPENRLHF_LEVELS = ("token", "seq")
+OPENRLHF_MODES = ("mask", "clip")
+OPENRLHF_GATINGS = ("ratio", "binary_kl", "tv")
+
+
+def openrlhf_coefficients(old_logp, rollout_logp, mask, level, mode, gating, threshold):
+    """The per-token coefficient OpenRLHF's ``PolicyLoss`` multiplies into the PPO loss, with its
+    ``is_filter_ratio`` and ``vllm_kl`` (``policy_loss_type="ppo"``, correction on).
+
+    Args:
+        old_logp, rollout_logp: ``[B, T]`` float (``old_log_probs``, ``rollout_log_probs``).
+        mask: ``[B, T]`` bool or 0/1 (``action_mask``).
+        level: ``"token"`` or ``"seq"`` (``is_correction_level``; ``"off"`` means no correction:
+            do not call this).
+        mode: ``"mask"`` or ``"clip"``; gating: ``"ratio"``, ``"binary_kl"`` or ``"tv"``;
+        threshold: ``(low, high)`` (``is_correction_threshold``).
+
+    Returns:
+        ``(coef, filtered_ratio, vllm_kl)``. ``coef`` ``[B, T]`` (compute dtype, detached; 0 at
+        masked tokens), the loss is ``coef · loss`` aggregated with the unchanged mask (filtered
+        tokens count in the denominator with coefficient 0). With ``r = exp(old − rollout)``
+        (never clamped, as OpenRLHF):
+
+        * clip (token level, ratio gating only): ``clamp(r, low, high)`` (TIS);
+        * mask: ``r`` where the token's unit passes the gate, else 0; the gate reads the token's
+          ``r`` (token, ratio: IcePop), the geometric mean of its sequence's ratios (seq, ratio),
+          the token's binary_kl / tv (token) or their mean over the sequence (seq), inclusive in
+          ``[low, high]``. Survivors keep their own per-token ``r`` at both levels.
+
+        ``filtered_ratio``: token level, the fraction of valid tokens filtered (clip: ``r``
+        outside ``[low, high]``, NaN not counted; mask: failing the gate, NaN counted), in
+        float32 (float64 for a float64 mask), as OpenRLHF computes it; seq level, the fraction of
+        **all** B sequences filtered, sequences without a valid token counted as filtered (their
+        statistic is OpenRLHF's 0/0 = NaN), float32. ``vllm_kl`` = mean of
+        ``rollout − old`` over valid tokens (dtype of the log-probs, float64 with a float64 mask).
+
+    Deliberate differences from OpenRLHF: masks select, so NaN/inf at masked positions changes
+    nothing (OpenRLHF multiplies by the mask: NaN·0 = NaN) and ``coef`` is 0 there; with no valid
+    token ``vllm_kl`` and the token-level ratio are 0 (OpenRLHF: 0/0 = NaN); bounds that
+    OpenRLHF accepts but that make no sense are errors (``low > high``; ``high <= 0`` with ratio
+    gating). The seq-level ratio gate compares ``exp(mean log r)`` with the bounds, as OpenRLHF.
+    """
+    check.tensor("old_logp", old_logp)
+    core._check_log_probs(old_logp, rollout_logp, mask)
+    choice("level", level, OPENRLHF_LEVELS)
+    choice("mode", mode, OPENRLHF_MODES)
+    choice("gating", gating, OPENRLHF_GATINGS)
+    if mode == "clip" and (level == "seq" or gating != "ratio"):
+        raise ValueError(f"mode='clip' needs level='token' and gating='ratio', got level={level!r}, "
+                         f"gating={gating!r}")
+    if not (isinstance(threshold, (tuple, list)) and len(threshold) == 2
+            and all(is_number(v) for v in threshold)):
+        raise ValueError(f"threshold must be a (low, high) pair of finite numbers, got {threshold!r}")
+    low, high = float(threshold[0]), float(threshold[1])
+    if low > high:
+        raise ValueError(f"threshold must have low <= high, got {threshold!r}")
+    if gating != "ratio" and low > 0:
+        raise ValueError(f"gating={gating!r} bounds a divergence from above only: low must be <= 0, "
+                         f"got threshold={threshold!r}")
+    if gating == "ratio" and high <= 0:
+        raise ValueError(f"gating='ratio' needs high > 0 (a ratio is never negative), got threshold={threshold!r}")
+
+    valid = mask.bool()
+    old, rollout = old_logp.detach(), rollout_logp.detach()
+    log_ratio = core._log_ratio(old, rollout, valid)
+    # A ratio is never negative: a lower bound <= 0 only rejects NaN, as the open bound does.
+    ratio_low = low if low > 0 else None
+    # OpenRLHF's token-level share is float32, widened by a float64 mask.
+    share_dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    if gating == "ratio" and level == "token":
+        imp = core._importance(log_ratio, valid, level="token", seq_stat="sum",
+                          mode="truncate" if mode == "clip" else "mask", lower=ratio_low, upper=high, bound=None)
+        coef = imp.weights
+        if mode == "clip":
+            filtered = valid & ((imp.raw < low) | (imp.raw > high))
+        else:
+            filtered = valid & ~imp.inside
+        filtered_ratio = core._share(filtered, valid, share_dtype)
+    else:
+        imp = core._importance(log_ratio, valid, level="token", seq_stat="sum", mode="truncate", lower=None,
+                          upper=None, bound=None)
+        statistic = "k1" if gating == "ratio" else gating
+        name = f"{'token' if level == 'token' else 'seq_mean'}_{statistic}"
+        lower, upper = (ratio_low, high) if gating == "ratio" else (low, high)
+        gate = core._rejection(name, log_ratio, old, rollout, valid, lower, upper, ratio_bounds=gating == "ratio")
+        coef = torch.where(gate.keep & valid, imp.weights, 0.0)
+        if level == "token":
+            filtered_ratio = core._share(valid & ~gate.keep, valid, share_dtype)
+        else:
+            filtered_rows = ~(gate.keep & valid).any(-1)
+            filtered_ratio = core._share(filtered_rows, torch.ones_like(filtered_rows), torch.float32)
+    kl_dtype = torch.promote_types(log_ratio.dtype, mask.dtype) if mask.is_floating_point() else log_ratio.dtype
+    # The difference in the log-probs' precision, then widened by a float64 mask, as OpenRLHF.
+    vllm_kl = core._masked_mean((rollout.to(log_ratio.dtype) - old.to(log_ratio.dtype)).to(kl_dtype), valid)
+    return coef, filtered_ratio, vllm_kl

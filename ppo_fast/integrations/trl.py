@@ -90,7 +90,8 @@ import trl
 from trl.trainer.utils import nanmax, nanmin
 
 from .. import functional, objectives
-from ..options import LossOptions, _is_number, choice, positive
+from .._checks import choice, is_number, positive
+from ..options import LossOptions
 
 __all__ = ["GRPOTrainer", "LOSS_TYPES", "loss_options", "patch"]
 
@@ -142,12 +143,12 @@ def loss_options(trainer) -> LossOptions:
     ratio = {"importance_level": level, "token_gradient": False}
     eps_low, eps_high = trainer.epsilon_low, trainer.epsilon_high
     if loss_type in CLIPPED:
-        if not (_is_number(eps_low) and 0 < eps_low < 1):
+        if not (is_number(eps_low) and 0 < eps_low < 1):
             raise ValueError(f"epsilon must be a number in (0, 1) for loss_type={loss_type!r} (the ratio is "
                              f"clipped below at 1 - epsilon), got {eps_low!r}")
         positive("epsilon_high", eps_high)
         delta = args.delta
-        if delta is not None and not (_is_number(delta) and delta > 1 + eps_high):
+        if delta is not None and not (is_number(delta) and delta > 1 + eps_high):
             raise ValueError(f"delta must be a number > 1 + epsilon_high = {1 + eps_high!r} (TRL's recommended "
                              f"range, where it is dual-clip PPO's cap); got {delta!r}. Below that TRL's delta "
                              "also caps the ratio of positive advantages, which ppo_fast does not reproduce")
@@ -166,9 +167,9 @@ def loss_options(trainer) -> LossOptions:
     params = {}
     for sign in ("pos", "neg"):
         k, lam = getattr(args, f"vespo_k_{sign}"), getattr(args, f"vespo_lambda_{sign}")
-        if not _is_number(k):
+        if not is_number(k):
             raise ValueError(f"vespo_k_{sign} must be a finite number, got {k!r}")
-        if not _is_number(lam):
+        if not is_number(lam):
             raise ValueError(f"vespo_lambda_{sign} must be a finite number, got {lam!r}")
         params[f"k_{sign}"] = _as_trl_holds(k)
         params[f"lambda_{sign}"] = max(_as_trl_holds(lam), objectives.VESPO_MIN_LAMBDA)

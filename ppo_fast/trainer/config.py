@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..options import AGG_MODES, kl_estimator_name
+from .errors import ConfigError
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A run name is a name: a letter or digit first, then up to 127 letters, digits, '.', '_' or '-'
@@ -50,10 +51,6 @@ GROUPED = ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus
 """Estimators that compare a completion with the others of its prompt."""
 
 TASKS = ("vowels", "arithmetic", "arithmetic-hackable")
-
-
-class ConfigError(ValueError):
-    """A config field is wrong; the message names it and says what it must be."""
 
 
 class RunConfig:
@@ -289,7 +286,8 @@ class PPOConfig(RunConfig):
         if self.algorithm in GROUPED and self.samples_per_prompt < 2:
             raise ConfigError(f"algorithm {self.algorithm} compares the completions of one prompt: "
                               f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
-        from ..objectives import LOSS_TYPES, resolve
+        from ..objectives import LOSS_TYPES
+        from ..options import resolve
 
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .config import ConfigError
+from .errors import ConfigError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 """File extension -> the ``datasets`` builder that reads it."""

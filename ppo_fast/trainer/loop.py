@@ -37,7 +37,8 @@ import torch
 import ppo_fast as pf
 
 from ..head import completion_logprobs, completion_ppo_loss, fused_head_unsupported
-from ..objectives import OBJECTIVES, resolve
+from ..objectives import OBJECTIVES
+from ..options import resolve
 from ..sequences import completion_logits, position_ids
 from . import diagnostics
 from .checkpoint import Checkpoints, export_policy, rng_state, seed_everything, set_rng_state
@@ -256,8 +257,7 @@ class PPOTrainer:
     def _advantages(self, rewards, values, action_mask, parts, scores, baselines):
         cfg = self.config
         if cfg.algorithm == "ppo":
-            advantages, returns = pf.gae(rewards, values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
-            return pf.masked_whiten(advantages, action_mask), returns
+            return pf.gae(rewards, values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.algorithm == "remax":
             return pf.advantages("remax", rewards, action_mask, baselines)
         if cfg.algorithm == "reinforce_plus_plus":

@@ -34,7 +34,8 @@ from transformers import (
     TrainerCallback,
 )
 
-from ppo_fast import dispatch, functional, ops
+from ppo_fast import dispatch, functional
+from ppo_fast.ops.token_logprobs import token_logprobs_op
 from ppo_fast.integrations import trl as ours
 
 D = torch.float64
@@ -398,7 +399,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.functional = self.op = self.fused = 0
-        public, op, fused = functional.token_logprobs, ops.token_logprobs_op, trl_utils._ChunkedLogProbFunction
+        public, op, fused = functional.token_logprobs, token_logprobs_op, trl_utils._ChunkedLogProbFunction
 
         def spy_public(*args, **kwargs):
             self.functional += 1
@@ -415,7 +416,7 @@ class Spy:
                 return fused.apply(*args)
 
         monkeypatch.setattr(functional, "token_logprobs", spy_public)
-        monkeypatch.setattr(ops, "token_logprobs_op", spy_op)
+        monkeypatch.setattr(functional, "token_logprobs_op", spy_op)
         monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", SpyFused)
 
 
@@ -558,7 +559,7 @@ def test_logprobs_are_the_models_logits_scored(pair, monkeypatch, force_backend)
     with force_backend("reference"):
         ref_logp, ref_grads = value_and_grads()
     with force_backend("triton"):
-        assert dispatch.resolve("token_logprobs", ids.device).backend == "triton"
+        assert dispatch.choose("token_logprobs", ids.device) == "triton"
         tri_logp, tri_grads = value_and_grads()
     mine.model.zero_grad()
     torch.testing.assert_close(tri_logp, ref_logp, rtol=0, atol=1e-5)

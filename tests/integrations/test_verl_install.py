@@ -3,6 +3,7 @@ code (``verl.workers.utils.losses.ppo_loss``) for every loss mode, the trainer's
 ``compute_advantage`` for every estimator, and the FSDP engine's logits → log-prob / entropy / Σπ²
 step. Each must give verl's own result, and ppo_fast's code must be what ran."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -18,7 +19,9 @@ import peers  # noqa: E402
 from helpers import subprocess_env  # noqa: E402
 
 import ppo_fast.integrations.verl as pf_verl  # noqa: E402
-from ppo_fast import dispatch, objectives  # noqa: E402
+from ppo_fast import correction, dispatch, estimators, objectives  # noqa: E402
+from ppo_fast.integrations.verl import advantages as verl_advantages  # noqa: E402
+from ppo_fast.integrations.verl import rollout_correction as verl_rollout_correction  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -36,22 +39,34 @@ with warnings.catch_warnings():
 
 @pytest.fixture
 def ran(monkeypatch):
-    """What of ppo_fast ran during the test: the ops resolved (every public ppo_fast function
-    resolves its op first) and ``objective`` for each per-token policy objective."""
+    """What of ppo_fast ran during the test: the ops of the dispatch table, once per call that
+    chose their backend; ``objective`` for each per-token policy objective; ``advantages`` and
+    ``rollout_correction`` once code of those modules (ours or their verl adapters) ran."""
     seen = []
-    resolve, policy_terms = dispatch.resolve, objectives.policy_terms
+    choose, policy_terms = dispatch.choose, objectives.policy_terms
+    modules = {os.path.realpath(module.__file__): name for module, name in (
+        (estimators, "advantages"), (verl_advantages, "advantages"), (correction, "rollout_correction"),
+        (verl_rollout_correction, "rollout_correction"))}
 
-    def resolve_spy(op, device, stacklevel=3):
+    def choose_spy(op, device):
         seen.append(op)
-        return resolve(op, device, stacklevel)
+        return choose(op, device)
 
     def objective_spy(*args, **kwargs):
         seen.append("objective")
         return policy_terms(*args, **kwargs)
 
-    monkeypatch.setattr(dispatch, "resolve", resolve_spy)
+    def profile(frame, event, arg):
+        if event == "call":
+            name = modules.get(os.path.realpath(frame.f_code.co_filename))
+            if name is not None and name not in seen:
+                seen.append(name)
+
+    monkeypatch.setattr(dispatch, "choose", choose_spy)
     monkeypatch.setattr(objectives, "policy_terms", objective_spy)
-    return seen
+    sys.setprofile(profile)
+    yield seen
+    sys.setprofile(None)
 
 
 @pytest.fixture

@@ -70,7 +70,6 @@ import torch
 
 from ... import _checks as check
 from ... import estimators as core
-from ... import dispatch
 
 __all__ = [
     "ESTIMATORS",
@@ -242,7 +241,6 @@ def compute_grpo_vectorized_outcome_advantage(token_level_rewards, response_mask
     """verl's ``grpo_vectorized``: GRPO with float32 group statistics, emulated (see the module
     docstring). ``config`` is unused (as in verl)."""
     _check(token_level_rewards, response_mask)
-    dispatch.resolve("advantages", token_level_rewards.device)
     scores = token_level_rewards.sum(-1)
     groups = core._groups(_vectorized_labels(index), scores.shape[0], scores.device)
     g, n_groups = groups.index, len(groups.labels)

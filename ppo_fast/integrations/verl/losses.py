@@ -26,7 +26,7 @@ import torch
 
 from ... import objectives
 from ...options import LossOptions
-from ...reference import kl_penalty as _kl_estimate
+from ...spec import kl_penalty as _kl_estimate
 
 __all__ = [
     "agg_loss",

@@ -36,7 +36,6 @@ from typing import Any, Optional
 import torch
 
 from ... import _checks as check
-from ... import dispatch
 from ... import correction as core
 
 __all__ = ["SAFETY_BOUND", "SUPPORTED_ROLLOUT_RS_OPTIONS", "TOKEN_LEVEL_ROLLOUT_RS_OPTIONS",
@@ -186,7 +185,6 @@ def compute_rollout_correction_weights(
     batch (not batch-invariant).
     """
     check.tensor("log_ratio", log_ratio)
-    dispatch.resolve("rollout_correction", log_ratio.device)
     if rollout_is not in ("token", "sequence"):
         raise ValueError(f"rollout_is must be 'token' or 'sequence', got {rollout_is!r}")
     upper, lower = _parse_rollout_is_threshold(rollout_is_threshold)
@@ -302,7 +300,6 @@ def compute_rollout_rejection_mask(
     ``statistic ≤ up``. An empty batch (B = 0) returns the mask itself and ``{}``.
     """
     check.tensor("log_ratio", log_ratio)
-    dispatch.resolve("rollout_correction", log_ratio.device)
     if rollout_rs is None or not isinstance(rollout_rs, str):
         raise ValueError(f"rollout_rs must be a string of comma-separated options, got {rollout_rs!r}")
     if rollout_rs_threshold is None:
@@ -482,7 +479,6 @@ def compute_rollout_correction_and_rejection_mask(
     ``log_ratio = old_log_prob − rollout_log_prob`` independently: rejected tokens keep their
     weight (the loss drops them through the mask)."""
     check.tensor("old_log_prob", old_log_prob)
-    dispatch.resolve("rollout_correction", old_log_prob.device)
     if not response_mask.any():
         raise ValueError(_EMPTY_MASK)
     if old_log_prob.shape != rollout_log_prob.shape:

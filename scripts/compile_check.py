@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration for real GPUs, on a machine without one.
 
-    python -m ppo_fast.compile_check                       # sm_80 and sm_90, table on stdout
-    python -m ppo_fast.compile_check --check --out FILE.md # fail on any problem, write the table
+    python scripts/compile_check.py                       # sm_80 and sm_90, table on stdout
+    python scripts/compile_check.py --check --out FILE.md # fail on any problem, write the table
 
 Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run the kernels on a CPU) accepts
 code the GPU compiler rejects. This module compiles instead: each case is a launch plan made by
@@ -39,11 +39,11 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
-from .backends.triton import gae_kernels as gae  # noqa: E402
-from .backends.triton import linear_kernels as linear  # noqa: E402
-from .backends.triton import logprobs_kernels as logprobs  # noqa: E402
-from .backends.triton import ppo_kernels as ppo_loss  # noqa: E402
-from .backends.triton import ENABLE_FP_FUSION, Launch  # noqa: E402
+from ppo_fast.kernels import gae  # noqa: E402
+from ppo_fast.kernels import linear_logprobs as linear  # noqa: E402
+from ppo_fast.kernels import logprobs  # noqa: E402
+from ppo_fast.kernels import ppo_loss  # noqa: E402
+from ppo_fast.kernels.launch import ENABLE_FP_FUSION, Launch  # noqa: E402
 
 ALIGNED_V = 151936  # Qwen's vocabulary: a multiple of 16
 UNALIGNED_V = 50257  # GPT-2's: odd
@@ -286,7 +286,7 @@ def report(results: list[tuple[Case, int, dict | str]], triton_version: str) -> 
     lines = [
         f"# Triton kernels compiled for real GPUs (triton {triton_version}, no GPU needed)",
         "",
-        "`python -m ppo_fast.compile_check --check --out <this file>`. Registers, stack and "
+        "`python scripts/compile_check.py --check --out <this file>`. Registers, stack and "
         "local memory (spills) and shared memory per thread block from `cuobjdump "
         "--dump-resource-usage` on the cubin; load width: bits per thread per load instruction "
         "of the row blocks (the logits; GAE: its sequence blocks), from the layout Triton "
