@@ -7,8 +7,8 @@ Order: copy bandwidth (the ceiling every floor divides by), then per op a correc
 every provider against float64, then timings (median of triton.testing.do_bench, rotating input
 sets so nothing sits in L2), then the issue's goals, then batch invariance. Writes
 ``gpu_results.json`` (the data, with the median and 20th/80th percentile of every timing) and
-``gpu_results.md`` (rendered from it) under --out and prints the markdown last. Needs only torch and triton APIs that exist
-in torch 2.4+ / triton 3.0+.
+``gpu_results.md`` (rendered from it) under --out and prints the markdown last. Needs only torch
+and triton APIs that exist in torch 2.4+ / triton 3.0+.
 """
 
 from __future__ import annotations

@@ -175,7 +175,8 @@ def render(doc: dict) -> list[str]:
     if "gemms_ms" in doc:
         lines += [f"Three GEMMs of the head at the measured bf16 matmul rate ({doc['matmul_TFLOPs']:.0f} TFLOP/s): "
                   f"{doc['gemms_ms']:.2f} ms.", ""]
-    lines += ["| provider | median ms (p20-p80) | time vs logits + pf.ppo_loss | peak extra MiB | extra / logits size |",
+    lines += ["| provider | median ms (p20-p80) | time vs logits + pf.ppo_loss | peak extra MiB "
+              "| extra / logits size |",
               "| --- | --- | --- | --- | --- |"]
     for r in rows:
         if "skipped" in r:
