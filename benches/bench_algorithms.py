@@ -10,12 +10,12 @@ trains none. Everything else is the default.
 """
 
 import argparse
-import os
-import platform
+import statistics
 import tempfile
 from pathlib import Path
 
-from bench_trainer import publish, train_run
+from bench_trainer import train_run
+from record import fmt, publish, summary
 
 ALGORITHMS = {
     "ppo": [],
@@ -38,29 +38,36 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        results = [(a, s, run(a, s, args.minutes, workdir, workdir / "cache"))
-                   for s in args.seeds for a in ALGORITHMS]
+        runs = [{"algorithm": a, "seed": s, "summary": run(a, s, args.minutes, workdir, workdir / "cache")}
+                for s in args.seeds for a in ALGORITHMS]
+    gains = {}
+    for algorithm in ALGORITHMS:
+        g = [r["summary"]["gold_reward_after"] - r["summary"]["gold_reward_before"] for r in runs
+             if r["algorithm"] == algorithm]
+        gains[algorithm] = {**summary(g), "mean": statistics.mean(g), "min": min(g)}
+    publish(args.out, {"minutes": args.minutes, "runs": runs, "gold_gain": gains}, render)
+
+
+def render(doc: dict) -> list[str]:
     lines = [
-        f"# PPO and GRPO on the embedded default, {60 * args.minutes:g} s of training each",
+        f"# PPO and GRPO on the embedded default, {60 * doc['minutes']:g} s of training each",
         "",
-        f"Measured with `python benches/bench_algorithms.py --seeds {' '.join(map(str, args.seeds))} --minutes "
-        f"{args.minutes:g}` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), one process "
-        "per run, one after another. The budget counts the training steps (evaluations included), not the "
-        "start-up or the cached warm-up. GRPO: 8 prompts x 4 samples per step, no critic; PPO: 32 prompts, "
-        "GAE with a critic. Gold: vowels per response (evaluation only).",
+        "One process per run, one after another. The budget counts the training steps (evaluations included), "
+        "not the start-up or the cached warm-up. GRPO: 8 prompts x 4 samples per step, no critic; PPO: 32 "
+        "prompts, GAE with a critic. Gold: vowels per response (evaluation only).",
         "",
         "| algorithm | seed | steps | gold before | gold after | proxy before | proxy after | KL final (nats/seq) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for algorithm, seed, s in results:
-        lines.append(f"| {algorithm} | {seed} | {s['steps']} | {s['gold_reward_before']:.2f} | "
+    for r in doc["runs"]:
+        s = r["summary"]
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {s['steps']} | {s['gold_reward_before']:.2f} | "
                      f"{s['gold_reward_after']:.2f} | {s['proxy_reward_before']:.2f} | {s['proxy_reward_after']:.2f} | "
                      f"{s['kl_final']:.1f} |")
     lines.append("")
-    for algorithm in ALGORITHMS:
-        gains = [s["gold_reward_after"] - s["gold_reward_before"] for a, _, s in results if a == algorithm]
-        lines.append(f"{algorithm}: gold gain mean {sum(gains) / len(gains):.2f}, min {min(gains):.2f}.")
-    publish(lines, args.out)
+    for algorithm, g in doc["gold_gain"].items():
+        lines.append(f"{algorithm}: gold gain median {fmt(g, digits=2)}, mean {g['mean']:.2f}, min {g['min']:.2f}.")
+    return lines
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,12 +30,13 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import native
-from ppo_fast import spec
+from ppo_fast import reference as spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_providers import ForcedBackend  # noqa: E402
-from bench_trainer import publish, train_run  # noqa: E402
+from bench_trainer import train_run  # noqa: E402
 from floors import Timer, copy_bandwidth  # noqa: E402
+from record import fmt, publish, summary  # noqa: E402
 
 KL_COEF, ENTROPY_COEF, CLIP, DUAL_CLIP = 0.05, 0.01, 0.2, 3.0
 
@@ -99,11 +98,11 @@ def forced(backend: str | None):
     return ForcedBackend(backend) if backend else contextlib.nullcontext()
 
 
-def timed(op: str, name: str, x, repeats: int) -> float:
-    """Median seconds of one forward+backward."""
+def timed(op: str, name: str, x, repeats: int) -> dict:
+    """Milliseconds of one forward+backward: median and 20th/80th percentiles."""
     fn, backend = PROVIDERS[op][name]
     with forced(backend):
-        return 1e-3 * Timer("cpu", repeats)(lambda: fn(x, x["logits"].detach().requires_grad_()))
+        return Timer("cpu", repeats).measure(lambda: fn(x, x["logits"].detach().requires_grad_()))
 
 
 def _status_bytes(field: str) -> int:
@@ -171,46 +170,56 @@ def main():
     for _ in range(7):
         loops.append(Timer("cpu", 1)(lambda: spec.gae(rewards, values, mask)))
         ours.append(Timer("cpu", 20)(lambda: pf.gae(rewards, values, mask, whiten=False)))
-    loop, mine = statistics.median(loops), statistics.median(ours)
-    gae_line = f"GAE [{B}, {T}] fp32: Python loop over T {loop:.1f} ms, pf.gae (native) " \
-               f"{mine:.2f} ms: {loop / mine:.0f}x the loop (medians of 7 alternating rounds; ratio per " \
-               f"round {min(a / b for a, b in zip(loops, ours)):.0f}-{max(a / b for a, b in zip(loops, ours)):.0f}x)."
+    data = {"tokens": N, "vocab": V, "repeats": args.repeats, "gae": {
+        "shape": [B, T], "loop_ms": summary(loops), "native_ms": summary(ours),
+        "ratio": summary(a / b for a, b in zip(loops, ours))}}
 
     x = inputs(N, V)
     bandwidth = copy_bandwidth("cpu", Timer("cpu"), 4 * N * V)
-    floor = 3 * 4 * N * V / bandwidth
+    data.update(copy_bandwidth_GBps=bandwidth / 1e9, floor_ms=1e3 * 3 * 4 * N * V / bandwidth, ops={})
+    for op, providers in PROVIDERS.items():
+        data["ops"][op] = [{"provider": name, "ms": timed(op, name, x, args.repeats),
+                            "peak_extra_bytes": peak_extra(op, name, N, V)} for name in providers]
+    if args.trainer_pairs:
+        data["trainer_tokens_per_s"] = trainer_tokens_per_second(args.trainer_pairs)
+    publish(args.out, data, render)
+
+
+def render(doc: dict) -> list[str]:
+    N, V, floor = doc["tokens"], doc["vocab"], doc["floor_ms"]
     lines = [
         "# Native CPU kernels against eager PyTorch (side by side, one run)",
         "",
-        f"Measured with `python benches/bench_native.py` on {platform.processor() or platform.machine()} "
-        f"({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}. Median of "
-        f"{args.repeats} calls after a warm-up, a fresh gradient buffer each call. Copy bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s: the floor of a log-prob forward+backward (read the logits twice, write "
-        f"dlogits once) is {1e3 * floor:.0f} ms. Peak extra memory: resident high-water mark of one "
-        f"forward+backward above the inputs, a fresh process each; dlogits alone is {4 * N * V / 2**20:.0f} MiB.",
+        f"Median (20th-80th percentile) of {doc['repeats']} calls after a warm-up, a fresh gradient buffer each "
+        f"call. Copy bandwidth {doc['copy_bandwidth_GBps']:.1f} GB/s: the floor of a log-prob forward+backward "
+        f"(read the logits twice, write dlogits once) is {floor:.0f} ms. Peak extra memory: resident high-water "
+        f"mark of one forward+backward above the inputs, a fresh process each; dlogits alone is "
+        f"{4 * N * V / 2**20:.0f} MiB.",
     ]
     titles = {"logprobs": f"token_logprobs forward+backward, fp32 logits [{N}, {V}]",
               "ppo": f"PPO actor loss forward+backward, fp32 logits [{N}, {V}] (KL k3 {KL_COEF}, entropy "
                      f"{ENTROPY_COEF}, clip {CLIP}, dual clip {DUAL_CLIP}, token-mean)"}
-    for op, providers in PROVIDERS.items():
-        times = {name: timed(op, name, x, args.repeats) for name in providers}
-        peaks = {name: peak_extra(op, name, N, V) for name in providers}
-        base = next(iter(times.values()))
-        lines += ["", titles[op] + ":", "", "| provider | median ms | × eager speed | × floor | peak extra MiB |",
-                  "| --- | --- | --- | --- | --- |"]
-        for name, seconds in times.items():
-            lines.append(f"| {name} | {1e3 * seconds:.0f} | {base / seconds:.2f} | {seconds / floor:.1f} | "
-                         f"{peaks[name] / 2**20:.0f} |")
-
-    lines += ["", gae_line]
-    if args.trainer_pairs:
-        rates = trainer_tokens_per_second(args.trainer_pairs)
-        ref, nat = statistics.mean(rates["reference"]), statistics.mean(rates["native"])
-        lines += ["", f"Embedded default (`ppo-fast train`, seeds 0..{args.trainer_pairs - 1}, runs alternating): "
-                      f"training tokens/s {ref:.0f} with the native kernels off (PPO_FAST_NATIVE=0; runs "
+    for op, rows in doc["ops"].items():
+        base = rows[0]["ms"]["median"]
+        lines += ["", titles[op] + ":", "", "| provider | median ms (p20-p80) | × eager speed | × floor | "
+                  "peak extra MiB |", "| --- | --- | --- | --- | --- |"]
+        for r in rows:
+            ms = r["ms"]["median"]
+            lines.append(f"| {r['provider']} | {fmt(r['ms'], digits=0)} | {base / ms:.2f} | {ms / floor:.1f} | "
+                         f"{r['peak_extra_bytes'] / 2**20:.0f} |")
+    gae = doc["gae"]
+    lines += ["", f"GAE [{gae['shape'][0]}, {gae['shape'][1]}] fp32: Python loop over T "
+                  f"{fmt(gae['loop_ms'])} ms, pf.gae (native) {fmt(gae['native_ms'], digits=2)} ms: "
+                  f"{gae['loop_ms']['median'] / gae['native_ms']['median']:.0f}x the loop (medians of "
+                  f"{gae['ratio']['n']} alternating rounds; ratio per round {fmt(gae['ratio'], digits=0)}x)."]
+    if "trainer_tokens_per_s" in doc:
+        rates = doc["trainer_tokens_per_s"]
+        ref, nat = summary(rates["reference"])["median"], summary(rates["native"])["median"]
+        lines += ["", f"Embedded default (`ppo-fast train`, seeds 0..{len(rates['native']) - 1}, runs alternating): "
+                      f"median training tokens/s {ref:.0f} with the native kernels off (PPO_FAST_NATIVE=0; runs "
                       f"{', '.join(f'{r:.0f}' for r in rates['reference'])}), {nat:.0f} on (runs "
                       f"{', '.join(f'{r:.0f}' for r in rates['native'])}): {nat / ref:.2f}x."]
-    publish(lines, args.out)
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ Each seed is the README's main job (`ppo-fast train --seed S`) in a fresh proces
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import fmt, publish, summary
 
 
 def train_run(workdir: Path, name: str, flags: list[str]) -> tuple[dict, list[dict]]:
@@ -31,22 +32,42 @@ def train_run(workdir: Path, name: str, flags: list[str]) -> tuple[dict, list[di
     return json.loads((workdir / name / "summary.json").read_text()), rows
 
 
-def publish(lines: list[str], out: str | None) -> None:
-    """Print a bench's report and write it to ``out`` when given (the benches share this)."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        Path(out).write_text(text)
-
-
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
     start = time.perf_counter()
-    summary, steps = train_run(workdir, f"seed{seed}", ["--seed", str(seed), *extra])
+    run_summary, steps = train_run(workdir, f"seed{seed}", ["--seed", str(seed), *extra])
     wall = time.perf_counter() - start
     steps = [r for r in steps if "seconds_train" in r]
     phases = {name: statistics.mean(r[f"seconds_{name}"] for r in steps)
               for name in ("generate", "score", "train")}
-    return {"seed": seed, "wall": wall, "summary": summary, "phases": phases}
+    step_seconds = summary(sum(r[f"seconds_{name}"] for name in phases) for r in steps)
+    return {"seed": seed, "wall": wall, "summary": run_summary, "phases": phases, "step_seconds": step_seconds}
+
+
+def render(doc: dict) -> list[str]:
+    lines = [
+        "# Embedded default run (`ppo-fast train`) over seeds",
+        "",
+        "One process per seed, one after another. Wall time includes start-up, the supervised warm-up and the "
+        "reward model's training; phase shares are of the mean PPO step; s/step is the median (20th-80th "
+        "percentile) over the PPO steps.",
+        "",
+        "| seed | gold before | gold after | proxy before | proxy after | KL final (nats/seq) | "
+        "wall s | s/step | generate | score | train |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in doc["runs"]:
+        s, p = r["summary"], r["phases"]
+        step = sum(p.values())
+        lines.append(
+            f"| {r['seed']} | {s['gold_reward_before']:.2f} | {s['gold_reward_after']:.2f} | "
+            f"{s['proxy_reward_before']:.2f} | {s['proxy_reward_after']:.2f} | {s['kl_final']:.1f} | "
+            f"{r['wall']:.0f} | {fmt(r['step_seconds'], digits=3)} | {100 * p['generate'] / step:.0f}% | "
+            f"{100 * p['score'] / step:.0f}% | {100 * p['train'] / step:.0f}% |")
+    gains = doc["gold_gain"]
+    lines += ["", f"Gold-reward gain: median {fmt(gains, digits=2)}, mean {gains['mean']:.2f}, min "
+              f"{gains['min']:.2f} (the gold reward counts vowels in the response, about 1.4 for the warm-up "
+              "policy)."]
+    return lines
 
 
 def main():
@@ -56,30 +77,9 @@ def main():
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_seed(s, Path(tmp), extra) for s in args.seeds]
-    lines = [
-        "# Embedded default run (`ppo-fast train`) over seeds",
-        "",
-        f"Measured with `python benches/bench_trainer.py --seeds {' '.join(map(str, args.seeds))}` on "
-        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), one process per seed, "
-        "one after another. Wall time includes start-up, the supervised warm-up and the reward "
-        "model's training; step times are means over the PPO steps.",
-        "",
-        "| seed | gold before | gold after | proxy before | proxy after | KL final (nats/seq) | "
-        "wall s | s/step | generate | score | train |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        s, p = r["summary"], r["phases"]
-        step = sum(p.values())
-        lines.append(
-            f"| {r['seed']} | {s['gold_reward_before']:.2f} | {s['gold_reward_after']:.2f} | "
-            f"{s['proxy_reward_before']:.2f} | {s['proxy_reward_after']:.2f} | {s['kl_final']:.1f} | "
-            f"{r['wall']:.0f} | {step:.3f} | {100 * p['generate'] / step:.0f}% | "
-            f"{100 * p['score'] / step:.0f}% | {100 * p['train'] / step:.0f}% |")
     gains = [r["summary"]["gold_reward_after"] - r["summary"]["gold_reward_before"] for r in results]
-    lines += ["", f"Gold-reward gain: mean {statistics.mean(gains):.2f}, min {min(gains):.2f} "
-              f"(the gold reward counts vowels in the response, about 1.4 for the warm-up policy)."]
-    publish(lines, args.out)
+    publish(args.out, {"runs": results, "gold_gain": {**summary(gains), "mean": statistics.mean(gains),
+                                                      "min": min(gains)}}, render)
 
 
 if __name__ == "__main__":

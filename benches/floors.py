@@ -4,10 +4,11 @@ the machine at hand rather than read from a datasheet."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
+
+from record import summary
 
 
 def sync(device) -> None:
@@ -16,18 +17,21 @@ def sync(device) -> None:
 
 
 class Timer:
-    """Median milliseconds of ``fn()``: CUDA events through ``triton.testing.do_bench`` on a GPU,
-    a host clock around synchronised calls elsewhere."""
+    """Milliseconds of ``fn()``: CUDA events through ``triton.testing.do_bench`` on a GPU, a host
+    clock around synchronised calls elsewhere. ``measure`` gives the median with the 20th/80th
+    percentiles, calling the timer gives the median."""
 
     def __init__(self, device, repeats: int = 5):
         self.device = torch.device(device)
         self.repeats = repeats
 
-    def __call__(self, fn) -> float:
+    def measure(self, fn) -> dict:
         if self.device.type == "cuda":
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+            # do_bench keeps its samples to itself: it returns the quantiles asked for.
+            median, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+            return {"median": float(median), "p20": float(p20), "p80": float(p80), "n": None}
         fn()
         samples = []
         for _ in range(self.repeats):
@@ -35,7 +39,10 @@ class Timer:
             fn()
             sync(self.device)
             samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
+        return summary(samples)
+
+    def __call__(self, fn) -> float:
+        return self.measure(fn)["median"]
 
 
 def peak_extra_bytes(run, device) -> int | None:

@@ -20,6 +20,10 @@ fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1
+# The benches run from a copy without .git: every results file records the commit measured from this.
+PPO_FAST_BENCH_COMMIT=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo "unknown (not a git checkout)")
+[ -n "$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null)" ] && PPO_FAST_BENCH_COMMIT+="+dirty"
+export PPO_FAST_BENCH_COMMIT
 # Inductor's background compile workers would compete with the timed code for CPU.
 export TORCHINDUCTOR_COMPILE_THREADS=1
 

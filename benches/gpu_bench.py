@@ -6,8 +6,9 @@
 Order: copy bandwidth (the ceiling every floor divides by), then per op a correctness check of
 every provider against float64, then timings (median of triton.testing.do_bench, rotating input
 sets so nothing sits in L2), then the issue's goals, then batch invariance. Writes
-``gpu_results.md`` under --out and prints it last. Needs only torch and triton APIs that exist
-in torch 2.4+ / triton 3.0+.
+``gpu_results.json`` (the data, with the median and 20th/80th percentile of every timing) and
+``gpu_results.md`` (rendered from it) under --out and prints the markdown last. Needs only torch
+and triton APIs that exist in torch 2.4+ / triton 3.0+.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import bench_providers as bp
 import ppo_fast
 from bench_providers import ForcedBackend, Unavailable
 from floors import Timer, copy_bandwidth, l2_bytes, peak_extra_bytes, sync
+from record import publish
 
 # Tolerances on ‖out − ref‖ / ‖ref‖ against float64 (see the device METHOD notes): float32
 # accumulation lands far under 1e-4; a gradient stored in bf16 carries its rounding, ~4e-3.
@@ -116,7 +118,7 @@ def run_op(op: Op, shapes, device, timer, copy_bw, log):
 
     results = {}
     for provider, make in op.providers.items():
-        row = dict(provider=provider, error=None, ok=None, ms=None, peak=None, note="")
+        row = dict(provider=provider, error=None, ok=None, ms=None, ms_p20=None, ms_p80=None, peak=None, note="")
         results[provider] = row
         try:
             with provider_context(provider, device):
@@ -128,7 +130,8 @@ def run_op(op: Op, shapes, device, timer, copy_bw, log):
                 runs = [make(inp) for inp in sets]
                 row["peak"] = peak_extra_bytes(runs[0], device)
                 rotation = itertools.cycle(runs)
-                row["ms"] = timer(lambda rotation=rotation: next(rotation)())
+                stats = timer.measure(lambda rotation=rotation: next(rotation)())
+                row.update(ms=stats["median"], ms_p20=stats["p20"], ms_p80=stats["p80"])
                 del runs
         except Unavailable as exc:
             row["note"] = f"skipped: {exc}"
@@ -137,7 +140,7 @@ def run_op(op: Op, shapes, device, timer, copy_bw, log):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log(f"  {op.name:24s} {provider:10s} err={row['error']} ms={row['ms']} {row['note']}")
-    return dict(op=op, results=results, floor_ms=floor_ms, bytes=op.floor_bytes(first),
+    return dict(name=op.name, results=results, floor_ms=floor_ms, bytes=op.floor_bytes(first),
                 logits_bytes=None if is_gae else bp.logits_bytes(first), tol=tol,
                 n_sets=len(sets))
 
@@ -218,7 +221,7 @@ def goals(by_op, invariance, shapes):
     for op in by_op.values():
         for provider, r in op["results"].items():
             if r["ok"] is False:
-                rows.append((f"correctness {op['op'].name} / {provider}",
+                rows.append((f"correctness {op['name']} / {provider}",
                              f"rel err {r['error']:.2e} > {op['tol']:.0e}", "FAIL"))
     return rows
 
@@ -227,26 +230,28 @@ def fmt_bytes(n):
     return "" if n is None else f"{n / 2**20:,.0f}"
 
 
-def report(by_op, goal_rows, copy_bw, device_name, shapes, versions) -> str:
+def report(doc: dict) -> list[str]:
+    shapes = doc["shapes"]
     lines = [
         "# ppo_fast GPU benchmark",
         "",
-        f"Device: {device_name}. {versions}.",
-        f"Shapes: logits [{shapes.tokens}, {shapes.vocab}] {str(shapes.logits_dtype)[6:]} "
-        f"({shapes.n_seqs} sequences × {shapes.seq_len}); gae [{shapes.gae_batch}, "
-        f"{shapes.gae_len}] float32. Random inputs, median time, input sets rotated.",
-        f"Copy bandwidth (device-to-device, read + write counted): {copy_bw / 1e9:,.0f} GB/s.",
+        f"Device: {doc['device']}. {doc['versions']}.",
+        f"Shapes: logits [{shapes['tokens']}, {shapes['vocab']}] {shapes['logits_dtype']} "
+        f"({shapes['n_seqs']} sequences × {shapes['seq_len']}); gae [{shapes['gae_batch']}, "
+        f"{shapes['gae_len']}] float32. Random inputs, median time (20th-80th percentile in the JSON data), "
+        "input sets rotated.",
+        f"Copy bandwidth (device-to-device, read + write counted): {doc['copy_bandwidth'] / 1e9:,.0f} GB/s.",
         "",
         "| op | provider | rel err vs fp64 | median ms | × floor | GB/s (min bytes) "
         "| speed-up vs eager | peak extra MiB | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for entry in by_op.values():
+    for entry in doc["ops"].values():
         t_eager = entry["results"].get("eager", {}).get("ms")
         for provider, r in entry["results"].items():
             t = r["ms"]
             lines.append("| " + " | ".join([
-                entry["op"].name, provider,
+                entry["name"], provider,
                 "" if r["error"] is None else f"{r['error']:.1e}",
                 "" if t is None else f"{t:.3f}",
                 "" if t is None else f"{t / entry['floor_ms']:.2f}",
@@ -254,12 +259,12 @@ def report(by_op, goal_rows, copy_bw, device_name, shapes, versions) -> str:
                 "" if t is None or not t_eager else f"{t_eager / t:.1f}×",
                 fmt_bytes(r["peak"]), r["note"].replace("|", "/"),
             ]) + " |")
-        lines.append(f"| {entry['op'].name} | *floor* | | {entry['floor_ms']:.3f} | 1.00 | | | | "
+        lines.append(f"| {entry['name']} | *floor* | | {entry['floor_ms']:.3f} | 1.00 | | | | "
                      f"{entry['bytes'] / 2**20:,.0f} MiB / copy bandwidth; "
                      f"{entry['n_sets']} input sets |")
     lines += ["", "## Goals", "", "| goal | measured | verdict |", "| --- | --- | --- |"]
-    lines += [f"| {g} | {m} | {v} |" for g, m, v in goal_rows]
-    return "\n".join(lines) + "\n"
+    lines += [f"| {g} | {m} | {v} |" for g, m, v in doc["goals"]]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -297,12 +302,12 @@ def main(argv=None) -> int:
         by_op[op.name] = run_op(op, shapes, device, timer, copy_bw, log)
     invariance = batch_invariance(shapes, device)
     goal_rows = goals(by_op, invariance, shapes)
-    text = report(by_op, goal_rows, copy_bw, device_name, shapes, versions)
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_results.md").write_text(text)
-    print(text)
+    shape_data = dict(tokens=shapes.tokens, vocab=shapes.vocab, logits_dtype=str(shapes.logits_dtype)[6:],
+                      n_seqs=shapes.n_seqs, seq_len=shapes.seq_len, gae_batch=shapes.gae_batch,
+                      gae_len=shapes.gae_len)
+    publish(Path(args.out) / "gpu_results.md", dict(device=device_name, versions=versions, shapes=shape_data,
+                                                    copy_bandwidth=copy_bw, ops=by_op, invariance=invariance,
+                                                    goals=goal_rows), report)
     return 1 if any(v == "FAIL" for _, _, v in goal_rows) else 0
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from floors import Timer, matmul_rate, peak_extra_bytes  # noqa: E402
+from record import fmt, publish  # noqa: E402
 
 SHAPES = {  # (tokens, hidden, vocab, dtype)
     "cpu": (8192, 256, 32000, torch.float32),
@@ -158,32 +158,33 @@ def measure(shape: str, device, repeats: int) -> list[dict]:
         except Unavailable as exc:
             rows.append(dict(provider=provider, skipped=str(exc)))
             continue
-        rows.append(dict(provider=provider, ms=timer(run),
+        rows.append(dict(provider=provider, ms=timer.measure(run),
                          peak_extra=peak_extra(provider, shape, device, inputs, run)))
     return rows
 
 
-def table(rows, shape, device) -> str:
-    N, H, V, dtype = SHAPES[shape]
-    logits_bytes = N * V * torch.empty((), dtype=dtype).element_size()
-    base = next(r for r in rows if r["provider"] == "logits + pf.ppo_loss")
-    lines = [f"Fused linear head, PPO loss forward+backward, {N} tokens × H {H} × V {V}, "
-             f"{str(dtype).removeprefix('torch.')}, on {device_name(device)}. The logits alone: "
-             f"{logits_bytes / 2**20:,.0f} MiB.", ""]
-    if device.type == "cuda":
-        rate = matmul_rate(device, Timer(device), 8192)
-        gemms_ms = 6 * N * H * V / rate * 1e3
-        lines += [f"Three GEMMs of the head at the measured bf16 matmul rate ({rate / 1e12:.0f} TFLOP/s): "
-                  f"{gemms_ms:.2f} ms.", ""]
-    lines += ["| provider | median ms | time vs logits + pf.ppo_loss | peak extra MiB | extra / logits size |",
+def render(doc: dict) -> list[str]:
+    N, H, V = doc["tokens"], doc["hidden"], doc["vocab"]
+    logits_bytes = N * V * doc["element_size"]
+    rows = doc["rows"]
+    base = next(r for r in rows if r["provider"] == "logits + pf.ppo_loss")["ms"]["median"]
+    lines = ["# Fused linear head vs the logits paths", "",
+             f"Median (20th-80th percentile) of {doc['repeats']} calls after one warm-up, all providers in one run.",
+             "", f"Fused linear head, PPO loss forward+backward, {N} tokens × H {H} × V {V}, {doc['dtype']}, on "
+             f"{doc['device']}. The logits alone: {logits_bytes / 2**20:,.0f} MiB.", ""]
+    if "gemms_ms" in doc:
+        lines += [f"Three GEMMs of the head at the measured bf16 matmul rate ({doc['matmul_TFLOPs']:.0f} TFLOP/s): "
+                  f"{doc['gemms_ms']:.2f} ms.", ""]
+    lines += ["| provider | median ms (p20-p80) | time vs logits + pf.ppo_loss | peak extra MiB "
+              "| extra / logits size |",
               "| --- | --- | --- | --- | --- |"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['provider']} | skipped: {r['skipped']} | | | |")
             continue
-        lines.append(f"| {r['provider']} | {r['ms']:.1f} | {r['ms'] / base['ms']:.2f} | "
+        lines.append(f"| {r['provider']} | {fmt(r['ms'])} | {r['ms']['median'] / base:.2f} | "
                      f"{r['peak_extra'] / 2**20:,.0f} | {r['peak_extra'] / logits_bytes:.0%} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def device_name(device) -> str:
@@ -195,7 +196,7 @@ def device_name(device) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes")
-    parser.add_argument("--out", help="write linear_head_<device>.md into this folder")
+    parser.add_argument("--out", help="write linear_head_<device>.md and .json into this folder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -205,14 +206,15 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = "smoke" if args.smoke else device.type
-    rows = measure(shape, device, args.repeats)
-    text = (f"# Fused linear head vs the logits paths ({time.strftime('%Y-%m-%d')})\n\n"
-            f"`python benches/linear_head.py{' --smoke' if args.smoke else ''}`, median of {args.repeats} calls "
-            "after one warm-up, all providers in one run.\n\n" + table(rows, shape, device))
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"linear_head_{'smoke' if args.smoke else device.type}.md").write_text(text)
+    N, H, V, dtype = SHAPES[shape]
+    data = dict(tokens=N, hidden=H, vocab=V, dtype=str(dtype).removeprefix("torch."),
+                element_size=torch.empty((), dtype=dtype).element_size(), device=device_name(device),
+                repeats=args.repeats, rows=measure(shape, device, args.repeats))
+    if device.type == "cuda":
+        rate = matmul_rate(device, Timer(device), 8192)
+        data.update(matmul_TFLOPs=rate / 1e12, gemms_ms=6 * N * H * V / rate * 1e3)
+    out = Path(args.out) / f"linear_head_{'smoke' if args.smoke else device.type}.md" if args.out else None
+    publish(out, data, render)
     return 0
 
 

@@ -8,7 +8,7 @@ Builds the policy (a Hugging Face causal LM from ``--model DIR``, or a Llama-sty
 from a config, no download), wraps it in a DeepSpeed engine, generates from random prompts with
 :class:`ppo_fast.HybridEngine` and, with ``--compare``, with plain ``generate`` on the same ZeRO
 engine, same prompts, greedy. Rank 0 prints a table (tokens/s, speedup, the matmul floor) and
-writes it to ``--out`` as markdown.
+writes it to ``--out`` as markdown, with its data (every timed rollout) as JSON beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import torch
 
 from floors import Timer, copy_bandwidth, matmul_rate, sync
+from record import publish, summary
 
 PRESETS = {
     # name: (vocab, hidden, layers, heads, kv_heads, intermediate)
@@ -149,24 +150,29 @@ def run(args) -> dict:
         return time.perf_counter() - start, out
 
     hybrid.generate(prompts[:, :4], attention_mask=mask[:, :4], max_new_tokens=4)  # warm-up
-    results = {"hybrid": min(timed(lambda: hybrid.generate(prompts, attention_mask=mask))[0]
-                             for _ in range(args.repeats))}
+    samples = {"hybrid": [timed(lambda: hybrid.generate(prompts, attention_mask=mask))[0]
+                          for _ in range(args.repeats)]}
+    results = {"hybrid": min(samples["hybrid"])}
     last = hybrid.generate(prompts, attention_mask=mask)
     if args.compare:
-        plain_seconds, plain_out = min((timed(plain) for _ in range(args.repeats)), key=lambda r: r[0])
+        plain_runs = [timed(plain) for _ in range(args.repeats)]
+        samples["plain"] = [seconds for seconds, _ in plain_runs]
+        plain_seconds, plain_out = min(plain_runs, key=lambda r: r[0])
         results["plain"] = plain_seconds
         results["same_tokens"] = plain_out.tolist() == last.sequences.tolist()
         # Gathering once but decoding with HF generate separates the two sources of speed.
         gather_only = HybridEngine(engine, decode="hf", max_gathered_bytes=args.max_gathered_bytes,
                                    max_new_tokens=args.max_new_tokens, do_sample=False,
                                    eos_token_id=[])
-        results["gather_only"] = min(timed(lambda: gather_only.generate(prompts, attention_mask=mask))[0]
-                                     for _ in range(args.repeats))
+        samples["gather_only"] = [timed(lambda: gather_only.generate(prompts, attention_mask=mask))[0]
+                                  for _ in range(args.repeats)]
+        results["gather_only"] = min(samples["gather_only"])
     timer = Timer(device)
     floor = flops / matmul_rate(device, timer)
     bytes_floor = weight_bytes / copy_bandwidth(device, timer, 256 * 2**20)
     new_tokens = args.batch_size * args.max_new_tokens
-    summary = {
+    report = {
+        "device": device.type, "seconds": {name: summary(times) for name, times in samples.items()},
         "world_size": world, "zero_stage": engine.zero_optimization_stage(), "params": n_params,
         "batch_per_rank": args.batch_size, "prompt_len": args.prompt_len,
         "max_new_tokens": args.max_new_tokens, "decode": last.metrics["decode"],
@@ -176,28 +182,26 @@ def run(args) -> dict:
         "bytes_floor_seconds": bytes_floor,
     }
     if args.compare:
-        summary.update(plain_seconds=results["plain"], gather_only_seconds=results["gather_only"],
-                       plain_tokens_per_s=new_tokens / results["plain"],
-                       speedup=results["plain"] / results["hybrid"],
-                       same_tokens=results["same_tokens"])
+        report.update(plain_seconds=results["plain"], gather_only_seconds=results["gather_only"],
+                      plain_tokens_per_s=new_tokens / results["plain"],
+                      speedup=results["plain"] / results["hybrid"],
+                      same_tokens=results["same_tokens"])
     if rank == 0:
-        table = format_table(summary, device)
-        print(table)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(table)
-    return summary
+        publish(args.out, {"rollout": report}, format_table)
+    return report
 
 
-def format_table(s: dict, device) -> str:
+def format_table(doc: dict) -> list[str]:
+    s = doc["rollout"]
     lines = [
         f"# Rollout: HybridEngine vs plain generate, ZeRO-{s['zero_stage']}, {s['world_size']} "
-        f"rank(s) on {device.type}",
+        f"rank(s) on {s['device']}",
         "",
         f"Model: {s['params'] / 1e6:.1f}M parameters; {s['batch_per_rank']} prompts of "
         f"{s['prompt_len']} tokens per rank, {s['max_new_tokens']} new tokens each, greedy.",
         f"Decode path: {s['decode']}; parameters gathered: {s['gathered']} "
-        f"({s['gather_seconds'] * 1e3:.1f} ms).",
+        f"({s['gather_seconds'] * 1e3:.1f} ms). Seconds: the best of the timed rollouts (all of them, with "
+        "their median and 20th/80th percentiles, in the JSON data).",
         "",
         "| method | seconds | tokens/s per rank | vs plain | vs matmul floor |",
         "| --- | --- | --- | --- | --- |",
@@ -221,7 +225,7 @@ def format_table(s: dict, device) -> str:
     if "same_tokens" in s:
         lines.append("")
         lines.append(f"Same tokens as plain generate: {s['same_tokens']}.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

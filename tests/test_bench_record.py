@@ -1,0 +1,49 @@
+"""The benches' results writer: percentiles, provenance, and markdown rendered from the data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+
+import record  # noqa: E402
+
+
+def test_summary_gives_median_and_20th_80th_percentiles_against_torch_quantile():
+    samples = torch.rand(37, dtype=torch.float64) * 10
+    got = record.summary(samples.tolist())
+    want = torch.quantile(samples, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    assert [got["median"], got["p20"], got["p80"]] == pytest.approx(want, rel=1e-12)
+    assert got["n"] == 37
+
+
+def test_summary_of_one_sample_and_of_none():
+    assert record.summary([2.5]) == {"median": 2.5, "p20": 2.5, "p80": 2.5, "n": 1}
+    with pytest.raises(ValueError, match="at least one sample"):
+        record.summary([])
+
+
+def test_publish_writes_the_data_and_renders_the_markdown_from_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPO_FAST_BENCH_COMMIT", "0123456789abcdef")
+    seen = []
+
+    def render(doc):
+        seen.append(doc)
+        return ["# Title", "", f"| x | {record.fmt(doc['t'])} |"]
+
+    text = record.publish(tmp_path / "r.md", {"t": record.summary([1.0, 2.0, 3.0])}, render)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert seen == [doc]  # the renderer saw exactly what the JSON holds
+    meta = doc["metadata"]
+    assert meta["commit"] == "0123456789abcdef"
+    assert meta["machine"]["cores"] and meta["versions"]["python"] and meta["versions"]["torch"]
+    assert meta["command"].split()[0] in ("python", Path(sys.argv[0]).name)
+    assert (tmp_path / "r.md").read_text() == text
+    lines = text.splitlines()
+    assert lines[0] == "# Title" and lines[2].startswith("Commit `0123456789abcdef`, ")
+    assert "| x | 2.0 (1.4-2.6) |" in lines
