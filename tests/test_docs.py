@@ -14,8 +14,8 @@ README = ROOT / "README.md"
 DOCS = [README, ROOT / "benches" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RESULTS = ROOT / "benches" / "results"
 # CI (.ci/run) runs this line of the README verbatim.
-TEST_COMMAND = ('python -m pip install "torch==2.13.0" -e ".[dev]" && python -m pip install --no-deps '
-                'verl==0.9.1 openrlhf==0.11.2 && python -m pytest')
+TEST_COMMAND = ('python -m pip install "torch==2.13.0" -c .ci/constraints.txt -e ".[dev]" && '
+                'python -m pip install --no-deps verl==0.9.1 openrlhf==0.11.2 && python -m pytest')
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
