@@ -28,6 +28,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "ppo"])
 def test_every_critic_free_algorithm_trains_without_a_critic(algorithm, tmp_path, cache):
     config = PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name=algorithm, task="arithmetic",
@@ -44,6 +45,7 @@ def test_every_critic_free_algorithm_trains_without_a_critic(algorithm, tmp_path
     assert (checkpoint / "actor").is_dir() and not (checkpoint / "critic").exists()
 
 
+@pytest.mark.slow
 def test_grpo_resumes_from_its_checkpoint_and_takes_loss_options(tmp_path, cache):
     fields = dict(output_dir=str(tmp_path), cache_dir=cache, run_name="g", **ARITHMETIC, save_every=2,
                   eval_every=0, loss_type="gspo", kl_loss_coef=0.01)
@@ -71,6 +73,7 @@ def test_config_errors_of_the_algorithms(tmp_path):
                               output_dir=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_path, cache):
     """arithmetic-hackable: the proxy pays 0.5 per answer token, so the policy learns long wrong
     answers; the alarms fire and stop_on_alarm ends the run with the best-gold policy kept."""
@@ -91,6 +94,7 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
     assert summary["best_policy"]["step"] == best["step"]
 
 
+@pytest.mark.slow
 def test_the_honest_rule_reward_stays_quiet(tmp_path, cache):
     summary = train(PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="honest", **ARITHMETIC,
                               steps=20, eval_every=5))
@@ -99,6 +103,7 @@ def test_the_honest_rule_reward_stays_quiet(tmp_path, cache):
     assert all(r["eval_gold_reward"] == r["eval_proxy_reward"] and r["eval_length_r2"] == 0.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_max_minutes_ends_the_run_as_a_finished_one(tmp_path, cache):
     lines = []
     summary = train(PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="timed", **ARITHMETIC,
@@ -107,6 +112,7 @@ def test_max_minutes_ends_the_run_as_a_finished_one(tmp_path, cache):
     assert any("max_minutes" in str(line) for line in lines)
 
 
+@pytest.mark.slow
 def test_grpo_and_sft_on_two_ranks_through_the_deepspeed_launcher(tmp_path):
     """Each rank groups its own prompts' completions; the checkpoint holds no critic; SFT shards
     its batches over the ranks and publishes one model."""

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compile_check.py"
 
 
+@pytest.mark.slow
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     table = tmp_path / "kernels.md"

@@ -33,6 +33,7 @@ def policies(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_policy_against_itself_ties_with_zero_kl(policies, tmp_path):
     config = EvalConfig(policy=str(policies / "a"), reference=str(policies / "a"), task="arithmetic",
                         output_dir=str(tmp_path), run_name="self", num_prompts=20, max_new_tokens=6,
@@ -47,6 +48,7 @@ def test_a_policy_against_itself_ties_with_zero_kl(policies, tmp_path):
     assert (tmp_path / "self" / "eval.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_the_command_line_scores_with_a_weighted_reward_and_a_gold_function(policies, tmp_path):
     (tmp_path / "rules.py").write_text(
         "def exact(prompts, completions):\n"
@@ -69,6 +71,7 @@ def test_the_command_line_scores_with_a_weighted_reward_and_a_gold_function(poli
     assert "win rate gold of the policy over the reference" in out.stdout
 
 
+@pytest.mark.slow
 def test_without_a_reference_and_with_a_failing_reward(policies, tmp_path):
     (tmp_path / "rules.py").write_text("def nan(prompts, completions):\n    return [float('nan')] * len(prompts)\n")
     out = cli(["eval", "--policy", str(policies / "a"), "--task", "arithmetic", "--num-prompts", "8",
@@ -83,6 +86,7 @@ def test_without_a_reference_and_with_a_failing_reward(policies, tmp_path):
     assert not (tmp_path / "nan" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_errors_name_the_field(policies, tmp_path):
     with pytest.raises(ConfigError, match="policy is required"):
         EvalConfig(prompts="p.txt", gold="x:y")

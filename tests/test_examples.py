@@ -4,9 +4,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ppo_single_file.py"
 
 
+@pytest.mark.slow
 def test_single_file_ppo_example_improves_the_score(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("ppo_single_file", EXAMPLE)
     example = importlib.util.module_from_spec(spec)

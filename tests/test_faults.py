@@ -61,6 +61,7 @@ def snapshot(directory):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_reused_run_name_is_refused_and_the_earlier_run_is_untouched(tmp_path, cache):
     train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=2)))
     before = snapshot(tmp_path / "r")
@@ -69,6 +70,7 @@ def test_a_reused_run_name_is_refused_and_the_earlier_run_is_untouched(tmp_path,
     assert snapshot(tmp_path / "r") == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run_and_says_so(tmp_path, cache):
     train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=3)))
     said = []
@@ -78,6 +80,7 @@ def test_overwrite_replaces_the_earlier_run_and_says_so(tmp_path, cache):
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step*")) == ["step2"]
 
 
+@pytest.mark.slow
 def test_without_a_run_name_each_run_gets_a_fresh_directory(tmp_path, cache):
     first = train(PPOConfig(**fields(tmp_path, cache, steps=1)))
     second = train(PPOConfig(**fields(tmp_path, cache, steps=1)))
@@ -86,6 +89,7 @@ def test_without_a_run_name_each_run_gets_a_fresh_directory(tmp_path, cache):
     assert not any((tmp_path / name).exists() for name in ("default_task",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/tmp/abs", ".hidden", "-x", ".."])
 def test_run_names_are_names_not_paths(tmp_path, cache, name):
     proc = cli(tmp_path, cache, run_name=name, steps=1)
@@ -94,6 +98,7 @@ def test_run_names_are_names_not_paths(tmp_path, cache, name):
     assert not (tmp_path.parent / "escape").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_is_an_error(tmp_path, cache):
     proc = cli(tmp_path, cache, run_name="never", resume="true", steps=2)
     assert proc.returncode == 2 and "does not exist to resume from" in proc.stderr
@@ -118,6 +123,7 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "missing file", "no manifest"])
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, cache, damage):
     run, expected = _trained(tmp_path, cache)
@@ -139,6 +145,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, cach
     assert rows(run) == expected  # steps 3-4 redone exactly as the first time
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_an_error_naming_every_file(tmp_path, cache):
     run, _ = _trained(tmp_path, cache)
     for step in (2, 4):
@@ -157,6 +164,7 @@ class _Planted:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file, how", [
     ("trainer/rank0.pt", "torch.save"), ("actor/mp_rank_00_model_states.pt", "torch.save"),
     ("critic/mp_rank_00_model_states.pt", "torch.save"), ("trainer/rank0.pt", "pickle"),
@@ -183,6 +191,7 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, cache, file, how)
         assert "holds a posix.system object" in proc.stderr and "refused" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, cache):
     run, expected = _trained(tmp_path, cache)
     with open(run / "metrics.jsonl", "a") as f:
@@ -195,6 +204,7 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, cache):
     assert rows(run)[:5] == expected
 
 
+@pytest.mark.slow
 def test_kill_9_while_a_checkpoint_is_written_loses_only_the_steps_since_the_previous_one(tmp_path, cache):
     config = fields(tmp_path, cache, steps=8, save_every=2, eval_every=4)
     train(PPOConfig(**{**config, "run_name": "straight"}))
@@ -257,6 +267,7 @@ def test_config_ranges(tmp_path, overrides, match):
         PPOConfig(**fields(tmp_path, "", **overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, match", [
     (dict(prompts_file="missing.txt"), "prompts_file: missing.txt does not exist"),
     (dict(policy_model="nowhere"), "policy_model: nowhere is not a Hugging Face model directory"),
@@ -272,6 +283,7 @@ def test_missing_files_are_reported_before_any_work(tmp_path, overrides, match):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_save_every_and_eval_every_zero_mean_never(tmp_path, cache):
     summary = train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=3, save_every=0,
                                        eval_every=0)))
@@ -285,6 +297,7 @@ def test_save_every_and_eval_every_zero_mean_never(tmp_path, cache):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings_and_refuses_to_change_them(tmp_path, cache):
     straight = fields(tmp_path, cache, run_name="straight", steps=6, save_every=2, eval_every=2)
     train(PPOConfig(**straight))
@@ -301,6 +314,7 @@ def test_resume_keeps_the_runs_settings_and_refuses_to_change_them(tmp_path, cac
     assert json.loads((tmp_path / "r" / "config.json").read_text())["warmup_steps"] == QUICK["warmup_steps"]
 
 
+@pytest.mark.slow
 def test_a_run_being_written_by_another_process_is_refused(tmp_path, cache):
     from ppo_fast.trainer import rundir
 
@@ -313,6 +327,7 @@ def test_a_run_being_written_by_another_process_is_refused(tmp_path, cache):
     assert not (tmp_path / "busy").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest", ['{"step": 4, "files": []}', '{"step": 4, "files": {"a": 5}}',
                                       '[]', '{"step": "4", "files": {}}'])
 def test_a_malformed_manifest_is_passed_over(tmp_path, cache, manifest):
@@ -325,6 +340,7 @@ def test_a_malformed_manifest_is_passed_over(tmp_path, cache, manifest):
     assert rows(run) == expected
 
 
+@pytest.mark.slow
 def test_a_checkpoint_under_another_steps_name_is_passed_over(tmp_path, cache):
     run, _ = _trained(tmp_path, cache)
     shutil.copytree(run / "checkpoints" / "step2", run / "checkpoints" / "step10")
@@ -336,6 +352,7 @@ def test_a_checkpoint_under_another_steps_name_is_passed_over(tmp_path, cache):
     assert [r["step"] for r in rows(run)] == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_garbled_metrics_lines_are_rewritten_from_the_checkpoint(tmp_path, cache):
     run, expected = _trained(tmp_path, cache)
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -348,6 +365,7 @@ def test_garbled_metrics_lines_are_rewritten_from_the_checkpoint(tmp_path, cache
     assert rows(run) == expected
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_changes_nothing(tmp_path, cache):
     run, _ = _trained(tmp_path, cache)
     before = snapshot(run)
@@ -359,6 +377,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, cache):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, overrides, match", [
     (lambda d: (d / "bad.yaml").write_text("steps: [1\n"), dict(config="bad.yaml"), "is not valid YAML"),
     (lambda d: (d / "bad.yaml").write_text("steps: 2\nsteps: 3\n"), dict(config="bad.yaml"),
@@ -381,6 +400,7 @@ def test_bad_configs_and_places_are_one_line_errors_before_any_work(tmp_path, ca
     assert "Traceback" not in proc.stderr and "warming up" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_an_unknown_backend_is_refused_before_any_work(tmp_path, cache):
     proc = subprocess.run([sys.executable, "-m", "ppo_fast.cli", "train", f"--output-dir={tmp_path}",
                            f"--cache-dir={cache}", "--run-name=r", "--steps=1"],
@@ -390,6 +410,7 @@ def test_an_unknown_backend_is_refused_before_any_work(tmp_path, cache):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_abandoned_default_task_builds_are_removed(tmp_path):
     cache = tmp_path / "cache"
     abandoned = cache / "default_task" / ".vowels-seed0-warmup30-rm60.partial-999999999"
@@ -398,6 +419,7 @@ def test_abandoned_default_task_builds_are_removed(tmp_path):
     assert not abandoned.exists() and (cache / "default_task" / "vowels-seed0-warmup30-rm60").is_dir()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, cache):
     import signal
     import time

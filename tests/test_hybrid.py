@@ -34,6 +34,7 @@ def _launch(stage, tmp_path):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_hybrid_engine_under_deepspeed_two_ranks(stage, tmp_path):
     for r in _launch(stage, tmp_path):

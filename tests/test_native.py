@@ -133,6 +133,7 @@ def test_gae_refuses_cu_seqlens_outside_the_tokens():
             gae_ops.native_forward(rewards, values, mask, torch.tensor(cu, dtype=torch.long), 1.0, 0.95)
 
 
+@pytest.mark.slow
 def test_compiled_before_any_eager_call_builds_at_run_time(tmp_path):
     """torch.compile(fullgraph=True) as a fresh process's first call: the trace cannot follow a
     build, so it only records the op; the first run builds (here into an empty cache)."""

@@ -26,6 +26,7 @@ def main(args: list[str]) -> int:
     return out.returncode
 
 
+@pytest.mark.slow
 def test_the_sample_chain_runs_end_to_end(tmp_path):
     out = ["--output-dir", str(tmp_path)]
     assert main(["sft", "--model", f"{SAMPLE}/base", "--data", f"{SAMPLE}/sft.jsonl", "--run-name", "sft",

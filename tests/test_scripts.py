@@ -46,6 +46,7 @@ def test_ds_configs(config):
         assert data["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_cpu_launcher_runs_the_rollout_benchmark():
     pytest.importorskip("deepspeed")
     env = subprocess_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

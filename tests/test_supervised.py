@@ -46,6 +46,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sft_then_rm_write_loadable_models_and_their_run_files(tmp_path):
     data = _jsonl(tmp_path / "sft.jsonl", _rows("sft.jsonl", 40))
     summary = run_sft(SFTConfig(model=str(BASE), data=data, output_dir=str(tmp_path), run_name="sft",

@@ -45,6 +45,7 @@ def _quick_flags(tmp_path, run_name, **extra):
     return [item for key, value in flags.items() for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
+@pytest.mark.slow
 def test_default_run_raises_the_gold_reward_and_writes_its_files(tmp_path):
     summary = train(_config(tmp_path, steps=10, save_every=5, eval_every=5))
     run = tmp_path / "default"
@@ -65,6 +66,7 @@ def test_default_run_raises_the_gold_reward_and_writes_its_files(tmp_path):
         assert name in rows[-1], name
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_reproduces_the_uninterrupted_run(tmp_path):
     steps = ["--steps", "8", "--save-every", "2", "--eval-every", "4"]
     cmd, env = _cli(["train", *_quick_flags(tmp_path, "straight"), *steps])
@@ -95,6 +97,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(tmp_path):
     assert strip(_rows(tmp_path / "killed")) == strip(_rows(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_two_ranks_with_zero3_through_the_deepspeed_launcher(tmp_path):
     env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -117,6 +120,7 @@ def _trainer(tmp_path, **overrides):
     return config, build_components(config)
 
 
+@pytest.mark.slow
 def test_reward_fn_with_the_wrong_shape_or_nan_is_a_clear_error(tmp_path):
     config, components = _trainer(tmp_path)
     components.reward_model = None
@@ -130,6 +134,7 @@ def test_reward_fn_with_the_wrong_shape_or_nan_is_a_clear_error(tmp_path):
         PPOTrainer(config, components).train()
 
 
+@pytest.mark.slow
 def test_empty_prompt_file_and_too_long_prompts(tmp_path):
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n")
@@ -140,6 +145,7 @@ def test_empty_prompt_file_and_too_long_prompts(tmp_path):
         PPOTrainer(config, components).train()
 
 
+@pytest.mark.slow
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
     config, components = _trainer(tmp_path, steps=5, max_nonfinite_in_a_row=3)
     # Micro-batches 5 and later are poisoned: the first step (4 micro-batches) trains.
@@ -179,6 +185,7 @@ def test_yaml_config_and_overrides(tmp_path):
         PPOConfig.from_yaml(str(path))
 
 
+@pytest.mark.slow
 def test_old_logprobs_use_the_sampling_temperature(tmp_path):
     """Rollouts sample from softmax(z / T); old and reference log-probs must score that
     distribution, not softmax(z)."""
@@ -197,6 +204,7 @@ def test_old_logprobs_use_the_sampling_temperature(tmp_path):
     assert not torch.allclose(exp.old_logp, plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nan", "interrupt"])
 def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
     """A NaN loss or a Ctrl-C seen by rank 1 only: both ranks stop after the same step with the
@@ -217,6 +225,7 @@ def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
         assert all(r["returned"] == {"interrupted_at": 2} for r in ranks)
 
 
+@pytest.mark.slow
 def test_offloaded_frozen_models_give_the_same_run(tmp_path):
     """Reference and reward models as ZeRO-3 inference engines with parameters in CPU memory
     score as the plain modules do: exactly in float32 on the CPU. On a GPU both run in bf16 and
@@ -241,6 +250,7 @@ def test_offloaded_frozen_models_give_the_same_run(tmp_path):
             assert row[key] == pytest.approx(value, rel=2e-2, abs=2e-2), (row["step"], key)
 
 
+@pytest.mark.slow
 def test_training_from_hugging_face_directories(tmp_path):
     """The general path: policy, critic trunk and reward model loaded from local Hugging Face
     directories (here the ones the default task exports, tokenizer included), prompts from a file."""
@@ -273,6 +283,7 @@ def test_training_from_hugging_face_directories(tmp_path):
     assert (tmp_path / "dirs" / "final_policy" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_the_fused_head_gives_the_logits_paths_run(tmp_path):
     """On by default (the default policy's logits are its head's output), off by the switch: the
     same run either way, to rounding (the fused head's GEMMs are chunked differently)."""
