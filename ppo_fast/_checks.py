@@ -109,6 +109,23 @@ def labels_in_vocab(labels, vocab: int, ignore_index: int, source: torch.Tensor)
     return labels
 
 
+def no_infinite_maximum(logits: torch.Tensor, overflowed: torch.Tensor, temperature: float) -> None:
+    """``overflowed`` ``[...]``: the positions whose scaled logits ``logits / temperature`` hold
+    +inf (every backend's log-sum-exp is +inf there, and the spec sees the +inf itself). Their
+    softmax is uniform over the +inf entries, which no backend computes: an error naming the first
+    such position rather than NaN log-probs (not while tracing, nor on meta tensors)."""
+    if not values_checked(logits, overflowed) or not bool(overflowed.any()):
+        return
+    where = tuple(overflowed.nonzero()[0].tolist())
+    row = logits[where]
+    infinite = int(torch.isposinf(row).sum())
+    cause = (f"{infinite} of its logits are +inf" if infinite else
+             f"its largest logit, {row.max().item():.6g}, times 1/temperature = {1 / temperature:.6g} overflows")
+    raise ValueError(f"logits at position {where} give +inf once divided by temperature={temperature!r} ({cause}): "
+                     "the log-probs would be NaN. Ban tokens with -inf, not +inf, and keep logits / temperature "
+                     f"within the float32 range; {int(overflowed.sum())} such positions, {_describe(logits)}")
+
+
 def seq_mask(agg: str, mask: torch.Tensor) -> None:
     if agg.startswith("seq-") and mask.dim() < 1:
         raise ValueError(f"agg={agg!r} needs a mask of shape [..., T], got {_describe(mask)}")

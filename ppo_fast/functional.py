@@ -14,7 +14,7 @@ import torch
 
 from . import _checks as check
 from . import dispatch, ops, reference
-from .options import LossOptions, in_unit_interval, integer, positive
+from .options import LossOptions, check_temperature, in_unit_interval, integer, positive
 
 
 def token_logprobs(
@@ -50,16 +50,17 @@ def token_logprobs(
         forward and one read + one write backward; no float32 copy of the logits is made.
     """
     integer("ignore_index", ignore_index)
-    positive("temperature", temperature)
+    check_temperature(temperature)
     for flag, value in (("return_entropy", return_entropy), ("return_sum_pi_squared", return_sum_pi_squared),
                         ("inplace_backward", inplace_backward)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be a bool, got {value!r}")
     labels = check.logits_and_labels(logits, labels, ignore_index)
     dispatch.resolve("token_logprobs", logits.device)
-    logp, entropy, _, sum_pi_squared = ops.token_logprobs_op(
+    logp, entropy, lse, sum_pi_squared = ops.token_logprobs_op(
         logits, labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy),
         bool(inplace_backward), bool(return_sum_pi_squared))
+    check.no_infinite_maximum(logits, torch.isposinf(lse), temperature)
     out = (logp,)
     if return_entropy:
         out += (entropy,)
@@ -454,7 +455,7 @@ def fused_linear_token_logprobs(
     bf16/fp16. A token's result does not depend on the rest of the batch.
     """
     integer("ignore_index", ignore_index)
-    positive("temperature", temperature)
+    check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     _check_head(hidden, weight, bias)

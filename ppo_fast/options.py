@@ -43,6 +43,20 @@ def positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+MIN_TEMPERATURE = 1.0 / float(np.finfo(np.float32).max)
+"""The smallest temperature, about 2.9e-39. Every backend scales the logits by 1/temperature, in
+float32 for float32, bfloat16 and float16 logits: below this bound 1/temperature overflows to inf
+and every logit turns into ±inf or NaN (0·inf). float64 logits have the same bound, so that a
+temperature is valid or not whatever the logits' dtype."""
+
+
+def check_temperature(value) -> None:
+    positive("temperature", value)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (1 / the float32 maximum: the logits are "
+                         f"scaled by 1/temperature in float32, which overflows below it), got {value!r}")
+
+
 def non_negative(name: str, value) -> None:
     if not (_is_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -146,7 +160,7 @@ class LossOptions:
         non_negative("kl_coef", self.kl_coef)
         object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))
         non_negative("entropy_coef", self.entropy_coef)
-        positive("temperature", self.temperature)
+        check_temperature(self.temperature)
         integer("ignore_index", self.ignore_index)
         choice("agg", self.agg, AGG_MODES)
         for name in ("num_tokens", "num_seqs", "horizon"):
