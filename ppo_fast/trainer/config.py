@@ -181,8 +181,11 @@ class PPOConfig(RunConfig):
     the KL penalty in the reward, kl_coef, applies to every algorithm)."""
 
     # --- rewards and advantages --------------------------------------------------------------
-    kl_coef: float = 0.1
-    """Initial β of the KL penalty in the reward (-β·KL per token)."""
+    kl_coef: float = 0.3
+    """Initial β of the KL penalty in the reward (-β·KL per token). With the adaptive controller,
+    the β its integral holds until the KL first reaches target_kl: near the 0.4-0.5 that holds the
+    default run at its target, where 0.1 let the KL run to 1.6x the target before β caught up
+    (benches/results/kl_control_cpu.md)."""
     kl_estimator: str = "k1"
     """Estimator of the per-token KL in the reward (k1, abs, k2, k3)."""
     adaptive_kl: bool = True
@@ -193,14 +196,15 @@ class PPOConfig(RunConfig):
     """Horizon of the adaptive KL controller, in samples: β moves by up to 0.2·samples/horizon per
     step, so one rollout batch (32) lets it reach its target within the default 40 steps (at 320
     the final KL was 2.6x a target of 6 on the embedded default; 3 seeds each)."""
-    kl_proportional: float = 0.0
+    kl_proportional: float = 1.0
     """Proportional gain of the adaptive KL controller: β is multiplied by
     exp(kl_proportional · clip(KL / target_kl − 1, ±1)) on top of the horizon's integral update
-    (pf.AdaptiveKLController's proportional; 0: Ziegler's integral controller alone)."""
-    kl_hold_until_target: bool = False
-    """Keep β at kl_coef until the KL first reaches target_kl (pf.AdaptiveKLController's
-    hold_until_target): a run's KL starts at 0, and lowering β while it rises only winds the
-    controller down."""
+    (pf.AdaptiveKLController's proportional; 0: Ziegler's integral controller alone, which let
+    the default run's KL reach 1.8-2x its target)."""
+    kl_hold_until_target: bool = True
+    """Keep the controller's integral at kl_coef until the KL first reaches target_kl
+    (pf.AdaptiveKLController's hold_until_target): a run's KL starts at 0, and lowering β while
+    it rises only winds the controller down (Ziegler's controller had cut β 4x by then)."""
     score_clip: float = 0.0
     """Clip the reward model's score to ±score_clip (0: no clipping)."""
     gamma: float = 1.0
