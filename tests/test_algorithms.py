@@ -104,8 +104,11 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
     """arithmetic-hackable: the proxy pays 0.5 per answer token, so the policy learns long wrong
     answers; the alarms fire and stop_on_alarm ends the run with the best-gold policy kept."""
     lines = []
+    # Ziegler's controller alone, as the scenario was measured: the trainer's default PI controller
+    # holds the KL near its target, and at seed 0 the policy had not taken the hack by step 40.
     config = PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="hack", **{
-        **ARITHMETIC, "task": "arithmetic-hackable"}, steps=40, eval_every=5, stop_on_alarm=True)
+        **ARITHMETIC, "task": "arithmetic-hackable"}, steps=40, eval_every=5, stop_on_alarm=True,
+        kl_coef=0.1, kl_proportional=0.0, kl_hold_until_target=False)
     summary = train(config, log=lines.append)
     assert summary["steps"] < 40 and "length" in summary["alarms"] and summary["stopped_by"] == "alarm"
     log = "\n".join(map(str, lines))
@@ -122,8 +125,9 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
 
 def test_the_honest_rule_reward_stays_quiet(tmp_path, cache):
     """Trained on the rule that is also gold, the reward-hacking alarms cannot fire whatever the
-    training noise: proxy = gold leaves nothing for length to explain beyond gold, and the proxy
-    cannot rise while gold falls. The KL alarm is a budget on drift, not on the reward, and an
+    training noise: proxy = gold leaves nothing for length to explain beyond gold (length_r2 is
+    exactly 0 then, not the ±3e-31 of round-off that made this test depend on the batch), and the
+    proxy cannot rise while gold falls. The KL alarm is a budget on drift, not on the reward, and an
     honest run's KL does depend on the noise (seed 1 of benches/results/hacking_cpu.md reached
     7.2 nats at step 20 where the others stayed below 1.5; an unlucky run once passed the budget of
     20 here): it is held to its rule at every evaluation instead of to a guess about the trajectory."""
