@@ -69,7 +69,7 @@ def test_default_run_raises_the_gold_reward_and_writes_its_files(tmp_path):
 
 def test_the_default_run_holds_its_kl_target_and_fires_no_alarm(tmp_path):
     """The real default run (`ppo-fast train`, seed 0, warm-up and reward model included: about 40 s
-    on 2 idle cores, 17 minutes on 2 cores shared with four other jobs): after its first
+    on 2 idle cores, 455 s on 2 cores shared with other jobs at a load of 5-8): after its first
     KL_SETTLE_STEPS steps the rollout KL stays within ±50% of target_kl, and no reward-hacking
     alarm fires (Ziegler's controller alone let it reach twice the target). Seeds 0-2:
     benches/results/kl_control_cpu.md."""
