@@ -30,7 +30,7 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import native
-from ppo_fast import reference as spec
+from ppo_fast import spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_providers import ForcedBackend  # noqa: E402

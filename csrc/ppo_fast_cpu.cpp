@@ -135,6 +135,9 @@ RowResult<acc_t> row_forward(const in_t* z, int64_t V, int64_t label, acc_t inv_
   if (label < 0 || label >= V) return {nan, nan, nan, nan};
   const acc_t* s = scaled_row<in_t, acc_t>(z, V, inv_temp, buffer);
   const acc_t m = row_max(s, V);
+  // A +inf in s (a +inf logit, or a finite one over a tiny temperature) would make every e^{s_j − m}
+  // 0 or NaN: lse is +inf, as on the other backends, and the public function reports the row.
+  if (m == std::numeric_limits<acc_t>::infinity()) return {s[label] - m, nan, m, nan};
   acc_t sums[3];
   row_sums(s, V, m, with_entropy, with_squares, sums);
   const acc_t log_sum = std::log(sums[0]);

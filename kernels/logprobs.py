@@ -85,8 +85,11 @@ def row_softmax_stats(
         m_new = tl.maximum(m, tl.max(s, axis=0))
         # A row of −inf so far keeps m_new = −inf; exp(−inf − −inf) would be NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m - m_safe)
-        e = tl.exp(s - m_safe)
+        # A +inf in the row makes m_new = +inf, where exp(+inf − +inf) would be NaN: the terms at
+        # the maximum are 1 by definition, so d counts the +inf entries and lse is +inf, which
+        # the public function reports. Rows without +inf take the exp as before, bit for bit.
+        rescale = tl.where(m == float("inf"), 1.0, tl.exp(m - m_safe))
+        e = tl.where(s == float("inf"), 1.0, tl.exp(s - m_safe))
         d = d * rescale + tl.sum(e, axis=0)
         if WITH_ENTROPY:
             t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)

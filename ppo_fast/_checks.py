@@ -31,6 +31,20 @@ def positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+MIN_TEMPERATURE = 1.0 / float(np.finfo(np.float32).max)
+"""The smallest temperature, about 2.9e-39. Every backend scales the logits by 1/temperature, in
+float32 for float32, bfloat16 and float16 logits: below this bound 1/temperature overflows to inf
+and every logit turns into ±inf or NaN (0·inf). float64 logits have the same bound, so that a
+temperature is valid or not whatever the logits' dtype."""
+
+
+def check_temperature(value) -> None:
+    positive("temperature", value)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (1 / the float32 maximum: the logits are "
+                         f"scaled by 1/temperature in float32, which overflows below it), got {value!r}")
+
+
 def non_negative(name: str, value) -> None:
     if not (is_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -141,6 +155,23 @@ def labels_in_vocab(labels, vocab: int, ignore_index: int, source: torch.Tensor)
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                          f"found {bad} ({int(out_of_range.sum())} such labels)")
     return labels
+
+
+def no_infinite_maximum(logits: torch.Tensor, overflowed: torch.Tensor, temperature: float) -> None:
+    """``overflowed`` ``[...]``: the positions whose scaled logits ``logits / temperature`` hold
+    +inf (every backend's log-sum-exp is +inf there, and the spec sees the +inf itself). Their
+    softmax is uniform over the +inf entries, which no backend computes: an error naming the first
+    such position rather than NaN log-probs (not while tracing, nor on meta tensors)."""
+    if not values_checked(logits, overflowed) or not bool(overflowed.any()):
+        return
+    where = tuple(overflowed.nonzero()[0].tolist())
+    row = logits[where]
+    infinite = int(torch.isposinf(row).sum())
+    cause = (f"{infinite} of its logits are +inf" if infinite else
+             f"its largest logit, {row.max().item():.6g}, times 1/temperature = {1 / temperature:.6g} overflows")
+    raise ValueError(f"logits at position {where} give +inf once divided by temperature={temperature!r} ({cause}): "
+                     "the log-probs would be NaN. Ban tokens with -inf, not +inf, and keep logits / temperature "
+                     f"within the float32 range; {int(overflowed.sum())} such positions, {_describe(logits)}")
 
 
 def seq_mask(agg: str, mask: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from .ops.gae import gae_op
 from .ops.linear_logprobs import linear_logprobs_op
 from .ops.ppo_loss import ppo_token_terms
 from .ops.token_logprobs import token_logprobs_op
-from ._checks import in_unit_interval, int_option, positive
+from ._checks import check_temperature, in_unit_interval, int_option, positive
 from .options import LossOptions
 
 
@@ -55,15 +55,16 @@ def token_logprobs(
         forward and one read + one write backward; no float32 copy of the logits is made.
     """
     int_option("ignore_index", ignore_index)
-    positive("temperature", temperature)
+    check_temperature(temperature)
     for flag, value in (("return_entropy", return_entropy), ("return_sum_pi_squared", return_sum_pi_squared),
                         ("inplace_backward", inplace_backward)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be a bool, got {value!r}")
     labels = check.logits_and_labels(logits, labels, ignore_index)
-    logp, entropy, _, sum_pi_squared = token_logprobs_op(
+    logp, entropy, lse, sum_pi_squared = token_logprobs_op(
         logits, labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy),
         bool(inplace_backward), bool(return_sum_pi_squared))
+    check.no_infinite_maximum(logits, torch.isposinf(lse), temperature)
     out = (logp,)
     if return_entropy:
         out += (entropy,)
@@ -459,7 +460,7 @@ def fused_linear_token_logprobs(
     bf16/fp16. A token's result does not depend on the rest of the batch.
     """
     int_option("ignore_index", ignore_index)
-    positive("temperature", temperature)
+    check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     _check_head(hidden, weight, bias)

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ._checks import choice, int_option, is_number, non_negative, positive
+from ._checks import check_temperature, choice, int_option, is_number, non_negative, positive
 from .objectives import ALIASES, LOSS_TYPES, OBJECTIVES, REQUIRED
 
 AGG_MODES = (
@@ -185,7 +185,7 @@ class LossOptions:
         non_negative("kl_coef", self.kl_coef)
         object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))
         non_negative("entropy_coef", self.entropy_coef)
-        positive("temperature", self.temperature)
+        check_temperature(self.temperature)
         int_option("ignore_index", self.ignore_index)
         choice("agg", self.agg, AGG_MODES)
         for name in ("num_tokens", "num_seqs", "horizon"):

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import objectives
+from . import _checks, objectives
 from .objectives import LOG_RATIO_CLAMP
 from .options import AGG_MODES, KL_ALIASES, KL_ESTIMATORS, LossOptions
 
@@ -79,12 +79,14 @@ def token_logprobs(
     no logit magnitude overflows it; it carries no gradient (returned detached).
 
     Positions whose label is ``ignore_index`` give 0 for every output, with zero gradient,
-    whatever their logits hold.
+    whatever their logits hold. Elsewhere an ``s`` holding +inf (a +inf logit, or a finite one
+    over a tiny temperature) is an error: every output would be NaN there.
     """
     ignored = labels == ignore_index
     s = logits.to(compute_dtype(logits)).masked_fill(ignored.unsqueeze(-1), 0.0)
     if temperature != 1.0:
         s = s / temperature
+    _checks.no_infinite_maximum(logits, torch.isposinf(s).any(-1), temperature)
     safe_labels = labels.masked_fill(ignored, 0).long()
     # log_softmax(s) = s − logsumexp(s); one fused kernel on the CPU, where this is the fast path.
     log_probs = torch.log_softmax(s, dim=-1)

@@ -56,10 +56,39 @@ def test_grpo_resumes_from_its_checkpoint_and_takes_loss_options(tmp_path, cache
     assert all(r["kl_loss"] >= 0 for r in rows[1:])  # the KL term of the actor loss is on
 
 
+def test_group_estimators_default_to_a_group_of_four_and_the_summary_says_so():
+    from ppo_fast.cli import _build_parser
+    from ppo_fast.trainer.config import GROUP_SIZE, GROUPED, from_args
+    from ppo_fast.trainer.reporting import format_summary
+
+    assert GROUP_SIZE == 4
+    for algorithm in ALGORITHMS:
+        assert PPOConfig(algorithm=algorithm).samples_per_prompt == (4 if algorithm in GROUPED else 1), algorithm
+    assert PPOConfig(algorithm="rloo", samples_per_prompt=2).samples_per_prompt == 2
+    args = _build_parser().parse_args(["train", "--algorithm", "grpo"])  # what `ppo-fast train --algorithm grpo` runs
+    assert from_args(args).samples_per_prompt == 4
+    summary = dict(algorithm="grpo", samples_per_prompt=4, gold_reward_before=None, gold_reward_after=None,
+                   proxy_reward_before=None, proxy_reward_after=None, kl_final=0.0, kl_target=10.0, steps=1,
+                   seconds_total=1.0, tokens_per_second_generate=1.0, tokens_per_second_train=1.0,
+                   generate_share=0.5, run_dir="runs/r")
+    assert "grpo: 4 completions per prompt (the group its advantages compare; samples_per_prompt)" in \
+        format_summary(summary)
+    assert "\nppo: 1 completion per prompt\n" in format_summary({**summary, "algorithm": "ppo",
+                                                                  "samples_per_prompt": 1})
+
+
+def test_the_progress_bar_names_the_algorithm(tmp_path):
+    from ppo_fast.trainer.reporting import Reporter
+
+    bar = Reporter(tmp_path, 0).progress(10, 0, "grpo")
+    assert bar.desc == "GRPO"
+    bar.close()
+
+
 def test_config_errors_of_the_algorithms(tmp_path):
     with pytest.raises(ConfigError, match="algorithm grpo compares the completions of one prompt: "
                                           "samples_per_prompt must be >= 2, got 1"):
-        PPOConfig(algorithm="grpo")
+        PPOConfig(algorithm="grpo", samples_per_prompt=1)
     with pytest.raises(ConfigError, match=r"rollout_batch_size \* samples_per_prompt \(4 \* 3 = 12 sequences\) "
                                           r"must be a multiple of minibatch_size \(8\)"):
         PPOConfig(algorithm="rloo", samples_per_prompt=3, rollout_batch_size=4, minibatch_size=8, micro_batch_size=8)
@@ -78,8 +107,11 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
     """arithmetic-hackable: the proxy pays 0.5 per answer token, so the policy learns long wrong
     answers; the alarms fire and stop_on_alarm ends the run with the best-gold policy kept."""
     lines = []
+    # Ziegler's controller alone, as the scenario was measured: the trainer's default PI controller
+    # holds the KL near its target, and at seed 0 the policy had not taken the hack by step 40.
     config = PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="hack", **{
-        **ARITHMETIC, "task": "arithmetic-hackable"}, steps=40, eval_every=5, stop_on_alarm=True)
+        **ARITHMETIC, "task": "arithmetic-hackable"}, steps=40, eval_every=5, stop_on_alarm=True,
+        kl_coef=0.1, kl_proportional=0.0, kl_hold_until_target=False)
     summary = train(config, log=lines.append)
     assert summary["steps"] < 40 and "length" in summary["alarms"] and summary["stopped_by"] == "alarm"
     log = "\n".join(map(str, lines))
@@ -96,11 +128,22 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
 
 @pytest.mark.slow
 def test_the_honest_rule_reward_stays_quiet(tmp_path, cache):
+    """Trained on the rule that is also gold, the reward-hacking alarms cannot fire whatever the
+    training noise: proxy = gold leaves nothing for length to explain beyond gold (length_r2 is
+    exactly 0 then, not the ±3e-31 of round-off that made this test depend on the batch), and the
+    proxy cannot rise while gold falls. The KL alarm is a budget on drift, not on the reward, and an
+    honest run's KL does depend on the noise (seed 1 of benches/results/hacking_cpu.md reached
+    7.2 nats at step 20 where the others stayed below 1.5; an unlucky run once passed the budget of
+    20 here): it is held to its rule at every evaluation instead of to a guess about the trajectory."""
     summary = train(PPOConfig(output_dir=str(tmp_path), cache_dir=cache, run_name="honest", **ARITHMETIC,
                               steps=20, eval_every=5))
-    assert summary["alarms"] == {}
+    assert "divergence" not in summary["alarms"] and "length" not in summary["alarms"]
     rows = [r for r in _rows(tmp_path / "honest") if "eval_gold_reward" in r]
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
     assert all(r["eval_gold_reward"] == r["eval_proxy_reward"] and r["eval_length_r2"] == 0.0 for r in rows)
+    assert all(r["alarm_divergence"] == r["alarm_length"] == 0.0 for r in rows)
+    budget = 2 * PPOConfig().target_kl
+    assert all(r["alarm_kl"] == float(r["eval_kl"] > budget) for r in rows)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import math
 import re
 import warnings
 
@@ -238,6 +239,30 @@ def test_adaptive_kl_controller_follows_ziegler_update():
         ctl.update(float("nan"), 1)
     with pytest.raises(ValueError, match="target must be"):
         pf.AdaptiveKLController(0.1, target=0, horizon=1)
+
+
+def test_adaptive_kl_controller_with_proportional_action_and_hold_until_target():
+    ctl = pf.AdaptiveKLController(0.1, target=10.0, horizon=32, proportional=1.0, hold_until_target=True)
+    ctl.update(current_kl=0.0, n_steps=32)  # below target, never reached: the integral holds
+    assert ctl.integral == 0.1 and ctl.value == pytest.approx(0.1 * math.exp(-1.0))
+    ctl.update(current_kl=4.0, n_steps=32)
+    assert ctl.integral == 0.1 and ctl.value == pytest.approx(0.1 * math.exp(-0.6))
+    ctl.update(current_kl=15.0, n_steps=32)  # reached: integral +20% (clipped), proportional e^0.5
+    assert ctl.integral == pytest.approx(0.12) and ctl.value == pytest.approx(0.12 * math.exp(0.5))
+    ctl.update(current_kl=35.0, n_steps=16)  # the proportional error is clipped to 1
+    assert ctl.integral == pytest.approx(0.12 * 1.1) and ctl.value == pytest.approx(0.132 * math.e)
+    ctl.update(current_kl=9.0, n_steps=32)  # below target again: after reaching it, the integral moves
+    assert ctl.integral == pytest.approx(0.132 * 0.9) and ctl.value == pytest.approx(0.132 * 0.9 * math.exp(-0.1))
+    clone = pf.AdaptiveKLController(1.0, 1.0, 1.0)
+    clone.load_state_dict(ctl.state_dict())
+    assert clone.state_dict() == ctl.state_dict()
+    assert clone.update(10.0, 32) == ctl.update(10.0, 32)
+    # A state saved before these options existed resumes as the plain controller it was.
+    old = pf.AdaptiveKLController(1.0, 1.0, 1.0)
+    old.load_state_dict({"value": 0.3, "target": 6.0, "horizon": 100.0})
+    assert old.update(6.0, 10) == 0.3 and old.proportional == 0.0
+    with pytest.raises(ValueError, match="proportional must be a finite number >= 0, got -1"):
+        pf.AdaptiveKLController(0.1, target=1, horizon=1, proportional=-1)
 
 
 def test_fixed_kl_controller():

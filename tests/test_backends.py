@@ -7,6 +7,7 @@ for real with PPO_FAST_TEST_DEVICE=cuda. Exactness is checked in float64; low pr
 an error budget of 2x eager PyTorch in that dtype, both measured against float64.
 """
 
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import spec as R
+from ppo_fast._checks import MIN_TEMPERATURE
 
 from helpers import assert_loss_matches_spec, max_err, random_labels, random_logits
 
@@ -125,6 +127,48 @@ def test_a_banned_label_has_log_prob_minus_infinity_and_a_finite_gradient(device
     torch.testing.assert_close(lp, lp_r, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(ent, ent_r, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(grad, grad_r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_a_temperature_whose_inverse_overflows_float32_is_refused(dtype, device, backend):
+    logits = random_logits((3, 50), dtype, device)
+    labels = torch.tensor([3, 7, -100], device=device)
+    refused = r"temperature must be >= 2.939e-39 \(1 / the float32 maximum.*got 1e-45"
+    with pytest.raises(ValueError, match=refused):
+        pf.token_logprobs(logits, labels, temperature=1e-45)
+    with pytest.raises(ValueError, match=refused):
+        pf.ppo_loss(logits, labels, torch.zeros(3, device=device), torch.ones(3, device=device),
+                    torch.ones(3, device=device), temperature=1e-45)
+    # At the bound itself 1/temperature is finite: zero logits give the uniform distribution.
+    uniform = pf.token_logprobs(torch.zeros_like(logits), labels, temperature=MIN_TEMPERATURE)
+    torch.testing.assert_close(uniform[:2], torch.full((2,), -math.log(50), dtype=uniform.dtype, device=device))
+
+
+@pytest.mark.parametrize("case", ["at_another_token", "at_the_label", "finite_over_tiny_temperature"])
+def test_scaled_logits_reaching_plus_infinity_are_an_error_not_nan(case, device, backend):
+    """Softmax puts all the mass on the +inf entries there, which no backend computes; every backend
+    (and the spec) says which position, instead of returning NaN. An ignored row may hold +inf."""
+    logits = random_logits((4, 50), torch.float32, device)
+    labels = torch.tensor([3, 7, -100, 20], device=device)
+    logits[2] = float("inf")
+    temperature = 1.0
+    if case == "at_another_token":
+        logits[1, 0] = float("inf")
+        cause = r"1 of its logits are \+inf"
+    elif case == "at_the_label":
+        logits[1, 7] = logits[1, 9] = float("inf")
+        cause = r"2 of its logits are \+inf"
+    else:
+        logits[1, 4], temperature = 1e30, 1e-10
+        cause = "its largest logit, 1e\\+30, times 1/temperature = 1e\\+10 overflows"
+    message = rf"logits at position \(1,\) give \+inf once divided by temperature={temperature} \({cause}\)"
+    with pytest.raises(ValueError, match=message):
+        pf.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    with pytest.raises(ValueError, match=message):
+        R.token_logprobs(logits, labels, temperature=temperature)
+    logits[1] = 0.0
+    logp = pf.token_logprobs(logits, labels, temperature=temperature)
+    assert torch.isfinite(logp).all() and logp[2] == 0
 
 
 def test_ignored_rows_have_zero_output_and_gradient(device, backend):

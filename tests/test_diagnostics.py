@@ -15,6 +15,10 @@ def test_length_r2_is_the_share_length_explains_beyond_gold():
     assert length_r2(length, 2 * length + 1) == pytest.approx(1.0)
     assert length_r2(length, -length) == pytest.approx(-1.0)
     assert length_r2(length, gold, gold) == 0.0  # the trained reward is gold: nothing left to explain
+    for seed in range(200):  # an honest 0/1 rule as both: round-off gave ±3e-31 on 10 of these batches
+        batch = np.random.default_rng(seed)
+        rule, lengths = batch.integers(0, 2, 64).astype(float), batch.integers(1, 5, 64).astype(float)
+        assert length_r2(lengths, rule, rule) == 0.0, seed
     biased = gold + 0.3 * length + 0.1 * rng.normal(size=200)
     explained = np.var(0.3 * length) / np.var(biased)
     assert length_r2(length, biased, gold) == pytest.approx(explained, abs=0.02)

@@ -256,7 +256,7 @@ def test_yaml_values_are_coerced_or_rejected_by_field(tmp_path):
     (dict(resume=True), "resume needs run_name"),
     (dict(task="sorting"), "task must be one of vowels, arithmetic, arithmetic-hackable"),
     (dict(alarm_length_r2=1.5), r"alarm_length_r2 must be in \[0, 1\]"),
-    (dict(samples_per_prompt=0), "samples_per_prompt must be >= 1"),
+    (dict(samples_per_prompt=-1), "samples_per_prompt must be >= 0"),
     (dict(max_minutes=-1), "max_minutes must be >= 0"),
 ])
 def test_config_ranges(tmp_path, overrides, match):

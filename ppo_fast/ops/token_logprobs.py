@@ -186,9 +186,11 @@ def reference_forward(logits, labels, inv_temp, ignore_index, with_entropy, with
     # lse = s_j − log p_j at any j: at the label it costs nothing. Where the label is banned (−inf)
     # that is NaN; there, at the row's maximum (log_softmax keeps the order of s), log p is finite.
     lse = s.gather(-1, index).squeeze(-1).to(dtype) - logp
+    # A row whose maximum is +inf has lse = +inf, as on the other backends (log_softmax gives NaN).
     banned = ~torch.isfinite(lse)
     if bool(banned.any()):
-        lse[banned] = s[banned].amax(-1).to(dtype) - log_probs[banned].amax(-1)
+        top = s[banned].amax(-1).to(dtype)
+        lse[banned] = torch.where(torch.isposinf(top), top, top - log_probs[banned].amax(-1))
     entropy = torch.zeros_like(logp)
     sum_pi_squared = None
     if with_entropy or with_sum_pi_squared:

@@ -50,6 +50,10 @@ GROUPED = ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus
            "grpo_passk", "gdpo")
 """Estimators that compare a completion with the others of its prompt."""
 
+GROUP_SIZE = 4
+"""samples_per_prompt of a group estimator when the config leaves it at 0: the group size of
+benches/bench_hacking.py and examples/sample, where GRPO learns the arithmetic task."""
+
 TASKS = ("vowels", "arithmetic", "arithmetic-hackable")
 
 
@@ -163,8 +167,9 @@ class PPOConfig(RunConfig):
     """Advantage estimator, by verl's names: ppo (GAE with a critic), or a critic-free one: grpo,
     rloo, reinforce_plus_plus, reinforce_plus_plus_baseline, remax, opo, gpg, grpo_passk, gdpo
     (no critic is built; the group estimators need samples_per_prompt >= 2)."""
-    samples_per_prompt: int = 1
-    """Completions sampled per prompt in a rollout (the group of GRPO, RLOO, ...)."""
+    samples_per_prompt: int = 0
+    """Completions sampled per prompt in a rollout (the group of GRPO, RLOO, ...); 0: the
+    algorithm's default, 4 for the group estimators (GROUP_SIZE) and 1 for the others."""
     loss_type: str = "vanilla"
     """Policy objective (pf.ppo_loss's loss_type: vanilla, gspo, cispo, gpg, clip_cov, kl_cov,
     ...)."""
@@ -173,8 +178,11 @@ class PPOConfig(RunConfig):
     the KL penalty in the reward, kl_coef, applies to every algorithm)."""
 
     # --- rewards and advantages --------------------------------------------------------------
-    kl_coef: float = 0.1
-    """Initial β of the KL penalty in the reward (-β·KL per token)."""
+    kl_coef: float = 0.3
+    """Initial β of the KL penalty in the reward (-β·KL per token). With the adaptive controller,
+    the β its integral holds until the KL first reaches target_kl: near the 0.4-0.5 that holds the
+    default run at its target, where 0.1 let the KL run to 1.6x the target before β caught up
+    (benches/results/kl_control_cpu.md)."""
     kl_estimator: str = "k1"
     """Estimator of the per-token KL in the reward (k1, abs, k2, k3)."""
     adaptive_kl: bool = True
@@ -185,6 +193,15 @@ class PPOConfig(RunConfig):
     """Horizon of the adaptive KL controller, in samples: β moves by up to 0.2·samples/horizon per
     step, so one rollout batch (32) lets it reach its target within the default 40 steps (at 320
     the final KL was 2.6x a target of 6 on the embedded default; 3 seeds each)."""
+    kl_proportional: float = 1.0
+    """Proportional gain of the adaptive KL controller: β is multiplied by
+    exp(kl_proportional · clip(KL / target_kl − 1, ±1)) on top of the horizon's integral update
+    (pf.AdaptiveKLController's proportional; 0: Ziegler's integral controller alone, which let
+    the default run's KL reach 1.8-2x its target)."""
+    kl_hold_until_target: bool = True
+    """Keep the controller's integral at kl_coef until the KL first reaches target_kl
+    (pf.AdaptiveKLController's hold_until_target): a run's KL starts at 0, and lowering β while
+    it rises only winds the controller down (Ziegler's controller had cut β 4x by then)."""
     score_clip: float = 0.0
     """Clip the reward model's score to ±score_clip (0: no clipping)."""
     gamma: float = 1.0
@@ -275,6 +292,8 @@ class PPOConfig(RunConfig):
             kl_estimator_name(self.kl_estimator)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.samples_per_prompt == 0:
+            self.samples_per_prompt = GROUP_SIZE if self.algorithm in GROUPED else 1
         if self.minibatch_size % self.micro_batch_size:
             raise ConfigError(f"minibatch_size ({self.minibatch_size}) must be a multiple of "
                               f"micro_batch_size ({self.micro_batch_size})")
@@ -364,12 +383,12 @@ _RANGES = {
     **{name: _at_least(1) for name in (
         "steps", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "kl_horizon",
         "ppo_epochs", "minibatch_size", "micro_batch_size", "max_nonfinite_in_a_row",
-        "eval_prompts", "samples_per_prompt")},
+        "eval_prompts")},
     "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     **{name: _at_least(0) for name in (
-        "save_every", "eval_every", "max_gathered_bytes", "warmup_steps",
+        "save_every", "eval_every", "max_gathered_bytes", "warmup_steps", "samples_per_prompt",
         "reward_train_steps", "kl_coef", "score_clip", "value_clip", "entropy_coef", "grad_clip",
-        "reward_ensemble_k", "kl_loss_coef", "max_minutes", "kl_budget", "alarm_gold_drop")},
+        "reward_ensemble_k", "kl_loss_coef", "max_minutes", "kl_budget", "alarm_gold_drop", "kl_proportional")},
     **{name: _above(0) for name in ("temperature", "target_kl", "actor_lr", "critic_lr",
                                      "clip_high")},
     "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),

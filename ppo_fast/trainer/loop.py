@@ -84,7 +84,9 @@ class PPOTrainer:
 
         self.models = build_models(config, components)
         self.device = self.models.device
-        self.kl_ctl = (pf.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        self.kl_ctl = (pf.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon,
+                                               proportional=config.kl_proportional,
+                                               hold_until_target=config.kl_hold_until_target)
                        if config.adaptive_kl else pf.FixedKLController(config.kl_coef))
         self.sampler = PromptSampler(components.prompts, config.rollout_batch_size, config.seed,
                                      self.rank, self.world)
@@ -138,7 +140,7 @@ class PPOTrainer:
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         start = time.perf_counter()
         try:
-            progress = self.report.progress(cfg.steps, self.step)
+            progress = self.report.progress(cfg.steps, self.step, cfg.algorithm)
             while self.step < cfg.steps and self._stop_reason is None:
                 step_start = time.perf_counter()
                 row = self.one_step()
@@ -506,7 +508,8 @@ class PPOTrainer:
         summary = self.report.summary(self.step, seconds,
                                       self.checkpoints.directory / f"step{self.step}",
                                       self.nonfinite_total)
-        summary.update(algorithm=self.config.algorithm, alarms=dict(self.alarms.first_fired),
+        summary.update(algorithm=self.config.algorithm, samples_per_prompt=self.config.samples_per_prompt,
+                       alarms=dict(self.alarms.first_fired),
                        stopped_by=self._stop_reason,
                        kl_target=self.config.target_kl if self.config.adaptive_kl else None,
                        best_policy={"step": self.best_eval_step, "value": self.best_value}

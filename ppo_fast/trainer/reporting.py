@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import GROUPED
+
 
 def _is_row(line: str) -> bool:
     try:
@@ -82,14 +84,14 @@ class Reporter:
                 if isinstance(value, (int, float)) and name != "step":
                     self._tensorboard.add_scalar(name, value, row["step"])
 
-    def progress(self, total: int, initial: int):
+    def progress(self, total: int, initial: int, algorithm: str):
         if self.rank != 0:
             return None
         try:
             from tqdm.auto import tqdm
         except ImportError:
             return None
-        return tqdm(total=total, initial=initial, desc="PPO", unit="step", dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc=algorithm.upper(), unit="step", dynamic_ncols=True)
 
     def summary(self, steps_done: int, seconds: float, checkpoint: Path,
                 nonfinite_skipped: int) -> dict:
@@ -174,7 +176,13 @@ def format_summary(s: dict) -> str:
 
     rows = [("gold reward", s["gold_reward_before"], s["gold_reward_after"]),
             ("proxy reward", s["proxy_reward_before"], s["proxy_reward_after"])]
-    lines = ["", f"{'':14}{'before':>10}{'after':>10}"]
+    lines = [""]
+    if "algorithm" in s:
+        group = s["samples_per_prompt"]
+        lines.append(f"{s['algorithm']}: {group} completion{'s' if group > 1 else ''} per prompt"
+                     + (" (the group its advantages compare; samples_per_prompt)" if s["algorithm"] in GROUPED
+                        else ""))
+    lines.append(f"{'':14}{'before':>10}{'after':>10}")
     lines += [f"{name:14}{fmt(a):>10}{fmt(b):>10}" for name, a, b in rows]
     target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
     lines += [f"KL to the reference at the end: {fmt(s['kl_final'])} nats per sequence{target}",
