@@ -11,33 +11,53 @@ evaluation KL of every seed go to a JSON file beside the markdown report.
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_trainer import publish, train_run
+from bench_trainer import train_run
+from record import publish
 
 
-def versions() -> str:
-    import torch
-    import triton
-
-    import ppo_fast
-
-    return f"ppo_fast {ppo_fast.__version__}, torch {torch.__version__}, triton {triton.__version__}, " \
-           f"Python {platform.python_version()}"
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                           text=True)
-    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+def render(doc: dict) -> list[str]:
+    target, settle = doc["target_kl"], doc["settle"]
+    lines = [
+        "# The adaptive KL controller on the default run (`ppo-fast train`)",
+        "",
+        ("Reported from finished run directories (their wall time is not known)." if doc["from_run_dirs"]
+         else "One process per seed, one after another."),
+        "",
+        f"Target KL {target:g} nats per sequence; band ±50%: [{0.5 * target:g}, {1.5 * target:g}], checked "
+        f"from step {settle + 1} on.",
+        "",
+        "| seed | first step in band | steps outside the band after settling | max KL after settling (step) | "
+        "KL at the end | final β | gold before → after | alarms | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in doc["runs"]:
+        steps = [r for r in run["steps"] if r["step"] > 0]
+        inside = [abs(r["kl"] / target - 1) <= 0.5 for r in steps]
+        first = next((r["step"] for r, ok in zip(steps, inside) if ok), None)
+        late = [r for r in steps if r["step"] > settle]
+        outside = [r["step"] for r in late if abs(r["kl"] / target - 1) > 0.5]
+        peak = max(late, key=lambda r: r["kl"])
+        s = run["summary"]
+        alarms = ", ".join(f"{k} at step {v}" for k, v in s["alarms"].items()) or "none"
+        lines.append(f"| {run['seed']} | {first} | {len(outside)} {outside if outside else ''} | "
+                     f"{peak['kl']:.1f} ({peak['step']}) | {steps[-1]['kl']:.1f} | {steps[-1]['kl_coef']:.3f} | "
+                     f"{s['gold_reward_before']:.2f} → {s['gold_reward_after']:.2f} | {alarms} | "
+                     f"{'-' if run['wall_seconds'] is None else format(run['wall_seconds'], '.0f')} |")
+    runs = doc["runs"]
+    lines += ["", "Rollout KL per step (nats per sequence):", "",
+              "| step | " + " | ".join(f"seed {run['seed']} KL | β" for run in runs) + " |",
+              "| --- | " + " | ".join("--- | ---" for _ in runs) + " |"]
+    for i, step in enumerate(r["step"] for r in runs[0]["steps"]):
+        if step == 0:
+            continue
+        cells = [f"{run['steps'][i]['kl']:.1f} | {run['steps'][i]['kl_coef']:.3f}" for run in runs]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main():
@@ -63,50 +83,8 @@ def main():
                          "summary": summary,
                          "steps": [{k: r[k] for k in ("step", "kl", "kl_coef") if k in r}
                                    | ({"eval_kl": r["eval_kl"]} if "eval_kl" in r else {}) for r in rows]})
-    target = runs[0]["summary"]["kl_target"]
-    command = " ".join(["python benches/bench_kl_control.py --seeds", *map(str, args.seeds), *flags,
-                        *(["--run-dirs", *args.run_dirs] if args.run_dirs else [])])
-    lines = [
-        "# The adaptive KL controller on the default run (`ppo-fast train`)",
-        "",
-        f"Measured with `{command}` at commit {commit()} on {platform.processor() or platform.machine()} "
-        f"({os.cpu_count()} cores, shared with other jobs), {versions()}. "
-        + ("Reported from finished run directories. " if args.run_dirs else "One process per seed, one after another. ")
-        + f"Per-step data: `{Path(args.out).with_suffix('.json').name if args.out else '(not written)'}`.",
-        "",
-        f"Target KL {target:g} nats per sequence; band ±50%: [{0.5 * target:g}, {1.5 * target:g}], checked "
-        f"from step {args.settle + 1} on.",
-        "",
-        "| seed | first step in band | steps outside the band after settling | max KL after settling (step) | "
-        "KL at the end | final β | gold before → after | alarms | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for run in runs:
-        steps = [r for r in run["steps"] if r["step"] > 0]
-        inside = [abs(r["kl"] / target - 1) <= 0.5 for r in steps]
-        first = next((r["step"] for r, ok in zip(steps, inside) if ok), None)
-        late = [r for r in steps if r["step"] > args.settle]
-        outside = [r["step"] for r in late if abs(r["kl"] / target - 1) > 0.5]
-        peak = max(late, key=lambda r: r["kl"])
-        s = run["summary"]
-        alarms = ", ".join(f"{k} at step {v}" for k, v in s["alarms"].items()) or "none"
-        lines.append(f"| {run['seed']} | {first} | {len(outside)} {outside if outside else ''} | "
-                     f"{peak['kl']:.1f} ({peak['step']}) | {steps[-1]['kl']:.1f} | {steps[-1]['kl_coef']:.3f} | "
-                     f"{s['gold_reward_before']:.2f} → {s['gold_reward_after']:.2f} | {alarms} | "
-                     f"{'-' if run['wall_seconds'] is None else format(run['wall_seconds'], '.0f')} |")
-    lines += ["", "Rollout KL per step (nats per sequence):", "",
-              "| step | " + " | ".join(f"seed {run['seed']} KL | β" for run in runs) + " |",
-              "| --- | " + " | ".join("--- | ---" for _ in runs) + " |"]
-    for i, step in enumerate(r["step"] for r in runs[0]["steps"]):
-        if step == 0:
-            continue
-        cells = [f"{run['steps'][i]['kl']:.1f} | {run['steps'][i]['kl_coef']:.3f}" for run in runs]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    publish(lines, args.out)
-    if args.out:
-        Path(args.out).with_suffix(".json").write_text(json.dumps(
-            {"command": command, "commit": commit(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
-             "versions": versions(), "target_kl": target, "settle": args.settle, "runs": runs}, indent=1))
+    publish(args.out, {"target_kl": runs[0]["summary"]["kl_target"], "settle": args.settle,
+                       "from_run_dirs": bool(args.run_dirs), "runs": runs}, render)
 
 
 if __name__ == "__main__":
