@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules:
     # This module compiles; under the interpreter @triton.jit would give it nothing to compile.
@@ -282,9 +283,23 @@ def _differing(name: str, variants: dict) -> list[str]:
             if key != keys["batch"]]
 
 
+def provenance() -> str:
+    """Commit, date, command, machine and versions of this check, as every results file records
+    them (benches/record.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
+    import record
+
+    meta = record.metadata()
+    versions = ", ".join(f"{name} {version}" for name, version in meta["versions"].items() if version)
+    return (f"Commit `{meta['commit']}`, {meta['date']}: `{meta['command']}` on {meta['machine']['cpu']} "
+            f"({meta['machine']['cores']} cores; compiled for sm_80 and sm_90 without a GPU); {versions}.")
+
+
 def report(results: list[tuple[Case, int, dict | str]], triton_version: str) -> str:
     lines = [
         f"# Triton kernels compiled for real GPUs (triton {triton_version}, no GPU needed)",
+        "",
+        provenance(),
         "",
         "`python scripts/compile_check.py --check --out <this file>`. Registers, stack and "
         "local memory (spills) and shared memory per thread block from `cuobjdump "
