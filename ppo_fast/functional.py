@@ -358,8 +358,9 @@ def ppo_loss(
         terms = ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
                                 inplace_backward)
         return spec.reduce(terms, valid, opts)
-    logp, entropy = token_logprobs_op(logits, labels, 1.0 / float(opts.temperature), int(ignore_index), True,
-                                      bool(inplace_backward))[:2]
+    logp, entropy, lse = token_logprobs_op(logits, labels, 1.0 / float(opts.temperature), int(ignore_index), True,
+                                           bool(inplace_backward))[:3]
+    check.no_infinite_maximum(logits, torch.isposinf(lse), opts.temperature)
     return _loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
                                rollout_is_weights, opts)
 

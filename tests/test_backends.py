@@ -166,9 +166,19 @@ def test_scaled_logits_reaching_plus_infinity_are_an_error_not_nan(case, device,
         pf.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
     with pytest.raises(ValueError, match=message):
         R.token_logprobs(logits, labels, temperature=temperature)
+    # The actor loss, on its fused per-token path and on its log-prob path (importance weights);
+    # the masked row holds +inf and a label out of the mask.
+    mask = (labels != -100)[None]
+    ppo_args = (labels.clamp(min=0)[None], torch.full((1, 4), -3.0, device=device), torch.ones(1, 4, device=device),
+                mask)
+    for extra in ({}, {"rollout_is_weights": torch.ones(1, 4, device=device)}):
+        with pytest.raises(ValueError, match=message.replace(r"\(1,\)", r"\(0, 1\)")):
+            pf.ppo_loss(logits[None], *ppo_args, temperature=temperature, **extra)
     logits[1] = 0.0
     logp = pf.token_logprobs(logits, labels, temperature=temperature)
     assert torch.isfinite(logp).all() and logp[2] == 0
+    for extra in ({}, {"rollout_is_weights": torch.ones(1, 4, device=device)}):
+        assert torch.isfinite(pf.ppo_loss(logits[None], *ppo_args, temperature=temperature, **extra)[0])
 
 
 def test_ignored_rows_have_zero_output_and_gradient(device, backend):

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .. import _checks as check
 from .. import dispatch, native, spec
 from ..options import LossOptions
 from .token_logprobs import DEVICE_TYPES, dlogits_of, flat, native_rows, no_kernel, out_dtype
@@ -127,6 +128,7 @@ def ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp
     out = dict(zip(PPO_OUTPUTS, ppo_loss_tokens_op(
         logits, labels, data(old_logp), data(advantages), data(ref_logp), data(rollout_logp),
         list(coefficients), int(opts.ignore_index), opts.kl_estimator, bool(inplace_backward))))
+    check.no_infinite_maximum(logits, torch.isposinf(out["lse"]), opts.temperature)
     flags = out["flags"]
     return spec.TokenTerms(loss=out["token_loss"], pg=out["pg"], kl=out["kl"], entropy=out["entropy"],
                            log_ratio=out["log_ratio"], clipped=(flags & 1) != 0,
