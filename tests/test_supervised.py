@@ -154,6 +154,12 @@ def _bad_data(tmp_path, name, text):
     return str(path)
 
 
+def _bad_bytes(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
 BAD_DATA = [
     (lambda d: str(d / "missing.jsonl"), r"data file .*missing.jsonl does not exist"),
     (lambda d: _bad_data(d, "sft.tsv", "prompt\tresponse\n"),
@@ -171,7 +177,22 @@ BAD_DATA = [
     (lambda d: _bad_data(d, "sft.jsonl", '{"messages": [{"role": "user", "content": "1+2="}]}\n'),
      r"row 0: messages must end with the assistant's message .* it ends with 'user'"),
     (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"\n'), r"sft.jsonl: cannot read it as json"),
+    (lambda d: (d / "data.jsonl").mkdir() or str(d / "data.jsonl"), r"data file .*data.jsonl is a directory"),
+    (lambda d: _bad_bytes(d, "sft.jsonl", b'{"prompt": "1+2=", "response": "3"}\n{"prompt": "1\xff", "response": "3"}\n'),
+     r"sft.jsonl: line 2, byte 14 is not UTF-8 \(invalid start byte: b'\\xff'\); save the file as UTF-8"),
+    (lambda d: _bad_bytes(d, "sft.csv", b"prompt,response\n1+2=,3\n\xe9,4\n"),
+     r"sft.csv: line 3, byte 1 is not UTF-8"),
 ]
+
+
+def test_a_prompt_file_that_is_a_directory_or_not_utf8_is_named(tmp_path):
+    (tmp_path / "prompts.txt").mkdir()
+    with pytest.raises(ConfigError, match=r"prompt file .*prompts.txt is a directory"):
+        load_prompts(str(tmp_path / "prompts.txt"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("1+2=\n3+4=\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.txt: line 3, byte 4 is not UTF-8"):
+        load_prompts(str(bad))
 
 
 @pytest.mark.parametrize("make, message", BAD_DATA)

@@ -60,8 +60,7 @@ def load_records(path: str, column_sets: tuple[tuple[str, ...], ...],
     Raises ConfigError when the file is missing, of another kind, unreadable, holds no rows or
     lacks the columns of every accepted set."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"data file {path} does not exist")
+    exists_as_file(file, "data file")
     builder = BUILDERS.get(file.suffix.lower())
     if builder is None:
         raise ConfigError(f"{path}: unsupported file type {file.suffix or '(no extension)'!r}; "
@@ -81,8 +80,31 @@ def load_records(path: str, column_sets: tuple[tuple[str, ...], ...],
                       f"{' or '.join(' + '.join(columns) for columns in column_sets)}")
 
 
+def exists_as_file(file: Path, what: str) -> None:
+    if file.is_dir():
+        raise ConfigError(f"{what} {file} is a directory; give the file itself")
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} does not exist")
+
+
+def utf8_text(file: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line, where the readers
+    would raise a bare UnicodeDecodeError (or pyarrow's, deep in a traceback)."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{file}: line {line}, byte {column} is not UTF-8 ({exc.reason}: "
+                          f"{data[exc.start:exc.end]!r}); save the file as UTF-8") from None
+
+
 def _read(file: Path, builder: str) -> list[dict]:
     import datasets
+
+    if builder != "parquet":
+        utf8_text(file)
 
     datasets.disable_progress_bars()
     options = {}
@@ -161,9 +183,8 @@ def prompt_texts(path: str, tokenizer=None) -> list[str]:
     file, or its ``messages`` rendered by the tokenizer's chat template with the generation prompt
     (a final assistant turn left out; these need ``tokenizer``)."""
     if Path(path).suffix.lower() == ".txt":
-        if not Path(path).is_file():
-            raise ConfigError(f"prompt file {path} does not exist")
-        prompts = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        exists_as_file(Path(path), "prompt file")
+        prompts = [line for line in utf8_text(Path(path)).splitlines() if line.strip()]
         if not prompts:
             raise ConfigError(f"{path} holds no prompts")
         return prompts

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..sequences import left_pad
-from .data import BUILDERS, prompt_texts
+from .data import BUILDERS, exists_as_file, prompt_texts, utf8_text
 
 
 def load_prompts(path: str, tokenizer=None) -> list[str]:
@@ -17,7 +17,8 @@ def load_prompts(path: str, tokenizer=None) -> list[str]:
     prompt per line of any other file."""
     if Path(path).suffix.lower() in BUILDERS:
         return prompt_texts(path, tokenizer)
-    prompts = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    exists_as_file(Path(path), "prompt file")
+    prompts = [line for line in utf8_text(Path(path)).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts_file {path} holds no prompts")
     return prompts
