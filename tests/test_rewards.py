@@ -1,6 +1,8 @@
 """The reward spec (model directories, functions, weighted lists, ensembles) and the embedded
 tasks' rules."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,26 @@ def test_a_function_that_returns_the_wrong_number_of_scores_is_named():
     reward = rewards.FunctionReward(lambda prompts, completions: "high", "mod:fn")
     with pytest.raises(ValueError, match="mod:fn must return 5 numbers"):
         reward(_batch())
+
+
+def test_reward_functions_get_their_own_lists_and_may_not_exit():
+    batch = _batch()
+    prompts, texts = list(batch.prompts), list(batch.texts)
+
+    def vandal(prompts, completions):
+        prompts.sort(reverse=True)
+        completions.reverse()
+        completions[0] = "edited"
+        return [float(len(c)) for c in completions]
+
+    rewards.FunctionReward(vandal, "mod:vandal")(batch)
+    assert batch.prompts == prompts and batch.texts == texts
+    quitter = rewards.FunctionReward(lambda prompts, completions: exit(0), "mod:quitter")
+    with pytest.raises(rewards.RewardError, match=r"mod:quitter called sys.exit\(0\); a reward function must return"):
+        quitter(batch)
+    gold = rewards.TokenReward(lambda prompt, ids: sys.exit("done"), "gold")
+    with pytest.raises(rewards.RewardError, match=r"gold called sys.exit\('done'\)"):
+        gold(batch)
 
 
 def test_an_ensemble_needs_two_models():

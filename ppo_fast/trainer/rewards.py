@@ -83,14 +83,26 @@ class ModelReward:
                           position_ids=position_ids(mask)).logits[:, 0].float()
 
 
+def call_user_function(name: str, fn: Callable, *args):
+    """``fn(*args)``, where an exit from the user's code (``sys.exit``, ``exit()``) is an error
+    naming the reward: it would otherwise end the run with that status and nothing recorded."""
+    try:
+        return fn(*args)
+    except SystemExit as exc:
+        raise RewardError(f"{name} called sys.exit({exc.code!r}); a reward function must return its scores "
+                          "(raise an exception to report a failure)") from None
+
+
 class FunctionReward:
-    """``fn(prompts, completion_texts) -> scores``."""
+    """``fn(prompts, completion_texts) -> scores``, each call on its own copies of the lists: a
+    function that sorts or edits them in place must not reorder what the library records."""
 
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name = fn, name
 
     def __call__(self, batch: Completions) -> torch.Tensor:
-        return checked_scores(self.name, self.fn(batch.prompts, batch.texts), batch)
+        scores = call_user_function(self.name, self.fn, list(batch.prompts), list(batch.texts))
+        return checked_scores(self.name, scores, batch)
 
 
 class TokenReward:
@@ -101,7 +113,7 @@ class TokenReward:
         self.fn, self.name = fn, name
 
     def __call__(self, batch: Completions) -> torch.Tensor:
-        scores = [self.fn(p, c) for p, c in zip(batch.prompts, batch.completion_ids)]
+        scores = [call_user_function(self.name, self.fn, p, c) for p, c in zip(batch.prompts, batch.completion_ids)]
         return checked_scores(self.name, scores, batch)
 
 
