@@ -82,6 +82,9 @@ def test_a_function_that_returns_the_wrong_number_of_scores_is_named():
     reward = rewards.FunctionReward(lambda prompts, completions: "high", "mod:fn")
     with pytest.raises(ValueError, match="mod:fn must return 5 numbers"):
         reward(_batch())
+    reward = rewards.FunctionReward(lambda prompts, completions: [0.0, 1e300, 0.0, 0.0, 0.0], "mod:fn")
+    with pytest.raises(rewards.RewardError, match=r"mod:fn gave 1e\+300 for prompt .*, beyond the float32 range"):
+        reward(_batch())
 
 
 def test_reward_functions_get_their_own_lists_and_may_not_exit():

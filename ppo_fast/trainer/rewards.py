@@ -156,14 +156,21 @@ def name_of(weight: float, reward) -> str:
 def checked_scores(name: str, scores, batch: Completions) -> torch.Tensor:
     """``scores`` as a float32 tensor ``[B]`` on the batch's device; a clear error otherwise."""
     try:
-        scores = torch.as_tensor(scores, dtype=torch.float32, device=batch.sequences.device)
+        # float64 first: a score beyond float32's range must be named as given, not as the inf
+        # the cast would make of it.
+        scores = torch.as_tensor(scores, dtype=torch.float64, device=batch.sequences.device)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise RewardError(f"{name} must return {len(batch.prompts)} numbers (one per completion), got "
                           f"{type(scores).__name__}: {exc}") from None
     if scores.shape != (len(batch.prompts),):
         raise RewardError(f"{name} must return {len(batch.prompts)} scores (one per completion), got shape "
                           f"{tuple(scores.shape)}")
-    return scores
+    too_large = torch.isfinite(scores) & (scores.abs() > torch.finfo(torch.float32).max)
+    if too_large.any():
+        bad = too_large.nonzero()[0].item()
+        raise RewardError(f"{name} gave {scores[bad].item()!r} for prompt {batch.prompts[bad][:40]!r}, beyond the "
+                          f"float32 range the trainer scores in (|score| <= {torch.finfo(torch.float32).max:.4g})")
+    return scores.float()
 
 
 def finite(name: str, scores: torch.Tensor, batch: Completions) -> torch.Tensor:
