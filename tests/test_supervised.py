@@ -3,6 +3,7 @@ convention and the loss mask, the data formats, and every bad input."""
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -14,7 +15,8 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
-from ppo_fast.trainer.config import ConfigError  # noqa: E402
+from ppo_fast.trainer import rundir  # noqa: E402
+from ppo_fast.trainer.config import ConfigError, PPOConfig  # noqa: E402
 from ppo_fast.trainer.data import (load_records, preference_pairs, prompt_texts,  # noqa: E402
                                    render_prompt, sft_examples)
 from ppo_fast.trainer.prompts import load_prompts  # noqa: E402
@@ -201,6 +203,24 @@ def test_bad_data_is_refused_before_any_training(make, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_sft(config)
     assert not any(p.name.startswith("run-") for p in tmp_path.iterdir())  # no run directory made
+
+
+def test_overwrite_refuses_to_delete_the_runs_own_inputs(tmp_path):
+    run_dir = tmp_path / "r"
+    (run_dir / "inputs").mkdir(parents=True)
+    data = run_dir / "inputs" / "sft.jsonl"
+    shutil.copy(SAMPLE / "sft.jsonl", data)
+    model = run_dir / "inputs" / "base"
+    shutil.copytree(BASE, model)
+    for inputs, field in ((dict(model=str(BASE), data=str(data)), "data"),
+                          (dict(model=str(model), data=str(SAMPLE / "sft.jsonl")), "model")):
+        config = SFTConfig(**inputs, output_dir=str(tmp_path), run_name="r", overwrite=True, **QUICK)
+        with pytest.raises(ConfigError, match=rf"overwrite would delete {field}=.* lies inside the run directory"):
+            run_sft(config)
+    assert data.read_bytes() == (SAMPLE / "sft.jsonl").read_bytes() and (model / "config.json").is_file()
+    reward = f"0.5*{model},0.5*{BASE}"
+    with pytest.raises(ConfigError, match=r"overwrite would delete reward="):
+        rundir._inputs_outside(PPOConfig(reward=reward), run_dir)
 
 
 def test_bad_models_configs_and_run_directories(tmp_path):

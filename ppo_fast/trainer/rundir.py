@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, resumed, saved_config
+from .config import LOCATION, ConfigError, resumed, saved_config
 
 
 def cache_dir(config) -> Path:
@@ -109,7 +110,28 @@ def _decide(config) -> tuple:
         resume = "pass resume to continue that run, " if hasattr(config, "resume") else ""
         raise ConfigError(f"run directory {run_dir} exists already: {resume}overwrite to delete it and "
                           "start over, or another run_name")
+    if occupied:
+        _inputs_outside(config, run_dir)
     return dataclasses.replace(config, run_name=name, overwrite=False), occupied
+
+
+def _inputs_outside(config, run_dir: Path) -> None:
+    """Overwrite deletes the run directory before the run reads anything: refuse when a field
+    names a file or directory inside it (a model, data, prompts, a reward spec's model), since the
+    run would delete its own input."""
+    inside = run_dir.resolve()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in LOCATION or not isinstance(value, str) or not value:
+            continue
+        # A reward spec lists its terms as "[weight*]path-or-module:function" separated by commas.
+        for part in {value, *re.split(r"[,:*()]", value)}:
+            part = part.strip()
+            if part and Path(part).exists() and (Path(part).resolve() == inside
+                                                 or inside in Path(part).resolve().parents):
+                raise ConfigError(f"overwrite would delete {field.name}={value!r} before the run reads it: "
+                                  f"{part} lies inside the run directory {run_dir}. Copy it elsewhere, or "
+                                  "choose another run_name")
 
 
 def prepare_run_dir(config, log=print):
