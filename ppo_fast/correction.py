@@ -336,6 +336,19 @@ def _check_log_probs(old_logp, rollout_logp, mask, names=("old_logp", "rollout_l
     check.same_device(old_name, old_logp, **{rollout_name: rollout_logp, mask_name: mask})
 
 
+def _check_sampleable(old_logp, rollout_logp, mask) -> None:
+    """A valid token that both policies give probability 0 has no ratio (−inf − −inf is NaN,
+    which would spread over its sequence's weight): an error naming the first one."""
+    if not check.values_checked(old_logp, rollout_logp, mask):
+        return
+    impossible = mask.bool() & torch.isneginf(old_logp) & torch.isneginf(rollout_logp)
+    if bool(impossible.any()):
+        where = tuple(impossible.nonzero()[0].tolist())
+        raise ValueError(f"old_logp and rollout_logp are both -inf at position {where}, a token of the mask: a "
+                         "token neither policy can sample has no importance ratio (-inf - -inf is NaN); mask it "
+                         f"out. {int(impossible.sum())} such positions")
+
+
 # --------------------------------------------------------------------------------------------
 # The public function
 # --------------------------------------------------------------------------------------------
@@ -420,11 +433,13 @@ def rollout_correction(
       ``d = ℓ_rollout − ℓ_old``: ``log_ppl_diff`` = mean d, ``log_ppl_abs_diff`` = mean |d|,
       ``log_ppl_diff_max``, ``log_ppl_diff_min``, ``ppl_ratio`` = mean exp(d).
 
-    A NaN log-ratio at a valid token gives a NaN weight in truncate mode and counts as out of
+    Both log-probs −inf at a valid token (a token neither policy samples) is a ValueError naming
+    its position. A NaN log-ratio at a valid token gives a NaN weight in truncate mode and counts as out of
     bounds (weight 0) in mask mode; it fails every rejection filter.
     """
     check.tensor("old_logp", old_logp)
     _check_log_probs(old_logp, rollout_logp, mask)
+    _check_sampleable(old_logp, rollout_logp, mask)
     _check_importance_options(is_level, is_seq_stat, is_mode, is_upper, is_lower, is_batch_normalize, group)
     filters = _rejection_bounds(rejection)
     _optional_bound("log_ratio_bound", log_ratio_bound, positive_only=True)

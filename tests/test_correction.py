@@ -645,3 +645,17 @@ def test_openrlhf_coefficients_errors(args, match):
     old, rollout, mask = batch(17)
     with pytest.raises(ValueError, match=match):
         openrlhf.openrlhf_coefficients(old, rollout, mask, *args)
+
+
+def test_a_valid_token_neither_policy_can_sample_is_an_error_naming_it():
+    old = torch.full((2, 4), -1.0)
+    rollout = torch.full((2, 4), -1.2)
+    old[1, 2] = rollout[1, 2] = float("-inf")
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for level in ("token", "sequence"):
+        with pytest.raises(ValueError, match=r"old_logp and rollout_logp are both -inf at position \(1, 2\), a "
+                                             r"token of the mask"):
+            rc.rollout_correction(old, rollout, mask, is_level=level)
+    mask[1, 2] = False
+    weights, _, metrics = rc.rollout_correction(old, rollout, mask, is_level="sequence")
+    assert torch.isfinite(weights).all() and torch.isfinite(metrics["is_mean"])
