@@ -61,16 +61,24 @@ def token_logprobs(
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be a bool, got {value!r}")
     labels = check.logits_and_labels(logits, labels, ignore_index)
-    logp, entropy, lse, sum_pi_squared = token_logprobs_op(
-        logits, labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy),
-        bool(inplace_backward), bool(return_sum_pi_squared))
-    check.no_infinite_maximum(logits, torch.isposinf(lse), temperature)
+    logp, entropy, sum_pi_squared = _token_rows(logits, labels, temperature, ignore_index, return_entropy,
+                                                inplace_backward, return_sum_pi_squared)
     out = (logp,)
     if return_entropy:
         out += (entropy,)
     if return_sum_pi_squared:
         out += (sum_pi_squared,)
     return out if len(out) > 1 else logp
+
+
+def _token_rows(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, with_sum_pi_squared=False):
+    """``(logp, entropy, sum_pi_squared)`` of the log-prob op; a row whose scaled logits reach +inf
+    (its log-sum-exp is +inf on every backend) is an error naming it."""
+    logp, entropy, lse, sum_pi_squared = token_logprobs_op(
+        logits, labels, 1.0 / float(temperature), int(ignore_index), bool(with_entropy), bool(inplace_backward),
+        bool(with_sum_pi_squared))
+    check.no_infinite_maximum(logits, torch.isposinf(lse), temperature)
+    return logp, entropy, sum_pi_squared
 
 
 def gae(
@@ -358,9 +366,7 @@ def ppo_loss(
         terms = ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
                                 inplace_backward)
         return spec.reduce(terms, valid, opts)
-    logp, entropy, lse = token_logprobs_op(logits, labels, 1.0 / float(opts.temperature), int(ignore_index), True,
-                                           bool(inplace_backward))[:3]
-    check.no_infinite_maximum(logits, torch.isposinf(lse), opts.temperature)
+    logp, entropy, _ = _token_rows(logits, labels, opts.temperature, ignore_index, True, inplace_backward)
     return _loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
                                rollout_is_weights, opts)
 

@@ -88,25 +88,39 @@ def exists_as_file(file: Path, what: str) -> None:
 
 
 def utf8_text(file: Path) -> str:
-    """The file's text; bytes that are not UTF-8 are an error naming the line, where the readers
-    would raise a bare UnicodeDecodeError (or pyarrow's, deep in a traceback)."""
-    data = file.read_bytes()
+    """The file's text; bytes that are not UTF-8 are an error naming the line."""
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError(f"{file}: line {line}, byte {column} is not UTF-8 ({exc.reason}: "
-                          f"{data[exc.start:exc.end]!r}); save the file as UTF-8") from None
+        return file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
+
+
+def _not_utf8(file: Path) -> ConfigError:
+    """The error for the file's first line that is not UTF-8, found line by line: the readers
+    only say that some byte somewhere is not (pyarrow's, deep in a traceback)."""
+    with open(file, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return ConfigError(f"{file}: line {number}, byte {exc.start + 1} is not UTF-8 ({exc.reason}: "
+                                   f"{line[exc.start:exc.end]!r}); save the file as UTF-8")
+    return ConfigError(f"{file}: a character is cut off at the end of the file (not UTF-8); save it as UTF-8")
 
 
 def _read(file: Path, builder: str) -> list[dict]:
     import datasets
 
-    if builder != "parquet":
-        utf8_text(file)
-
     datasets.disable_progress_bars()
+    try:
+        return _load(datasets, file, builder)
+    except UnicodeDecodeError as exc:
+        if builder == "parquet":  # binary: it has no lines to name
+            raise ConfigError(f"{file}: a text column holds bytes that are not UTF-8 ({exc.reason})") from None
+        raise _not_utf8(file) from None
+
+
+def _load(datasets, file: Path, builder: str) -> list[dict]:
     options = {}
     if builder == "csv":
         # Every CSV column as text: pandas would read a response "07" as the number 7 and an empty
@@ -127,6 +141,8 @@ def _read(file: Path, builder: str) -> list[dict]:
             if "corresponds to no data" in str(exc):  # blank lines, [] or a CSV header only
                 return []
             cause = exc.__cause__ or exc
+            if isinstance(cause, UnicodeDecodeError):
+                raise cause from None
             raise ConfigError(f"{file}: cannot read it as {builder} ({type(cause).__name__}: "
                               f"{cause})") from None
         return table.to_list()
