@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .functional import token_logprobs
 from .sequences import accepts_keyword, completion_mask, position_ids
 
 SUPPORTED_GENERATION_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
@@ -46,6 +47,10 @@ class GenerationOutput:
     sequences ``[B, P + N]`` (completions padded with ``pad_token_id`` after EOS);
     attention_mask ``[B, P + N]`` (the prompt's mask, then 1 up to and including EOS);
     completion_mask ``[B, P + N]`` (1 on generated tokens up to and including EOS);
+    logprobs ``[B, N]`` float32: each generated token's log-prob under ``softmax(logits /
+    temperature)``, from the very logits it was sampled from (before top-k/top-p, which only
+    restrict where sampling looks: the distribution a trainer scores is the full one), computed
+    by ``pf.token_logprobs``; 0 after EOS;
     ``prompt_length`` = P; ``metrics``: gather_seconds, generate_seconds, new_tokens,
     tokens_per_second, peak_memory_bytes (CUDA only), decode ("static" or "hf"), gathered
     ("replicated", "all" or "buckets").
@@ -54,12 +59,25 @@ class GenerationOutput:
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
+    logprobs: torch.Tensor
     prompt_length: int
     metrics: dict = field(default_factory=dict)
 
     @property
     def completions(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length:]
+
+
+def _sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, options: dict) -> torch.Tensor:
+    """``[B]`` log-probs of ``tokens`` under ``softmax(logits / temperature)``: the rollout's own
+    numbers, for a trainer to compare with (or use as) its old log-probs."""
+    return token_logprobs(logits, tokens, temperature=options["temperature"]).float()
+
+
+def _stack_columns(columns: list[torch.Tensor], completions: torch.Tensor) -> torch.Tensor:
+    if not columns:
+        return torch.zeros(completions.shape, dtype=torch.float32, device=completions.device)
+    return torch.stack(columns, dim=1)
 
 
 def pick_attn_implementation(dtype: torch.dtype, device: torch.device | str) -> str:
@@ -352,14 +370,15 @@ class HybridEngine:
             start = time.perf_counter()
             use_static = self.decode == "static" or (self.decode == "auto" and self._supports_static())
             if use_static:
-                completions = self._static_decode(input_ids, attention_mask, options, synced)
+                completions, logprobs = self._static_decode(input_ids, attention_mask, options, synced)
             else:
-                completions = self._hf_generate(input_ids, attention_mask, options, synced)
+                completions, logprobs = self._hf_generate(input_ids, attention_mask, options, synced)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         until_eos = completion_mask(completions, options["eos_token_id"])
         completions = completions.masked_fill(until_eos == 0, options["pad_token_id"])
+        logprobs = torch.where(until_eos.bool(), logprobs, 0.0)
         new_tokens = int(until_eos.sum())
         metrics = {
             "gather_seconds": self._gather_seconds,
@@ -376,6 +395,7 @@ class HybridEngine:
             sequences=torch.cat([input_ids, completions], dim=1),
             attention_mask=torch.cat([attention_mask, until_eos], dim=1),
             completion_mask=torch.cat([zeros, until_eos], dim=1),
+            logprobs=logprobs,
             prompt_length=prompt_len,
             metrics=metrics,
         )
@@ -392,12 +412,16 @@ class HybridEngine:
         kwargs = dict(max_new_tokens=options["max_new_tokens"], do_sample=options["do_sample"],
                       pad_token_id=options["pad_token_id"],
                       eos_token_id=options["eos_token_id"] or None, use_cache=True,
-                      synced_gpus=synced)
+                      synced_gpus=synced, return_dict_in_generate=True, output_logits=True)
         if options["do_sample"]:
             kwargs.update(temperature=options["temperature"], top_p=options["top_p"],
                           top_k=options["top_k"])
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return out[:, input_ids.shape[1]:]
+        completions = out.sequences[:, input_ids.shape[1]:]
+        # output_logits are the model's raw logits, before Hugging Face's temperature and filters.
+        logprobs = [_sampled_logprob(logits, completions[:, step], options)
+                    for step, logits in enumerate(out.logits)]
+        return completions, _stack_columns(logprobs, completions)
 
     def _static_decode(self, input_ids, attention_mask, options, synced):
         """Prefill, then one forward per token over a preallocated KV cache."""
@@ -419,12 +443,14 @@ class HybridEngine:
         next_position = positions[:, -1:] + 1
         eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=input_ids.device)
         tokens = torch.full((B, max_new), options["pad_token_id"], dtype=torch.long, device=input_ids.device)
+        logprobs = torch.zeros(B, max_new, dtype=torch.float32, device=input_ids.device)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         steps = 0
         for step in range(max_new):
             token = self._sample(logits, options)
             token = torch.where(finished, torch.full_like(token, options["pad_token_id"]), token)
             tokens[:, step] = token
+            logprobs[:, step] = _sampled_logprob(logits, token, options)
             steps = step + 1
             if eos.numel():
                 finished |= torch.isin(token, eos)
@@ -435,7 +461,7 @@ class HybridEngine:
                            position_ids=next_position, cache_position=cache_position,
                            use_cache=True, **{cache_arg: cache}).logits[:, -1]
             next_position = next_position + 1
-        return tokens[:, :steps]
+        return tokens[:, :steps], logprobs[:, :steps]
 
     @staticmethod
     def _all_finished(finished: torch.Tensor, synced: bool) -> bool:

@@ -1,5 +1,7 @@
 """Reward-hacking diagnostics and alarms, on constructed evaluations."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,14 @@ def test_the_length_and_kl_alarms():
     without_gold = Alarms(gold_drop=0.5, length_r2=0.5, kl_budget=20)
     metrics = {k: v for k, v in _metrics(3.0, 0.0, length_r2=0.8).items() if not k.startswith("gold")}
     assert "beyond gold" not in without_gold.check(0, metrics)["length"]
+
+
+def test_rollout_mismatch_counts_only_completion_tokens():
+    rollout = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.25, -3.0]])
+    trainer = torch.tensor([[-1.0, -2.5, 7.0], [-0.5, -0.25, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    largest, (tokens, unequal, k3) = diagnostics.rollout_mismatch(rollout, trainer, mask)
+    assert largest.item() == 1.0  # the masked-out 7.0 is not read
+    assert (tokens.item(), unequal.item()) == (5, 2)
+    expected = (math.expm1(-0.5) + 0.5) + (math.expm1(1.0) - 1.0)
+    assert k3.item() == pytest.approx(expected, rel=1e-12)

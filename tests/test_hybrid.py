@@ -94,6 +94,36 @@ def test_sampling_respects_top_k():
     assert sampled.sequences.shape == (16, 12)
 
 
+@pytest.mark.parametrize("decode", ["static", "hf"])
+@pytest.mark.parametrize("sampling", [dict(do_sample=False, temperature=1.0),
+                                      dict(do_sample=True, temperature=0.7, top_k=3)])
+def test_rollout_logprobs_are_the_sampled_tokens_logprobs_under_the_full_distribution(decode, sampling):
+    from ppo_fast.sequences import position_ids
+
+    model = _tiny()
+    hybrid = pf.HybridEngine(model, max_new_tokens=7, decode=decode)
+    ids = torch.randint(3, 50, (3, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    ids = ids.masked_fill(mask == 0, 0)
+    torch.manual_seed(1)
+    out = hybrid.generate(ids, attention_mask=mask, eos_token_id=[2, 7], **sampling)
+    assert out.metrics["decode"] == decode
+    N = out.completions.shape[1]
+    assert out.logprobs.shape == (3, N) and out.logprobs.dtype == torch.float32
+
+    with torch.no_grad():
+        logits = model(out.sequences, attention_mask=out.attention_mask,
+                       position_ids=position_ids(out.attention_mask)).logits[:, 4:-1]
+    expected = torch.log_softmax(logits.double() / sampling["temperature"], -1).gather(
+        -1, out.completions[..., None]).squeeze(-1)
+    generated = out.completion_mask[:, 5:].bool()
+    # top-k only restricts where sampling looks; the log-prob is the full distribution's (< 0).
+    assert bool((out.logprobs[generated] < 0).all())
+    torch.testing.assert_close(out.logprobs[generated].double(), expected[generated], atol=1e-5, rtol=0)
+    assert (~generated).any(), "no completion ended before max_new_tokens: pick other EOS tokens"
+    assert bool((out.logprobs[~generated] == 0).all())
+
+
 def test_completion_mask_stops_after_eos():
     from ppo_fast.sequences import completion_mask
 

@@ -210,7 +210,10 @@ def test_old_logprobs_use_the_sampling_temperature(tmp_path):
 
     config = _config(tmp_path, temperature=0.7)
     trainer = PPOTrainer(config, build_components(config))
-    exp, _ = trainer.make_experience(trainer.sampler.next_batch())
+    exp, stats = trainer.make_experience(trainer.sampler.next_batch())
+    # The rollout (token by token) and the trainer (full sequences) agree to rounding.
+    assert 0 <= stats["rollout_logp_max_abs_diff"] < 1e-4 and 0 <= stats["rollout_kl"] < 1e-8
+    assert (stats["rollout_logp_unequal_fraction"] == 0) == (stats["rollout_logp_max_abs_diff"] == 0)
     P = exp.prompt_length
     with torch.no_grad():
         logits = trainer.models.actor.module(input_ids=exp.sequences, attention_mask=exp.attention_mask,

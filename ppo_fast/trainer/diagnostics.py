@@ -35,6 +35,19 @@ def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, completion_mask: tor
     return torch.where(completion_mask.bool(), logp - ref_logp, 0.0).sum(-1)
 
 
+def rollout_mismatch(rollout_logp: torch.Tensor, trainer_logp: torch.Tensor,
+                     completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far the rollout's log-probs of its own tokens are from the trainer's old log-probs of
+    the same tokens (PPO assumes they are equal): ``(largest |Δlogp|, sums)`` with ``sums`` =
+    (tokens, tokens whose log-probs differ at all, Σ k3) in float64, to be added over ranks. The k3
+    term ``exp(Δ) − 1 − Δ`` (Δ = trainer − rollout) estimates KL(rollout ‖ trainer) per token from
+    the rollout's samples, and is never negative."""
+    valid = completion_mask.bool()
+    delta = torch.where(valid, trainer_logp.double() - rollout_logp.double(), 0.0)
+    sums = torch.stack([valid.sum().double(), (delta != 0).sum().double(), (torch.expm1(delta) - delta).sum()])
+    return delta.abs().max(), sums
+
+
 def completion_tokens(completion_ids: list[list[int]], completion_mask: torch.Tensor) -> list[list[int]]:
     """Each completion's tokens up to and including EOS (the padding after it is not read)."""
     return [[t for t, m in zip(ids, row) if m] for ids, row in zip(completion_ids, completion_mask.tolist())]

@@ -228,6 +228,7 @@ class PPOTrainer:
         m.actor.module.eval()
         old_logp = self._token_logprobs("actor", m.actor.module, seqs, attn, P)
         m.actor.module.train()
+        mismatch = self._rollout_mismatch(out.logprobs, old_logp, action_mask)
         ref_logp = self._token_logprobs("reference", m.reference, seqs, attn, P)
         values = m.critic.module(seqs, attn, position_ids(attn))[:, P - 1:-1] if m.critic is not None else None
         parts = m.reward.parts(Completions(prompts, seqs, attn, P, self.c.tokenizer))
@@ -249,12 +250,23 @@ class PPOTrainer:
             "generate_seconds": out.metrics["generate_seconds"] + out.metrics["gather_seconds"],
             "score_seconds": time.perf_counter() - generated,
             "new_tokens": out.metrics["new_tokens"],
+            **mismatch,
         }
         if values is not None:
             stats["explained_variance"] = self._explained_variance(values, returns, action_mask)
         if len(parts) > 1:
             stats.update({f"score[{name}]": s.mean().item() for name, s in parts.items()})
         return exp, stats
+
+    def _rollout_mismatch(self, rollout_logp, old_logp, action_mask) -> dict:
+        largest, sums = diagnostics.rollout_mismatch(rollout_logp, old_logp, action_mask)
+        if self.world > 1:
+            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(sums)
+        tokens, unequal, kl = sums.tolist()
+        tokens = max(tokens, 1.0)
+        return {"rollout_logp_max_abs_diff": largest.item(), "rollout_logp_unequal_fraction": unequal / tokens,
+                "rollout_kl": kl / tokens}
 
     def _advantages(self, rewards, values, action_mask, parts, scores, baselines):
         cfg = self.config
