@@ -629,6 +629,8 @@ std::vector<at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor&
 
 }  // namespace
 
+void register_batch_invariant(pybind11::module& m);  // csrc/batch_invariant_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward", &token_logprobs_forward);
   m.def("token_logprobs_backward", &token_logprobs_backward);
@@ -636,4 +638,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ppo_loss_forward", &ppo_loss_forward);
   m.def("empty_gradient_like", &empty_gradient_like);
   m.def("release_gradient_cache", &release_gradient_cache);
+  register_batch_invariant(m);
 }

@@ -6,6 +6,8 @@
     loss, metrics = pf.ppo_loss(..., loss_type="gspo")        # every verl / OpenRLHF / TRL objective
     adv, returns = pf.advantages("grpo", rewards, mask, group_ids)   # verl's 14 estimators
     weights, mask, stats = pf.rollout_correction(old_logp, rollout_logp, mask, is_level="token")
+    with pf.batch_invariant():                                # a row's logits, whatever its batch
+        logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
 
 The specification is ``ppo_fast.spec``; the ops (``ppo_fast.ops``, one module each) run it in
 PyTorch, as fused Triton kernels on CUDA (``ppo_fast.kernels``) or as C++ kernels on the CPU.
@@ -13,6 +15,8 @@ PyTorch, as fused Triton kernels on CUDA (``ppo_fast.kernels``) or as C++ kernel
 triton|native`` forces one.
 """
 
+from .batch_invariant import attention as batch_invariant_attention
+from .batch_invariant import batch_invariant, disable_batch_invariant, enable_batch_invariant, is_batch_invariant
 from .correction import rollout_correction
 from .dispatch import BackendUnavailable
 from .estimators import advantages
@@ -46,10 +50,15 @@ __all__ = [
     "PPOLoss",
     "ValueLoss",
     "advantages",
+    "batch_invariant",
+    "batch_invariant_attention",
+    "disable_batch_invariant",
+    "enable_batch_invariant",
     "fused_linear_ppo_loss",
     "fused_linear_token_logprobs",
     "gae",
     "group_advantages",
+    "is_batch_invariant",
     "kl_penalty",
     "masked_mean",
     "masked_whiten",

@@ -31,7 +31,7 @@ def _source_directory() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"  # a source checkout, not installed
 
 
-SOURCES = [_source_directory() / "ppo_fast_cpu.cpp"]
+SOURCES = [_source_directory() / "ppo_fast_cpu.cpp", _source_directory() / "batch_invariant_cpu.cpp"]
 
 
 def _flags() -> list[str]:

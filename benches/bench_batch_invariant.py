@@ -1,0 +1,121 @@
+"""What batch_invariant() costs on the CPU: forward and decode tokens/s of a ~50M-parameter Llama
+(random weights) with the mode off and on, rounds alternating so both see the same machine.
+
+    python benches/bench_batch_invariant.py --out benches/results/batch_invariant_cpu.md
+
+* forward: a left-padded batch of --batch rows × --length tokens, one full forward (no grad),
+  position ids from the mask as generation computes them; tokens/s counts the real tokens.
+* decode: the same batch's first --prompt tokens as a prompt, then --steps greedy steps against the
+  KV cache; tokens/s counts the decoded tokens (batch × steps) over the steps' time.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import ppo_fast as pf
+from ppo_fast.sequences import position_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import fmt, publish, summary  # noqa: E402
+
+
+def llama(dtype):
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def batch(rows, length):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 32000, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(rows):  # every other row left-padded by a different amount
+        mask[i, : (i % 2) * (3 * i + 1)] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def forward_seconds(model, ids, mask):
+    start = time.perf_counter()
+    model(ids, attention_mask=mask, position_ids=position_ids(mask))
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_seconds(model, ids, mask, steps):
+    out = model(ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        out = model(token, attention_mask=mask, position_ids=position_ids(mask)[:, -1:], cache=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    ids, mask = batch(args.batch, args.length)
+    tokens = int(mask.sum())
+    data = {"batch": args.batch, "length": args.length, "prompt": args.prompt, "steps": args.steps,
+            "rounds": args.rounds, "parameters": None, "runs": {}}
+    for name in args.dtypes:
+        model = llama(getattr(torch, name))
+        data["parameters"] = sum(p.numel() for p in model.parameters())
+        samples = {mode: {"forward": [], "decode": []} for mode in ("off", "on")}
+        for round_ in range(args.rounds + 1):  # round 0 warms both up and is dropped
+            for mode in ("off", "on"):
+                if mode == "on":
+                    pf.enable_batch_invariant()
+                try:
+                    f = forward_seconds(model, ids, mask)
+                    d = decode_seconds(model, ids[:, : args.prompt], mask[:, : args.prompt], args.steps)
+                finally:
+                    if mode == "on":
+                        pf.disable_batch_invariant()
+                if round_:
+                    samples[mode]["forward"].append(tokens / f)
+                    samples[mode]["decode"].append(args.batch * args.steps / d)
+        data["runs"][name] = {mode: {what: summary(s) for what, s in kinds.items()} for mode, kinds in samples.items()}
+        data["runs"][name]["slowdown"] = {
+            what: summary(off / on for off, on in zip(samples["off"][what], samples["on"][what]))
+            for what in ("forward", "decode")}
+    publish(args.out, data, render)
+
+
+def render(doc):
+    lines = ["# batch_invariant() on the CPU: a ~50M Llama, mode off vs on", "",
+             f"{doc['parameters'] / 1e6:.0f}M parameters (random weights), batch {doc['batch']}; forward: "
+             f"{doc['length']} tokens a row, left-padded; decode: a {doc['prompt']}-token prompt, then "
+             f"{doc['steps']} greedy steps with the KV cache. Medians (20th-80th percentile) of "
+             f"{doc['rounds']} alternating rounds.", "",
+             "| dtype | forward tokens/s off | on | slowdown (time on ÷ off) | decode tokens/s off | on | slowdown |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, run in doc["runs"].items():
+        lines.append(f"| {name} | {fmt(run['off']['forward'], digits=0)} | {fmt(run['on']['forward'], digits=0)} | "
+                     f"{fmt(run['slowdown']['forward'], digits=2)}× | {fmt(run['off']['decode'], digits=0)} | "
+                     f"{fmt(run['on']['decode'], digits=0)} | {fmt(run['slowdown']['decode'], digits=2)}× |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
