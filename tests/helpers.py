@@ -2,12 +2,30 @@
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 DEEPSPEED_LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 """The ``deepspeed`` launcher, run as the module its console script runs: found wherever pip put
 the package, also when its scripts went to a folder off the PATH (``pip install --target``)."""
+
+
+SAMPLE_BASE = Path(__file__).resolve().parent.parent / "examples" / "sample" / "base"
+"""The sample model's directory: config, tokenizer and chat template, no weights."""
+
+
+def tiny_model_dir(directory, *, reward: bool = False, tokenizer: bool = True) -> str:
+    """A model directory of the sample model's config (2 layers, 64 wide: fast to save and load)
+    with random weights: a causal LM, or with ``reward`` a sequence classifier with one output;
+    with the sample's tokenizer unless ``tokenizer`` is False."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model_class.from_config(AutoConfig.from_pretrained(SAMPLE_BASE, num_labels=1)).save_pretrained(directory)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(SAMPLE_BASE).save_pretrained(directory)
+    return str(directory)
 
 
 def max_err(a, b):

@@ -1,6 +1,7 @@
 """``ppo-fast eval``: samples, scores, win rates and KL of a policy against a reference."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -28,8 +29,9 @@ def policies(tmp_path_factory):
     for name, steps in (("a", 30), ("b", 5)):
         default_task.warm_up_policy(steps, 0, log=lambda *a: None, task="arithmetic").save_pretrained(root / name)
         default_task.char_tokenizer(default_task.DIGITS).save_pretrained(root / name)
+    # A model of another tokenizer: policy a's weights, the letters' tokenizer.
+    shutil.copytree(root / "a", root / "letters")
     default_task.char_tokenizer().save_pretrained(root / "letters")
-    (root / "letters" / "config.json").write_text("{}")
     return root
 
 

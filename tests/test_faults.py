@@ -270,7 +270,7 @@ def test_config_ranges(tmp_path, overrides, match):
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, match", [
     (dict(prompts_file="missing.txt"), "prompts_file: missing.txt does not exist"),
-    (dict(policy_model="nowhere"), "policy_model: nowhere is not a Hugging Face model directory"),
+    (dict(policy_model="nowhere"), "policy_model: nowhere does not exist"),
     (dict(ds_config="missing.json"), "ds_config: cannot read missing.json"),
     (dict(eval_prompts_file="held_out.jsonl"), "eval_prompts_file: held_out.jsonl does not exist"),
     (dict(reward="no_such_rm_dir"), "reward: 'no_such_rm_dir' is neither a reward-model directory"),

@@ -11,6 +11,8 @@ from ppo_fast.trainer import default_task, rewards
 from ppo_fast.trainer.config import ConfigError, PPOConfig, check_files
 from ppo_fast.trainer.rewards import RewardSpecError
 
+from helpers import tiny_model_dir
+
 
 class FixedScores(torch.nn.Module):
     """A stand-in sequence classifier: the score is a fixed function of the token ids."""
@@ -33,10 +35,8 @@ def _batch(n=5, width=4, seed=0):
 
 
 def _model_dir(tmp_path, name):
-    directory = tmp_path / name
-    directory.mkdir()
-    (directory / "config.json").write_text("{}")
-    return str(directory)
+    """A reward-model directory (the spec checks that it holds one)."""
+    return tiny_model_dir(tmp_path / name, reward=True, tokenizer=False)
 
 
 def test_spec_grammar_weights_functions_and_ensembles(tmp_path):

@@ -16,13 +16,13 @@ pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 from ppo_fast.trainer import rundir  # noqa: E402
-from ppo_fast.trainer.config import ConfigError, PPOConfig  # noqa: E402
+from ppo_fast.trainer.config import ConfigError, PPOConfig, check_files  # noqa: E402
 from ppo_fast.trainer.data import (load_records, preference_pairs, prompt_texts,  # noqa: E402
                                    render_prompt, sft_examples)
 from ppo_fast.trainer.prompts import load_prompts  # noqa: E402
 from ppo_fast.trainer.supervised import RMConfig, SFTConfig, run_rm, run_sft, sft_batch  # noqa: E402
 
-from helpers import subprocess_env  # noqa: E402
+from helpers import subprocess_env, tiny_model_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample"
@@ -132,9 +132,13 @@ def test_csv_parquet_and_json_load_the_same_records_as_jsonl(tmp_path):
     Dataset.from_list(rows).to_parquet(tmp_path / "sft.parquet")
     (tmp_path / "sft.json").write_text(json.dumps(rows))
     jsonl = _jsonl(tmp_path / "sft.jsonl", rows)
-    for name in ("sft.csv", "sft_bom.csv", "sft.parquet", "sft.json"):
-        assert load_records(str(tmp_path / name), (("prompt", "response"),), "examples") \
-            == load_records(jsonl, (("prompt", "response"),), "examples"), name
+    expected = load_records(jsonl, (("prompt", "response"),), "examples")
+    assert expected.lines == list(range(1, 31))
+    for name, lines in (("sft.csv", range(2, 32)), ("sft_bom.csv", range(2, 32)), ("sft.parquet", None),
+                        ("sft.json", None)):
+        records = load_records(str(tmp_path / name), (("prompt", "response"),), "examples")
+        assert (records.rows, records.columns) == (expected.rows, expected.columns), name
+        assert records.lines == (list(lines) if lines else None), name
     assert sft_examples(str(tmp_path / "sft.csv"), _tokenizer(), 64) == sft_examples(jsonl, _tokenizer(), 64)
 
     prompts = _rows("prompts.jsonl")
@@ -146,7 +150,8 @@ def test_csv_parquet_and_json_load_the_same_records_as_jsonl(tmp_path):
     assert load_prompts(str(tmp_path / "prompts.txt")) == expected
     chat = tmp_path / "chat_prompts.jsonl"
     chat.write_text('{"messages": [{"role": "user", "content": "1+2="}]}\n{"messages": []}\n')
-    with pytest.raises(ConfigError, match=r"chat_prompts.jsonl: row 1 has no turn before the assistant's answer"):
+    with pytest.raises(ConfigError, match=r"chat_prompts.jsonl: line 2: messages has no user turn before the "
+                                          r"assistant's answer \(before it: nothing\)"):
         load_prompts(str(chat), _tokenizer())
 
 
@@ -154,6 +159,27 @@ def _bad_data(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def _sums(first, last):
+    """JSON Lines of sums ``i+1=`` and their answers, for i in [first, last)."""
+    return "".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(first, last))
+
+
+def _chat(*roles_and_contents):
+    pairs = zip(roles_and_contents[::2], roles_and_contents[1::2])
+    return json.dumps({"messages": [{"role": role, "content": content} for role, content in pairs]}) + "\n"
+
+
+def _parquet(tmp_path, rows):
+    """``rows`` (a list of dicts, or a dict of columns) as a Parquet file."""
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.Table.from_pylist(rows) if isinstance(rows, list) else pyarrow.table(
+        {name: pyarrow.array(values, pyarrow.string()) for name, values in rows.items()})
+    pyarrow.parquet.write_table(table, tmp_path / "sft.parquet")
+    return str(tmp_path / "sft.parquet")
 
 
 def _bad_bytes(tmp_path, name, data):
@@ -173,18 +199,75 @@ BAD_DATA = [
      r"Accepted column sets: prompt \+ response or messages"),
     (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"}\n' * 3
                          + '{"prompt": "1+2=", "response": "3333333333"}\n'),
-     r"sft.jsonl: row 3 is 16 tokens \(prompt and response with EOS\), longer than max_len=12"),
+     r"sft.jsonl: line 4 is 16 tokens \(prompt and response with EOS\), longer than max_len=12"),
     (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"}\n{"prompt": "1+2="}\n'),
-     r"row 1: response must be text, got NoneType None"),
+     r"sft.jsonl: line 2 has no response \(it has prompt\)"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": null}\n'),
+     r"sft.jsonl: line 1: response must be text, got NoneType None"),
+    # One number among texts is named at its own line, with the value the file holds (Arrow's
+    # type inference made the whole column numbers and named the first row).
+    (lambda d: _bad_data(d, "sft.jsonl", _sums(0, 3) + "\n" + _sums(3, 5) + '{"prompt": "5+1=", "response": 6}\n'),
+     r"sft.jsonl: line 7: response must be text, got int 6$"),
+    (lambda d: _bad_data(d, "sft.json", json.dumps([json.loads(line) for line in _sums(0, 5).splitlines()]
+                                                   + [{"prompt": "5+1=", "response": 6}])),
+     r"sft.json: row 5 \(counting from 0\): response must be text, got int 6$"),
+    (lambda d: _bad_data(d, "sft.jsonl", _sums(0, 2) + '{"prompt": "2+1=", "response": ["3"]}\n'),
+     r"sft.jsonl: line 3: response must be text, got list \['3'\]$"),
+    (lambda d: _parquet(d, [{"prompt": "1+2=", "response": 3}, {"prompt": "2+2=", "response": 4}]),
+     r"sft.parquet: row 0 \(counting from 0\): response must be text, got int 3$"),
+    (lambda d: _parquet(d, {"prompt": [], "response": []}), r"sft.parquet holds no rows"),
+    (lambda d: _bad_data(d, "sft.csv", "prompt,response\n1+2=,3\n2+2=,4,5\n"),
+     r"sft.csv: line 3 has 3 cells, the header has 2 \(prompt, response\); quote a cell that holds a comma"),
+    (lambda d: _bad_data(d, "sft.jsonl", '"1+2=3"\n'),
+     r"sft.jsonl: line 1 is a string '1\+2=3', not an object of columns"),
+    # An answer to no one: no user turn before it.
+    (lambda d: _bad_data(d, "sft.jsonl", '{"messages": [{"role": "assistant", "content": "3"}]}\n'),
+     r"sft.jsonl: line 1: messages has no user turn before the assistant's answer \(before it: nothing\)"),
+    (lambda d: _bad_data(d, "sft.jsonl", _chat("user", "1+2=", "assistant", "3")
+                         + _chat("system", "add", "assistant", "3")),
+     r"sft.jsonl: line 2: messages has no user turn before the assistant's answer \(before it: 'system'\)"),
     (lambda d: _bad_data(d, "sft.jsonl", '{"messages": [{"role": "user", "content": "1+2="}]}\n'),
-     r"row 0: messages must end with the assistant's message .* it ends with 'user'"),
-    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"\n'), r"sft.jsonl: cannot read it as json"),
+     r"sft.jsonl: line 1: messages must end with the assistant's message .* it ends with 'user'"),
+    (lambda d: _bad_data(d, "sft.jsonl", '{"prompt": "1+2=", "response": "3"\n'),
+     r"sft.jsonl: line 1, column 35 is not valid JSON \(Expecting ',' delimiter\); a .jsonl file holds one JSON "
+     "object per line"),
     (lambda d: (d / "data.jsonl").mkdir() or str(d / "data.jsonl"), r"data file .*data.jsonl is a directory"),
     (lambda d: _bad_bytes(d, "sft.jsonl", b'{"prompt": "1+2=", "response": "3"}\n{"prompt": "1\xff", "response": "3"}\n'),
      r"sft.jsonl: line 2, byte 14 is not UTF-8 \(invalid start byte: b'\\xff'\); save the file as UTF-8"),
     (lambda d: _bad_bytes(d, "sft.csv", b"prompt,response\n1+2=,3\n\xe9,4\n"),
      r"sft.csv: line 3, byte 1 is not UTF-8"),
 ]
+
+
+def test_chat_rows_need_a_user_turn_and_a_failing_chat_template_names_the_row(tmp_path):
+    lm, rm = tiny_model_dir(tmp_path / "lm"), tiny_model_dir(tmp_path / "rm", reward=True)
+    user, system = {"role": "user", "content": "1+2="}, {"role": "system", "content": "add"}
+    three, four = {"role": "assistant", "content": "3"}, {"role": "assistant", "content": "4"}
+    prefs = _jsonl(tmp_path / "prefs.jsonl", [{"chosen": [user, three], "rejected": [user, four]},
+                                              {"chosen": [three], "rejected": [four]}])
+    with pytest.raises(ConfigError, match=r"prefs.jsonl: line 2: chosen has no user turn before the assistant's "
+                                          r"answer \(before it: nothing\)"):
+        run_rm(RMConfig(model=lm, data=prefs, output_dir=str(tmp_path / "runs")))
+    prefs = _jsonl(tmp_path / "prefs.jsonl", [{"prompt": [system], "chosen": [three], "rejected": [four]}])
+    with pytest.raises(ConfigError, match=r"prefs.jsonl: line 1: prompt \+ chosen has no user turn before the "
+                                          r"assistant's answer \(before it: 'system'\)"):
+        run_rm(RMConfig(model=lm, data=prefs, output_dir=str(tmp_path / "runs")))
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"messages": [user]}, {"messages": [system, three]}])
+    with pytest.raises(ConfigError, match=r"prompts_file: .*prompts.jsonl: line 2: messages has no user turn before "
+                                          r"the assistant's answer \(before it: 'system'\)"):
+        check_files(PPOConfig(policy_model=lm, reward=rm, prompts_file=prompts, output_dir=str(tmp_path)))
+
+    # A template that refuses a row by its own rule: the error names the file, the row and why.
+    strict = Path(shutil.copytree(BASE, tmp_path / "strict"))
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if not m['content'] %}{{ raise_exception('a turn is empty') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")
+    data = _jsonl(tmp_path / "sft.jsonl", [{"messages": [user, three]},
+                                           {"messages": [{"role": "user", "content": ""}, three]}])
+    with pytest.raises(ConfigError, match=r"sft.jsonl: line 2: the tokenizer's chat template cannot render the turns "
+                                          r"\('user'\): TemplateError: a turn is empty"):
+        run_sft(SFTConfig(model=str(strict), data=data, output_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_prompt_file_that_is_a_directory_or_not_utf8_is_named(tmp_path):
@@ -225,8 +308,9 @@ def test_overwrite_refuses_to_delete_the_runs_own_inputs(tmp_path):
 
 def test_bad_models_configs_and_run_directories(tmp_path):
     prefs = str(SAMPLE / "prefs.jsonl")
-    with pytest.raises(ConfigError, match=r"model: .*base holds no weights \(\*.safetensors, \*.bin\); a "
-                                          "reward model starts from trained weights"):
+    with pytest.raises(ConfigError, match=r"model: .*base holds no weights \(none of model.safetensors, "
+                                          r"model.safetensors.index.json, pytorch_model.bin, "
+                                          r"pytorch_model.bin.index.json\); a reward model starts from trained weights"):
         run_rm(RMConfig(model=str(BASE), data=prefs, output_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"model: .* is not a Hugging Face model directory \(no config.json"):
         run_sft(SFTConfig(model=str(tmp_path), data=prefs, output_dir=str(tmp_path)))

@@ -5,8 +5,10 @@
 * ``models.py``      actor, critic, reference and reward models, built in one place
 * ``rewards.py``     rewards from a spec: reward models, functions, weighted lists, ensembles
 * ``prompts.py``     reading, sampling and encoding prompts
-* ``data.py``        user data (JSON/JSONL/Parquet/CSV through datasets): SFT examples, preference
-                     pairs, prompts, with errors naming the file, row and column
+* ``data.py``        user data (JSON/JSONL/CSV by Python's parsers, Parquet by pyarrow): SFT
+                     examples, preference pairs, prompts, with errors naming the file, row and column
+* ``modeldir.py``    model directories checked before a run: config, whole weights, tokenizer, a
+                     reward model's trained score head
 * ``loop.py``        PPOTrainer: generate → score → advantages (PPO or critic-free) → update, and
                      fault handling
 * ``diagnostics.py`` reward-hacking diagnostics and alarms

@@ -6,7 +6,7 @@ Loaded from YAML (``--config run.yaml``) and overridden from the command line (`
 A config is checked when it is built, field by field, before anything expensive runs: values are
 coerced to the field's type where that is unambiguous (YAML reads ``1e-3`` as a string, a flag
 may say ``"false"``) and rejected otherwise, ranges and divisibility are checked, and
-:func:`check_files` checks that every file the run will read exists. Errors are
+:func:`check_files` checks that every file the run will read exists and is whole. Errors are
 :class:`ConfigError` and name the field.
 """
 
@@ -127,10 +127,11 @@ class PPOConfig(RunConfig):
     policy's."""
     reward: str = ""
     """What the policy is trained to maximise: a reward-model directory (a sequence classifier
-    sharing the policy's tokenizer), a Python function (module:function or path/file.py:function,
-    called as fn(prompts, completions) -> scores), a weighted list of them ("0.7*runs/rm/model,
-    0.3*my_rewards:brevity"), or "ensemble(DIR|DIR|...)" of reward models, combined as mean -
-    reward_ensemble_k * std. Empty with an embedded task: the task's own reward."""
+    with its trained score head, sharing the policy's tokenizer; a causal LM is refused), a Python
+    function (module:function or path/file.py:function, called as fn(prompts, completions) ->
+    scores), a weighted list of them ("0.7*runs/rm/model, 0.3*my_rewards:brevity"), or
+    "ensemble(DIR|DIR|...)" of reward models, combined as mean - reward_ensemble_k * std. Empty
+    with an embedded task: the task's own reward."""
     reward_ensemble_k: float = 1.0
     """k of the conservative ensemble combination mean - k * std (0: the plain mean)."""
     gold: str = ""
@@ -407,11 +408,21 @@ PPOConfig.RANGES = _RANGES
 
 
 def check_files(config: PPOConfig) -> None:
-    """Every file the run will read exists (and the DeepSpeed config parses), before any model
-    loads; a ConfigError names the field and the path."""
-    check_model_directories(config, "policy_model", "critic_model")
+    """Every file the run will read exists and is whole (model directories: config, weights,
+    tokenizer; a reward model's score head; the DeepSpeed config parses), before any model loads;
+    a ConfigError names the field and the path."""
+    from .modeldir import check_model_dir, load_tokenizer
+
+    tokenizer = None
+    if config.policy_model:
+        check_model_dir("policy_model", config.policy_model)
+        # Chat prompts become text through the policy's chat template; prompt lengths are
+        # counted in its tokens.
+        tokenizer = load_tokenizer("policy_model", config.policy_model)
     if config.critic_model and config.algorithm != "ppo":
         raise ConfigError(f"critic_model: algorithm {config.algorithm} is critic-free; no critic is built")
+    if config.critic_model:
+        check_model_dir("critic_model", config.critic_model)
     if config.policy_model and config.task != "vowels":
         raise ConfigError(f"task: {config.task!r} is an embedded task that brings its own policy; it cannot go "
                           "with policy_model")
@@ -422,21 +433,13 @@ def check_files(config: PPOConfig) -> None:
                           "module:function, or a weighted list (or pass reward_fn to PPOTrainer "
                           "through Components)")
     check_reward_specs(config, "reward", "gold")
-    tokenizer = None
     for name in ("prompts_file", "eval_prompts_file"):
         if not getattr(config, name):
             continue
         if tokenizer is None:
-            # Chat prompts become text through the policy's chat template; prompt lengths are
-            # counted in its tokens.
-            if config.policy_model:
-                from transformers import AutoTokenizer
+            from .default_task import TASKS, char_tokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
-            else:
-                from .default_task import TASKS, char_tokenizer
-
-                tokenizer = char_tokenizer(TASKS[config.task].alphabet)
+            tokenizer = char_tokenizer(TASKS[config.task].alphabet)
         check_prompts_file(name, getattr(config, name), tokenizer, config.max_prompt_len)
     if config.ds_config:
         try:
@@ -451,17 +454,9 @@ def check_files(config: PPOConfig) -> None:
                               "object")
 
 
-def check_model_directories(config, *names: str) -> None:
-    """Each of the config's fields ``names`` that is set names a Hugging Face model directory."""
-    for name in names:
-        path = getattr(config, name)
-        if path and not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"{name}: {path} is not a Hugging Face model directory (no "
-                              "config.json there)")
-
-
 def check_reward_specs(config, *names: str) -> None:
-    """Each of the config's reward-spec fields ``names`` that is set names rewards that exist."""
+    """Each of the config's reward-spec fields ``names`` that is set names rewards that exist (a
+    model directory: a whole reward model)."""
     from .rewards import RewardSpecError, check_spec
 
     for name in names:

@@ -45,8 +45,9 @@ class EvalConfig(RunConfig):
     """An embedded task (vowels, arithmetic, arithmetic-hackable) whose held-out prompts and gold
     rule to use; empty: none."""
     reward: str = ""
-    """The trained reward, in the form of train's reward (model directory, module:function,
-    weighted list, ensemble(...)); empty: the task's rule reward when it has one, else gold."""
+    """The trained reward, in the form of train's reward (reward-model directory with its trained
+    score head, module:function, weighted list, ensemble(...)); empty: the task's rule reward when
+    it has one, else gold."""
     reward_ensemble_k: float = 1.0
     """k of an ensemble's mean - k * std."""
     gold: str = ""
@@ -89,16 +90,19 @@ class EvalConfig(RunConfig):
 
 
 def check_eval_files(config: EvalConfig) -> None:
-    from .config import check_model_directories, check_prompts_file, check_reward_specs
+    """Every model directory and file the evaluation reads is whole (modeldir.py, and the
+    prompts), before the run directory is made."""
+    from .config import check_prompts_file, check_reward_specs
+    from .modeldir import check_model_dir, load_tokenizer
 
-    check_model_directories(config, "policy", "reference")
+    check_model_dir("policy", config.policy)
+    tokenizer = load_tokenizer("policy", config.policy)
+    if config.reference:
+        check_model_dir("reference", config.reference)
     check_reward_specs(config, "reward", "gold")
     if config.prompts:
-        from transformers import AutoTokenizer
-
         # Chat prompts become text through the policy's chat template.
-        check_prompts_file("prompts", config.prompts, AutoTokenizer.from_pretrained(config.policy),
-                           config.max_prompt_len, limit=config.num_prompts)
+        check_prompts_file("prompts", config.prompts, tokenizer, config.max_prompt_len, limit=config.num_prompts)
 
 
 def _win_rate(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -108,13 +112,14 @@ def _win_rate(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 def evaluate(config: EvalConfig, log=print) -> dict:
     """Run the evaluation; returns the summary (also in ``summary.json``)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from ..distributed import init_distributed
     from ..head import completion_logprobs, fused_head_unsupported
     from ..hybrid import HybridEngine
     from . import default_task, diagnostics, rewards
+    from .modeldir import load_reward_model, load_tokenizer
     from .prompts import encode_prompts, load_prompts
     from .rundir import prepare_run_dir, release
 
@@ -129,9 +134,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         run_dir = Path(config.output_dir) / config.run_name
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(config.policy)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer("policy", config.policy)
 
         def load_causal(directory):
             return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
@@ -141,7 +144,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 reason = rewards.same_vocabulary(tokenizer, directory)
                 if reason:
                     raise ConfigError(f"{field_name}: {reason}")
-                return AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype).to(device).eval()
+                return load_reward_model(field_name, directory, dtype=dtype).to(device).eval()
 
             return load
 

@@ -70,14 +70,13 @@ class Components:
 
 
 def _from_directories(config: PPOConfig) -> Components:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    from .modeldir import load_tokenizer
     from .rewards import model_directories, same_vocabulary
 
     dtype, attn = _dtype_and_attention()
-    tokenizer = AutoTokenizer.from_pretrained(config.policy_model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer("policy_model", config.policy_model)
     # Every model that reads the policy's token ids must share its vocabulary.
     for name in ("reward", "gold"):
         for directory in model_directories(getattr(config, name)) if getattr(config, name) else []:
@@ -264,13 +263,13 @@ def build_models(config: PPOConfig, components: Components) -> Models:
                   device=device)
 
 
-def _load_reward_model(config, actor, device):
-    from transformers import AutoModelForSequenceClassification
+def _load_reward_model(config, actor, device, field_name: str):
+    from .modeldir import load_reward_model
 
     def load(directory: str) -> nn.Module:
         dtype, attn = _dtype_and_attention()
-        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
-        return _frozen(model, actor, config, device)
+        return _frozen(load_reward_model(field_name, directory, dtype=dtype, attn_implementation=attn), actor,
+                       config, device)
 
     return load
 
@@ -280,7 +279,7 @@ def _reward(config: PPOConfig, components: Components, actor, device):
     from . import rewards
 
     if config.reward:
-        return rewards.build(config.reward, load_model=_load_reward_model(config, actor, device),
+        return rewards.build(config.reward, load_model=_load_reward_model(config, actor, device, "reward"),
                              ensemble_k=config.reward_ensemble_k)
     if components.reward_model is not None:
         term = rewards.ModelReward(_frozen(components.reward_model, actor, config, device), "reward_model")
@@ -298,7 +297,7 @@ def _gold(config: PPOConfig, components: Components, actor, device):
     from . import rewards
 
     if config.gold:
-        return rewards.build(config.gold, load_model=_load_reward_model(config, actor, device),
+        return rewards.build(config.gold, load_model=_load_reward_model(config, actor, device, "gold"),
                              ensemble_k=config.reward_ensemble_k)
     if components.gold_fn is not None:
         return rewards.WeightedSum([(1.0, rewards.TokenReward(components.gold_fn, "gold"))])

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from ..sequences import left_pad
-from .data import BUILDERS, exists_as_file, prompt_texts, utf8_text
+from .data import FORMATS, exists_as_file, prompt_texts, utf8_text
 
 
 def load_prompts(path: str, tokenizer=None) -> list[str]:
     """The ``prompt`` column of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or its
     chat ``messages`` rendered by ``tokenizer``'s chat template (:func:`data.prompt_texts`), or one
     prompt per line of any other file."""
-    if Path(path).suffix.lower() in BUILDERS:
+    if Path(path).suffix.lower() in FORMATS:
         return prompt_texts(path, tokenizer)
     exists_as_file(Path(path), "prompt file")
     prompts = [line for line in utf8_text(Path(path)).splitlines() if line.strip()]

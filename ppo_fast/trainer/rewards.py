@@ -11,8 +11,9 @@ them and conservative ensembles of reward models.
 
 A term is ``[WEIGHT*]SOURCE`` (a weight may be negative: ``-0.1*my_rewards:length`` is a length
 penalty); terms are separated by commas. A reward-model directory holds an
-``AutoModelForSequenceClassification`` whose first logit is the score; it must tokenize like the
-policy (same vocabulary), since it scores the policy's token ids as they are. A function is called
+``AutoModelForSequenceClassification`` whose first logit is the score, with its score head's
+weights in the checkpoint (a causal LM is refused: its head would be random); it must tokenize
+like the policy (same vocabulary), since it scores the policy's token ids as they are. A function is called
 as ``fn(prompts, completions) -> scores`` with the prompt texts and the completion texts (decoded
 without special tokens), and returns one finite number per completion.
 
@@ -255,8 +256,11 @@ def model_directories(spec: str) -> list[str]:
 
 
 def check_spec(spec: str, field_name: str) -> None:
-    """Every term of ``spec`` exists: model directories hold a config, functions import. Raises
-    RewardSpecError naming the field."""
+    """Every term of ``spec`` exists: model directories hold a reward model with the weights of its
+    score head (modeldir.check_reward_model: ConfigError), functions import (RewardSpecError).
+    Either error names the field."""
+    from .modeldir import check_reward_model
+
     try:
         for _, source in parse(spec):
             members = ensemble_members(source)
@@ -266,8 +270,12 @@ def check_spec(spec: str, field_name: str) -> None:
                 if not is_model_dir(member):
                     raise RewardSpecError(f"ensemble member {member!r} is not a reward-model directory "
                                           "(no config.json there)")
-            if members is None and not is_model_dir(source):
-                load_function(source)
+                check_reward_model(field_name, member)
+            if members is None:
+                if is_model_dir(source):
+                    check_reward_model(field_name, source)
+                else:
+                    load_function(source)
     except RewardSpecError as exc:
         raise RewardSpecError(f"{field_name}: {exc}") from None
 

@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from ..sequences import left_pad, position_ids
 from .config import ConfigError, RunConfig
 
-_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-
 
 @dataclass
 class SFTConfig(RunConfig):
@@ -57,10 +55,12 @@ class SFTConfig(RunConfig):
     # --- model and data ----------------------------------------------------------------------
     model: str = ""
     """Hugging Face causal-LM directory to fine-tune, with its tokenizer. One with config.json and
-    tokenizer files but no weights (*.safetensors, *.bin) starts from fresh weights of that config."""
+    tokenizer files but no weights (no model.safetensors, pytorch_model.bin or their sharded
+    index) starts from fresh weights of that config."""
     data: str = ""
     """Training file (.jsonl, .json, .parquet or .csv) with prompt + response columns, or a chat
-    messages column (rendered by the tokenizer's chat template)."""
+    messages column (rendered by the tokenizer's chat template; the final assistant answer follows
+    at least one user turn)."""
     eval_fraction: float = 0.1
     """Share of the rows held out for the evaluations (0: none)."""
     max_len: int = 0
@@ -111,7 +111,8 @@ class RMConfig(RunConfig):
     as a sequence classifier with one output (a fresh score head on a causal LM)."""
     data: str = ""
     """Preference file (.jsonl, .json, .parquet or .csv) with chosen + rejected columns and an
-    optional prompt column (texts, or chat messages rendered by the tokenizer's chat template)."""
+    optional prompt column (texts, or chat messages rendered by the tokenizer's chat template; each
+    answer follows at least one user turn)."""
     eval_fraction: float = 0.1
     """Share of the pairs held out for the evaluations (0: none)."""
     max_len: int = 0
@@ -225,33 +226,19 @@ def _rm_eval(model, pairs, pad_token_id, device) -> dict[str, tuple[torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 
-def _model_has_weights(config, needs_weights: bool) -> bool:
-    """Whether the model directory holds weights; ConfigError when it is no model directory, or
-    holds no weights and ``needs_weights``."""
+def _check_model(config, needs_weights: bool):
+    """(whether the model directory holds weights, its tokenizer); ConfigError when it is no model
+    directory, holds weights that are broken, none and ``needs_weights``, or no tokenizer."""
+    from .modeldir import WEIGHT_FILES, check_model_dir, load_tokenizer
+
     if not config.model:
         raise ConfigError("model is required: a Hugging Face model directory")
-    directory = Path(config.model)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"model: {config.model} is not a Hugging Face model directory (no "
-                          "config.json there)")
-    has_weights = any(next(directory.glob(pattern), None) for pattern in _WEIGHT_PATTERNS)
+    has_weights = check_model_dir("model", config.model, weights=False)
     if needs_weights and not has_weights:
-        raise ConfigError(f"model: {config.model} holds no weights ({', '.join(_WEIGHT_PATTERNS)}); "
-                          "a reward model starts from trained weights, e.g. the model directory of "
-                          "an sft run (ppo-fast sft can start from a directory without weights)")
-    return has_weights
-
-
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model: cannot load a tokenizer from {path} ({exc})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        raise ConfigError(f"model: {config.model} holds no weights (none of {', '.join(WEIGHT_FILES)}); a "
+                          "reward model starts from trained weights, e.g. the model directory of an sft run "
+                          "(ppo-fast sft can start from a directory without weights)")
+    return has_weights, load_tokenizer("model", config.model)
 
 
 def _max_len(config) -> int:
@@ -320,8 +307,7 @@ def run_sft(config: SFTConfig, log=print) -> dict:
     from .data import sft_examples
 
     start = time.perf_counter()
-    has_weights = _model_has_weights(config, needs_weights=False)
-    tokenizer = _tokenizer(config.model)
+    has_weights, tokenizer = _check_model(config, needs_weights=False)
     max_len = _max_len(config)
     examples = sft_examples(config.data, tokenizer, max_len)
 
@@ -330,8 +316,8 @@ def run_sft(config: SFTConfig, log=print) -> dict:
 
         if has_weights:
             return AutoModelForCausalLM.from_pretrained(config.model, **_dtype_and_attention())
-        say(f"sft: {config.model} holds no weights ({', '.join(_WEIGHT_PATTERNS)}): the model starts "
-            f"from fresh weights of its config.json (seed {config.seed})")
+        say(f"sft: {config.model} holds no weights: the model starts from fresh weights of its config.json "
+            f"(seed {config.seed})")
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model),
                                                 **_dtype_and_attention())
 
@@ -344,8 +330,7 @@ def run_rm(config: RMConfig, log=print) -> dict:
     from .data import preference_pairs
 
     start = time.perf_counter()
-    _model_has_weights(config, needs_weights=True)
-    tokenizer = _tokenizer(config.model)
+    _, tokenizer = _check_model(config, needs_weights=True)
     pairs = preference_pairs(config.data, tokenizer, _max_len(config))
 
     def build(say):
