@@ -124,6 +124,42 @@ def test_rollout_logprobs_are_the_sampled_tokens_logprobs_under_the_full_distrib
     assert bool((out.logprobs[~generated] == 0).all())
 
 
+@pytest.mark.parametrize("decode", ["static", "hf"])
+def test_rollout_logprobs_equal_the_trainers_bit_for_bit_under_batch_invariant(decode):
+    """The rollout decodes token by token against a KV cache, a batch of 5 with left padding; the
+    trainer scores the finished sequences all at once, in micro-batches of 2 (rows 0-1, 2-3, 4).
+    Off, the numbers differ (so this can fail); under the mode, not by one bit."""
+    from ppo_fast.sequences import position_ids
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2, pad_token_id=0))
+    ids = torch.randint(3, 300, (5, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[3, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+
+    def rollout_and_trainer_logprobs():
+        hybrid = pf.HybridEngine(model, max_new_tokens=10, decode=decode)
+        torch.manual_seed(3)
+        out = hybrid.generate(ids, attention_mask=mask, do_sample=True, temperature=0.8, eos_token_id=[])
+        assert out.metrics["decode"] == decode
+        with torch.no_grad():
+            trainer = torch.cat([
+                pf.token_logprobs(model(seqs, attention_mask=attn, position_ids=position_ids(attn)).logits[:, 6:-1],
+                                  seqs[:, 7:], temperature=0.8)
+                for seqs, attn in zip(out.sequences.split(2), out.attention_mask.split(2))])
+        return out.logprobs, trainer
+
+    rollout, trainer = rollout_and_trainer_logprobs()
+    assert not torch.equal(rollout, trainer)
+    torch.testing.assert_close(rollout, trainer, atol=1e-4, rtol=0)
+    with pf.batch_invariant():
+        rollout, trainer = rollout_and_trainer_logprobs()
+    assert torch.equal(rollout, trainer)
+
+
 def test_completion_mask_stops_after_eos():
     from ppo_fast.sequences import completion_mask
 

@@ -132,6 +132,61 @@ def test_two_ranks_with_zero3_through_the_deepspeed_launcher(tmp_path):
     assert sum(name.startswith("actor/") and "optim_states" in name for name in manifest) == 2
 
 
+@pytest.mark.slow
+def test_batch_invariant_runs_use_the_rollouts_logprobs_and_change_nothing(tmp_path, monkeypatch):
+    """Under batch_invariant the rollout's log-probs are the trainer's, so taking them instead of
+    recomputing them (the default then) gives the same run, row for row, with one actor forward
+    of a micro-batch per step instead of the whole rollout's."""
+    actor_rows = []
+    original = PPOTrainer._token_logprobs
+
+    def counting(self, name, model, sequences, *args):
+        if name == "actor":
+            actor_rows.append(len(sequences))
+        return original(self, name, model, sequences, *args)
+
+    monkeypatch.setattr(PPOTrainer, "_token_logprobs", counting)
+    runs = {}
+    for old_logprobs in ("recompute", "auto"):
+        actor_rows.clear()
+        train(_config(tmp_path, run_name=old_logprobs, steps=2, eval_every=0, batch_invariant=True,
+                      old_logprobs=old_logprobs, micro_batch_size=4))
+        runs[old_logprobs] = _rows(tmp_path / old_logprobs)
+        scored = QUICK["rollout_batch_size"] * PPOConfig().samples_per_prompt
+        assert actor_rows == ([scored] * 2 if old_logprobs == "recompute" else [4] * 2), actor_rows
+    assert not pf.is_batch_invariant(), "the run left the mode on"
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+    assert strip(runs["auto"]) == strip(runs["recompute"])
+    for row in runs["recompute"][1:]:
+        assert row["rollout_logp_max_abs_diff"] == row["rollout_logp_unequal_fraction"] == row["rollout_kl"] == 0
+
+
+@pytest.mark.slow
+def test_batch_invariant_under_zero3_on_two_ranks(tmp_path):
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 90), "--module",
+         "ppo_fast.cli", "train", *_quick_flags(tmp_path, "exact"), "--zero-stage", "3", "--steps", "2",
+         "--save-every", "0", "--eval-every", "0", "--batch-invariant", "true", "--old-logprobs", "recompute",
+         "--micro-batch-size", "4"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for row in _rows(tmp_path / "exact")[1:]:
+        assert row["rollout_logp_max_abs_diff"] == row["rollout_logp_unequal_fraction"] == 0, row
+
+
+def test_batch_invariant_and_old_logprobs_are_checked():
+    from ppo_fast.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="old_logprobs must be one of auto, recompute, rollout, got 'both'"):
+        PPOConfig(old_logprobs="both").check()
+    assert PPOConfig(batch_invariant=True).old_logprobs_from_rollout
+    assert not PPOConfig().old_logprobs_from_rollout and PPOConfig(old_logprobs="rollout").old_logprobs_from_rollout
+
+
 def _trainer(tmp_path, **overrides):
     config = _config(tmp_path, **{"steps": 3, "save_every": 100, **overrides})
     return config, build_components(config)

@@ -36,6 +36,8 @@ RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max
 """Fields a resumed run may change. Every other field is the run's own: a resume that sets one
 differently is refused, since it would continue a different run on top of this one."""
 
+OLD_LOGPROBS = ("auto", "recompute", "rollout")
+
 LOCATION = ("run_name", "output_dir", "cache_dir", "resume", "overwrite")
 """Fields that say where a run is and how to start it, not what it computes."""
 
@@ -240,6 +242,16 @@ class PPOConfig(RunConfig):
     (pf.fused_linear_*), never the [tokens, vocab] logits, for each model whose logits are exactly
     its head's output on the first batch (checked; otherwise the logits path, with the reason
     logged). Off: always the logits path."""
+    batch_invariant: bool = False
+    """Run every forward pass under pf.batch_invariant() (docs/batch-invariant.md): a row's numbers
+    then do not depend on its batch, its padding or prefill vs decode, so the rollout's log-probs
+    of its tokens equal the trainer's bit for bit and the first minibatch's ratio is exactly 1 on
+    every token. CPU only for now; forwards are slower (benches/results/batch_invariant_cpu.md)."""
+    old_logprobs: str = "auto"
+    """Where PPO's old log-probs come from: "recompute" (a no-grad forward of the actor over the
+    rollout, as verl and OpenRLHF do), "rollout" (the hybrid engine's log-probs of its own samples:
+    one actor forward fewer per step; the same numbers only under batch_invariant), or "auto"
+    ("rollout" under batch_invariant, else "recompute")."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage of the actor and critic (0-3)."""
     ds_config: str = ""
@@ -317,6 +329,22 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"loss_type: {exc}; the trainer runs objectives with their default parameters") from None
         if self.resume and not self.run_name:
             raise ConfigError("resume needs run_name: the name of the run to continue")
+        if self.batch_invariant and _cuda_available():
+            raise ConfigError("batch_invariant covers the CPU only so far (its Triton kernels are not written "
+                              "yet) and this run would train on CUDA; hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                              "or leave batch_invariant off")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ConfigError(f"old_logprobs must be one of {', '.join(OLD_LOGPROBS)}, got {self.old_logprobs!r}")
+
+    @property
+    def old_logprobs_from_rollout(self) -> bool:
+        return self.old_logprobs == "rollout" or (self.old_logprobs == "auto" and self.batch_invariant)
+
+
+def _cuda_available() -> bool:
+    import torch  # not at the top: reading a config (--help) does not need it
+
+    return torch.cuda.is_available()
 
 
 def _whole(value) -> bool:

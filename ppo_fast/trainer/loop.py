@@ -24,6 +24,7 @@ policy of the best gold evaluation in best_policy/. The models are built in mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,7 +120,8 @@ class PPOTrainer:
 
     def train(self) -> dict:
         try:
-            return self._train()
+            with pf.batch_invariant() if self.config.batch_invariant else contextlib.nullcontext():
+                return self._train()
         finally:
             release(self.config)
 
@@ -225,10 +227,16 @@ class PPOTrainer:
         P = out.prompt_length
         seqs, attn = out.sequences, out.attention_mask
         action_mask = out.completion_mask[:, P:]
-        m.actor.module.eval()
-        old_logp = self._token_logprobs("actor", m.actor.module, seqs, attn, P)
-        m.actor.module.train()
-        mismatch = self._rollout_mismatch(out.logprobs, old_logp, action_mask)
+        if cfg.old_logprobs_from_rollout:
+            old_logp = out.logprobs
+            # Measured on one micro-batch (a fraction of the forward this saves): what the
+            # update's first ratio sees.
+            rows = slice(0, cfg.micro_batch_size)
+            trainer_logp = self._old_logprobs(seqs[rows], attn[rows], P)
+            mismatch = self._rollout_mismatch(out.logprobs[rows], trainer_logp, action_mask[rows])
+        else:
+            old_logp = self._old_logprobs(seqs, attn, P)
+            mismatch = self._rollout_mismatch(out.logprobs, old_logp, action_mask)
         ref_logp = self._token_logprobs("reference", m.reference, seqs, attn, P)
         values = m.critic.module(seqs, attn, position_ids(attn))[:, P - 1:-1] if m.critic is not None else None
         parts = m.reward.parts(Completions(prompts, seqs, attn, P, self.c.tokenizer))
@@ -257,6 +265,14 @@ class PPOTrainer:
         if len(parts) > 1:
             stats.update({f"score[{name}]": s.mean().item() for name, s in parts.items()})
         return exp, stats
+
+    def _old_logprobs(self, sequences, attention_mask, prompt_len) -> torch.Tensor:
+        actor = self.models.actor.module
+        actor.eval()
+        try:
+            return self._token_logprobs("actor", actor, sequences, attention_mask, prompt_len)
+        finally:
+            actor.train()
 
     def _rollout_mismatch(self, rollout_logp, old_logp, action_mask) -> dict:
         largest, sums = diagnostics.rollout_mismatch(rollout_logp, old_logp, action_mask)
