@@ -38,20 +38,23 @@ def _build_parser() -> argparse.ArgumentParser:
     add_train_arguments(sub.add_parser(
         "train", help="RLHF with PPO (default: the embedded task)",
         description="RLHF with PPO. Runs as one process or under the deepspeed launcher "
-                    "(deepspeed --num_gpus N --module ppo_fast.cli train ...)."))
+                    "(deepspeed --num_gpus N --module ppo_fast.cli train ...). Ctrl-C saves a "
+                    "checkpoint; --run-name NAME --resume true continues a stopped run."))
     add_train_arguments(sub.add_parser(
         "sft", help="supervised fine-tuning of a causal LM on prompt/response data",
         description="Supervised fine-tuning: the loss on the response tokens of prompt/response or "
-                    "chat records. Runs as one process or under the deepspeed launcher."), SFTConfig)
+                    "chat records. Runs as one process or under the deepspeed launcher. Ctrl-C saves "
+                    "a checkpoint; --run-name NAME --resume true continues a stopped run."), SFTConfig)
     add_train_arguments(sub.add_parser(
         "rm", help="reward model (Bradley-Terry) from preference pairs",
         description="A reward model trained on chosen/rejected pairs. Runs as one process or under "
-                    "the deepspeed launcher."), RMConfig)
+                    "the deepspeed launcher. Ctrl-C saves a checkpoint; --run-name NAME --resume true "
+                    "continues a stopped run."), RMConfig)
     add_train_arguments(sub.add_parser(
         "eval", help="evaluate a policy on held-out prompts against a reference",
         description="Generate on held-out prompts, score with every reward and a gold function, win "
                     "rate against a reference policy, length and diversity statistics, KL. One "
-                    "process."), EvalConfig)
+                    "process; no checkpoints: its files are written when it ends."), EvalConfig)
     return parser
 
 
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_command(args) -> int:
     from .distributed import shutdown_distributed
+    from .trainer.checkpoint import CheckpointError
     from .trainer.config import ConfigError, from_args
     from .trainer.evaluation import EvalConfig, evaluate
     from .trainer.rewards import RewardError
@@ -104,14 +108,20 @@ def _one_command(args) -> int:
     config_class, run = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
                          "eval": (EvalConfig, evaluate)}[args.command]
     try:
-        run(from_args(args, config_class))
-    except (ConfigError, RewardError) as exc:
-        # Raised on every rank alike (every rank reads the same files), before any training.
+        result = run(from_args(args, config_class))
+    except (ConfigError, CheckpointError, RewardError) as exc:
+        # Raised on every rank alike (every rank reads the same files and checkpoints), before
+        # any training.
         print(f"ppo-fast: {exc}", file=sys.stderr)
         shutdown_distributed()
         return 2
+    except KeyboardInterrupt:
+        if args.command == "eval":
+            raise
+        return 130  # a second Ctrl-C, or one while the model loads: the run has said what it kept
     shutdown_distributed()
-    return 0
+    # As train: an interrupted run is not a finished one (130, a shell's status after Ctrl-C).
+    return 130 if "interrupted_at" in result else 0
 
 
 if __name__ == "__main__":

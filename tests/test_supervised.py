@@ -3,19 +3,22 @@ convention and the loss mask, the data formats, and every bad input."""
 
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
-from ppo_fast.trainer import rundir  # noqa: E402
+from ppo_fast.trainer import CheckpointError, rundir  # noqa: E402
 from ppo_fast.trainer.config import ConfigError, PPOConfig, check_files  # noqa: E402
 from ppo_fast.trainer.data import (load_records, preference_pairs, prompt_texts,  # noqa: E402
                                    render_prompt, sft_examples)
@@ -347,3 +350,272 @@ def test_help_lists_every_field_and_errors_exit_with_status_2(tmp_path):
     out = _cli("rm", "--model", str(BASE), "--data", str(SAMPLE / "prefs.jsonl"), "--output-dir", str(tmp_path))
     assert out.returncode == 2
     assert "ppo-fast: model:" in out.stderr and "holds no weights" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume: a stopped run continues to the weights and rows of one never stopped
+# --------------------------------------------------------------------------------------------
+
+# Two steps a pass (8 training rows of 10, batches of 4): steps 3-4 are the second pass, step 5 the
+# third. (The command-line tests of the slow tier accumulate gradients over micro-batches.)
+RESUMABLE_RUN = dict(max_steps=5, batch_size=4, micro_batch_size=4, eval_fraction=0.2, eval_every=2,
+                     save_every=2)
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def _assert_same_run(run_dir: Path, straight: Path):
+    ours, theirs = _weights(run_dir), _weights(straight)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs), \
+        [name for name in theirs if not torch.equal(ours[name], theirs[name])]
+    assert _metrics(run_dir) == _metrics(straight)
+
+
+def _sending(signum, at_step: int, said: list):
+    """A log that records every line and sends this process ``signum`` once the row of
+    ``at_step`` is logged: a Ctrl-C (or a kill) in the middle of the run."""
+    def log(line):
+        said.append(str(line))
+        if str(line).startswith(f"step {at_step} "):
+            os.kill(os.getpid(), signum)
+    return log
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An sft run and an rm run on its model, neither stopped."""
+    out = tmp_path_factory.mktemp("straight")
+    sft = dict(model=str(BASE), data=_jsonl(out / "sft.jsonl", _rows("sft.jsonl", 10)), output_dir=str(out),
+               **RESUMABLE_RUN)
+    run_sft(SFTConfig(**sft, run_name="sft"))
+    rm = dict(model=str(out / "sft" / "model"), data=_jsonl(out / "prefs.jsonl", _rows("prefs.jsonl", 10)),
+              output_dir=str(out), **RESUMABLE_RUN)
+    run_rm(RMConfig(**rm, run_name="rm"))
+    return {"sft": sft, "rm": rm, "dir": out}
+
+
+@pytest.mark.parametrize("command, signum", [("sft", signal.SIGINT), ("rm", signal.SIGTERM)])
+def test_a_run_stopped_by_a_signal_saves_and_resumes_to_the_same_weights_and_rows(
+        straight, tmp_path, command, signum):
+    config_class, run = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm)}[command]
+    fields = {**straight[command], "output_dir": str(tmp_path), "run_name": "r"}
+    said = []
+    # Stopped in the middle of the second pass: the resume starts inside a pass.
+    assert run(config_class(**fields), log=_sending(signum, 3, said)) == {"interrupted_at": 3}
+    assert f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint" in "\n".join(said)
+    assert said[-1] == (f"{command}: interrupted; step 3 of 5 saved in {tmp_path / 'r' / 'checkpoints' / 'step3'}; "
+                        f"continue with ppo-fast {command} --output-dir {tmp_path} --run-name r --resume true")
+    assert [r["step"] for r in _metrics(tmp_path / "r")] == [0, 1, 2, 3]
+    assert not (tmp_path / "r" / "model").exists() and not (tmp_path / "r" / "summary.json").exists()
+
+    said = []
+    summary = run(config_class(**fields, resume=True), log=said.append)
+    assert f"{command}: resumed from step 3 of 5" in "\n".join(said)
+    assert summary["steps"] == 5
+    _assert_same_run(tmp_path / "r", straight["dir"] / command)
+
+
+def test_a_crashed_run_resumes_from_its_newest_intact_checkpoint(straight, tmp_path):
+    fields = {**straight["sft"], "output_dir": str(tmp_path), "run_name": "r"}
+
+    def crash(line):
+        if str(line).startswith("step 5 "):
+            raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        run_sft(SFTConfig(**fields), log=crash)
+    checkpoints = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step2", "step4"]
+    assert [r["step"] for r in _metrics(tmp_path / "r")] == [0, 1, 2, 3, 4, 5]  # 5 not saved
+    # A byte of a checkpoint flipped on disk: its sha256 no longer matches the manifest.
+    def flip_a_byte(step):
+        path = checkpoints / f"step{step}" / "model" / "mp_rank_00_model_states.pt"
+        intact = path.read_bytes()
+        path.write_bytes(intact[:len(intact) // 2] + bytes([intact[len(intact) // 2] ^ 0xFF])
+                         + intact[len(intact) // 2 + 1:])
+        return path, intact
+
+    weights, _ = flip_a_byte(4)
+    older, intact = flip_a_byte(2)
+    with pytest.raises(CheckpointError, match=rf"(?s)no intact checkpoint.*{weights}.*{older}"):
+        run_sft(SFTConfig(**fields, resume=True), log=lambda *_: None)
+    older.write_bytes(intact)
+
+    said = []
+    run_sft(SFTConfig(**fields, resume=True), log=said.append)
+    text = "\n".join(said)
+    assert f"checkpoint step4 is damaged, passed over: {weights}: sha256 differs" in text
+    assert "sft: resumed from step 2 of 5" in text
+    _assert_same_run(tmp_path / "r", straight["dir"] / "sft")
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_so(straight, tmp_path):
+    shutil.copytree(straight["dir"] / "sft", tmp_path / "sft")
+    before = {p: p.read_bytes() for p in (tmp_path / "sft").rglob("*") if p.is_file()}
+    said = []
+    config = SFTConfig(**{**straight["sft"], "output_dir": str(tmp_path)}, run_name="sft", resume=True)
+    assert run_sft(config, log=said.append) == {"finished_at": 5}
+    assert said == [f"sft: run 'sft' has finished its 5 steps; nothing to do (its model: {tmp_path / 'sft' / 'model'})"]
+    assert {p: p.read_bytes() for p in (tmp_path / "sft").rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_before_the_first_step_leaves_the_run_name_free(straight, tmp_path):
+    fields = {**straight["sft"], "output_dir": str(tmp_path), "run_name": "r"}
+
+    def ctrl_c_while_building(line):
+        if "holds no weights" in str(line):  # said while the model is built
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(SFTConfig(**fields), log=ctrl_c_while_building)
+    assert not (tmp_path / "r").exists()
+    run_sft(SFTConfig(**{**fields, "max_steps": 1}), log=lambda *_: None)  # no --overwrite needed
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_leaves_its_run_name_free(straight, tmp_path, monkeypatch):
+    """eval has no checkpoints: it writes its files when it ends (as its --help says)."""
+    from ppo_fast.hybrid import HybridEngine
+    from ppo_fast.trainer.evaluation import EvalConfig, evaluate
+
+    config = EvalConfig(policy=str(straight["dir"] / "sft" / "model"), prompts=str(SAMPLE / "eval_prompts.jsonl"),
+                        gold=f"{SAMPLE / 'reward.py'}:exact_sum", num_prompts=2, max_new_tokens=4,
+                        output_dir=str(tmp_path), run_name="e")
+    generate = HybridEngine.generate
+
+    def ctrl_c(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridEngine, "generate", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config, log=lambda *_: None)
+    assert not any((tmp_path / "e").iterdir())
+    monkeypatch.setattr(HybridEngine, "generate", generate)
+    evaluate(config, log=lambda *_: None)
+    assert (tmp_path / "e" / "summary.json").is_file()
+
+
+def test_help_says_what_resume_and_overwrite_promise_for_each_command():
+    from ppo_fast.trainer.config import field_docs
+    from ppo_fast.trainer.evaluation import EvalConfig
+
+    for config_class in (SFTConfig, RMConfig, PPOConfig):
+        docs = field_docs(config_class)
+        assert "from its newest intact checkpoint" in docs["resume"], config_class
+        assert all(name in docs["resume"] for name in config_class.RESUMABLE), (config_class, docs["resume"])
+        assert "refused when the run would delete its own" in docs["overwrite"], config_class
+    assert "There is no resume" in field_docs(EvalConfig)["overwrite"]
+    assert not hasattr(EvalConfig(policy="p", prompts="q", gold="g"), "resume")
+
+
+def test_resume_keeps_the_runs_settings_from_the_command_line(tmp_path):
+    from argparse import ArgumentParser
+
+    from ppo_fast.trainer.config import add_arguments, from_args
+
+    run = tmp_path / "r"
+    run.mkdir()
+    data = str(SAMPLE / "sft.jsonl")
+    (run / "config.json").write_text(json.dumps(SFTConfig(model=str(BASE), data=data, lr=0.01).to_dict()))
+    parser = ArgumentParser()
+    add_arguments(parser, SFTConfig)
+    location = ["--output-dir", str(tmp_path), "--run-name", "r", "--resume", "true"]
+    config = from_args(parser.parse_args([*location, "--eval-every", "7"]), SFTConfig)
+    assert (config.model, config.data, config.lr, config.eval_every, config.resume) == (str(BASE), data, 0.01, 7, True)
+    with pytest.raises(ConfigError, match=r"these differ from them: lr=0.5 \(the run has 0.01\)\. Start a new run to "
+                                          r"change them \(resumable: save_every, eval_every\)"):
+        from_args(parser.parse_args([*location, "--lr", "0.5"]), SFTConfig)
+    with pytest.raises(ConfigError, match="resume needs run_name"):
+        RMConfig(resume=True)
+
+
+def _cli_run(tmp_path, command, *flags, launcher=None):
+    """``ppo-fast <command> <flags>`` started as a terminal would: its own process group, which a
+    Ctrl-C signals as a whole (the launcher and its ranks alike)."""
+    cmd = [*launcher, "--module", "ppo_fast.cli"] if launcher else [sys.executable, "-m", "ppo_fast.cli"]
+    return subprocess.Popen([*cmd, command, *flags, "--output-dir", str(tmp_path)], env=subprocess_env(
+        OMP_NUM_THREADS="1"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+
+
+def _signal_after(proc, metrics: Path, rows: int, signum):
+    """Send the process group ``signum`` once ``rows`` metrics rows are written; the output after
+    every process of the group has ended."""
+    import time
+
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the signal: " + proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signum)
+    out, _ = proc.communicate(timeout=600)  # EOF once every process holding the pipe is gone
+    return out
+
+
+LONGER = ["--max-steps", "30", "--batch-size", "4", "--micro-batch-size", "2", "--eval-fraction", "0.2",
+          "--eval-every", "10", "--save-every", "4"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_kill_9_on_the_command_line_then_resume_with_only_the_run_name(tmp_path):
+    data = ["--data", _jsonl(tmp_path / "sft.jsonl", _rows("sft.jsonl", 40))]
+    model = ["--model", str(BASE)]
+    straight = _cli_run(tmp_path, "sft", *model, *data, *LONGER, "--run-name", "straight")
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()[-3000:]
+
+    stopped = _cli_run(tmp_path, "sft", *model, *data, *LONGER, "--run-name", "ctrl-c")
+    out = _signal_after(stopped, tmp_path / "ctrl-c" / "metrics.jsonl", 6, signal.SIGINT)
+    assert stopped.returncode == 130, out[-3000:]
+    assert "SIGINT: finishing this step, then saving a checkpoint" in out and "Traceback" not in out, out[-3000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("sft: interrupted; step")]
+    assert line.endswith(f"continue with ppo-fast sft --output-dir {tmp_path} --run-name ctrl-c --resume true")
+
+    killed = _cli_run(tmp_path, "sft", *model, *data, *LONGER, "--run-name", "killed")
+    _signal_after(killed, tmp_path / "killed" / "metrics.jsonl", 11, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    latest = (tmp_path / "killed" / "checkpoints" / "latest").read_text()
+    assert latest in ("step8", "step12"), latest
+
+    for name in ("ctrl-c", "killed"):
+        resumed = _cli_run(tmp_path, "sft", "--run-name", name, "--resume", "true")
+        out, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, out[-3000:]
+        assert "sft: resumed from step" in out
+        _assert_same_run(tmp_path / name, tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_two_ranks_under_the_deepspeed_launcher_then_resume(tmp_path):
+    """Ctrl-C reaches the launcher and both ranks (and the launcher then sends them SIGTERM); both
+    stop after the same step, save a ZeRO-3 checkpoint, and a resume gives the weights and rows of
+    a run never stopped."""
+    from helpers import DEEPSPEED_LAUNCHER
+
+    def launcher(n):
+        return [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29300 + os.getpid() % 200 + n)]
+
+    flags = ["--model", str(BASE), "--data", _jsonl(tmp_path / "sft.jsonl", _rows("sft.jsonl", 60)), *LONGER,
+             "--max-steps", "14", "--zero-stage", "3"]
+    straight = _cli_run(tmp_path, "sft", *flags, "--run-name", "straight", launcher=launcher(0))
+    out, _ = straight.communicate(timeout=900)
+    assert straight.returncode == 0, out[-3000:]
+    out = _signal_after(_cli_run(tmp_path, "sft", *flags, "--run-name", "r", launcher=launcher(1)),
+                        tmp_path / "r" / "metrics.jsonl", 6, signal.SIGINT)
+    (line,) = [line for line in out.splitlines() if "sft: interrupted; step" in line]
+    assert "(under the deepspeed launcher, with 2 ranks again)" in line, out[-3000:]
+    step = int(line.split("sft: interrupted; step ")[1].split()[0])
+    assert {"trainer/rank0.pt", "trainer/rank1.pt"} <= set(json.loads(
+        (tmp_path / "r" / "checkpoints" / f"step{step}" / "manifest.json").read_text())["files"])
+    resumed = _cli_run(tmp_path, "sft", "--run-name", "r", "--resume", "true", launcher=launcher(2))
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"sft: resumed from step {step} of 14" in out
+    _assert_same_run(tmp_path / "r", tmp_path / "straight")

@@ -1,7 +1,7 @@
 """Checkpoints that a crash cannot tear and a resume can trust.
 
-Layout: ``<run>/checkpoints/step<N>/`` holds ``actor/`` and ``critic/`` (the DeepSpeed engines;
-no critic for the critic-free algorithms),
+Layout: ``<run>/checkpoints/step<N>/`` holds a directory per DeepSpeed engine (train: ``actor/``
+and ``critic/``, no critic for the critic-free algorithms; sft and rm: ``model/``),
 ``trainer/rank<r>.pt`` (everything else of each rank: tensors and plain values only) and
 ``manifest.json`` (every file's size and sha256). A checkpoint is written under a temporary name
 (``.step<N>.partial``) and published by one atomic rename once every rank has written and the
@@ -173,12 +173,14 @@ def problems(directory: Path) -> list[str]:
 
 
 class Checkpoints:
-    """The checkpoints of one run, in ``<run>/checkpoints``."""
+    """The checkpoints of one run, in ``<run>/checkpoints``; ``names``: the directories of the
+    engines given as ``actor`` and ``critic`` (one name: a single engine, passed as ``actor``)."""
 
-    def __init__(self, directory: Path, rank: int, log=print):
+    def __init__(self, directory: Path, rank: int, log=print, names=("actor", "critic")):
         self.directory = directory
         self.rank = rank
         self.log = log
+        self.names = names
 
     def save(self, step: int, actor, critic, state: dict) -> Path:
         """Write step ``step``'s checkpoint and publish it; collective over the ranks."""
@@ -188,7 +190,7 @@ class Checkpoints:
             shutil.rmtree(partial, ignore_errors=True)  # left by a kill during an earlier save
             partial.mkdir(parents=True)
         torch.distributed.barrier()
-        for engine, name in _engines(actor, critic):
+        for engine, name in self._engines(actor, critic):
             engine.save_checkpoint(str(partial), tag=name, save_latest=False)
         (partial / "trainer").mkdir(exist_ok=True)
         torch.save(state, partial / "trainer" / f"rank{self.rank}.pt")
@@ -208,8 +210,8 @@ class Checkpoints:
         torch.distributed.barrier()
         return final
 
-    def _candidates(self) -> list[Path]:
-        """Published checkpoints, newest first."""
+    def published(self) -> list[Path]:
+        """Published checkpoints, newest first (intact or not)."""
         steps = [p for p in self.directory.glob("step*") if p.is_dir() and _step_of(p) is not None]
         return sorted(steps, key=_step_of, reverse=True)
 
@@ -218,7 +220,7 @@ class Checkpoints:
         files match its manifest and load; each one passed over is named with the reason.
         Collective: every rank passes over a checkpoint that fails on any rank."""
         failures = []
-        for directory in self._candidates():
+        for directory in self.published():
             found = problems(directory) if self.rank == 0 else []
             if torch.distributed.get_world_size() > 1:
                 shared = [found]
@@ -237,7 +239,7 @@ class Checkpoints:
 
     def _try_load(self, directory: Path, actor, critic) -> tuple[dict | None, str | None]:
         try:
-            for engine, name in _engines(actor, critic):
+            for engine, name in self._engines(actor, critic):
                 path, _ = engine.load_checkpoint(str(directory), tag=name)
                 if path is None:
                     return None, f"{directory / name}: DeepSpeed found no checkpoint there"
@@ -249,10 +251,9 @@ class Checkpoints:
                           f"{state.get('step')!r}")
         return state, None
 
-
-def _engines(actor, critic) -> list:
-    """The engines a checkpoint holds (no critic for the critic-free algorithms)."""
-    return [(actor, "actor")] + ([(critic, "critic")] if critic is not None else [])
+    def _engines(self, actor, critic) -> list:
+        """The engines a checkpoint holds (no critic for the critic-free algorithms)."""
+        return [(actor, self.names[0])] + ([(critic, self.names[1])] if critic is not None else [])
 
 
 def _gather_errors(error: str | None) -> list[str]:

@@ -33,8 +33,9 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 RESUMABLE = ("steps", "save_every", "eval_every", "max_nonfinite_in_a_row", "max_gathered_bytes", "fused_head",
              "max_minutes", "stop_on_alarm")
-"""Fields a resumed run may change. Every other field is the run's own: a resume that sets one
-differently is refused, since it would continue a different run on top of this one."""
+"""Fields a resumed train run may change (PPOConfig.RESUMABLE; each command's config names its
+own). Every other field is the run's own: a resume that sets one differently is refused, since it
+would continue a different run on top of this one."""
 
 OLD_LOGPROBS = ("auto", "recompute", "rollout")
 
@@ -66,6 +67,8 @@ class RunConfig:
     with a docstring under each field (``--help`` shows it)."""
 
     RANGES: ClassVar[dict] = {}
+    RESUMABLE: ClassVar[tuple] = ()
+    """Fields a resume may set differently from the run's config.json (see RESUMABLE)."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -113,9 +116,14 @@ class PPOConfig(RunConfig):
     """Seed for prompts, sampling and model initialisation."""
     resume: bool = False
     """Continue the run named run_name from its newest intact checkpoint (after Ctrl-C or kill -9
-    too); an error when it has none."""
+    too; a damaged checkpoint is passed over for the one before) to the metrics a run never stopped
+    gives. It keeps the settings the run started with (only steps, save_every, eval_every,
+    max_nonfinite_in_a_row, max_gathered_bytes, fused_head, max_minutes and stop_on_alarm may
+    change); a run that has done its steps is left as it is; an error when the run has no
+    checkpoint."""
     overwrite: bool = False
-    """Delete an existing run directory of the same name and start over."""
+    """Delete an existing run directory of the same name and start over (refused when the run
+    would delete its own input: a model, prompts or a reward spec's model inside it)."""
     cache_dir: str = ""
     """Where reusable work lives (the default task's warm-up and reward model); empty:
     <output_dir>/.cache."""
@@ -433,6 +441,7 @@ _RANGES = {
     "task": ((lambda v: v in TASKS), f"one of {', '.join(TASKS)}"),
 }
 PPOConfig.RANGES = _RANGES
+PPOConfig.RESUMABLE = RESUMABLE
 
 
 def check_files(config: PPOConfig) -> None:
@@ -515,31 +524,32 @@ def check_prompts_file(name: str, path: str, tokenizer, max_prompt_len: int, lim
                               f"max_prompt_len={max_prompt_len}")
 
 
-def saved_config(run_dir: Path) -> PPOConfig:
-    """The config a run started with (its ``config.json``)."""
+def saved_config(run_dir: Path, cls=None):
+    """The config a run started with (its ``config.json``, read as ``cls``: PPOConfig by default)."""
     path = Path(run_dir) / "config.json"
     try:
         data = json.loads(path.read_text())
-        return PPOConfig(**{**data, "resume": False, "overwrite": False})
+        return (cls or PPOConfig)(**{**data, "resume": False, "overwrite": False})
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"resume: cannot read the run's settings from {path} ({exc}); a resume "
                           "continues a run with the settings it started with") from None
 
 
-def resumed(given: PPOConfig, saved: PPOConfig, explicit=None) -> PPOConfig:
+def resumed(given, saved, explicit=None):
     """What a resumed run continues with: the settings it started with, and from ``given`` the
-    location and the resumable fields. ``explicit``: the fields the user set (all of them when
-    None); one of them that is not resumable and differs from the run's is an error."""
-    names = [f.name for f in dataclasses.fields(PPOConfig)] if explicit is None else explicit
+    location and the resumable fields (its class's RESUMABLE). ``explicit``: the fields the user
+    set (all of them when None); one of them that is not resumable and differs from the run's is
+    an error."""
+    fields = [f.name for f in dataclasses.fields(given)]
+    own = given.RESUMABLE + tuple(name for name in LOCATION if name in fields)
+    names = fields if explicit is None else explicit
     differing = [f"{name}={getattr(given, name)!r} (the run has {getattr(saved, name)!r})"
-                 for name in names if name not in RESUMABLE + LOCATION
-                 and getattr(given, name) != getattr(saved, name)]
+                 for name in names if name not in own and getattr(given, name) != getattr(saved, name)]
     if differing:
         raise ConfigError(f"resume continues run {given.run_name!r} with the settings it started "
                           f"with; these differ from them: {', '.join(differing)}. Start a new run "
-                          f"to change them (resumable: {', '.join(RESUMABLE)})")
-    keep = [name for name in RESUMABLE + LOCATION if explicit is None or name in explicit
-            or name in LOCATION]
+                          f"to change them (resumable: {', '.join(given.RESUMABLE)})")
+    keep = [name for name in own if explicit is None or name in explicit or name in LOCATION]
     return dataclasses.replace(saved, **{name: getattr(given, name) for name in keep})
 
 
@@ -609,12 +619,10 @@ def from_args(args, cls=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if getattr(args, f.name, None) is not None}
     config = cls.from_yaml(args.config, **overrides) if args.config else cls(**overrides)
-    if cls is not PPOConfig:
-        return config
     run_dir = Path(config.output_dir) / config.run_name
-    if not (config.resume and config.run_name and (run_dir / "config.json").is_file()):
+    if not (getattr(config, "resume", False) and config.run_name and (run_dir / "config.json").is_file()):
         return config  # the run directory check says what is wrong with a resume
-    return resumed(config, saved_config(run_dir), explicit | set(overrides))
+    return resumed(config, saved_config(run_dir, cls), explicit | set(overrides))
 
 
 def _yaml_keys(path: str) -> list[str]:

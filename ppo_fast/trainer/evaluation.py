@@ -27,11 +27,16 @@ from .config import ConfigError, RunConfig, _above, _at_least
 class EvalConfig(RunConfig):
     run_name: str = ""
     """Name of the evaluation; its files go to <output_dir>/<run_name>/. Empty: a fresh name from
-    the date and time. An existing directory is refused unless overwrite is set."""
+    the date and time. An existing directory is refused unless overwrite is set (an empty one is
+    reused)."""
     output_dir: str = "runs"
     """Directory that holds run directories."""
     overwrite: bool = False
-    """Delete an existing directory of the same name first."""
+    """Delete an existing directory of the same name first (refused when the evaluation would
+    delete its own input: the policy, reference, prompts or a reward's model inside it). There is
+    no resume: an evaluation has no checkpoints and writes its files when it ends, so an
+    interrupted one leaves its directory empty and runs again under the same name without
+    overwrite."""
     seed: int = 0
     """Seed of the sampling."""
     policy: str = ""

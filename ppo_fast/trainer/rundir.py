@@ -104,7 +104,7 @@ def _decide(config) -> tuple:
             raise ConfigError(f"resume: run directory {run_dir} {where} to resume from (a run "
                               "that stopped before its first checkpoint starts over with "
                               "overwrite)")
-        return resumed(dataclasses.replace(config, run_name=name), saved_config(run_dir)), False
+        return resumed(dataclasses.replace(config, run_name=name), saved_config(run_dir, type(config))), False
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if occupied and not config.overwrite:
         resume = "pass resume to continue that run, " if hasattr(config, "resume") else ""

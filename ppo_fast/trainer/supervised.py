@@ -15,11 +15,15 @@
 
 Sequences are encoded as the PPO trainer encodes prompts and ends completions (data.py), so the
 models fit ``ppo-fast train`` as they are. The data is read and checked before any model is built;
-the run directory follows rundir.py (an existing one is refused unless overwrite). A run writes
-``config.json``, ``metrics.jsonl`` (a row per step: the training loss, and the held-out metrics
-at evaluations; step 0 is the evaluation before training), ``summary.json`` and ``model/`` (model
-and tokenizer, published by one rename). One process or the deepspeed launcher: each rank trains
-on its share of every batch, and the held-out metrics are over all ranks' shares.
+the run directory follows rundir.py (an existing one is refused unless resume or overwrite). A run
+writes ``config.json``, ``metrics.jsonl`` (a row per step: the training loss, and the held-out
+metrics at evaluations; step 0 is the evaluation before training), ``checkpoints/`` (checkpoint.py:
+every save_every steps, after the last and on Ctrl-C or SIGTERM), ``summary.json`` and ``model/``
+(model and tokenizer, published by one rename). A resume continues from the newest intact
+checkpoint to the same weights and rows as a run that was never stopped: the batches of a step
+follow from the seed and the step, and the checkpoint holds the optimizer, the learning-rate
+schedule and every random stream. One process or the deepspeed launcher: each rank trains on its
+share of every batch, and the held-out metrics are over all ranks' shares.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from ..sequences import left_pad, position_ids
+from .checkpoint import (Checkpoints, _write_atomically, export_policy, install_safe_loading, rng_state,
+                         seed_everything, set_rng_state)
 from .config import ConfigError, RunConfig
 
 
@@ -44,13 +52,20 @@ class SFTConfig(RunConfig):
     # --- run ---------------------------------------------------------------------------------
     run_name: str = ""
     """Name of the run; its files go to <output_dir>/<run_name>/. Empty: a fresh name from the
-    date and time. An existing run directory is refused unless overwrite is set."""
+    date and time. An existing run directory is refused unless resume or overwrite is set."""
     output_dir: str = "runs"
     """Directory that holds run directories."""
     seed: int = 0
     """Seed for the held-out split, the order of the rows and any freshly initialised weights."""
+    resume: bool = False
+    """Continue the run named run_name from its newest intact checkpoint (after Ctrl-C, SIGTERM or
+    kill -9 too; a damaged checkpoint is passed over for the one before) to the same weights and
+    metrics as a run never stopped. It keeps the settings the run started with (only save_every
+    and eval_every may change); a finished run is left as it is; an error when the run has no
+    checkpoint."""
     overwrite: bool = False
-    """Delete an existing run directory of the same name and start over."""
+    """Delete an existing run directory of the same name and start over (refused when the run
+    would delete its own model or data)."""
 
     # --- model and data ----------------------------------------------------------------------
     model: str = ""
@@ -87,9 +102,12 @@ class SFTConfig(RunConfig):
     eval_every: int = 100
     """Evaluate on the held-out rows every this many steps, as well as before the first step and
     after the last (0: only then)."""
+    save_every: int = 100
+    """Checkpoint (weights, optimizer, learning-rate schedule, random streams, metrics) every this
+    many steps (0: never), and always after the last step and on Ctrl-C or SIGTERM."""
 
     def check(self) -> None:
-        _check_batches(self)
+        _check_fields(self)
 
 
 @dataclass
@@ -97,13 +115,20 @@ class RMConfig(RunConfig):
     # --- run ---------------------------------------------------------------------------------
     run_name: str = ""
     """Name of the run; its files go to <output_dir>/<run_name>/. Empty: a fresh name from the
-    date and time. An existing run directory is refused unless overwrite is set."""
+    date and time. An existing run directory is refused unless resume or overwrite is set."""
     output_dir: str = "runs"
     """Directory that holds run directories."""
     seed: int = 0
     """Seed for the held-out split, the order of the pairs and the new score head."""
+    resume: bool = False
+    """Continue the run named run_name from its newest intact checkpoint (after Ctrl-C, SIGTERM or
+    kill -9 too; a damaged checkpoint is passed over for the one before) to the same weights and
+    metrics as a run never stopped. It keeps the settings the run started with (only save_every
+    and eval_every may change); a finished run is left as it is; an error when the run has no
+    checkpoint."""
     overwrite: bool = False
-    """Delete an existing run directory of the same name and start over."""
+    """Delete an existing run directory of the same name and start over (refused when the run
+    would delete its own model or data)."""
 
     # --- model and data ----------------------------------------------------------------------
     model: str = ""
@@ -140,12 +165,17 @@ class RMConfig(RunConfig):
     eval_every: int = 50
     """Evaluate on the held-out pairs every this many steps, as well as before the first step and
     after the last (0: only then)."""
+    save_every: int = 50
+    """Checkpoint (weights, optimizer, learning-rate schedule, random streams, metrics) every this
+    many steps (0: never), and always after the last step and on Ctrl-C or SIGTERM."""
 
     def check(self) -> None:
-        _check_batches(self)
+        _check_fields(self)
 
 
-def _check_batches(config) -> None:
+def _check_fields(config) -> None:
+    if config.resume and not config.run_name:
+        raise ConfigError("resume needs run_name: the name of the run to continue")
     if config.batch_size % config.micro_batch_size:
         raise ConfigError(f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size "
                           f"({config.micro_batch_size})")
@@ -155,11 +185,14 @@ SFTConfig.RANGES = RMConfig.RANGES = {
     "output_dir": ((lambda v: bool(v)), "a directory"),
     "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     "eval_fraction": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    **{name: ((lambda v: v >= 0), ">= 0") for name in ("max_len", "max_steps", "grad_clip", "eval_every")},
+    **{name: ((lambda v: v >= 0), ">= 0") for name in ("max_len", "max_steps", "grad_clip", "eval_every",
+                                                        "save_every")},
     **{name: ((lambda v: v >= 1), ">= 1") for name in ("epochs", "batch_size", "micro_batch_size")},
     "lr": ((lambda v: v > 0), "> 0"),
     "zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
 }
+# Neither changes a weight or the order of the batches; every other field does.
+SFTConfig.RESUMABLE = RMConfig.RESUMABLE = ("save_every", "eval_every")
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +326,7 @@ def _engine(model, config, steps: int):
         "total_num_steps": steps, "warmup_min_lr": config.lr / (warmup + 1), "warmup_max_lr": config.lr,
         "warmup_num_steps": warmup, "warmup_type": "linear"}}
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
+    install_safe_loading(engine)
     return engine
 
 
@@ -302,8 +336,9 @@ def _engine(model, config, steps: int):
 
 
 def run_sft(config: SFTConfig, log=print) -> dict:
-    """Supervised fine-tuning; returns the summary (see ``summary.json``). The model directory
-    and the data are checked before anything is built."""
+    """Supervised fine-tuning; returns the summary (see ``summary.json``; after Ctrl-C or SIGTERM
+    ``{"interrupted_at": step}``, and ``{"finished_at": steps}`` when a resume finds the run
+    finished). The model directory and the data are checked before anything is built."""
     from .data import sft_examples
 
     start = time.perf_counter()
@@ -325,8 +360,9 @@ def run_sft(config: SFTConfig, log=print) -> dict:
 
 
 def run_rm(config: RMConfig, log=print) -> dict:
-    """Reward-model training; returns the summary (see ``summary.json``). The model directory
-    and the data are checked before anything is built."""
+    """Reward-model training; returns the summary (see ``summary.json``; after Ctrl-C or SIGTERM
+    ``{"interrupted_at": step}``, and ``{"finished_at": steps}`` when a resume finds the run
+    finished). The model directory and the data are checked before anything is built."""
     from .data import preference_pairs
 
     start = time.perf_counter()
@@ -349,11 +385,12 @@ def run_rm(config: RMConfig, log=print) -> dict:
 
 
 def _run(command, config, tokenizer, rows, build, loss_fn, eval_fn, start, log) -> dict:
-    """What sft and rm share: split, run directory, engine, the loop, evaluations, export."""
+    """What sft and rm share: split, run directory, engine, the loop and its checkpoints,
+    evaluations, export. Returns the summary, or ``{"interrupted_at": step}`` after Ctrl-C or
+    SIGTERM, or ``{"finished_at": steps}`` when a resume finds the run finished."""
     from transformers.utils import logging as hf_logging
 
     from ..distributed import init_distributed
-    from .checkpoint import seed_everything
     from .reporting import Reporter
     from .rundir import prepare_run_dir, release
 
@@ -361,34 +398,106 @@ def _run(command, config, tokenizer, rows, build, loss_fn, eval_fn, start, log) 
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     train_rows, eval_rows = _split(rows, config, world)
+    steps = _total_steps(config, len(train_rows), world)
     config = prepare_run_dir(config, log)
     say = log if rank == 0 else (lambda *_: None)
+    run_dir = Path(config.output_dir) / config.run_name
+    checkpoints = Checkpoints(run_dir / "checkpoints", rank, say, names=("model",))
+    report = Reporter(run_dir, rank, log)
     try:
-        run_dir = Path(config.output_dir) / config.run_name
-        report = Reporter(run_dir, rank, log)
-        report.start_fresh()
+        if config.resume and (run_dir / "summary.json").is_file():
+            say(f"{command}: run {config.run_name!r} has finished its {steps} steps; nothing to do "
+                f"(its model: {run_dir / 'model'})")
+            return {"finished_at": steps}
+        if not config.resume:
+            report.start_fresh()
         report.write_config(config.to_dict())
         seed_everything(config.seed)
-        steps = _total_steps(config, len(train_rows), world)
-        engine = _engine(build(say), config, steps)
+        # A resume's weights come from its checkpoint: what the build says about them is moot.
+        engine = _engine(build(say if not config.resume else lambda *_: None), config, steps)
         loop = _Loop(config, engine, tokenizer.pad_token_id, loss_fn, eval_fn, eval_rows, rank, world)
-        say(f"{command}: {len(train_rows)} training rows, {len(eval_rows)} held out; {steps} steps "
-            f"of {config.batch_size * world} ({world} rank{'s' * (world > 1)})")
-        history = loop.train(train_rows, steps, report, say)
+        done, seconds_before = 0, 0.0
+        if config.resume:
+            done, state = checkpoints.load(engine, None)
+            set_rng_state(state["rng"])
+            report.restore(state["history"])
+            seconds_before = state["seconds"]
+            say(f"{command}: resumed from step {done} of {steps} ({checkpoints.directory / f'step{done}'}); "
+                "any step after it is redone")
+        else:
+            say(f"{command}: {len(train_rows)} training rows, {len(eval_rows)} held out; {steps} steps "
+                f"of {config.batch_size * world} ({world} rank{'s' * (world > 1)})")
+
+        def seconds() -> float:
+            return seconds_before + time.perf_counter() - start
+
+        stopped_at = loop.train(train_rows, done, steps, report, checkpoints, seconds, say)
+        if stopped_at is not None:
+            saved = checkpoints.directory / f"step{stopped_at}"
+            say(f"{command}: interrupted; step {stopped_at} of {steps} saved in {saved}; continue with "
+                f"{_resume_command(command, config, world)}")
+            return {"interrupted_at": stopped_at}
         _export(engine, tokenizer, run_dir, rank)
-        summary = _summary(command, history, run_dir, steps, len(train_rows), len(eval_rows),
-                           time.perf_counter() - start)
+        summary = _summary(command, report.history, run_dir, steps, len(train_rows), len(eval_rows), seconds())
         if rank == 0:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
         say(format_summary(summary))
         return summary
+    except KeyboardInterrupt:
+        # A second Ctrl-C, or one before the loop.
+        if checkpoints.published():
+            say(f"{command}: aborted; continue from the newest checkpoint with "
+                f"{_resume_command(command, config, world)}")
+        elif any(row["step"] > 0 for row in report.history):
+            say(f"{command}: aborted before the first checkpoint; nothing to resume (start over with "
+                "--overwrite true)")
+        elif rank == 0:
+            # A fresh run (a resume has a checkpoint) that trained nothing: everything in the
+            # directory is this process's (an existing one is refused or deleted first), so a rerun
+            # of the same name may start over without --overwrite.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"{command}: interrupted before the first step; {run_dir} removed")
+        raise
     finally:
         release(config)
+
+
+def _resume_command(command, config, world: int) -> str:
+    launcher = f" (under the deepspeed launcher, with {world} ranks again)" if world > 1 else ""
+    return f"ppo-fast {command} --output-dir {config.output_dir} --run-name {config.run_name} --resume true{launcher}"
 
 
 def _total_steps(config, n_train: int, world: int) -> int:
     steps = config.epochs * (n_train // world // config.batch_size)
     return min(steps, config.max_steps) if config.max_steps else steps
+
+
+class _StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop after the current step, with a checkpoint;
+    a second Ctrl-C aborts. SIGTERM never aborts: the deepspeed launcher answers a Ctrl-C by
+    sending its ranks SIGTERM too (and kills them 30 s later), and a rank that got both must still
+    save."""
+
+    def __init__(self, say):
+        self.say, self.requested, self._previous = say, False, {}
+
+    def __enter__(self):
+        # Python runs signal handlers in the main thread only, and only it may install them.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                     "(Ctrl-C again to abort)")
+        self.requested = True
 
 
 class _Loop:
@@ -405,47 +514,63 @@ class _Loop:
         self.eval_rows = share + eval_rows[:length - len(share)]
         self.eval_counted = [True] * len(share) + [False] * (length - len(share))
 
-    def _batches(self, rows: list, steps: int):
-        """This rank's share of each batch, a fresh seeded order per pass."""
+    def _batches(self, rows: list, done: int, steps: int):
+        """This rank's share of the batches of steps done + 1 to steps: a fresh seeded order per
+        pass, so a step's batch depends on the seed and the step alone (and a resume meets the
+        batches the uninterrupted run would)."""
         per_step = self.config.batch_size * self.world
-        epoch = 0
-        while True:
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(
-                self.config.seed + 1 + epoch)).tolist()
-            for first in range(0, len(rows) - per_step + 1, per_step):
-                batch = order[first:first + per_step][self.rank::self.world]
-                yield [rows[i] for i in batch]
-                steps -= 1
-                if steps == 0:
-                    return
-            epoch += 1
+        per_pass = len(rows) // per_step
+        order = None
+        for step in range(done, steps):
+            epoch, position = divmod(step, per_pass)
+            if order is None or position == 0:
+                order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(
+                    self.config.seed + 1 + epoch)).tolist()
+            batch = order[position * per_step:(position + 1) * per_step][self.rank::self.world]
+            yield [rows[i] for i in batch]
 
-    def train(self, rows: list, steps: int, report, say) -> list[dict]:
+    def train(self, rows: list, done: int, steps: int, report, checkpoints, seconds, say) -> int | None:
+        """Steps done + 1 to steps (before step 1: the evaluation of step 0), a checkpoint every
+        save_every steps, after the last and after a stop signal; returns the step a signal
+        stopped the run at (None: it ran to the end)."""
         config, engine, device = self.config, self.engine, self.engine.device
         evaluate_now = {0, steps} | set(range(config.eval_every, steps, config.eval_every or steps))
         progress_every = max(1, steps // 10)
-        history = []
-        for step, batch in enumerate(self._batches(rows, steps), start=1):
-            if step == 1:
-                self._record({"step": 0, **self.evaluate()}, history, report, say)
-            engine.train()
-            losses = []
-            for first in range(0, len(batch), config.micro_batch_size):
-                loss = self.loss_fn(engine, batch[first:first + config.micro_batch_size],
-                                    self.pad_token_id, device)
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.detach().double())
-            row = {"step": step, "loss": self._mean_over_ranks(torch.stack(losses).mean())}
-            if step in evaluate_now:
-                row.update(self.evaluate())
-            self._record(row, history, report, say if step % progress_every == 0 or step in evaluate_now
-                         else None)
-        return history
+        with _StopSignals(say) as signals:
+            if done == 0:
+                self._record({"step": 0, **self.evaluate()}, report, say)
+            for step, batch in enumerate(self._batches(rows, done, steps), start=done + 1):
+                engine.train()
+                losses = []
+                for first in range(0, len(batch), config.micro_batch_size):
+                    loss = self.loss_fn(engine, batch[first:first + config.micro_batch_size],
+                                        self.pad_token_id, device)
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(loss.detach().double())
+                row = {"step": step, "loss": self._mean_over_ranks(torch.stack(losses).mean())}
+                if step in evaluate_now:
+                    row.update(self.evaluate())
+                self._record(row, report, say if step % progress_every == 0 or step in evaluate_now else None)
+                stop = self._on_any_rank(signals.requested)
+                if stop or step == steps or (config.save_every and step % config.save_every == 0):
+                    checkpoints.save(step, engine, None, {"step": step, "rng": rng_state(),
+                                                          "history": report.history, "seconds": seconds()})
+                if stop:
+                    return step
+        return None
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether any rank's flag is set: a signal seen by one rank stops every rank after the
+        same step (a rank that went on alone would wait forever in the next collective)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.engine.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return value.item() == 1.0
 
     @staticmethod
-    def _record(row: dict, history: list, report, say) -> None:
-        history.append(row)
+    def _record(row: dict, report, say) -> None:
         report.row(row)
         if say is not None:
             say("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -481,8 +606,6 @@ class _Loop:
 def _export(engine, tokenizer, run_dir: Path, rank: int) -> None:
     """The trained model and its tokenizer as ``<run_dir>/model``, written aside and renamed into
     place, so a kill never leaves a half-written model there."""
-    from .checkpoint import export_policy
-
     partial = run_dir / ".model.partial"
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
