@@ -57,6 +57,35 @@ inline A tree(const Vectorized<A>& acc) {
   return t[0];
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// tree() of 16 accumulators at once, with shuffles: every addition is one of tree()'s (level 1 adds
+// lane i + 8 to lane i, level 2 i + 4, then i + 2, i + 1), so each sum has tree()'s bits and a 1×1
+// edge tile, which calls tree(), agrees with a full tile. out[j] = tree(v[j]).
+inline void tree16(const Vectorized<float>* v, float* out) {
+  __m512 level1[8], level2[4], level3[2];
+  for (int p = 0; p < 8; ++p) {  // lanes 0-7: v[2p]'s 8 partial sums, lanes 8-15: v[2p + 1]'s
+    const __m512 a = v[2 * p], b = v[2 * p + 1];
+    level1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int q = 0; q < 4; ++q) {  // 128-bit lane k: v[4q + k]'s 4 partial sums
+    const __m512 a = level1[2 * q], b = level1[2 * q + 1];
+    level2[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  for (int h = 0; h < 2; ++h) {  // lane k: 2 partial sums of v[8h + k], then 2 of v[8h + 4 + k]
+    const __m512 a = level2[2 * h], b = level2[2 * h + 1];
+    level3[h] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // element 4k + g: the sum of v[4g + k]
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(level3[0], level3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(level3[0], level3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float t[16];
+  _mm512_store_ps(t, sums);
+  for (int g = 0; g < 4; ++g)
+    for (int k = 0; k < 4; ++k) out[4 * g + k] = t[4 * k + g];
+}
+#endif
+
 // C[m, n] = Σ_k A[m, k]·B[n, k] for an MR×NR tile, K's order as the header says.
 template <int MR, int NR, typename T, typename A = typename Acc<T>::type>
 inline void dot_tile(const T* A_, int64_t lda, const T* B, int64_t ldb, int64_t K, A* out /* [MR][NR] */) {
@@ -74,6 +103,17 @@ inline void dot_tile(const T* A_, int64_t lda, const T* B, int64_t ldb, int64_t 
       for (int c = 0; c < NR; ++c) acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]);
     }
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (MR == 4 && NR == 4 && std::is_same_v<A, float>) {
+    tree16(acc[0], out);
+    if (K == body) return;
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c)
+        for (int64_t k = body; k < K; ++k)
+          out[r * NR + c] = std::fma(widen<A>(A_[r * lda + k]), widen<A>(B[c * ldb + k]), out[r * NR + c]);
+    return;
+  }
+#endif
   for (int r = 0; r < MR; ++r) {
     for (int c = 0; c < NR; ++c) {
       A s = tree<A>(acc[r][c]);
