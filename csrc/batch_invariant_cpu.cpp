@@ -3,11 +3,11 @@
 // The contract: an output element's value is a function of its own inputs and of the reduced
 // length alone, never of M, N, the row's position, the batch, the tile it falls in or the thread
 // count. Every reduction here runs in one order fixed by the reduced length:
-//   - over K (GEMM, a dot product, a row sum): lane l of one vector accumulator (W lanes, W the
-//     CPU's float vector width) takes the FMAs of k ≡ l (mod W) in increasing k; the W lanes are
-//     then summed by a fixed halving tree; the last K mod W terms are added one by one after it.
-//     Each output has its own accumulator, so a 4×4 register tile and a 1×1 edge tile compute
-//     the same bits (a vector FMA and std::fma both round once).
+//   - GEMM: each output is one FMA chain over k = 0 … K − 1, in one vector lane; the tile and the
+//     lane it falls in change with M, the chain does not (a vector FMA rounds each lane once).
+//   - a row sum or attention's q·k over a fixed length L: lane l of one vector accumulator (W
+//     lanes, W the CPU's vector width) takes k ≡ l (mod W) in increasing k; the W lanes are then
+//     summed by a fixed halving tree; the last L mod W terms are added one by one after it.
 //   - over keys (attention): the valid keys of one query in increasing key index, one at a time;
 //     a masked key is skipped, not added as a zero, so left padding and the causal future change
 //     nothing, and a prefill query equals the same query decoded against the cache.
@@ -57,65 +57,120 @@ inline A tree(const Vectorized<A>& acc) {
   return t[0];
 }
 
-// C[m, n] = Σ_k A[m, k]·B[n, k] for an MR×NR tile, K's order as the header says.
-template <int MR, int NR, typename T, typename A = typename Acc<T>::type>
-inline void dot_tile(const T* A_, int64_t lda, const T* B, int64_t ldb, int64_t K, A* out /* [MR][NR] */) {
+// One dot product Σ_k a[k]·b[k] (attention's q·k): lanes, tree(), then the tail, as the header says.
+template <typename T, typename A = typename Acc<T>::type>
+inline A dot(const T* a, const T* b, int64_t K) {
   using V = Vectorized<A>;
   constexpr int lanes = V::size();
-  V acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = V(A(0));
+  V acc(A(0));
   const int64_t body = K - K % lanes;
-  for (int64_t k = 0; k < body; k += lanes) {
-    V b[NR];
-    for (int c = 0; c < NR; ++c) b[c] = load<A>(B + c * ldb + k);
-    for (int r = 0; r < MR; ++r) {
-      const V a = load<A>(A_ + r * lda + k);
-      for (int c = 0; c < NR; ++c) acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]);
+  for (int64_t k = 0; k < body; k += lanes) acc = at::vec::fmadd(load<A>(a + k), load<A>(b + k), acc);
+  A s = tree<A>(acc);
+  for (int64_t k = body; k < K; ++k) s = std::fma(widen<A>(a[k]), widen<A>(b[k]), s);
+  return s;
+}
+
+// The GEMM out[m, n] = alpha·Σ_k X[m, k]·W[n, k] + beta·bias[m, n]: every output is one FMA chain
+// over k = 0 … K − 1 in its own vector lane. The rows of X are packed (widened) into panels of
+// `lanes` rows, k-major, zero rows past M; a register tile is kNR rows of W (each W[n, k]
+// broadcast) × MV panels of X, read as one interleaved stream. A row's lane, panel and tile change with M, its chain does not.
+template <typename A>
+constexpr int kPanelVectors = Vectorized<A>::size() * sizeof(A) == 64 ? 4 : 2;  // AVX-512: 32 registers, AVX2: 16
+constexpr int kNR = 6;
+constexpr int64_t kRowBlock = 48;     // W rows swept over every panel group together: they stay in L2
+constexpr int64_t kDepthBlock = 128;  // k per pass: 4 panels × 128 × 64 bytes = 32 KiB, in L1
+
+// acc (the tile's running sums, [NR][MV][lanes]) += the tile's products over k ∈ [k0, k1): a block
+// of K at a time, so a panel group's block stays in L1 across the tiles of a W row block. Storing
+// and reloading a running sum changes no bit: the chain is the same.
+template <int NR, int MV, typename T, typename A>
+inline void gemm_tile(const A* panels, const T* W, int64_t ldw, int64_t k0, int64_t k1,
+                      A* sums) {
+  using V = Vectorized<A>;
+  constexpr int lanes = V::size();
+  V acc[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v] = V::loadu(sums + (r * MV + v) * lanes);
+  for (int64_t k = k0; k < k1; ++k) {
+    V x[MV];
+    for (int v = 0; v < MV; ++v) x[v] = V::loadu(panels + (k * kPanelVectors<A> + v) * lanes);
+    for (int r = 0; r < NR; ++r) {
+      const V w(widen<A>(W[r * ldw + k]));
+      for (int v = 0; v < MV; ++v) acc[r][v] = at::vec::fmadd(x[v], w, acc[r][v]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    for (int c = 0; c < NR; ++c) {
-      A s = tree<A>(acc[r][c]);
-      for (int64_t k = body; k < K; ++k) s = std::fma(widen<A>(A_[r * lda + k]), widen<A>(B[c * ldb + k]), s);
-      out[r * NR + c] = s;
-    }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v].store(sums + (r * MV + v) * lanes);
+}
+
+template <int NR, typename T, typename A>
+inline void gemm_tile_mv(int mv, const A* panels, const T* W, int64_t ldw, int64_t k0,
+                         int64_t k1, A* sums) {
+  static_assert(kPanelVectors<A> == 4 || kPanelVectors<A> == 2);
+  switch (mv) {
+    case 1: return gemm_tile<NR, 1>(panels, W, ldw, k0, k1, sums);
+    case 2: return gemm_tile<NR, 2>(panels, W, ldw, k0, k1, sums);
+    case 3: return gemm_tile<NR, 3>(panels, W, ldw, k0, k1, sums);
+    default: return gemm_tile<NR, kPanelVectors<A>>(panels, W, ldw, k0, k1, sums);
   }
 }
 
-constexpr int kMR = 4;
-constexpr int kNR = Vectorized<float>::size() == 16 ? 4 : 3;  // AVX-512 has 32 vector registers, AVX2 16
-constexpr int64_t kColumnBlock = 64;       // B rows swept together over all of M: stay in L2
-
-// out[m, n] = alpha·Σ_k A[m,k]·B[n,k] + beta·bias[m, n] (bias optional, any strides).
-template <typename T, typename acc_t = typename Acc<T>::type>
-void gemm_nt(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t N,
-             int64_t K, acc_t alpha, acc_t beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
-  auto finish = [&](int64_t m, int64_t n, acc_t dot) {
-    acc_t value = alpha == acc_t(1) ? dot : alpha * dot;
-    if (bias != nullptr) value += beta == acc_t(1) ? widen<acc_t>(bias[m * bias_sm + n * bias_sn])
-                                               : beta * widen<acc_t>(bias[m * bias_sm + n * bias_sn]);
-    C[m * ldc + n] = static_cast<T>(value);
-  };
-  const int64_t column_blocks = (N + kColumnBlock - 1) / kColumnBlock;
-  const int64_t row_tiles = (M + kMR - 1) / kMR;
-  // Work items are (column block, row tile) pairs; which thread takes one changes no bits.
-  at::parallel_for(0, column_blocks * row_tiles, 1, [&](int64_t begin, int64_t end) {
-    acc_t tile[kMR * kNR];
+template <typename T, typename A = typename Acc<T>::type>
+void gemm_nt(const T* X, int64_t ldx, const T* W, int64_t ldw, T* C, int64_t ldc, int64_t M, int64_t N,
+             int64_t K, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
+  constexpr int lanes = Vectorized<A>::size();
+  constexpr int MV = kPanelVectors<A>;
+  const int64_t n_panels = (M + lanes - 1) / lanes;
+  const int64_t groups = (n_panels + MV - 1) / MV, row_blocks = (N + kRowBlock - 1) / kRowBlock;
+  // A group's MV panels interleaved: [group][k][MV][lanes], one stream for the tile to read.
+  std::vector<A> packed(static_cast<size_t>(groups * K * MV * lanes), A(0));
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t rows = std::min<int64_t>(lanes, M - p * lanes);
+      const T* from = X + p * lanes * ldx;
+      A* to = packed.data() + (p / MV) * K * MV * lanes + (p % MV) * lanes;
+      for (int64_t k = 0; k < K; ++k)  // writes one vector at a time, reads `rows` sequential streams
+        for (int64_t l = 0; l < rows; ++l) to[k * MV * lanes + l] = widen<A>(from[l * ldx + k]);
+    }
+  });
+  // Work items are (block of W rows, group of panels) pairs; which thread takes one changes no bits.
+  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> block_sums(static_cast<size_t>(kRowBlock * MV * lanes));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n_begin = (item / row_tiles) * kColumnBlock, n_end = std::min(N, n_begin + kColumnBlock);
-      const int64_t m0 = (item % row_tiles) * kMR;
-      const int64_t m_end = std::min(M, m0 + kMR);
+      const int64_t n_begin = (item / groups) * kRowBlock, n_end = std::min(N, n_begin + kRowBlock);
+      const int64_t p0 = (item % groups) * MV;
+      const int mv = static_cast<int>(std::min<int64_t>(MV, n_panels - p0));
+      const A* panels = packed.data() + (p0 / MV) * K * MV * lanes;
+      std::fill(block_sums.begin(), block_sums.end(), A(0));
+      for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
+        const int64_t k1 = std::min(K, k0 + kDepthBlock);
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
+          const int nr = static_cast<int>(std::min<int64_t>(kNR, n_end - n0));
+          A* sums = block_sums.data() + (n0 - n_begin) * mv * lanes;
+          if (nr == kNR) {
+            gemm_tile_mv<kNR, T, A>(mv, panels, W + n0 * ldw, ldw, k0, k1, sums);
+          } else {  // the block's last rows, one at a time
+            for (int r = 0; r < nr; ++r)
+              gemm_tile_mv<1, T, A>(mv, panels, W + (n0 + r) * ldw, ldw, k0, k1, sums + r * mv * lanes);
+          }
+        }
+      }
       for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
-        if (m_end - m0 == kMR && n0 + kNR <= n_end) {
-          dot_tile<kMR, kNR>(A + m0 * lda, lda, B + n0 * ldb, ldb, K, tile);
-          for (int r = 0; r < kMR; ++r)
-            for (int c = 0; c < kNR; ++c) finish(m0 + r, n0 + c, tile[r * kNR + c]);
-        } else {
-          for (int64_t m = m0; m < m_end; ++m)
-            for (int64_t n = n0; n < std::min(n0 + kNR, n_end); ++n) {
-              dot_tile<1, 1>(A + m * lda, lda, B + n * ldb, ldb, K, tile);
-              finish(m, n, tile[0]);
+        const int nr = static_cast<int>(std::min<int64_t>(kNR, n_end - n0));
+        const A* tile = block_sums.data() + (n0 - n_begin) * mv * lanes;
+        for (int r = 0; r < nr; ++r) {
+          const int64_t n = n0 + r;
+          for (int v = 0; v < mv; ++v)
+            for (int l = 0; l < lanes; ++l) {
+              const int64_t m = (p0 + v) * lanes + l;
+              if (m >= M) break;
+              A value = tile[(r * mv + v) * lanes + l];
+              if (alpha != A(1)) value = alpha * value;
+              if (bias != nullptr) {
+                const A b = widen<A>(bias[m * bias_sm + n * bias_sn]);
+                value += beta == A(1) ? b : beta * b;
+              }
+              C[m * ldc + n] = static_cast<T>(value);
             }
         }
       }
@@ -262,9 +317,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           extra = brow[j * bias.stride(3)];
           if (!(extra > masked_below)) continue;  // −inf, a lowest-float mask, or NaN
         }
-        float dot;
-        dot_tile<1, 1, T, float>(qrow, 0, kbase + j * k.stride(2), 0, D, &dot);
-        const float s = dot * scale + extra;
+        const float s = dot<T, float>(qrow, kbase + j * k.stride(2), D) * scale + extra;
         scores[n] = s;
         keys[n++] = j;
         top = std::max(top, s);

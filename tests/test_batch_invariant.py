@@ -75,6 +75,22 @@ def test_with_the_mode_off_torch_linear_is_not_batch_invariant(dtype, k, rows):
         assert all(torch.equal(op(x[:b]), full[:b]) for b in BATCH_SIZES)
 
 
+def test_the_thread_count_changes_no_bit():
+    x = torch.randn(33, 300, generator=torch.Generator().manual_seed(11))
+    w = _weight(70, 300, torch.float32)
+    threads = torch.get_num_threads()
+    with pf.batch_invariant():
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            try:
+                results.append((F.linear(x, w), x.sum(-1), x.double().mean(0)))
+            finally:
+                torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_with_the_mode_off_a_long_row_sum_depends_on_the_number_of_rows():
     """torch splits one long row across threads when rows are few; the mode reduces it in one order."""
     if torch.get_num_threads() < 2:
