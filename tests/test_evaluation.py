@@ -96,9 +96,34 @@ def test_eval_errors_name_the_field(policies, tmp_path):
         EvalConfig(policy="p", prompts="p.txt")
     with pytest.raises(ConfigError, match="reference: .* tokenizes differently from the policy"):
         evaluate(EvalConfig(policy=str(policies / "a"), reference=str(policies / "letters"), task="arithmetic",
-                            output_dir=str(tmp_path), num_prompts=4), log=lambda *a: None)
+                            output_dir=str(tmp_path), num_prompts=4, max_new_tokens=6), log=lambda *a: None)
     with pytest.raises(ConfigError, match="task: the rules of task 'vowels' read the token ids of its own"):
-        evaluate(EvalConfig(policy=str(policies / "a"), task="vowels", output_dir=str(tmp_path), num_prompts=4),
-                 log=lambda *a: None)
+        evaluate(EvalConfig(policy=str(policies / "a"), task="vowels", output_dir=str(tmp_path), num_prompts=4,
+                            max_new_tokens=6), log=lambda *a: None)
     out = cli(["eval", "--policy", str(tmp_path / "absent"), "--task", "arithmetic"], cwd=tmp_path)
     assert out.returncode == 2 and "policy: " in out.stderr
+
+
+def test_prompts_beyond_the_policys_context_are_refused_before_any_work(tmp_path):
+    """Each prompt with max_new_tokens must fit the policy's context: checked from its config before
+    the run directory is made or a model loads."""
+    from transformers import LlamaForCausalLM
+
+    policy = tmp_path / "policy"
+    tokenizer = default_task.char_tokenizer(default_task.DIGITS)
+    LlamaForCausalLM(default_task.llama_config(tokenizer.vocab_size, max_position_embeddings=16)).save_pretrained(
+        policy)
+    tokenizer.save_pretrained(policy)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("1+2=", "12345+678=", "3+4=")))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=rf"^prompts: prompt 1 of {prompts} \('12345\+678='\) is 12 tokens; with "
+                       r"max_new_tokens=8 its sequences reach 20 tokens, beyond the context of policy .*policy "
+                       r"\(16 tokens, its max_position_embeddings\): at most 4 new tokens fit \(1 of the 3 prompts"):
+        evaluate(EvalConfig(policy=str(policy), prompts=str(prompts), task="arithmetic", output_dir=str(out),
+                            run_name="e", max_new_tokens=8), log=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"^task: prompt 0 of the arithmetic task's held-out prompts \('\d\+\d='\) "
+                       r"is 6 tokens; with max_new_tokens=12 .* at most 10 new tokens fit \(20 of the 20 prompts"):
+        evaluate(EvalConfig(policy=str(policy), task="arithmetic", output_dir=str(out), run_name="e", num_prompts=20,
+                            max_new_tokens=12), log=lambda *a: None)
+    assert not out.exists()

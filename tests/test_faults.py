@@ -283,6 +283,26 @@ def test_missing_files_are_reported_before_any_work(tmp_path, overrides, match):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_prompt_too_long_for_the_context_with_max_new_tokens_is_refused_before_any_work(tmp_path):
+    cache = tmp_path / "cache"
+    # The default task's prompts are 6-10 tokens and its policy's context 64 tokens.
+    with pytest.raises(ConfigError, match=r"^task: prompt \d+ of the vowels task's training prompts \('\w{8}'\) "
+                       r"is 10 tokens; with max_new_tokens=60 its sequences reach 70 tokens, beyond the context "
+                       r"of the vowels task's policy \(64 tokens, its max_position_embeddings\): at most 54 new "
+                       r"tokens fit \(\d+ of the 4096 prompts do not fit\)$"):
+        train(PPOConfig(**fields(tmp_path, str(cache), run_name="r", steps=1, max_new_tokens=60)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("abc", "a" * 40, "b" * 35)))
+    with pytest.raises(ConfigError, match=rf"^prompts_file: prompt 1 of {prompts} \('a{{40}}'\) is 42 tokens; with "
+                       r"max_new_tokens=30 its sequences reach 72 tokens, beyond the context of the vowels task's "
+                       r"policy \(64 tokens, its max_position_embeddings\): at most 22 new tokens fit \(2 of the 3 "
+                       r"prompts do not fit\)$"):
+        train(PPOConfig(**fields(tmp_path, str(cache), run_name="r", steps=1, prompts_file=str(prompts),
+                                 max_prompt_len=64, max_new_tokens=30)))
+    # Checked before any work: no warm-up, and no run directory that would refuse the corrected rerun.
+    assert not (tmp_path / "r").exists() and not cache.exists()
+
+
 @pytest.mark.slow
 def test_save_every_and_eval_every_zero_mean_never(tmp_path, cache):
     summary = train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=3, save_every=0,

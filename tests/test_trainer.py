@@ -1,6 +1,7 @@
 """The PPO trainer on the embedded default task: a short run in one process and under the deepspeed
 launcher with ZeRO-3, resume after kill -9, faults, and bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,8 +17,8 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 import ppo_fast as pf  # noqa: E402
-from ppo_fast.trainer import (PPOConfig, PPOTrainer, TrainingStopped, build_components,  # noqa: E402
-                              load_prompts, train)
+from ppo_fast.trainer import (ConfigError, PPOConfig, PPOTrainer, TrainingStopped,  # noqa: E402
+                              build_components, load_prompts, train)
 
 from helpers import DEEPSPEED_LAUNCHER, poison_actor_loss, subprocess_env  # noqa: E402
 
@@ -212,9 +213,13 @@ def test_empty_prompt_file_and_too_long_prompts(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="holds no prompts"):
         load_prompts(str(empty))
-    config, components = _trainer(tmp_path, max_prompt_len=4)
+    with pytest.raises(ConfigError, match=r"^task: prompt 0 of the vowels task's training prompts .* longer than "
+                       r"max_prompt_len=4$"):
+        _trainer(tmp_path, max_prompt_len=4)
+    # Prompts handed over in Components are checked as they are encoded.
+    config, components = _trainer(tmp_path)
     with pytest.raises(ValueError, match="longer than max_prompt_len=4"):
-        PPOTrainer(config, components).train()
+        PPOTrainer(dataclasses.replace(config, max_prompt_len=4), components).train()
 
 
 @pytest.mark.slow

@@ -167,7 +167,8 @@ class PPOConfig(RunConfig):
     max_prompt_len: int = 16
     """Prompts longer than this many tokens are an error."""
     max_new_tokens: int = 12
-    """Tokens generated per prompt."""
+    """Tokens generated per prompt; the longest prompt plus these must fit the policy's context
+    (max_position_embeddings), checked before the run starts."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts."""
     top_p: float = 1.0
@@ -448,7 +449,7 @@ def check_files(config: PPOConfig) -> None:
     """Every file the run will read exists and is whole (model directories: config, weights,
     tokenizer; a reward model's score head; the DeepSpeed config parses), before any model loads;
     a ConfigError names the field and the path."""
-    from .modeldir import check_model_dir, load_tokenizer
+    from .modeldir import check_model_dir, load_tokenizer, model_config
 
     tokenizer = None
     if config.policy_model:
@@ -470,14 +471,27 @@ def check_files(config: PPOConfig) -> None:
                           "module:function, or a weighted list (or pass reward_fn to PPOTrainer "
                           "through Components)")
     check_reward_specs(config, "reward", "gold")
-    for name in ("prompts_file", "eval_prompts_file"):
-        if not getattr(config, name):
-            continue
-        if tokenizer is None:
-            from .default_task import TASKS, char_tokenizer
+    # Each prompt with max_new_tokens must fit the policy's context.
+    if config.policy_model:
+        context = getattr(model_config("policy_model", config.policy_model), "max_position_embeddings", None)
+        room = dict(max_new_tokens=config.max_new_tokens, context=context, model=f"policy_model {config.policy_model}")
+    else:
+        from .default_task import CONTEXT, TASKS, char_tokenizer, held_out_prompts, training_prompts
 
-            tokenizer = char_tokenizer(TASKS[config.task].alphabet)
-        check_prompts_file(name, getattr(config, name), tokenizer, config.max_prompt_len)
+        tokenizer = char_tokenizer(TASKS[config.task].alphabet)
+        room = dict(max_new_tokens=config.max_new_tokens, context=CONTEXT, model=f"the {config.task} task's policy")
+        if not config.prompts_file:
+            check_prompt_lengths("task", f"the {config.task} task's training prompts",
+                                 training_prompts(config.task, config.seed), tokenizer, config.max_prompt_len, **room)
+        if not config.eval_prompts_file:
+            check_prompt_lengths("task", f"the {config.task} task's held-out prompts",
+                                 held_out_prompts(config.task, config.seed, config.eval_prompts), tokenizer,
+                                 config.max_prompt_len, **room)
+    if config.prompts_file:
+        check_prompts_file("prompts_file", config.prompts_file, tokenizer, config.max_prompt_len, **room)
+    if config.eval_prompts_file:
+        check_prompts_file("eval_prompts_file", config.eval_prompts_file, tokenizer, config.max_prompt_len,
+                           limit=config.eval_prompts, **room)
     if config.ds_config:
         try:
             ds = json.loads(Path(config.ds_config).read_text())
@@ -504,10 +518,12 @@ def check_reward_specs(config, *names: str) -> None:
                 raise ConfigError(str(exc)) from None
 
 
-def check_prompts_file(name: str, path: str, tokenizer, max_prompt_len: int, limit: int | None = None) -> None:
+def check_prompts_file(name: str, path: str, tokenizer, max_prompt_len: int, limit: int | None = None,
+                       **room) -> None:
     """The prompts file of field ``name`` reads (chat prompts through ``tokenizer``'s template) and
-    its first ``limit`` prompts (all: None) fit ``max_prompt_len`` tokens; a ConfigError naming the
-    field, the file and the first prompt at fault otherwise."""
+    its first ``limit`` prompts (all: None) pass :func:`check_prompt_lengths` (``room``: its
+    max_new_tokens, context and model); a ConfigError naming the field, the file and the first
+    prompt at fault otherwise."""
     from .prompts import load_prompts
 
     if not Path(path).is_file():
@@ -517,11 +533,30 @@ def check_prompts_file(name: str, path: str, tokenizer, max_prompt_len: int, lim
         prompts = load_prompts(path, tokenizer)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{name}: {exc}") from None
-    for row, prompt in enumerate(prompts[:limit]):
-        length = len(tokenizer.encode(prompt, add_special_tokens=True))
+    check_prompt_lengths(name, path, prompts[:limit], tokenizer, max_prompt_len, **room)
+
+
+def check_prompt_lengths(name: str, where: str, prompts: list[str], tokenizer, max_prompt_len: int,
+                         max_new_tokens: int = 0, context: int | None = None, model: str = "") -> None:
+    """Each prompt (of ``where``: a file, or the prompts a task generates) is at most
+    ``max_prompt_len`` tokens, and with ``max_new_tokens`` fits the ``context`` tokens of
+    ``model`` (a phrase naming it; no context: no limit), which generation would otherwise refuse
+    after the run started; a ConfigError naming field ``name``, the prompt and its row."""
+    lengths = [len(tokenizer.encode(prompt, add_special_tokens=True)) for prompt in prompts]
+    for row, (prompt, length) in enumerate(zip(prompts, lengths)):
         if length > max_prompt_len:
-            raise ConfigError(f"{name}: prompt {row} of {path} ({prompt[:40]!r}) is {length} tokens, longer than "
+            raise ConfigError(f"{name}: prompt {row} of {where} ({prompt[:40]!r}) is {length} tokens, longer than "
                               f"max_prompt_len={max_prompt_len}")
+    if context is None or not prompts or max(lengths) + max_new_tokens <= context:
+        return
+    # The longest prompt is the one to name: it sets how many new tokens fit.
+    row = max(range(len(prompts)), key=lengths.__getitem__)
+    length, over = lengths[row], sum(n + max_new_tokens > context for n in lengths)
+    fit = f"at most {context - length} new tokens fit" if context > length else "the prompt alone fills it"
+    raise ConfigError(f"{name}: prompt {row} of {where} ({prompts[row][:40]!r}) is {length} tokens; with "
+                      f"max_new_tokens={max_new_tokens} its sequences reach {length + max_new_tokens} tokens, "
+                      f"beyond the context of {model} ({context} tokens, its max_position_embeddings): {fit} "
+                      f"({over} of the {len(prompts)} prompts do not fit)")
 
 
 def saved_config(run_dir: Path, cls=None):

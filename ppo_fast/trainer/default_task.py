@@ -45,6 +45,10 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<sep>"]
 
 
 DIGITS = "0123456789+="
+CONTEXT = 64
+"""Tokens the tasks' models attend to (their max_position_embeddings): a prompt and its completion."""
+TRAINING_PROMPTS = 4096
+"""Prompts a task generates for a training run."""
 
 
 def char_tokenizer(alphabet: str = LETTERS):
@@ -81,7 +85,7 @@ def llama_config(vocab: int, **overrides):
     from transformers import LlamaConfig
 
     settings = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
                     bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
                     attn_implementation="sdpa")
     settings.update(overrides)
@@ -153,6 +157,17 @@ TASKS = {
     "arithmetic": Task(DIGITS, make_sums, _sum_demonstration, exact_sum, exact_sum),
     "arithmetic-hackable": Task(DIGITS, make_sums, _sum_demonstration, exact_sum, length_biased_sum),
 }
+
+
+def training_prompts(task: str, seed: int) -> list[str]:
+    """The prompts task ``task`` trains on in a run of seed ``seed``."""
+    return TASKS[task].make_prompts(TRAINING_PROMPTS, seed)
+
+
+def held_out_prompts(task: str, seed: int, n: int) -> list[str]:
+    """The first ``n`` evaluation prompts of task ``task`` for seed ``seed`` (none of a run's
+    training prompts' stream)."""
+    return TASKS[task].make_prompts(n, seed + 999)
 
 
 def warm_up_policy(steps: int, seed: int, log=print, task: str = "vowels") -> nn.Module:

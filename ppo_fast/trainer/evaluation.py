@@ -65,7 +65,8 @@ class EvalConfig(RunConfig):
     max_prompt_len: int = 256
     """Prompts longer than this many tokens are an error."""
     max_new_tokens: int = 64
-    """Tokens generated per prompt."""
+    """Tokens generated per prompt; the longest prompt plus these must fit the policy's context
+    (max_position_embeddings), checked before any work."""
     temperature: float = 1.0
     """Sampling temperature."""
     top_p: float = 1.0
@@ -96,18 +97,27 @@ class EvalConfig(RunConfig):
 
 def check_eval_files(config: EvalConfig) -> None:
     """Every model directory and file the evaluation reads is whole (modeldir.py, and the
-    prompts), before the run directory is made."""
-    from .config import check_prompts_file, check_reward_specs
-    from .modeldir import check_model_dir, load_tokenizer
+    prompts), and each prompt with max_new_tokens fits the policy's context, before the run
+    directory is made."""
+    from .config import check_prompt_lengths, check_prompts_file, check_reward_specs
+    from .default_task import held_out_prompts
+    from .modeldir import check_model_dir, load_tokenizer, model_config
 
     check_model_dir("policy", config.policy)
+    # Chat prompts become text through the policy's chat template; lengths count its tokens.
     tokenizer = load_tokenizer("policy", config.policy)
     if config.reference:
         check_model_dir("reference", config.reference)
     check_reward_specs(config, "reward", "gold")
+    room = dict(max_new_tokens=config.max_new_tokens, model=f"policy {config.policy}",
+                context=getattr(model_config("policy", config.policy), "max_position_embeddings", None))
     if config.prompts:
-        # Chat prompts become text through the policy's chat template.
-        check_prompts_file("prompts", config.prompts, tokenizer, config.max_prompt_len, limit=config.num_prompts)
+        check_prompts_file("prompts", config.prompts, tokenizer, config.max_prompt_len, limit=config.num_prompts,
+                           **room)
+    else:
+        check_prompt_lengths("task", f"the {config.task} task's held-out prompts",
+                             held_out_prompts(config.task, config.seed, config.num_prompts), tokenizer,
+                             config.max_prompt_len, **room)
 
 
 def _win_rate(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -161,7 +171,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         if config.prompts:
             prompts = load_prompts(config.prompts, tokenizer)
         else:
-            prompts = task.make_prompts(config.num_prompts, config.seed + 999)
+            prompts = default_task.held_out_prompts(config.task, config.seed, config.num_prompts)
         prompts = [p for p in prompts[:config.num_prompts] for _ in range(config.samples_per_prompt)]
         reward = (rewards.build(config.reward, load_model=reward_model_loader("reward"),
                                 ensemble_k=config.reward_ensemble_k) if config.reward else None)
@@ -182,12 +192,6 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 raise ConfigError(f"reference: {reason}")
             models["reference"] = load_causal(config.reference)
 
-        context = getattr(models["policy"].config, "max_position_embeddings", None)
-        longest = max(len(tokenizer.encode(p, add_special_tokens=True)) for p in prompts)
-        if context is not None and longest + config.max_new_tokens > context:
-            raise ConfigError(f"max_new_tokens: the longest prompt ({longest} tokens) + max_new_tokens "
-                              f"{config.max_new_tokens} exceeds the policy's context of {context} tokens; "
-                              f"at most {context - longest} new tokens fit")
         decided: dict[int, bool] = {}
 
         def fused_head(model, sequences, attention_mask) -> bool:

@@ -142,9 +142,9 @@ def _default_task(config: PPOConfig, log) -> Components:
     torch.distributed.barrier()
     policy = LlamaForCausalLM.from_pretrained(artifacts / "policy")
     prompts = (load_prompts(config.prompts_file) if config.prompts_file
-               else task.make_prompts(4096, config.seed))
+               else default_task.training_prompts(config.task, config.seed))
     eval_prompts = (load_prompts(config.eval_prompts_file)[:config.eval_prompts] if config.eval_prompts_file
-                    else task.make_prompts(config.eval_prompts, config.seed + 999))
+                    else default_task.held_out_prompts(config.task, config.seed, config.eval_prompts))
     return Components(
         policy=policy,
         reference=copy.deepcopy(policy),
