@@ -120,10 +120,10 @@ def test_the_length_hack_fires_the_alarms_and_stops_keeping_the_best_policy(tmp_
     fired = rows[-1]
     assert fired["alarm_length"] == 1.0 and fired["eval_length_r2"] > 0.5
     assert fired["eval_gold_reward"] < rows[0]["eval_gold_reward"] < rows[0]["eval_proxy_reward"]
-    best = json.loads((tmp_path / "hack" / "best_policy" / "step.json").read_text())
-    assert best["step"] < fired["step"] and best["value"] == max(r["eval_gold_reward"] for r in rows
-                                                                  if "eval_gold_reward" in r)
-    assert summary["best_policy"]["step"] == best["step"]
+    best = json.loads((tmp_path / "hack" / "best_policy" / "best.json").read_text())
+    assert best["step"] < fired["step"] and best["measure"] == "gold_reward"
+    assert best["value"] == max(r["eval_gold_reward"] for r in rows if "eval_gold_reward" in r)
+    assert summary["best_policy"] == best
 
 
 @pytest.mark.slow

@@ -222,6 +222,94 @@ def test_kill_9_while_a_checkpoint_is_written_loses_only_the_steps_since_the_pre
     assert not (checkpoints / ".step6.partial").exists() and (checkpoints / "step8").is_dir()
 
 
+def _weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_best_policy_published_after_the_last_checkpoint_is_the_one_the_resumed_run_reports(tmp_path, cache):
+    """Killed right after publishing a new best (step 6 or 8) and before its next checkpoint, the
+    run resumes from step 4: its summary describes the policy in best_policy/, also when it ends
+    before redoing that step, and that policy is the uninterrupted run's at that step."""
+    config = fields(tmp_path, cache, steps=8, save_every=4, eval_every=2)
+    proc = subprocess.run([sys.executable, str(HERE / "kill_after_best_worker.py"),
+                           json.dumps({**config, "run_name": "killed"}), "4"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == -9, "no new best after step 4 to be killed at: " + proc.stdout[-2000:]
+    killed = tmp_path / "killed"
+    assert (killed / "checkpoints" / "latest").read_text() == "step4"
+    record = json.loads((killed / "best_policy" / "best.json").read_text())
+    assert record["step"] in (6, 8) and record["measure"] == "gold_reward"
+
+    # A time limit ends the resumed run after one step, before it redoes the best's.
+    resumed = cli(tmp_path, cache, run_name="killed", steps=8, save_every=4, eval_every=2, resume="true",
+                  max_minutes=1e-6)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"holds the best evaluation so far, of step {record['step']}" in resumed.stdout
+    summary = json.loads((killed / "summary.json").read_text())
+    assert (summary["steps"], summary["stopped_by"]) == (5, "time")
+    assert summary["best_policy"] == record == json.loads((killed / "best_policy" / "best.json").read_text())
+
+    straight = train(PPOConfig(**{**config, "run_name": "straight", "steps": record["step"]}))
+    expected = _weights(Path(straight["run_dir"]) / "final_policy")
+    got = _weights(killed / "best_policy")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    (evaluated,) = [r for r in rows(tmp_path / "straight") if r["step"] == record["step"]]
+    assert {f"eval_{k}": v for k, v in record["metrics"].items()} == {
+        k: v for k, v in evaluated.items() if k.startswith("eval_")}
+
+    # Resumed to the end: the redone evaluation of that step ties with the record and keeps it.
+    finished = cli(tmp_path, cache, run_name="killed", steps=8, save_every=4, eval_every=2, resume="true",
+                   max_minutes=0)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == 8
+    assert summary["best_policy"] == json.loads((killed / "best_policy" / "best.json").read_text())
+    assert summary["best_policy"]["step"] >= record["step"]
+
+
+def test_a_kill_between_the_renames_of_a_best_policy_swap_leaves_the_new_one_for_the_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from ppo_fast.trainer.loop import BEST_RECORD, PPOTrainer
+
+    trainer = SimpleNamespace(rank=0, world=1, run_dir=tmp_path)
+    trainer._best_directories = lambda: PPOTrainer._best_directories(trainer)
+    # The previous best moved aside, the new one complete (its record written last) beside it.
+    old, new = tmp_path / ".best_policy.old", tmp_path / ".best_policy.partial"
+    for directory, step in ((old, 2), (new, 6)):
+        directory.mkdir()
+        (directory / "model.safetensors").write_text(f"policy of step {step}")
+        (directory / BEST_RECORD).write_text(json.dumps({"step": step}))
+    assert PPOTrainer._published_best(trainer) == {"step": 6}
+    assert (tmp_path / "best_policy" / "model.safetensors").read_text() == "policy of step 6"
+    assert [p.name for p in tmp_path.iterdir()] == ["best_policy"]
+    # A next best still being written (no record yet) is dropped; the published one stays.
+    new.mkdir()
+    (new / "model.safetensors").write_text("half of the policy of step 8")
+    assert PPOTrainer._published_best(trainer) == {"step": 6}
+    assert [p.name for p in tmp_path.iterdir()] == ["best_policy"]
+
+
+@pytest.mark.slow
+def test_the_summary_of_a_resumed_run_times_every_process(tmp_path, cache):
+    first = train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=2, save_every=2, eval_every=0)))
+    assert first["this_process"] == {"from_step": 0, "steps": 2, "seconds": first["seconds_total"]}
+    checkpointed = torch.load(tmp_path / "r" / "checkpoints" / "step2" / "trainer" / "rank0.pt",
+                              weights_only=True)["seconds_wall"]
+    assert 0 < checkpointed <= first["seconds_total"]
+    said = []
+    summary = train(PPOConfig(**fields(tmp_path, cache, run_name="r", steps=4, save_every=2, eval_every=0,
+                                       resume=True)), log=said.append)
+    part = summary["this_process"]
+    assert (summary["steps"], part["from_step"], part["steps"]) == (4, 2, 2)
+    assert summary["seconds_total"] == pytest.approx(checkpointed + part["seconds"])
+    assert any(f"4 steps in {summary['seconds_total']:.0f} s (this process resumed it at step 2: 2 steps in "
+               f"{part['seconds']:.0f} s)" in line for line in said), said
+
+
 # --------------------------------------------------------------------------------------------
 # Config: checked field by field, before anything expensive
 # --------------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ class PPOConfig(RunConfig):
     too; a damaged checkpoint is passed over for the one before) to the metrics a run never stopped
     gives. It keeps the settings the run started with (only steps, save_every, eval_every,
     max_nonfinite_in_a_row, max_gathered_bytes, fused_head, max_minutes and stop_on_alarm may
-    change); a run that has done its steps is left as it is; an error when the run has no
+    change); best_policy/ and its record (best.json) carry over, and the summary times the whole
+    run; a run that has done its steps is left as it is; an error when the run has no
     checkpoint."""
     overwrite: bool = False
     """Delete an existing run directory of the same name and start over (refused when the run

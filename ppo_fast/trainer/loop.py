@@ -19,7 +19,8 @@ Per step:
 Then a metrics row (reporting.py) and, every save_every steps, a checkpoint (checkpoint.py);
 --resume continues from the last one, after kill -9 too. Every eval_every steps an evaluation on
 held-out prompts logs the reward-hacking diagnostics and alarms (diagnostics.py) and keeps the
-policy of the best gold evaluation in best_policy/. The models are built in models.py.
+policy of the best gold evaluation in best_policy/, with that evaluation's record, which a resume
+reads back. The models are built in models.py.
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ from ..objectives import OBJECTIVES
 from ..options import resolve
 from ..sequences import completion_logits, position_ids
 from . import diagnostics
-from .checkpoint import Checkpoints, export_policy, rng_state, seed_everything, set_rng_state
+from .checkpoint import Checkpoints, _write_atomically, export_policy, rng_state, seed_everything, set_rng_state
 from .config import GROUPED, PPOConfig
 from .models import Components, build_models
 from .prompts import PromptSampler, encode_prompts
 from .reporting import Reporter
 from .rewards import Completions, RewardError
 from .rundir import prepare_run_dir, release
+
+
+BEST_RECORD = "best.json"
+"""In best_policy/: the evaluation that made it the best (step, measure, value, every metric)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -93,8 +98,9 @@ class PPOTrainer:
                                      self.rank, self.world)
         self.alarms = diagnostics.Alarms(gold_drop=config.alarm_gold_drop, length_r2=config.alarm_length_r2,
                                          kl_budget=config.kl_budget or 2 * config.target_kl)
-        self.best_eval_step: int | None = None
-        self.best_value = float("-inf")
+        self.best: dict | None = None
+        """The record of the policy in best_policy/ (its BEST_RECORD); None before the first
+        evaluation."""
         # pf.ppo_loss refuses clip settings for objectives that do not clip; an empty loss_agg
         # leaves the objective's own aggregation (Dr. GRPO's, GSPO's).
         clips = OBJECTIVES[resolve(config.loss_type, None)[0]].uses_clip
@@ -104,6 +110,10 @@ class PPOTrainer:
                                  temperature=config.temperature, agg=config.loss_agg or None,
                                  **(dict(clip_low=config.clip_low, clip_high=config.clip_high) if clips else {}))
         self.seconds_trained = 0.0
+        # Wall seconds of the run's earlier processes up to the checkpoint this one resumed from
+        # (the steps a killed process did after its last checkpoint are redone, so not counted).
+        self.seconds_before = 0.0
+        self.resumed_from = 0
         self.shuffle = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         self.step = 0
         # Per model ("actor", "reference"): whether it goes through the fused head; decided on the
@@ -140,7 +150,7 @@ class PPOTrainer:
             before = self.evaluate() if cfg.eval_every else {}
             self.report.row({"step": 0, **before, "kl_coef": self.kl_ctl.value})
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
-        start = time.perf_counter()
+        self.segment_start = time.perf_counter()  # this process's part of the run's wall time
         try:
             progress = self.report.progress(cfg.steps, self.step, cfg.algorithm)
             while self.step < cfg.steps and self._stop_reason is None:
@@ -169,14 +179,14 @@ class PPOTrainer:
             return {"interrupted_at": self.step}
         if self._stop_reason == "alarm":
             self.log(f"stop_on_alarm: stopped at step {self.step} (checkpoint saved); the policy of the best "
-                     f"gold evaluation (step {self.best_eval_step}) is in {self.run_dir / 'best_policy'}")
+                     f"gold evaluation (step {self.best['step']}) is in {self.run_dir / 'best_policy'}")
         if self._stop_reason == "nonfinite":
             raise TrainingStopped(
                 f"stopped at step {self.step}: {cfg.max_nonfinite_in_a_row} updates in a row had a "
                 f"non-finite loss. A checkpoint of step {self.step} is in "
                 f"{self.checkpoints.directory}; no more than the updates since then were lost. "
                 "Continue with --resume after lowering the learning rates or inspecting the rewards.")
-        return self.finish(time.perf_counter() - start)
+        return self.finish(time.perf_counter() - self.segment_start)
 
     def one_step(self) -> dict:
         cfg = self.config
@@ -475,28 +485,51 @@ class PPOTrainer:
             # Before the first step an alarm describes the reward and the starting policy: nothing
             # trained yet to protect, so it is reported and the run goes on.
             self._stop_reason = "alarm"
-        self._keep_best(metrics.get("gold_reward", metrics["proxy_reward"]))
+        self._keep_best(metrics)
         return {**{f"eval_{k}": v for k, v in metrics.items()},
                 **{f"alarm_{name}": float(name in fired) for name in diagnostics.ALARMS}}
 
-    def _keep_best(self, value: float) -> None:
-        if self.best_eval_step is not None and value <= self.best_value:
+    def _keep_best(self, metrics: dict) -> None:
+        measure = "gold_reward" if "gold_reward" in metrics else "proxy_reward"
+        if self.best is not None and metrics[measure] <= self.best["value"]:
             return
-        self.best_eval_step, self.best_value = self.step, value
-        final = self.run_dir / "best_policy"
-        partial = self.run_dir / ".best_policy.partial"
+        self.best = {"step": self.step, "measure": measure, "value": metrics[measure], "metrics": metrics}
+        final, partial, old = self._best_directories()
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         export_policy(self.models.actor, self.c.tokenizer, partial, self.rank)
         if self.rank == 0:
-            # Swapped in by renames: a kill leaves the previous best or the new one, never half of one.
-            old = self.run_dir / ".best_policy.old"
+            # The record is written last, so a directory holding one is complete, and travels with
+            # its policy: a resume reads the best from it (_published_best).
+            _write_atomically(partial / BEST_RECORD, json.dumps(self.best, indent=1))
+            # Swapped in by renames: a kill leaves the previous best or the new one, never half of
+            # one (between the two renames, the new one complete beside it).
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
                 os.replace(final, old)
             os.replace(partial, final)
             shutil.rmtree(old, ignore_errors=True)
-            (final / "step.json").write_text(json.dumps({"step": self.step, "value": value}))
+
+    def _best_directories(self) -> tuple[Path, Path, Path]:
+        """best_policy/, the next best while it is written, the previous one while it is replaced."""
+        return (self.run_dir / "best_policy", self.run_dir / ".best_policy.partial",
+                self.run_dir / ".best_policy.old")
+
+    def _published_best(self) -> dict | None:
+        """The record of the policy in best_policy/, read on rank 0 and given to every rank, after
+        finishing a swap that a kill interrupted."""
+        record = [None]
+        if self.rank == 0:
+            final, partial, old = self._best_directories()
+            if not final.exists() and (partial / BEST_RECORD).is_file():
+                os.replace(partial, final)
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+            if (final / BEST_RECORD).is_file():
+                record[0] = json.loads((final / BEST_RECORD).read_text())
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(record, src=0)
+        return record[0]
 
     def _mean_over_ranks(self, metrics: dict) -> dict:
         if self.world == 1 or not metrics:
@@ -513,8 +546,8 @@ class PPOTrainer:
                  "sampler": self.sampler.state_dict(), "shuffle": self.shuffle.get_state(),
                  "rng": rng_state(), "nonfinite_total": self.nonfinite_total,
                  "history": self.report.history, "alarms": self.alarms.state_dict(),
-                 "best": {"step": self.best_eval_step, "value": self.best_value},
-                 "seconds_trained": self.seconds_trained}
+                 "best": self.best, "seconds_trained": self.seconds_trained,
+                 "seconds_wall": self.seconds_before + time.perf_counter() - self.segment_start}
         return self.checkpoints.save(self.step, self.models.actor, self.models.critic, state)
 
     def load_checkpoint(self) -> None:
@@ -528,20 +561,34 @@ class PPOTrainer:
         set_rng_state(state["rng"])
         self.nonfinite_total = state["nonfinite_total"]
         self.alarms.load_state_dict(state["alarms"])
-        self.best_eval_step, self.best_value = state["best"]["step"], state["best"]["value"]
+        self.best = self._published_best()
+        best_policy = self.run_dir / "best_policy"
+        if self.best is None and state["best"] is not None:
+            self.log(f"warning: {best_policy} is gone (the checkpoint's best evaluation was step "
+                     f"{state['best']['step']}'s); the next evaluation starts the best over")
+        elif self.best != state["best"]:
+            # A best published after the checkpoint, before the process ended: the policy of the
+            # same run at that step, which the redone steps reproduce. Its record, not the
+            # checkpoint's older one, describes best_policy/.
+            self.log(f"{best_policy} holds the best evaluation so far, of step {self.best['step']} "
+                     f"({self.best['measure']} {self.best['value']:.4g}), made after the checkpoint")
         self.seconds_trained = state["seconds_trained"]
+        self.seconds_before = state["seconds_wall"]
+        self.resumed_from = step
         self.report.restore(state["history"])
 
     def finish(self, seconds: float) -> dict:
-        summary = self.report.summary(self.step, seconds,
+        """The summary; ``seconds``: this process's training loop."""
+        summary = self.report.summary(self.step, self.seconds_before + seconds,
                                       self.checkpoints.directory / f"step{self.step}",
                                       self.nonfinite_total)
         summary.update(algorithm=self.config.algorithm, samples_per_prompt=self.config.samples_per_prompt,
                        alarms=dict(self.alarms.first_fired),
                        stopped_by=self._stop_reason,
                        kl_target=self.config.target_kl if self.config.adaptive_kl else None,
-                       best_policy={"step": self.best_eval_step, "value": self.best_value}
-                       if self.best_eval_step is not None else None)
+                       this_process={"from_step": self.resumed_from, "steps": self.step - self.resumed_from,
+                                     "seconds": seconds},
+                       best_policy=self.best)
         export_policy(self.models.actor, self.c.tokenizer, self.run_dir / "final_policy", self.rank)
         self.report.finish(summary)
         return summary

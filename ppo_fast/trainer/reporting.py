@@ -170,6 +170,15 @@ class Reporter:
         plt.close(fig)
 
 
+def _this_process(s: dict) -> str:
+    """This process's share of a resumed run (nothing for a run done in one process)."""
+    part = s.get("this_process")
+    if not part or not part["from_step"]:
+        return ""
+    return (f" (this process resumed it at step {part['from_step']}: {part['steps']} steps in "
+            f"{part['seconds']:.0f} s)")
+
+
 def format_summary(s: dict) -> str:
     def fmt(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -186,7 +195,7 @@ def format_summary(s: dict) -> str:
     lines += [f"{name:14}{fmt(a):>10}{fmt(b):>10}" for name, a, b in rows]
     target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
     lines += [f"KL to the reference at the end: {fmt(s['kl_final'])} nats per sequence{target}",
-              f"{s['steps']} steps in {s['seconds_total']:.0f} s; generation "
+              f"{s['steps']} steps in {s['seconds_total']:.0f} s{_this_process(s)}; generation "
               f"{s['tokens_per_second_generate']:.0f} tokens/s, training "
               f"{s['tokens_per_second_train']:.0f} tokens/s, {100 * s['generate_share']:.0f}% of "
               f"each step generating",
