@@ -285,9 +285,9 @@ def test_old_logprobs_use_the_sampling_temperature(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["nan", "interrupt"])
+@pytest.mark.parametrize("mode", ["nan", "interrupt", "terminate"])
 def test_a_fault_on_one_rank_stops_both_ranks_together(mode, tmp_path):
-    """A NaN loss or a Ctrl-C seen by rank 1 only: both ranks stop after the same step with the
+    """A NaN loss, a Ctrl-C, or a Ctrl-C followed by SIGTERM seen by rank 1 only: both ranks stop after the same step with the
     same checkpoint, and the launcher exits (no rank left waiting in a collective)."""
     proc = subprocess.run(
         [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),

@@ -3,6 +3,8 @@ stop both ranks together (no rank may wait forever in a collective).
 
 --mode nan:        rank 1's actor loss turns NaN from its 5th micro-batch on.
 --mode interrupt:  rank 1 alone receives SIGINT during step 2.
+--mode terminate:  rank 1 alone receives SIGINT then SIGTERM during step 2 (what a Ctrl-C under the
+                   deepspeed launcher sends), which must not abort the save.
 Each rank writes <out>/rank<r>.json with what happened.
 """
 
@@ -18,7 +20,7 @@ from ppo_fast.trainer import PPOConfig, PPOTrainer, TrainingStopped, build_compo
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["nan", "interrupt"], required=True)
+    parser.add_argument("--mode", choices=["nan", "interrupt", "terminate"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -30,13 +32,15 @@ def main():
     rank = trainer.rank
     if rank == 1 and args.mode == "nan":
         poison_actor_loss(after=4)
-    if rank == 1 and args.mode == "interrupt":
+    if rank == 1 and args.mode in ("interrupt", "terminate"):
         real_step = trainer.one_step
 
         def step_then_signal():
             row = real_step()
             if trainer.step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
+                if args.mode == "terminate":
+                    os.kill(os.getpid(), signal.SIGTERM)
             return row
 
         trainer.one_step = step_then_signal

@@ -149,7 +149,7 @@ class PPOTrainer:
         if not cfg.resume:
             before = self.evaluate() if cfg.eval_every else {}
             self.report.row({"step": 0, **before, "kl_coef": self.kl_ctl.value})
-        previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
+        previous_handlers = {s: signal.signal(s, self._on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         self.segment_start = time.perf_counter()  # this process's part of the run's wall time
         try:
             progress = self.report.progress(cfg.steps, self.step, cfg.algorithm)
@@ -172,7 +172,8 @@ class PPOTrainer:
             if progress is not None:
                 progress.close()
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         if self._stop_reason == "interrupt":
             self.log(f"interrupted: checkpoint saved at step {self.step} in "
                      f"{self.checkpoints.directory}; continue with --resume")
@@ -440,10 +441,16 @@ class PPOTrainer:
             self._stop_reason = "interrupt"
 
     def _on_interrupt(self, signum, frame):
+        """Ctrl-C or SIGTERM: stop after this step with a checkpoint; a second Ctrl-C aborts. SIGTERM
+        never aborts: the deepspeed launcher answers a Ctrl-C by sending its ranks SIGTERM as well,
+        and a rank that got both must still save."""
         if self._stop_reason == "interrupt":
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self._stop_reason = "interrupt"
-        self.log("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+        self.log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                 "(Ctrl-C again to abort)")
 
     # -- evaluation ----------------------------------------------------------------------------
 
