@@ -134,25 +134,34 @@ inline int64_t grain(int64_t per_item, int64_t work = kChunkWork) {
 }
 
 // Writes rows [m_begin, m_end) × columns [n_begin, n_end) of C from a row block's sums (the sum of
-// (m, n) at sums[(n − n_begin)·mv·lanes + (m − m_begin)]): row by row, so C is written in order.
-// C = alpha·sum + beta·bias with explicit roundings (one product, or one fma with the bias), so no
-// compiler contraction can make two calls round differently.
+// (m, n) at sums[(n − n_begin)·mv·lanes + (m − m_begin)]). C = alpha·sum + beta·bias with explicit
+// roundings (one product, or one fma with the bias), so no compiler contraction can make two calls
+// round differently.
 template <typename T, typename A>
 void store_block(const A* sums, int mv, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, T* C,
                  int64_t ldc, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
-  const int64_t step = static_cast<int64_t>(mv) * Vectorized<A>::size(), width = n_end - n_begin;
+  const int64_t width = n_end - n_begin;
+  int64_t step_n = static_cast<int64_t>(mv) * Vectorized<A>::size(), step_m = 1;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    at::vec::transpose_mxn<float>(sums, step_n, C + m_begin * ldc + n_begin, ldc, static_cast<int>(width),
+                                  static_cast<int>(m_end - m_begin));
+    if (bias == nullptr && alpha == A(1)) return;
+    sums = C + m_begin * ldc + n_begin;  // read back: float32 holds each sum exactly
+    step_n = 1;
+    step_m = ldc;
+  }
   for (int64_t m = m_begin; m < m_end; ++m) {
-    const A* from = sums + (m - m_begin);
+    const A* from = sums + (m - m_begin) * step_m;
     T* to = C + m * ldc + n_begin;
     if (bias == nullptr && alpha == A(1)) {
-      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(from[j * step]);
+      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(from[j * step_n]);
     } else if (bias == nullptr) {
-      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(alpha * from[j * step]);
+      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(alpha * from[j * step_n]);
     } else {
       const T* b = bias + m * bias_sm + n_begin * bias_sn;
       for (int64_t j = 0; j < width; ++j) {
         const A term = beta == A(1) ? widen<A>(b[j * bias_sn]) : beta * widen<A>(b[j * bias_sn]);
-        to[j] = static_cast<T>(std::fma(alpha, from[j * step], term));
+        to[j] = static_cast<T>(std::fma(alpha, from[j * step_n], term));
       }
     }
   }
