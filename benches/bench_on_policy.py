@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 import ppo_fast as pf
 from ppo_fast.trainer import PPOConfig, PPOTrainer, build_components
 
@@ -31,8 +33,11 @@ SETTINGS = {
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench_on_policy_"))
     trainers = {}
     for i, (name, setting) in enumerate(SETTINGS.items()):
@@ -56,8 +61,8 @@ def main():
                 seconds[name].append(took)
                 mismatch[name].append(row["rollout_logp_max_abs_diff"])
     config = next(iter(trainers.values())).config
-    data = {"rounds": args.rounds, "rollout": config.rollout_batch_size * config.samples_per_prompt,
-            "max_new_tokens": config.max_new_tokens, "settings": {}}
+    data = {"rounds": args.rounds, "threads": torch.get_num_threads(),
+            "rollout": config.rollout_batch_size * config.samples_per_prompt, "max_new_tokens": config.max_new_tokens, "settings": {}}
     for name in SETTINGS:
         data["settings"][name] = {
             "step_seconds": summary(seconds[name]),
@@ -71,7 +76,8 @@ def render(doc):
     lines = ["# Exact rollouts in the trainer: seconds per PPO step, batch_invariant off vs on", "",
              f"The embedded default task (the README's main job: {doc['rollout']} sequences a step, up to "
              f"{doc['max_new_tokens']} new tokens each), one step of each setting per round, "
-             f"{doc['rounds']} rounds after one warm-up round. Medians (20th-80th percentile); the ratio is "
+             f"{doc['rounds']} rounds after one warm-up round, {doc.get('threads', '?')} torch threads. Medians "
+             "(20th-80th percentile); the ratio is "
              "each round's time over the same round's mode-off time. The mismatch is the largest "
              "|rollout log-prob − trainer log-prob| of any step (measured on one micro-batch when the "
              "old log-probs come from the rollout).", "",

@@ -84,7 +84,7 @@ constexpr int64_t kDepthBlock = 128;  // k per pass: 4 panels × 128 × 64 bytes
 // of K at a time, so a panel group's block stays in L1 across the tiles of a W row block. Storing
 // and reloading a running sum changes no bit: the chain is the same.
 template <int NR, int MV, typename T, typename A>
-inline void gemm_tile(const A* panels, const T* W, int64_t ldw, int64_t k0, int64_t k1,
+inline void gemm_tile(const A* panels, const T* W, int64_t swn, int64_t swk, int64_t k0, int64_t k1,
                       A* sums) {
   using V = Vectorized<A>;
   constexpr int lanes = V::size();
@@ -95,7 +95,7 @@ inline void gemm_tile(const A* panels, const T* W, int64_t ldw, int64_t k0, int6
     V x[MV];
     for (int v = 0; v < MV; ++v) x[v] = V::loadu(panels + (k * kPanelVectors<A> + v) * lanes);
     for (int r = 0; r < NR; ++r) {
-      const V w(widen<A>(W[r * ldw + k]));
+      const V w(widen<A>(W[r * swn + k * swk]));
       for (int v = 0; v < MV; ++v) acc[r][v] = at::vec::fmadd(x[v], w, acc[r][v]);
     }
   }
@@ -104,37 +104,93 @@ inline void gemm_tile(const A* panels, const T* W, int64_t ldw, int64_t k0, int6
 }
 
 template <int NR, typename T, typename A>
-inline void gemm_tile_mv(int mv, const A* panels, const T* W, int64_t ldw, int64_t k0,
+inline void gemm_tile_mv(int mv, const A* panels, const T* W, int64_t swn, int64_t swk, int64_t k0,
                          int64_t k1, A* sums) {
   static_assert(kPanelVectors<A> == 4 || kPanelVectors<A> == 2);
+  if (swk == 1) {  // the common layout (a weight [N, K]) with a stride the compiler knows
+    switch (mv) {
+      case 1: return gemm_tile<NR, 1>(panels, W, swn, 1, k0, k1, sums);
+      case 2: return gemm_tile<NR, 2>(panels, W, swn, 1, k0, k1, sums);
+      case 3: return gemm_tile<NR, 3>(panels, W, swn, 1, k0, k1, sums);
+      default: return gemm_tile<NR, kPanelVectors<A>>(panels, W, swn, 1, k0, k1, sums);
+    }
+  }
   switch (mv) {
-    case 1: return gemm_tile<NR, 1>(panels, W, ldw, k0, k1, sums);
-    case 2: return gemm_tile<NR, 2>(panels, W, ldw, k0, k1, sums);
-    case 3: return gemm_tile<NR, 3>(panels, W, ldw, k0, k1, sums);
-    default: return gemm_tile<NR, kPanelVectors<A>>(panels, W, ldw, k0, k1, sums);
+    case 1: return gemm_tile<NR, 1>(panels, W, swn, swk, k0, k1, sums);
+    case 2: return gemm_tile<NR, 2>(panels, W, swn, swk, k0, k1, sums);
+    case 3: return gemm_tile<NR, 3>(panels, W, swn, swk, k0, k1, sums);
+    default: return gemm_tile<NR, kPanelVectors<A>>(panels, W, swn, swk, k0, k1, sums);
   }
 }
 
+// A parallel_for grain (items per chunk) giving each chunk about `work` units (multiply-adds,
+// elements) when one item is `per_item` units: below it a call runs on the calling thread, as
+// torch's own kernels do for small inputs. Which thread computes an output never changes its bits,
+// so this is a speed choice only; it matters on a small model, whose GEMMs and row sums are so
+// small that waking a second thread costs more than the work (much more on a loaded machine).
+constexpr int64_t kChunkWork = int64_t(1) << 17;
+inline int64_t grain(int64_t per_item, int64_t work = kChunkWork) {
+  return std::max<int64_t>(1, work / std::max<int64_t>(1, per_item));
+}
+
+// Writes rows [m_begin, m_end) × columns [n_begin, n_end) of C from a row block's sums (the sum of
+// (m, n) at sums[(n − n_begin)·mv·lanes + (m − m_begin)]). C = alpha·sum + beta·bias with explicit
+// roundings (one product, or one fma with the bias), so no compiler contraction can make two calls
+// round differently.
+template <typename T, typename A>
+void store_block(const A* sums, int mv, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, T* C,
+                 int64_t ldc, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
+  const int64_t width = n_end - n_begin;
+  int64_t step_n = static_cast<int64_t>(mv) * Vectorized<A>::size(), step_m = 1;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    at::vec::transpose_mxn<float>(sums, step_n, C + m_begin * ldc + n_begin, ldc, static_cast<int>(width),
+                                  static_cast<int>(m_end - m_begin));
+    if (bias == nullptr && alpha == A(1)) return;
+    sums = C + m_begin * ldc + n_begin;  // read back: float32 holds each sum exactly
+    step_n = 1;
+    step_m = ldc;
+  }
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    const A* from = sums + (m - m_begin) * step_m;
+    T* to = C + m * ldc + n_begin;
+    if (bias == nullptr && alpha == A(1)) {
+      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(from[j * step_n]);
+    } else if (bias == nullptr) {
+      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(alpha * from[j * step_n]);
+    } else {
+      const T* b = bias + m * bias_sm + n_begin * bias_sn;
+      for (int64_t j = 0; j < width; ++j) {
+        const A term = beta == A(1) ? widen<A>(b[j * bias_sn]) : beta * widen<A>(b[j * bias_sn]);
+        to[j] = static_cast<T>(std::fma(alpha, from[j * step_n], term));
+      }
+    }
+  }
+}
+
+// X[m, k] at X[m·sxm + k·sxk] and W[n, k] at W[n·swn + k·swk]: any strides, so a transposed operand
+// (the backward's Wᵀ and gradᵀ) is read in place rather than copied; the packing and the FMA chain
+// are the same whatever the strides.
 template <typename T, typename A = typename Acc<T>::type>
-void gemm_nt(const T* X, int64_t ldx, const T* W, int64_t ldw, T* C, int64_t ldc, int64_t M, int64_t N,
-             int64_t K, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
+void gemm_nt(const T* X, int64_t sxm, int64_t sxk, const T* W, int64_t swn, int64_t swk, T* C, int64_t ldc,
+             int64_t M, int64_t N, int64_t K, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
   constexpr int lanes = Vectorized<A>::size();
   constexpr int MV = kPanelVectors<A>;
   const int64_t n_panels = (M + lanes - 1) / lanes;
   const int64_t groups = (n_panels + MV - 1) / MV, row_blocks = (N + kRowBlock - 1) / kRowBlock;
   // A group's MV panels interleaved: [group][k][MV][lanes], one stream for the tile to read.
   std::vector<A> packed(static_cast<size_t>(groups * K * MV * lanes), A(0));
-  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_panels, grain(lanes * K, at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t rows = std::min<int64_t>(lanes, M - p * lanes);
-      const T* from = X + p * lanes * ldx;
+      const T* from = X + p * lanes * sxm;
       A* to = packed.data() + (p / MV) * K * MV * lanes + (p % MV) * lanes;
-      for (int64_t k = 0; k < K; ++k)  // writes one vector at a time, reads `rows` sequential streams
-        for (int64_t l = 0; l < rows; ++l) to[k * MV * lanes + l] = widen<A>(from[l * ldx + k]);
+      for (int64_t k = 0; k < K; ++k)  // writes one vector at a time, reads `rows` strided streams
+        for (int64_t l = 0; l < rows; ++l) to[k * MV * lanes + l] = widen<A>(from[l * sxm + k * sxk]);
     }
   });
   // Work items are (block of W rows, group of panels) pairs; which thread takes one changes no bits.
-  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = row_blocks * groups;
+  at::parallel_for(0, items, grain(M * N / items * K), [&](int64_t begin, int64_t end) {
     std::vector<A> block_sums(static_cast<size_t>(kRowBlock * MV * lanes));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n_begin = (item / groups) * kRowBlock, n_end = std::min(N, n_begin + kRowBlock);
@@ -148,32 +204,16 @@ void gemm_nt(const T* X, int64_t ldx, const T* W, int64_t ldw, T* C, int64_t ldc
           const int nr = static_cast<int>(std::min<int64_t>(kNR, n_end - n0));
           A* sums = block_sums.data() + (n0 - n_begin) * mv * lanes;
           if (nr == kNR) {
-            gemm_tile_mv<kNR, T, A>(mv, panels, W + n0 * ldw, ldw, k0, k1, sums);
+            gemm_tile_mv<kNR, T, A>(mv, panels, W + n0 * swn, swn, swk, k0, k1, sums);
           } else {  // the block's last rows, one at a time
             for (int r = 0; r < nr; ++r)
-              gemm_tile_mv<1, T, A>(mv, panels, W + (n0 + r) * ldw, ldw, k0, k1, sums + r * mv * lanes);
+              gemm_tile_mv<1, T, A>(mv, panels, W + (n0 + r) * swn, swn, swk, k0, k1,
+                                    sums + r * mv * lanes);
           }
         }
       }
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
-        const int nr = static_cast<int>(std::min<int64_t>(kNR, n_end - n0));
-        const A* tile = block_sums.data() + (n0 - n_begin) * mv * lanes;
-        for (int r = 0; r < nr; ++r) {
-          const int64_t n = n0 + r;
-          for (int v = 0; v < mv; ++v)
-            for (int l = 0; l < lanes; ++l) {
-              const int64_t m = (p0 + v) * lanes + l;
-              if (m >= M) break;
-              A value = tile[(r * mv + v) * lanes + l];
-              if (alpha != A(1)) value = alpha * value;
-              if (bias != nullptr) {
-                const A b = widen<A>(bias[m * bias_sm + n * bias_sn]);
-                value += beta == A(1) ? b : beta * b;
-              }
-              C[m * ldc + n] = static_cast<T>(value);
-            }
-        }
-      }
+      store_block<T, A>(block_sums.data(), mv, p0 * lanes, std::min<int64_t>(M, (p0 + mv) * lanes), n_begin,
+                        n_end, C, ldc, alpha, beta, bias, bias_sm, bias_sn);
     }
   });
 }
@@ -184,10 +224,8 @@ void check_float(const at::Tensor& t, const char* name) {
               " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
 }
 
-// A [.., M, K] with unit stride on K (copied if not); B given as [K, N] and read as Bᵀ [N, K].
-at::Tensor rows_unit(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-// mm / addmm: out = beta·bias + alpha·(a @ b); bias undefined for mm.
+// mm / addmm: out = beta·bias + alpha·(a @ b); bias undefined for mm. a [M, K] and b [K, N] are read
+// with their own strides (b as Bᵀ [N, K]: W[n, k] = b[k, n]).
 at::Tensor bi_addmm(const c10::optional<at::Tensor>& bias_opt, const at::Tensor& a, const at::Tensor& b,
                     double beta, double alpha) {
   check_float(a, "the first matrix");
@@ -196,7 +234,6 @@ at::Tensor bi_addmm(const c10::optional<at::Tensor>& bias_opt, const at::Tensor&
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "batch_invariant mm: dtypes differ (", a.scalar_type(), ", ",
               b.scalar_type(), ")");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  at::Tensor lhs = rows_unit(a), Bt = rows_unit(b.t());
   at::Tensor out = at::empty({M, N}, a.options());
   at::Tensor bias;
   if (bias_opt.has_value() && bias_opt->defined() && beta != 0.0) {
@@ -205,30 +242,46 @@ at::Tensor bi_addmm(const c10::optional<at::Tensor>& bias_opt, const at::Tensor&
   if (M == 0 || N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "batch_invariant_mm", [&] {
     using A = typename Acc<scalar_t>::type;
-    gemm_nt<scalar_t>(lhs.data_ptr<scalar_t>(), lhs.stride(0), Bt.data_ptr<scalar_t>(), Bt.stride(0),
-                      out.data_ptr<scalar_t>(), N, M, N, K, static_cast<A>(alpha), static_cast<A>(beta),
-                      bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, bias.defined() ? bias.stride(0) : 0,
-                      bias.defined() ? bias.stride(1) : 0);
+    gemm_nt<scalar_t>(a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(1),
+                      b.stride(0), out.data_ptr<scalar_t>(), N, M, N, K, static_cast<A>(alpha),
+                      static_cast<A>(beta), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                      bias.defined() ? bias.stride(0) : 0, bias.defined() ? bias.stride(1) : 0);
   });
   return out;
 }
 
 at::Tensor bi_mm(const at::Tensor& a, const at::Tensor& b) { return bi_addmm(c10::nullopt, a, b, 0.0, 1.0); }
 
-// bmm: one GEMM per batch entry, in turn; each GEMM parallelises over its own tiles.
+// bmm: one GEMM per batch entry, written in place. Entries run side by side when each is small (the
+// GEMM inside a parallel region runs on its thread), one after another, each parallel, when large.
 at::Tensor bi_bmm(const at::Tensor& a, const at::Tensor& b) {
   check_float(a, "the first batch of matrices");
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
               "batch_invariant bmm: shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
-  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  for (int64_t i = 0; i < a.size(0); ++i) out[i].copy_(bi_mm(a[i], b[i]));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "batch_invariant bmm: dtypes differ (", a.scalar_type(), ", ",
+              b.scalar_type(), ")");
+  const int64_t batch = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+  at::Tensor out = at::empty({batch, M, N}, a.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "batch_invariant_bmm", [&] {
+    using A = typename Acc<scalar_t>::type;
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool side_by_side = M * N * K < kChunkWork * at::get_num_threads();
+    at::parallel_for(0, batch, side_by_side ? grain(M * N * K) : batch, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        gemm_nt<scalar_t>(ap + i * a.stride(0), a.stride(1), a.stride(2), bp + i * b.stride(0), b.stride(2),
+                          b.stride(1), op + i * M * N, N, M, N, K, A(1), A(0), nullptr, 0, 0);
+    });
+  });
   return out;
 }
 
 // Row sums over the last dimension of a [rows, L] view, one thread a row, the order of the header.
 template <typename T>
 void row_sums(const T* x, int64_t rows, int64_t L, float* out) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(L, at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * L;
       constexpr int lanes = Vectorized<float>::size();
@@ -245,7 +298,7 @@ void row_sums(const T* x, int64_t rows, int64_t L, float* out) {
 // float64 and integer sums: a sequential loop per row (integers are exact in any order).
 template <typename T, typename acc_t>
 void row_sums_sequential(const T* x, int64_t rows, int64_t L, acc_t* out) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(L, at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       acc_t s = 0;
       for (int64_t k = 0; k < L; ++k) s += static_cast<acc_t>(x[r * L + k]);
@@ -299,7 +352,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   T* op = out.data_ptr<T>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const float masked_below = -std::numeric_limits<float>::max() / 2;
-  at::parallel_for(0, B * H * Tq, 1, [&](int64_t begin, int64_t end) {
+  // A query's work: a dot product and an FMA row per key.
+  at::parallel_for(0, B * H * Tq, grain(2 * S * D), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S), acc(D);
     std::vector<int64_t> keys(S);
     for (int64_t item = begin; item < end; ++item) {
@@ -352,6 +406,8 @@ at::Tensor bi_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at
               "]; got ", k_in.sizes(), " and ", v_in.sizes());
   TORCH_CHECK(q_in.size(1) % k_in.size(1) == 0, "batch_invariant attention: ", q_in.size(1),
               " query heads are not a multiple of ", k_in.size(1), " key heads");
+  // The kernel reads a head_dim row as one stream (a copy only when head_dim is not its unit stride).
+  auto rows_unit = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   at::Tensor q = rows_unit(q_in), k = rows_unit(k_in), v = rows_unit(v_in);
   at::Tensor bias;
   if (bias_opt.has_value() && bias_opt->defined()) {

@@ -76,8 +76,9 @@ def test_with_the_mode_off_torch_linear_is_not_batch_invariant(dtype, k, rows):
 
 
 def test_the_thread_count_changes_no_bit():
-    x = torch.randn(33, 300, generator=torch.Generator().manual_seed(11))
-    w = _weight(70, 300, torch.float32)
+    # Large enough that every kernel splits its work across threads (small calls run on one thread).
+    x = torch.randn(200, 1000, generator=torch.Generator().manual_seed(11))
+    w = _weight(300, 1000, torch.float32)
     threads = torch.get_num_threads()
     with pf.batch_invariant():
         results = []
@@ -89,6 +90,26 @@ def test_the_thread_count_changes_no_bit():
                 torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_and_strided_operands_give_the_bits_of_their_contiguous_copies(dtype):
+    """The GEMM reads operands with their strides (the backward's transposed weight and gradient
+    are not copied): the same values in any layout give the same bits, in mm, addmm and bmm."""
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(70, 200, generator=g).to(dtype), torch.randn(200, 90, generator=g).to(dtype)
+    bias = torch.randn(90, generator=g).to(dtype)
+    layouts = {"contiguous": lambda t: t.contiguous(), "transposed": lambda t: t.mT.contiguous().mT,
+               "strided": lambda t: torch.cat([t, t], -1)[..., : t.shape[-1]]}
+    with pf.batch_invariant():
+        expected = (a @ b, torch.addmm(bias, a, b, beta=0.5, alpha=2.0),
+                    torch.bmm(a.view(7, 10, 200), b[None].expand(7, -1, -1).contiguous()))
+        for name_a, layout_a in layouts.items():
+            for name_b, layout_b in layouts.items():
+                la, lb = layout_a(a), layout_b(b)
+                got = (la @ lb, torch.addmm(bias, la, lb, beta=0.5, alpha=2.0),
+                       torch.bmm(layout_a(a.view(7, 10, 200)), layout_b(b[None].expand(7, -1, -1).contiguous())))
+                assert all(torch.equal(x, y) for x, y in zip(got, expected)), (name_a, name_b)
 
 
 def test_with_the_mode_off_a_long_row_sum_depends_on_the_number_of_rows():
