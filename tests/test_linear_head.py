@@ -186,13 +186,14 @@ def test_scoring_under_no_grad_keeps_no_graph(device, backend):
     assert not logp.requires_grad
 
 
-def test_compiles_in_one_graph():
+@pytest.mark.parametrize("loss_type", ["gspo", "vanilla"])  # vanilla: eager computes its gradients in the forward
+def test_compiles_in_one_graph(loss_type):
     hidden, weight, b, labels = _head(None, 8, 60, torch.float32, "cpu", lead=(2, 5))
     old = torch.zeros(2, 5)
     mask = torch.ones(2, 5, dtype=torch.bool)
 
     def step(h):
-        return pf.fused_linear_ppo_loss(h, weight, labels, old, old + 1, mask, bias=b, loss_type="gspo")[0]
+        return pf.fused_linear_ppo_loss(h, weight, labels, old, old + 1, mask, bias=b, loss_type=loss_type)[0]
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
