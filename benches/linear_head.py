@@ -1,5 +1,5 @@
 """The fused linear head against the logits paths: PPO loss forward+backward from hidden states and
-an lm_head weight, time and peak extra memory side by side in one run.
+an lm_head weight, time, GEMM work and peak extra memory side by side in one run.
 
     python benches/linear_head.py --out benches/results        # the issue's shape for the device
     python benches/linear_head.py --smoke                      # tiny shapes (CI)
@@ -7,12 +7,23 @@ an lm_head weight, time and peak extra memory side by side in one run.
 Providers (each computes the token-mean clipped PPO loss with an entropy bonus and its gradients
 with respect to hidden and weight, on the same random inputs, never zeros):
 
-- ``fused``: ``pf.fused_linear_ppo_loss``; the logits are never stored.
+- ``fused``: ``pf.fused_linear_ppo_loss``; the logits are never stored, the gradients are
+  computed in the forward while each chunk's logits are live (three GEMMs per chunk).
+- ``fused, recompute``: the same function forced onto the path that recomputes the logits in the
+  backward (four GEMMs per chunk): what it did before the gradients moved into the forward, and
+  what it still does for a sequence-level objective or per-token log-probs.
 - ``logits + pf.ppo_loss``: ``F.linear`` then ``pf.ppo_loss`` (the fused log-prob kernel on the
   stored logits).
 - ``eager``: ``F.linear`` then ``ppo_fast.spec.ppo_loss`` (log_softmax, gather, entropy).
 - ``liger``: Liger's ``LigerFusedLinearGRPOLoss`` (its chunked head), where liger-kernel is
   installed and runs on the device.
+- ``floor: three GEMMs``: the head's three GEMMs alone (logits, dhidden, dweight), chunked as the
+  fused head runs them: the time no three-GEMM method can beat here.
+
+On a CPU the providers take turns, one call each per round, so a load that comes and goes on a
+shared machine falls on all of them alike; the ratio to the logits path is the median of each
+round's ratio. "GEMM work" is the FLOPs of the matmuls one call runs (read by the profiler, inside
+the custom ops too), in units of one logits GEMM, 2·N·H·V.
 
 "Extra memory" is the peak beyond the inputs and the gradients of hidden and weight. On CUDA it
 comes from the allocator's peak; on a CPU each provider runs in a child process, which resets the
@@ -28,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,16 +47,20 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from floors import Timer, matmul_rate, peak_extra_bytes  # noqa: E402
-from record import fmt, publish  # noqa: E402
+from floors import Timer, matmul_rate, peak_extra_bytes, sync  # noqa: E402
+from record import fmt, publish, summary  # noqa: E402
 
 SHAPES = {  # (tokens, hidden, vocab, dtype)
     "cpu": (8192, 256, 32000, torch.float32),
     "cuda": (8192, 4096, 151936, torch.bfloat16),
     "smoke": (64, 16, 1000, torch.float32),
 }
-PROVIDERS = ("fused", "logits + pf.ppo_loss", "eager", "liger")
+PROVIDERS = ("fused", "fused, recompute", "logits + pf.ppo_loss", "eager", "liger", "floor: three GEMMs")
+BASELINE = "logits + pf.ppo_loss"
 ENTROPY_COEF = 0.01
+GOALS = {"cpu": (1.05, 0.10)}
+"""Per device: the fused head's time over the logits path's, and its extra memory over the logits'
+size, at most (issue 21)."""
 
 
 class Unavailable(Exception):
@@ -65,6 +81,7 @@ def make_inputs(N, H, V, dtype, device, seed=0):
 def make_run(provider, inputs):
     """A function doing one forward+backward; returns the gradients of hidden and weight."""
     import ppo_fast as pf
+    from ppo_fast import functional
     from ppo_fast import spec as reference
 
     hidden, weight, labels, old, adv, mask = inputs
@@ -72,6 +89,14 @@ def make_run(provider, inputs):
     if provider == "fused":
         def loss():
             return pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
+    elif provider == "fused, recompute":
+        def loss():
+            in_forward = functional._gradients_in_forward
+            functional._gradients_in_forward = lambda *args: False
+            try:
+                return pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
+            finally:
+                functional._gradients_in_forward = in_forward
     elif provider == "logits + pf.ppo_loss":
         def loss():
             return pf.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask, **options)[0]
@@ -81,6 +106,8 @@ def make_run(provider, inputs):
                                       **options)[0]
     elif provider == "liger":
         loss = _liger_loss(inputs)
+    elif provider == "floor: three GEMMs":
+        return _three_gemms(hidden.detach(), weight.detach())
     else:
         raise ValueError(f"unknown provider {provider!r}")
 
@@ -88,6 +115,42 @@ def make_run(provider, inputs):
         return torch.autograd.grad(loss(), (hidden, weight))
 
     return run
+
+
+def _three_gemms(hidden, weight):
+    """The fused head's GEMMs alone, on its chunks and its one logits buffer: logits, then dhidden
+    and dweight from them (standing in for dlogits); returns dhidden and dweight."""
+    from ppo_fast.ops.linear_logprobs import linear_chunk_tokens
+
+    chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
+
+    def run():
+        dhidden = torch.empty_like(hidden)
+        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        logits = hidden.new_empty(chunk, weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            torch.mm(h, weight.t(), out=logits[:h.shape[0]])
+            dhidden[start:start + chunk] = logits[:h.shape[0]] @ weight
+            dweight.addmm_(logits[:h.shape[0]].t().float(), h.float())
+        return dhidden, dweight.to(weight.dtype)
+
+    return run
+
+
+def gemm_flops(run) -> int:
+    """FLOPs of the matmuls one call of ``run`` makes, as the profiler records them (it sees the
+    aten calls inside custom ops too)."""
+    first_matrix = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::bmm": 0, "aten::baddbmm": 1}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    flops = 0
+    for event in prof.events():
+        first = first_matrix.get(event.name)
+        if first is not None:
+            a, b = event.input_shapes[first:first + 2]
+            flops += 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1)
+    return flops
 
 
 def _liger_loss(inputs):
@@ -140,8 +203,13 @@ def peak_extra(provider, shape, device, inputs, run) -> int | None:
     if device.type == "cuda":
         grads_bytes = sum(t.numel() * t.element_size() for t in inputs[:2])
         return peak_extra_bytes(run, device) - grads_bytes
-    proc = subprocess.run([sys.executable, __file__, "--memory-of", provider, "--shape", shape],
-                          capture_output=True, text=True, timeout=900)
+    # glibc keeps freed blocks below its (self-raising) mmap threshold for reuse, so a buffer the
+    # first call freed would serve the second without showing in its peak: with a fixed 1 MiB
+    # threshold every large block is mapped and unmapped, and the resident set tracks what is live.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    proc = subprocess.run([sys.executable, __file__, "--memory-of", provider, "--shape", shape,
+                           "--threads", str(torch.get_num_threads())],
+                          capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.splitlines()[-1])["peak_extra"]
@@ -149,41 +217,79 @@ def peak_extra(provider, shape, device, inputs, run) -> int | None:
 
 def measure(shape: str, device, repeats: int) -> list[dict]:
     N, H, V, dtype = SHAPES[shape]
-    timer = Timer(device, repeats)
-    rows = []
+    runs, rows = {}, {}
     for provider in PROVIDERS:
         inputs = make_inputs(N, H, V, dtype, device)
         try:
-            run = make_run(provider, inputs)
+            runs[provider] = (inputs, make_run(provider, inputs))
         except Unavailable as exc:
-            rows.append(dict(provider=provider, skipped=str(exc)))
-            continue
-        rows.append(dict(provider=provider, ms=timer.measure(run),
-                         peak_extra=peak_extra(provider, shape, device, inputs, run)))
-    return rows
+            rows[provider] = dict(provider=provider, skipped=str(exc))
+    samples = _interleaved_ms(runs, device, repeats) if device.type == "cpu" else {
+        provider: Timer(device).measure(run) for provider, (_, run) in runs.items()}
+    for provider, (inputs, run) in runs.items():
+        row = dict(provider=provider, gemm_flops=gemm_flops(run),
+                   peak_extra=peak_extra(provider, shape, device, inputs, run))
+        if device.type == "cpu":
+            baseline = samples[BASELINE]
+            row.update(ms=summary(samples[provider]), samples_ms=samples[provider],
+                       vs_baseline=summary([t / b for t, b in zip(samples[provider], baseline)]))
+        else:
+            row.update(ms=samples[provider], vs_baseline=None)
+        rows[provider] = row
+    return [rows[provider] for provider in PROVIDERS]
+
+
+def _interleaved_ms(runs, device, repeats) -> dict[str, list[float]]:
+    """Milliseconds per call, ``repeats`` rounds after one warm-up round, each provider once per
+    round, in turn."""
+    samples = {provider: [] for provider in runs}
+    for round_ in range(repeats + 1):
+        for provider, (_, run) in runs.items():
+            start = time.perf_counter()
+            run()
+            sync(device)
+            if round_:
+                samples[provider].append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def render(doc: dict) -> list[str]:
     N, H, V = doc["tokens"], doc["hidden"], doc["vocab"]
     logits_bytes = N * V * doc["element_size"]
+    unit = 2 * N * H * V
     rows = doc["rows"]
-    base = next(r for r in rows if r["provider"] == "logits + pf.ppo_loss")["ms"]["median"]
-    lines = ["# Fused linear head vs the logits paths", "",
-             f"Median (20th-80th percentile) of {doc['repeats']} calls after one warm-up, all providers in one run.",
-             "", f"Fused linear head, PPO loss forward+backward, {N} tokens × H {H} × V {V}, {doc['dtype']}, on "
-             f"{doc['device']}. The logits alone: {logits_bytes / 2**20:,.0f} MiB.", ""]
+    base = next(r for r in rows if r["provider"] == BASELINE)["ms"]["median"]
+    cpu = rows[0].get("samples_ms") is not None
+    how = (f"Median (20th-80th percentile) of {doc['repeats']} rounds after one warm-up round; in each round every "
+           "provider runs once, in turn (the machine may be shared: the load falls on all alike). The ratio to "
+           "the logits path is the median of the rounds' ratios." if cpu else
+           "Median (20th-80th percentile) from triton.testing.do_bench.")
+    lines = ["# Fused linear head vs the logits paths", "", how, "",
+             f"Fused linear head, PPO loss forward+backward, {N} tokens × H {H} × V {V}, {doc['dtype']}, on "
+             f"{doc['device']}. The logits alone: {logits_bytes / 2**20:,.0f} MiB. GEMM work in units of one "
+             f"logits GEMM (2·N·H·V = {unit / 1e9:.1f} GFLOP), the matmuls one call makes.", ""]
     if "gemms_ms" in doc:
         lines += [f"Three GEMMs of the head at the measured bf16 matmul rate ({doc['matmul_TFLOPs']:.0f} TFLOP/s): "
                   f"{doc['gemms_ms']:.2f} ms.", ""]
-    lines += ["| provider | median ms (p20-p80) | time vs logits + pf.ppo_loss | peak extra MiB "
+    lines += [f"| provider | median ms (p20-p80) | time vs {BASELINE} | GEMM work | peak extra MiB "
               "| extra / logits size |",
-              "| --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['provider']} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {r['provider']} | skipped: {r['skipped']} | | | | |")
             continue
-        lines.append(f"| {r['provider']} | {fmt(r['ms'])} | {r['ms']['median'] / base:.2f} | "
+        ratio = (fmt(r["vs_baseline"], digits=2) if r.get("vs_baseline") else f"{r['ms']['median'] / base:.2f}")
+        lines.append(f"| {r['provider']} | {fmt(r['ms'])} | {ratio} | {r['gemm_flops'] / unit:.2f} | "
                      f"{r['peak_extra'] / 2**20:,.0f} | {r['peak_extra'] / logits_bytes:.0%} |")
+    goal = doc.get("goal")
+    if goal:
+        fused = next(r for r in rows if r["provider"] == "fused")
+        ratio = fused["vs_baseline"]["median"] if fused.get("vs_baseline") else fused["ms"]["median"] / base
+        extra = fused["peak_extra"] / logits_bytes
+        met = ratio <= goal["time"] and extra <= goal["memory"]
+        lines += ["", f"Goal (issue 21): the fused head in at most {goal['time']:.2f}× the logits path's time with "
+                  f"extra memory at most {goal['memory']:.0%} of the logits: {ratio:.2f}× and {extra:.0%}, "
+                  f"{'met' if met else 'NOT met'}."]
     return lines
 
 
@@ -197,10 +303,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes")
     parser.add_argument("--out", help="write linear_head_<device>.md and .json into this folder")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (CPU)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_of:
         print(json.dumps({"peak_extra": cpu_peak_extra(args.memory_of, args.shape)}))
         return 0
@@ -210,10 +319,13 @@ def main(argv=None) -> int:
     data = dict(tokens=N, hidden=H, vocab=V, dtype=str(dtype).removeprefix("torch."),
                 element_size=torch.empty((), dtype=dtype).element_size(), device=device_name(device),
                 repeats=args.repeats, rows=measure(shape, device, args.repeats))
+    if not args.smoke and device.type in GOALS:
+        data["goal"] = dict(zip(("time", "memory"), GOALS[device.type]))
     if device.type == "cuda":
         rate = matmul_rate(device, Timer(device), 8192)
         data.update(matmul_TFLOPs=rate / 1e12, gemms_ms=6 * N * H * V / rate * 1e3)
-    out = Path(args.out) / f"linear_head_{'smoke' if args.smoke else device.type}.md" if args.out else None
+    name = f"linear_head_{'smoke' if args.smoke else device.type}{f'_{args.threads}thread' if args.threads else ''}"
+    out = Path(args.out) / f"{name}.md" if args.out else None
     publish(out, data, render)
     return 0
 

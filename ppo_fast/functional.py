@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from . import _checks as check
-from . import spec
+from . import objectives, spec
 from .ops.gae import gae_op
-from .ops.linear_logprobs import linear_logprobs_op
+from .ops.linear_logprobs import LossWithGradients, linear_logprobs_op, linear_logprobs_with_gradients
 from .ops.ppo_loss import ppo_token_terms
-from .ops.token_logprobs import token_logprobs_op
+from .ops.token_logprobs import out_dtype, token_logprobs_op
 from ._checks import check_temperature, in_unit_interval, int_option, positive
 from .options import LossOptions
 
@@ -510,7 +510,11 @@ def fused_linear_ppo_loss(
     ``[V]`` or None, every per-token tensor ``[...]``. Returns ``(loss, metrics)``, the metrics of
     :func:`ppo_loss`; differentiable in hidden, weight and bias. The log-probs and entropy come
     from :func:`fused_linear_token_logprobs` (see there for memory); the objective then runs on
-    ``[tokens]``-sized tensors.
+    ``[tokens]``-sized tensors. Where a gradient is wanted and each token's term depends on that
+    token alone (every token-level objective but ``clip_cov`` and ``kl_cov``), the gradients of
+    hidden, weight and bias are computed in the forward while each chunk's logits are live (three
+    GEMMs per chunk, where recomputing the logits in the backward takes four) and kept until the
+    backward, which scales them by the incoming gradient; not differentiable twice.
     """
     opts = _actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
                           clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
@@ -521,6 +525,49 @@ def fused_linear_ppo_loss(
     labels = _check_actor_inputs("hidden", hidden, hidden.shape[:-1], "hidden.shape[:-1]", weight.shape[0],
                                  labels, old_logp, advantages, mask, ref_logp, rollout_logp,
                                  rollout_is_weights, opts)
+    valid = labels != ignore_index
+    per_token = (old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights)
+    if _gradients_in_forward(hidden, weight, bias, opts):
+        return _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts)
     logp, entropy = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
-    return _loss_from_logprobs(logp, entropy, labels != ignore_index, old_logp, advantages, ref_logp,
-                               rollout_logp, rollout_is_weights, opts)
+    return _loss_from_logprobs(logp, entropy, valid, *per_token, opts)
+
+
+def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
+    """Whether the fused loss computes its gradients in its forward: a gradient is wanted (grad
+    mode on, an input that requires one), each token's term depends on its own token alone
+    (:func:`ppo_fast.objectives.token_local`), and the call runs eagerly (``torch.compile``
+    traces the op and its recomputing backward)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+            and objectives.token_local(opts.loss_type, opts.loss_params))
+
+
+def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts):
+    """``(loss, metrics)`` of :func:`fused_linear_ppo_loss` with the gradients of hidden, weight and
+    bias computed in the forward, chunk by chunk (three GEMMs per chunk where the op's forward and
+    backward take four): the loss is ``Σ_i w_i·term_i(logp_i, entropy_i)`` with the aggregation's
+    weights ``w`` fixed by the mask, so a chunk's tokens' share is known when its log-probs are."""
+    lead, valid_flat = valid.shape, valid.reshape(-1)
+    old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights = (
+        None if t is None else t.detach().reshape(-1) for t in per_token)
+    dtype = out_dtype(hidden.dtype)
+    weights = spec.agg_weights(valid, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
+                               dp_size=opts.dp_size, horizon=opts.horizon, dtype=dtype).reshape(-1)
+
+    def chunk_loss(start, stop, logp, entropy):
+        part = slice(start, stop)
+        at = lambda t: None if t is None else t[part]  # noqa: E731
+        terms = spec.ppo_token_terms(logp, old_logp[part], advantages[part], opts, mask=valid_flat[part],
+                                     entropy=entropy, ref_logp=at(ref_logp), rollout_logp=at(rollout_logp),
+                                     rollout_is_weights=at(rollout_is_weights))
+        return spec.aggregate(terms.loss, weights[part], valid_flat[part])
+
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    logp, entropy, (dhidden, dweight, dbias) = linear_logprobs_with_gradients(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0 / float(opts.temperature),
+        int(opts.ignore_index), chunk_loss, *need)
+    with torch.no_grad():
+        loss, metrics = _loss_from_logprobs(logp.view(lead), entropy.view(lead), valid, *per_token, opts)
+    dhidden = dhidden.view(hidden.shape) if need[0] else dhidden
+    return LossWithGradients.apply(loss, hidden, weight, bias, dhidden, dweight, dbias), metrics

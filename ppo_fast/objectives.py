@@ -335,6 +335,19 @@ ALIASES: dict[str, tuple[str, str | None]] = {
 
 LOSS_TYPES = tuple(OBJECTIVES) + tuple(ALIASES)
 
+NOT_TOKEN_LOCAL = ("gspo", "geo_mean", "vespo", "clip_cov", "kl_cov")
+"""Objectives whose term for a token reads other tokens' log-probs: its sequence's (gspo, geo_mean,
+vespo) or the whole batch's (clip_cov, kl_cov); so does any objective at
+``importance_level="sequence"``."""
+
+
+def token_local(loss_type: str, params: Mapping[str, object]) -> bool:
+    """Whether each token's term depends on that token's log-prob alone (the data fixed), so the
+    loss is a sum of per-token functions (what lets the fused head compute its gradient chunk by
+    chunk in the forward). ``loss_type`` canonical, ``params`` resolved (:class:`LossOptions`)."""
+    return loss_type not in NOT_TOKEN_LOCAL and params.get("importance_level", "token") == "token"
+
+
 WEIGHTS_INSIDE = ("geo_mean", "vespo")
 """Objectives that fold the importance weights into a sequence quantity instead of multiplying
 each token's term (geo_mean: their geometric mean over the sequence; vespo: into ``W``)."""

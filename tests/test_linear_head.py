@@ -9,7 +9,9 @@ import ppo_fast as pf
 from helpers import OBJECTIVE_PARAMS, max_err
 from ppo_fast import objectives
 from ppo_fast import spec as R
+from ppo_fast.ops import linear_logprobs
 from ppo_fast.ops.linear_logprobs import linear_chunk_tokens
+from ppo_fast.options import LossOptions
 
 F64 = torch.float64
 
@@ -184,13 +186,14 @@ def test_scoring_under_no_grad_keeps_no_graph(device, backend):
     assert not logp.requires_grad
 
 
-def test_compiles_in_one_graph():
+@pytest.mark.parametrize("loss_type", ["gspo", "vanilla"])  # vanilla: eager computes its gradients in the forward
+def test_compiles_in_one_graph(loss_type):
     hidden, weight, b, labels = _head(None, 8, 60, torch.float32, "cpu", lead=(2, 5))
     old = torch.zeros(2, 5)
     mask = torch.ones(2, 5, dtype=torch.bool)
 
     def step(h):
-        return pf.fused_linear_ppo_loss(h, weight, labels, old, old + 1, mask, bias=b, loss_type="gspo")[0]
+        return pf.fused_linear_ppo_loss(h, weight, labels, old, old + 1, mask, bias=b, loss_type=loss_type)[0]
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -265,3 +268,278 @@ def test_module_refuses_a_head_it_cannot_compute():
                      lm_head=ScaledHead(8, 60, dtype=F64))
     with pytest.raises(ValueError, match="lm_head without hidden"):
         pf.PPOLoss()(hidden @ weight.T, labels, zeros, zeros, mask, lm_head=weight)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss's gradients computed in its forward (three GEMMs per chunk where the op takes four)
+# --------------------------------------------------------------------------------------------
+
+
+def _gemm_flops(fn) -> int:
+    """FLOPs of the GEMMs ``fn()`` runs, read by the profiler (which, unlike a dispatch mode, sees
+    inside the custom ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    flops = 0
+    for event in prof.events():
+        first = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}.get(event.name)
+        if first is not None:
+            (m, k), (_, n) = event.input_shapes[first:first + 2]
+            flops += 2 * m * k * n
+    return flops
+
+
+def _actor_batch(lead, V, dtype, device, seed=5, garbage=True):
+    """old/ref/rollout log-probs, advantages, IS weights and a mask for ``lead`` tokens; with
+    ``garbage`` the masked positions of every per-token tensor hold NaN/inf (as after EOS)."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(lead, generator=g, dtype=F64) * 4 - 1
+    ref = old + 0.3 * torch.randn(lead, generator=g, dtype=F64)
+    rollout = old + 0.2 * torch.randn(lead, generator=g, dtype=F64)
+    adv = torch.randn(lead, generator=g, dtype=F64)
+    is_weights = (0.2 * torch.randn(lead, generator=g, dtype=F64)).exp()
+    mask = torch.rand(lead, generator=g) > 0.25
+    mask.view(-1)[0] = True
+    if garbage:
+        for t, bad in ((old, float("nan")), (ref, float("inf")), (rollout, float("-inf")), (adv, float("nan")),
+                       (is_weights, float("inf"))):
+            t[~mask] = bad
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return dict(old_logp=to(old), advantages=to(adv), ref_logp=to(ref), rollout_logp=to(rollout),
+                rollout_is_weights=to(is_weights)), mask.to(device)
+
+
+# Every token-local loss option: clip-higher and dual clip, temperature, entropy bonus, KL to the
+# reference, rollout IS weights and truncation, each aggregation.
+LOSS_OPTIONS = {
+    "vanilla-dual-clip": dict(loss_type="vanilla", clip_low=0.2, clip_high=0.28, dual_clip=3.0, temperature=0.7,
+                              entropy_coef=0.01, kl_coef=0.05, agg="token-mean"),
+    "grpo-seq-mean": dict(loss_type="grpo", clip_low=0.1, entropy_coef=0.02, kl_coef=0.1, kl_estimator="k2",
+                          tis_cap=1.5, agg="seq-mean-token-mean", use_rollout=True),
+    "cispo-token-sum": dict(loss_type="cispo", temperature=1.3, entropy_coef=0.05, agg="token-sum",
+                            use_is_weights=True),
+    "dppo-kl-dr-grpo": dict(loss_type="dppo_kl", kl_coef=0.02, kl_estimator="k3+", agg="seq-mean-token-sum-norm",
+                            use_rollout=True, use_is_weights=True),
+    "sapo-seq-sum": dict(loss_type="sapo", entropy_coef=0.01, agg="seq-mean-token-sum", temperature=0.9),
+}
+
+
+def _loss_kwargs(options, data):
+    options = dict(options)
+    kw = {name: data[name] for name in ("old_logp", "advantages")}
+    if options.get("kl_coef"):
+        kw["ref_logp"] = data["ref_logp"]
+    if options.pop("use_rollout", False):
+        kw["rollout_logp"] = data["rollout_logp"]
+    if options.pop("use_is_weights", False):
+        kw["rollout_is_weights"] = data["rollout_is_weights"]
+    return {**kw, **options}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 tokens (the fewest), so a few dozen tokens span several, the last padded."""
+    monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 1)
+    assert linear_chunk_tokens(7, F64) == 16
+
+
+# Every option set on several chunks; the odd sizes with two of them each.
+GRADIENT_CASES = [pytest.param((3, 21), 3, 7, True, name, id=f"3x21-3-7-{name}") for name in LOSS_OPTIONS] + [
+    pytest.param((2, 9), 100, 1003, False, name, id=f"2x9-100-1003-{name}")
+    for name in ("vanilla-dual-clip", "cispo-token-sum")] + [
+    pytest.param((1, 7), 4097, 50, True, name, id=f"1x7-4097-50-{name}")
+    for name in ("grpo-seq-mean", "sapo-seq-sum")]
+
+
+@pytest.mark.parametrize("lead, H, V, bias, options", GRADIENT_CASES)
+def test_loss_gradients_in_the_forward_match_the_spec(lead, H, V, bias, options, small_chunks, backend):
+    """Loss, metrics and the gradients of hidden, weight and bias against the float64 spec, with
+    the loss scaled (3.7) and added to another term that reaches hidden and weight too; masked
+    positions hold NaN/inf in every per-token input and in the hidden states."""
+    hidden, weight, b, labels = _head(None, H, V, F64, "cpu", bias=bias, lead=lead)
+    data, mask = _actor_batch(lead, V, F64, "cpu")
+    kw = _loss_kwargs(LOSS_OPTIONS[options], data)
+    old, adv = kw.pop("old_logp"), kw.pop("advantages")
+    poisoned = torch.where(mask.unsqueeze(-1), hidden, float("nan"))
+    loss, metrics = pf.fused_linear_ppo_loss(poisoned, weight, labels, old, adv, mask, bias=b, **kw)
+    loss_r, metrics_r = R.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, bias=b, **kw)
+    inputs = [t for t in (hidden, weight, b) if t is not None]
+    def other():
+        return (torch.where(mask.unsqueeze(-1), hidden, 0.0) * 0.3).sin().sum() + (weight ** 2).sum() * 1e-3
+
+    grads = torch.autograd.grad(3.7 * loss + other(), inputs)
+    grads_r = torch.autograd.grad(3.7 * loss_r + other(), inputs)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-10, atol=1e-12)
+    for got, exp in zip(grads, grads_r):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-12)
+    for name in metrics_r:
+        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scaled_loss_in_low_precision_within_twice_the_eager_error(dtype):
+    """As the low-precision test above, with the gradient scaled by 3.7 after the fact (one more
+    rounding of the hidden and weight gradients in their dtype than eager takes)."""
+    hidden, weight, b, labels = _head(None, 64, 1000, dtype, "cpu", lead=(4, 20))
+    data, mask = _actor_batch((4, 20), 1000, torch.float32, "cpu", garbage=False)
+    kw = dict(old_logp=data["old_logp"], advantages=data["advantages"], entropy_coef=0.01, temperature=0.8)
+
+    def run(loss_fn, *tensors):
+        loss, _ = loss_fn(*tensors, labels, mask=mask, **kw)
+        return [loss] + list(torch.autograd.grad(3.7 * loss, tensors))
+
+    def fused(h, w, bb, labels, **k):
+        return pf.fused_linear_ppo_loss(h, w, labels, k.pop("old_logp"), k.pop("advantages"), bias=bb, **k)
+
+    def eager(h, w, bb, labels, **k):
+        return pf.ppo_loss(torch.nn.functional.linear(h, w, bb), labels, k.pop("old_logp"), k.pop("advantages"), **k)
+
+    exact = run(fused, *(t.detach().double().requires_grad_() for t in (hidden, weight, b)))
+    got, eag = run(fused, hidden, weight, b), run(eager, hidden, weight, b)
+    for name, g, e, ex in zip(("loss", "hidden", "weight", "bias"), got, eag, exact):
+        rounding = torch.finfo(dtype).eps * ex.abs().max().item()
+        assert max_err(g, ex) <= 2 * max_err(e, ex) + rounding, name
+
+
+def test_the_loss_takes_three_gemms_per_chunk_and_only_those_it_needs(monkeypatch):
+    """GEMM FLOPs of one forward+backward, in units of one chunk-padded logits GEMM (2·N·H·V):
+    3 for the loss (4 before: the backward recomputed the logits), 2 when hidden or the weight is
+    frozen, 1 for scoring under no_grad; 4 where the gradient cannot be known in the forward (a
+    sequence-level objective, per-token log-probs differentiated with any weights)."""
+    N, H, V = 300, 8, 1000
+    padded = -(-N // linear_chunk_tokens(V, torch.float32)) * linear_chunk_tokens(V, torch.float32)
+    hidden, weight, b, labels = _head(N, H, V, torch.float32, "cpu")
+    labels[1] = 3
+    data, mask = _actor_batch((N,), V, torch.float32, "cpu", garbage=False)
+    mask[:] = True
+    old, adv = data["old_logp"], data["advantages"]
+
+    def units(inputs, loss_type="vanilla"):
+        def run():
+            loss, _ = pf.fused_linear_ppo_loss(*inputs, labels, old, adv, mask, loss_type=loss_type, entropy_coef=0.1)
+            if loss.requires_grad:
+                torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
+        return _gemm_flops(run) / (2 * padded * H * V)
+
+    assert units((hidden, weight)) == 3
+    assert units((hidden, weight.detach())) == 2
+    assert units((hidden.detach(), weight)) == 2
+    with torch.no_grad():
+        assert units((hidden, weight)) == 1
+    assert units((hidden, weight), loss_type="gspo") == 4
+    logp = lambda: torch.autograd.grad(  # noqa: E731
+        (pf.fused_linear_token_logprobs(hidden, weight, labels) * adv).sum(), (hidden, weight))
+    assert _gemm_flops(logp) / (2 * padded * H * V) == 4
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_gradients_in_the_forward_equal_the_recomputing_backward(dtype, monkeypatch, small_chunks, backend):
+    """Against the path that recomputes the logits in the backward (forced): the same loss and
+    metrics bitwise, the same gradients to rounding (bitwise where the backend's row ops are the
+    same in both)."""
+    hidden, weight, b, labels = _head(None, 16, 300, dtype, "cpu", lead=(3, 30))
+    data, mask = _actor_batch((3, 30), 300, dtype, "cpu")
+    kw = dict(ref_logp=data["ref_logp"], kl_coef=0.05, entropy_coef=0.01, temperature=0.7, dual_clip=2.0)
+    results = []
+    for in_forward in (True, False):
+        monkeypatch.setattr(pf.functional, "_gradients_in_forward", lambda *args: in_forward)
+        loss, metrics = pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"],
+                                                 mask, bias=b, **kw)
+        results.append((loss, metrics, torch.autograd.grad(loss, (hidden, weight, b))))
+    (loss, metrics, grads), (loss_r, metrics_r, grads_r) = results
+    if backend == "triton":  # the recomputing forward is the tile kernel, not the row op on the GEMM's logits
+        torch.testing.assert_close(loss, loss_r)
+        for got, exp in zip(grads, grads_r):
+            torch.testing.assert_close(got, exp)
+        return
+    assert torch.equal(loss, loss_r)
+    assert all(torch.equal(metrics[name], metrics_r[name]) for name in metrics_r)
+    for got, exp in zip(grads, grads_r):
+        assert torch.equal(got, exp)
+
+
+def test_backward_twice_with_the_graph_kept_and_accumulated_grads():
+    """The gradients are scaled in place and handed over only when the graph is not kept: a
+    ``retain_graph=True`` backward leaves them for the next one, and ``.grad`` accumulates."""
+    hidden, weight, b, labels = _head(None, 8, 77, F64, "cpu", lead=(3, 10))
+    data, mask = _actor_batch((3, 10), 77, F64, "cpu")
+    kw = dict(entropy_coef=0.1, ref_logp=data["ref_logp"], kl_coef=0.1)
+    loss, _ = pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"], mask, bias=b,
+                                       **kw)
+    loss_r, _ = R.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"], mask, bias=b,
+                                        **kw)
+    want = torch.autograd.grad(loss_r, (hidden, weight, b))
+    first = torch.autograd.grad(2.0 * loss, (hidden, weight, b), retain_graph=True)
+    second = torch.autograd.grad(loss * 0.5, (hidden, weight, b), retain_graph=True)
+    (loss + loss ** 2).backward()
+    for f, s, w, acc in zip(first, second, want, (hidden.grad, weight.grad, b.grad)):
+        torch.testing.assert_close(f, 2.0 * w, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(s, 0.5 * w, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(acc, (1 + 2 * loss_r.detach()) * w, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def test_double_backward_through_the_loss_is_an_error_not_a_zero():
+    """create_graph=True gives the right gradients, which then refuse a second backward (a
+    constant there would make a gradient penalty silently 0)."""
+    hidden, weight, b, labels = _head(None, 8, 77, F64, "cpu", lead=(2, 5))
+    zeros = torch.zeros(2, 5, dtype=F64)
+    loss, _ = pf.fused_linear_ppo_loss(hidden, weight, labels, zeros, zeros + 1, zeros == 0, bias=b)
+    loss_r, _ = R.fused_linear_ppo_loss(hidden, weight, labels, zeros, zeros + 1, zeros == 0, bias=b)
+    dh, dw = torch.autograd.grad(loss * 2, (hidden, weight), create_graph=True)
+    dh_r, dw_r = torch.autograd.grad(loss_r * 2, (hidden, weight))
+    torch.testing.assert_close(dh, dh_r, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dw, dw_r, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(dh.square().sum(), weight)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        dw.sum().backward()
+
+
+def test_a_tokens_loss_gradient_does_not_depend_on_the_batch(small_chunks, backend):
+    """Bitwise, with the token-sum aggregation (whose weights do not depend on the batch): the
+    row ops see the chunk's tokens only, the GEMMs the padded chunk, alone as in any batch."""
+    hidden, weight, b, labels = _head(100, 64, 500, torch.float32, "cpu", bias=True)
+    data, mask = _actor_batch((100,), 500, torch.float32, "cpu")
+    kw = dict(entropy_coef=0.01, agg="token-sum", temperature=0.9)
+
+    def grad_of(rows):
+        h = hidden.detach()[rows].requires_grad_()
+        loss, _ = pf.fused_linear_ppo_loss(h, weight, labels[rows], data["old_logp"][rows], data["advantages"][rows],
+                                           mask[rows], bias=b, **kw)
+        return torch.autograd.grad(loss, h)[0]
+
+    everything = grad_of(list(range(100)))
+    for rows in ([0], [5, 6, 7], list(range(60, 100)), [99, 3, 40]):
+        assert torch.equal(grad_of(rows), everything[rows])
+
+
+@pytest.mark.parametrize("loss_type, params", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
+def test_token_local_objectives_read_their_own_token_only(loss_type, params):
+    """An objective that ``objectives.token_local`` admits (the fused loss then computes its
+    gradient chunk by chunk) gives every other token the same term and the same gradient when one
+    token's log-prob moves."""
+    opts = LossOptions(loss_type=loss_type, loss_params=params)
+    if not objectives.token_local(opts.loss_type, opts.loss_params):
+        pytest.skip("not token-local: the fused loss recomputes in the backward")
+    g = torch.Generator().manual_seed(7)
+    logp = -torch.rand(3, 6, generator=g, dtype=F64) * 3
+    old = logp + 0.4 * torch.randn(3, 6, generator=g, dtype=F64)
+    adv = torch.randn(3, 6, generator=g, dtype=F64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+
+    def terms(lp):
+        lp = lp.clone().requires_grad_()
+        pg = objectives.policy_terms(lp, old, adv, mask, opts).pg
+        return pg.detach(), torch.autograd.grad(pg.sum(), lp)[0]
+
+    base, base_grad = terms(logp)
+    for moved in ((0, 0), (1, 3), (2, 5)):
+        shifted = logp.clone()
+        shifted[moved] += 0.7
+        pg, grad = terms(shifted)
+        others = torch.ones_like(mask)
+        others[moved] = False
+        assert torch.equal(pg[others], base[others]) and torch.equal(grad[others], base_grad[others]), moved

@@ -4,8 +4,10 @@
 
 Read top to bottom: the token chunking, the schema and fake kernels, the backward (chunked GEMMs
 around the row backward of :mod:`ppo_fast.ops.token_logprobs`, for every backend), the autograd
-formula, then the forward implementations (reference PyTorch, Triton, native C++) and their
-table. Each forward implementation is
+formula, the forward implementations (reference PyTorch, Triton, native C++) and their table, then
+the gradients computed in the forward for a loss that sums over tokens
+(:func:`linear_logprobs_with_gradients`, three GEMMs per chunk where the op and its backward take
+four). Each forward implementation is
 
     forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy) -> (logp, entropy, lse)
 """
@@ -23,7 +25,7 @@ from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, 
 from .token_logprobs import token_logprobs_backward_op
 
 # --------------------------------------------------------------------------------------------
-# Chunks of tokens: the forward off CUDA and every backward recompute the logits chunk by chunk
+# Chunks of tokens: the forward off CUDA and every backward compute the logits chunk by chunk
 # --------------------------------------------------------------------------------------------
 
 CHUNK_BYTES = 64 * 2**20
@@ -126,12 +128,38 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+class _Gradients:
+    """dhidden, dweight and dbias summed chunk by chunk, each allocated only where needed: dweight
+    and dbias accumulate in float32 (float64 for float64), rounded to the weight's dtype once, by
+    :meth:`result`."""
+
+    def __init__(self, hidden, weight, need_hidden, need_weight, need_bias):
+        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.need = need_hidden, need_weight, need_bias
+        self.weight = weight
+        self.dhidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
+        self.dweight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc_dtype, device=weight.device)
+        self.dbias = torch.zeros(weight.shape[:1] if need_bias else (0,), dtype=acc_dtype, device=weight.device)
+
+    def add_chunk(self, start: int, stop: int, dlogits: Tensor, h: Tensor) -> None:
+        """One chunk's share from its ``dlogits [chunk, V]`` and hidden states ``h [chunk, H]``:
+        one GEMM for dhidden, one for dweight."""
+        need_hidden, need_weight, need_bias = self.need
+        if need_hidden:
+            self.dhidden[start:stop] = (dlogits @ self.weight)[: stop - start]
+        if need_weight:
+            _accumulate_mm(self.dweight, dlogits.t(), h)
+        if need_bias:
+            self.dbias += dlogits.sum(0, dtype=self.dbias.dtype)
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        dtype = self.weight.dtype
+        return self.dhidden, self.dweight.to(dtype), self.dbias.to(dtype)
+
+
 def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
               ignore_index, need_hidden, need_weight, need_bias):
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    dhidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
-    dweight = torch.zeros(weight.shape if need_weight else (0,), dtype=acc_dtype, device=weight.device)
-    dbias = torch.zeros(weight.shape[:1] if need_bias else (0,), dtype=acc_dtype, device=weight.device)
+    grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     row_ops = row_ops_for(hidden.device)
 
@@ -141,13 +169,9 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
         dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
         token_logprobs_backward_op(dlogits, logits, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp,
                                    ignore_index)
-        if need_hidden:
-            dhidden[start:stop] = (dlogits @ weight)[: stop - start]
-        if need_weight:
-            _accumulate_mm(dweight, dlogits.t(), h)
-        if need_bias:
-            dbias += dlogits.sum(0, dtype=acc_dtype)
-    return dhidden, dweight.to(weight.dtype), dbias.to(weight.dtype)
+        grads.add_chunk(start, stop, dlogits, h)
+        del logits, dlogits  # freed before the next chunk's GEMM: one chunk's logits live, not two
+    return grads.result()
 
 
 for _device_type in DEVICE_TYPES:
@@ -197,6 +221,7 @@ def chunked_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_e
         outs = row_forward(logits, lab, inv_temp, ignore_index, with_entropy)
         for out, value in zip((logp, entropy, lse), outs):
             out[start:stop] = value[: stop - start]
+        del logits  # freed before the next chunk's GEMM: one chunk's logits live, not two
     return logp, entropy, lse
 
 
@@ -222,3 +247,121 @@ IMPLEMENTATIONS = dispatch.register("linear_logprobs", {
     "triton": triton_forward,
     "native": partial(chunked_forward, row_forward=native_forward),
 })
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients in the forward: a scalar loss that sums over tokens (three GEMMs per chunk, not four)
+# --------------------------------------------------------------------------------------------
+#
+# The op above leaves the logits nowhere, so its backward computes them again: per chunk one GEMM
+# forward, then three backward (logits again, dhidden, dweight). A loss Σ_i ℓ_i(logp_i, entropy_i)
+# whose token terms each depend on their own token alone (given the data) knows each token's
+# ∂loss/∂logp and ∂loss/∂entropy as soon as its chunk's log-probs are out, so the forward can carry
+# on while the chunk's logits are live: dlogits over them, then the dhidden and dweight GEMMs. The
+# backward is left only to scale by the incoming gradient, a scalar (the chain rule through a
+# scalar). The price: dhidden and dweight (the weight's size, in its dtype) live from the forward to
+# the backward instead of being made in the backward.
+
+
+def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                   inv_temp: float, ignore_index: int, chunk_loss,
+                                   need_hidden: bool, need_weight: bool, need_bias: bool):
+    """``(logp, entropy, (dhidden, dweight, dbias))`` of the logits ``hidden @ weight.T + bias``
+    (hidden ``[N, H]``, labels ``[N]``), where the gradients are those of the loss
+    ``Σ_chunks chunk_loss(start, stop, logp[start:stop], entropy[start:stop])`` (each call a
+    0-d tensor differentiable in the two ``[stop - start]`` tensors it is given, which must not
+    depend on any other token), each ``[0]``-shaped where not needed. Per chunk: one GEMM for the
+    logits, the row forward, ``chunk_loss``'s gradient by autograd on the chunk's tokens, the row
+    backward (over the logits where the backend can), one GEMM each for dhidden and dweight. The
+    values (logp, entropy) are bitwise those of :func:`chunked_forward` with the same backend's
+    row op; nothing here is recorded by autograd."""
+    n = hidden.shape[0]
+    logp, entropy = (torch.zeros(n, dtype=out_dtype(hidden.dtype), device=hidden.device) for _ in range(2))
+    hidden, weight, bias = (None if t is None else t.detach() for t in (hidden, weight, bias))
+    grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
+    chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
+    row_ops = row_ops_for(hidden.device)
+    # One logits buffer (and one dlogits buffer where the backend cannot write over the logits)
+    # serves every chunk: a fresh one per chunk costs its page faults each time on the CPU (0.4 s
+    # of 4 at 8192 × 32 000 fp32), and the GEMM writing into it gives the bits F.linear gives.
+    logits = dlogits = None
+    with torch.no_grad():
+        for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
+            if logits is None:
+                logits = hidden.new_empty(chunk, weight.shape[0])
+                dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
+            if bias is None:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, h, weight.t(), out=logits)
+            # The row ops see the chunk's tokens only (a row's numbers do not depend on its
+            # neighbours), the GEMMs the padded chunk, whose padding rows of dlogits are zeroed.
+            rows = stop - start
+            live, lab = logits[:rows], lab[:rows]
+            logp_c, entropy_c, lse_c = row_ops.forward(live, lab, inv_temp, ignore_index, True)
+            logp[start:stop], entropy[start:stop] = logp_c, entropy_c
+            grad_logp, grad_entropy = _token_gradients(chunk_loss, start, stop, logp_c, entropy_c)
+            token_logprobs_backward_op(dlogits[:rows], live, lab, lse_c, entropy_c, grad_logp, grad_entropy,
+                                       inv_temp, ignore_index)
+            dlogits[rows:].zero_()
+            grads.add_chunk(start, stop, dlogits, h)
+    return logp, entropy, grads.result()
+
+
+def _token_gradients(chunk_loss, start, stop, logp, entropy):
+    """``(∂loss/∂logp, ∂loss/∂entropy)`` of one chunk's tokens; the second None where the loss does
+    not read the entropy."""
+    with torch.enable_grad():
+        logp, entropy = logp.detach().requires_grad_(), entropy.detach().requires_grad_()
+        loss = chunk_loss(start, stop, logp, entropy)
+        grad_logp, grad_entropy = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
+    return torch.zeros_like(logp) if grad_logp is None else grad_logp, grad_entropy
+
+
+def _graph_kept() -> bool:
+    """Whether the backward running now keeps the graph (``retain_graph`` or ``create_graph``), so
+    what a node saved must survive its call. A private torch function (AOTAutograd asks it the same
+    question); where it is missing, the answer is yes, which costs a copy and is always right."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
+
+
+class LossWithGradients(torch.autograd.Function):
+    """``apply(value, hidden, weight, bias, dhidden, dweight, dbias)``: a 0-d loss whose gradients
+    with respect to ``hidden``, ``weight`` and ``bias`` were computed with it; the backward scales
+    them by the incoming gradient. They are scaled in place and handed to autograd when the graph
+    is not kept (no copy: a leaf's ``.grad`` becomes the buffer itself), copied when it is, so a
+    second backward with ``retain_graph=True`` gets the same gradients. Not twice differentiable:
+    under ``create_graph=True`` the gradients come back differentiable, and differentiating them
+    is an error (:class:`_DifferentiatedTwice`), never a silent zero."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, dhidden, dweight, dbias):
+        ctx.save_for_backward(hidden, weight, bias, dhidden, dweight, dbias)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, *saved = ctx.saved_tensors
+        with torch.no_grad():
+            scaled = [t * grad for t in saved] if _graph_kept() else [t.mul_(grad) for t in saved]
+        if torch.is_grad_enabled():
+            scaled = [_DifferentiatedTwice.apply(t, hidden, weight, bias) for t in scaled]
+        return (None, *(g if need else None for g, need in zip(scaled, ctx.needs_input_grad[1:4])),
+                None, None, None)
+
+
+class _DifferentiatedTwice(torch.autograd.Function):
+    """``apply(gradient, hidden, weight, bias)``: the gradient, tied to the inputs it depends on
+    so that a second backward reaches this node, whose backward says why it cannot go on."""
+
+    @staticmethod
+    def forward(ctx, gradient, hidden, weight, bias):
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "pf.fused_linear_ppo_loss computed its gradients in its forward and cannot be differentiated twice "
+            "(a backward through the gradient of a create_graph=True backward); compute the loss from logits "
+            "(pf.ppo_loss) for higher-order gradients")
