@@ -280,7 +280,8 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
     hidden, weight, bias = (None if t is None else t.detach() for t in (hidden, weight, bias))
     grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
-    row_ops = row_ops_for(hidden.device)
+    # The head's backend, from its own table, serves its rows with that backend's row op.
+    row_ops = dispatch.TABLE["token_logprobs"][dispatch.choose("linear_logprobs", hidden.device)]
     # One logits buffer (and one dlogits buffer where the backend cannot write over the logits)
     # serves every chunk: a fresh one per chunk costs its page faults each time on the CPU (0.4 s
     # of 4 at 8192 × 32 000 fp32), and the GEMM writing into it gives the bits F.linear gives.
