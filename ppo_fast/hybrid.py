@@ -74,12 +74,6 @@ def _sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, options: dict) 
     return token_logprobs(logits, tokens, temperature=options["temperature"]).float()
 
 
-def _stack_columns(columns: list[torch.Tensor], completions: torch.Tensor) -> torch.Tensor:
-    if not columns:
-        return torch.zeros(completions.shape, dtype=torch.float32, device=completions.device)
-    return torch.stack(columns, dim=1)
-
-
 def pick_attn_implementation(dtype: torch.dtype, device: torch.device | str) -> str:
     """flash_attention_2 where flash-attn is importable and the model runs fp16/bf16 on CUDA,
     sdpa otherwise. flash-attn is never required."""
@@ -421,7 +415,7 @@ class HybridEngine:
         # output_logits are the model's raw logits, before Hugging Face's temperature and filters.
         logprobs = [_sampled_logprob(logits, completions[:, step], options)
                     for step, logits in enumerate(out.logits)]
-        return completions, _stack_columns(logprobs, completions)
+        return completions, torch.stack(logprobs, dim=1)
 
     def _static_decode(self, input_ids, attention_mask, options, synced):
         """Prefill, then one forward per token over a preallocated KV cache."""
