@@ -24,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +278,31 @@ def export_policy(actor, tokenizer, directory: Path, rank: int) -> None:
             model.save_pretrained(str(directory))
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(directory))
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop after the current step, with a checkpoint;
+    a second Ctrl-C aborts. SIGTERM never aborts: the deepspeed launcher answers a Ctrl-C by
+    sending its ranks SIGTERM too (and kills them 30 s later), and a rank that got both must still
+    save."""
+
+    def __init__(self, say):
+        self.say, self.requested, self._previous = say, False, {}
+
+    def __enter__(self):
+        # Python runs signal handlers in the main thread only, and only it may install them.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                     "(Ctrl-C again to abort)")
+        self.requested = True

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from ..objectives import OBJECTIVES
 from ..options import resolve
 from ..sequences import completion_logits, position_ids
 from . import diagnostics
-from .checkpoint import Checkpoints, _write_atomically, export_policy, rng_state, seed_everything, set_rng_state
+from .checkpoint import Checkpoints, StopSignals, _write_atomically, export_policy, rng_state, seed_everything, set_rng_state
 from .config import GROUPED, PPOConfig
 from .models import Components, build_models
 from .prompts import PromptSampler, encode_prompts
@@ -149,9 +148,8 @@ class PPOTrainer:
         if not cfg.resume:
             before = self.evaluate() if cfg.eval_every else {}
             self.report.row({"step": 0, **before, "kl_coef": self.kl_ctl.value})
-        previous_handlers = {s: signal.signal(s, self._on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         self.segment_start = time.perf_counter()  # this process's part of the run's wall time
-        try:
+        with StopSignals(self.log) as signals:
             progress = self.report.progress(cfg.steps, self.step, cfg.algorithm)
             while self.step < cfg.steps and self._stop_reason is None:
                 step_start = time.perf_counter()
@@ -161,6 +159,8 @@ class PPOTrainer:
                     self.log(f"max_minutes: {self.seconds_trained / 60:.3g} minutes of training; ending the run "
                              f"at step {self.step} of {cfg.steps}")
                     self._stop_reason = "time"
+                if signals.requested:
+                    self._stop_reason = "interrupt"
                 self._agree_on_interrupt()
                 self.report.row(row)
                 if progress is not None:
@@ -171,9 +171,6 @@ class PPOTrainer:
                     self.save_checkpoint()
             if progress is not None:
                 progress.close()
-        finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
         if self._stop_reason == "interrupt":
             self.log(f"interrupted: checkpoint saved at step {self.step} in "
                      f"{self.checkpoints.directory}; continue with --resume")
@@ -439,18 +436,6 @@ class PPOTrainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() == 1.0 and self._stop_reason is None:
             self._stop_reason = "interrupt"
-
-    def _on_interrupt(self, signum, frame):
-        """Ctrl-C or SIGTERM: stop after this step with a checkpoint; a second Ctrl-C aborts. SIGTERM
-        never aborts: the deepspeed launcher answers a Ctrl-C by sending its ranks SIGTERM as well,
-        and a rank that got both must still save."""
-        if self._stop_reason == "interrupt":
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self._stop_reason = "interrupt"
-        self.log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                 "(Ctrl-C again to abort)")
 
     # -- evaluation ----------------------------------------------------------------------------
 

@@ -32,8 +32,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sequences import left_pad, position_ids
-from .checkpoint import (Checkpoints, _write_atomically, export_policy, install_safe_loading, rng_state,
+from .checkpoint import (Checkpoints, StopSignals, _write_atomically, export_policy, install_safe_loading, rng_state,
                          seed_everything, set_rng_state)
 from .config import ConfigError, RunConfig
 
@@ -472,34 +470,6 @@ def _total_steps(config, n_train: int, world: int) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-class _StopSignals:
-    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop after the current step, with a checkpoint;
-    a second Ctrl-C aborts. SIGTERM never aborts: the deepspeed launcher answers a Ctrl-C by
-    sending its ranks SIGTERM too (and kills them 30 s later), and a rank that got both must still
-    save."""
-
-    def __init__(self, say):
-        self.say, self.requested, self._previous = say, False, {}
-
-    def __enter__(self):
-        # Python runs signal handlers in the main thread only, and only it may install them.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                     "(Ctrl-C again to abort)")
-        self.requested = True
-
-
 class _Loop:
     """Optimizer steps over this rank's share of each batch, evaluations averaged over ranks."""
 
@@ -536,7 +506,7 @@ class _Loop:
         config, engine, device = self.config, self.engine, self.engine.device
         evaluate_now = {0, steps} | set(range(config.eval_every, steps, config.eval_every or steps))
         progress_every = max(1, steps // 10)
-        with _StopSignals(say) as signals:
+        with StopSignals(say) as signals:
             if done == 0:
                 self._record({"step": 0, **self.evaluate()}, report, say)
             for step, batch in enumerate(self._batches(rows, done, steps), start=done + 1):
