@@ -4,26 +4,31 @@
     with pf.batch_invariant():
         logits = model(ids, attention_mask=mask, position_ids=pf.sequences.position_ids(mask)).logits
 
-Under the mode, a Hugging Face causal LM on the CPU gives every row bitwise the same hidden
-states, logits and log-probs whatever the batch size, the row's place in the batch, its left
-padding, and whether its tokens are computed all at once or decoded one at a time against the KV
-cache. See docs/batch-invariant.md for what it guarantees and costs.
+Under the mode, a Hugging Face causal LM on the CPU or on CUDA gives every row bitwise the same
+hidden states, logits and log-probs whatever the batch size, the row's place in the batch, its
+left padding, and whether its tokens are computed all at once or decoded one at a time against the
+KV cache. See docs/batch-invariant.md for what it guarantees and costs.
 
-How: the aten ops whose CPU kernels were measured not to be batch-invariant (torch 2.13: GEMMs
-pick kernels by M and the row sums split a long row across threads when rows are few) are
-re-registered, while the mode is on, through ``torch.library`` for their device's dispatch key,
-with the native kernels of ``csrc/batch_invariant_cpu.cpp``; softmax, log-softmax and layer norm
-were measured invariant and keep torch's kernels. Attention runs through transformers'
+How: the aten ops whose kernels are not batch-invariant (torch 2.13 on the CPU, measured: GEMMs
+pick kernels by M and the row sums split a long row across threads when rows are few; on CUDA
+cuBLAS picks tiles and split-K by M and the reductions their split by the row count) are
+re-registered, while the mode is on, through ``torch.library`` for their device's dispatch key
+(:data:`OPS`): on the CPU the native kernels of ``csrc/batch_invariant_cpu.cpp``, on CUDA the
+Triton kernels of ``kernels/batch_invariant.py``. Softmax, log-softmax and layer norm were
+measured invariant on the CPU and keep torch's kernels (on CUDA they reduce one row per block,
+and were not measured here: no GPU). Attention runs through transformers'
 ``AttentionInterface``: while the mode is on, the ``sdpa`` entry (every model's default) and the
-name ``"batch_invariant"`` route to one kernel that reduces each query over its valid keys in one
-order (the ``eager`` name routes there too while the mode is on; flash-attention and flex attention
-are refused with an error naming the model). Autograd sits above the dispatch key, so gradients flow through torch's own derivative
-formulas (which then run the same kernels); the backward is correct, not invariant.
+name ``"batch_invariant"`` route to one kernel per device that reduces each query over its valid
+keys in one order (the ``eager`` name routes there too while the mode is on; flash-attention and
+flex attention are refused with an error naming the model). Autograd sits above the dispatch key,
+so gradients flow through torch's own derivative formulas (which then run the same kernels); the
+backward is correct, not invariant.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import threading
 import warnings
@@ -54,13 +59,19 @@ def _cpu_bmm(self, mat2):
     return _kernels().bi_bmm(self, mat2)
 
 
-def _reduce(x: torch.Tensor, dim, keepdim: bool, dtype, mean: bool) -> torch.Tensor:
+def _reduce(x: torch.Tensor, dim, keepdim: bool, dtype, mean: bool, row_reduce) -> torch.Tensor:
     """sum / mean over ``dim``: the reduced dimensions are moved last (a copy only when they are
-    not already last and contiguous) and every remaining index is one row reduced by one thread."""
+    not already last and contiguous) and every remaining index is one row reduced in one order,
+    by ``row_reduce(rows [R, L], mean, out_dtype) -> [R]``."""
+    if x.is_complex():
+        raise NotImplementedError("batch_invariant sum/mean of complex tensors is not covered")
     if dtype is not None:
         x = x.to(dtype)
     out_dtype = x.dtype
-    if not mean and not (x.is_floating_point() or x.is_complex()):
+    if mean and not x.is_floating_point():
+        raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be either a floating point or "
+                           f"complex dtype. Got: {x.dtype}")
+    if not mean and not x.is_floating_point():
         out_dtype = torch.int64 if dtype is None else dtype
     ndim = max(x.dim(), 1)
     dims = sorted({d % ndim for d in dim}) if dim else list(range(ndim))
@@ -68,18 +79,119 @@ def _reduce(x: torch.Tensor, dim, keepdim: bool, dtype, mean: bool) -> torch.Ten
     moved = x.reshape(1) if x.dim() == 0 else x.permute(kept + dims).contiguous()
     kept_shape = [x.shape[d] for d in kept]
     rows = math.prod(kept_shape)
-    out = _kernels().bi_row_reduce(moved.view(rows, moved.numel() // rows if rows else 0), mean, out_dtype)
+    out = row_reduce(moved.view(rows, moved.numel() // rows if rows else 0), mean, out_dtype)
     if keepdim and x.dim() > 0:
         return out.view([1 if d in dims else size for d, size in enumerate(x.shape)])
     return out.view(kept_shape)
 
 
+def _cpu_row_reduce(rows, mean, out_dtype):
+    return _kernels().bi_row_reduce(rows, mean, out_dtype)
+
+
 def _cpu_mean(self, dim, keepdim=False, *, dtype=None):
-    return _reduce(self, dim, keepdim, dtype, mean=True)
+    return _reduce(self, dim, keepdim, dtype, True, _cpu_row_reduce)
 
 
 def _cpu_sum(self, dim, keepdim=False, *, dtype=None):
-    return _reduce(self, dim, keepdim, dtype, mean=False)
+    return _reduce(self, dim, keepdim, dtype, False, _cpu_row_reduce)
+
+
+# --- CUDA: the Triton kernels of kernels/batch_invariant.py ------------------------------------
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _accumulator(dtype: torch.dtype):
+    import triton.language as tl
+
+    if dtype == torch.float64:
+        return tl.float64
+    return tl.float32 if dtype.is_floating_point else tl.int64
+
+
+def _triton_matmul(a, b, bias, alpha, beta, name):
+    from .kernels import batch_invariant as kernels
+
+    if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
+        raise RuntimeError(f"{name}: expected the operands to have one dtype, got {a.dtype} and {b.dtype}"
+                           + ("" if bias is None else f" (and {bias.dtype} for self)"))
+    if a.dtype not in _FLOATS:
+        raise NotImplementedError(f"batch_invariant {name} covers {', '.join(map(str, _FLOATS))}; got {a.dtype}")
+    if a.shape[2] != b.shape[1]:
+        raise RuntimeError(f"{name}: mat1 and mat2 shapes cannot be multiplied ({a.shape[1]}x{a.shape[2]} and "
+                           f"{b.shape[1]}x{b.shape[2]})")
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    if out.numel():
+        if bias is not None:
+            bias = bias.expand(out.shape)
+        kernels.plan_matmul(a, b, out, bias, alpha, beta, _accumulator(a.dtype))()
+    return out
+
+
+def _triton_mm(self, mat2):
+    return _triton_matmul(self.unsqueeze(0), mat2.unsqueeze(0), None, 1.0, 0.0, "mm")[0]
+
+
+def _triton_addmm(self, mat1, mat2, *, beta=1, alpha=1):
+    # beta = 0 ignores self, NaN included (torch's rule).
+    bias = None if beta == 0 else self.expand(mat1.shape[0], mat2.shape[1]).unsqueeze(0)
+    return _triton_matmul(mat1.unsqueeze(0), mat2.unsqueeze(0), bias, alpha, beta, "addmm")[0]
+
+
+def _triton_bmm(self, mat2):
+    return _triton_matmul(self, mat2, None, 1.0, 0.0, "bmm")
+
+
+def _triton_row_reduce(rows, mean, out_dtype):
+    from .kernels import batch_invariant as kernels
+
+    if rows.dtype == torch.bool:
+        rows = rows.to(torch.uint8)
+    out = torch.empty(rows.shape[0], dtype=out_dtype, device=rows.device)
+    if rows.shape[0]:
+        kernels.plan_row_reduce(rows, out, mean, _accumulator(rows.dtype))()
+    return out
+
+
+def _triton_mean(self, dim, keepdim=False, *, dtype=None):
+    return _reduce(self, dim, keepdim, dtype, True, _triton_row_reduce)
+
+
+def _triton_sum(self, dim, keepdim=False, *, dtype=None):
+    return _reduce(self, dim, keepdim, dtype, False, _triton_row_reduce)
+
+
+def _key_bounds(bias: torch.Tensor, heads: int, kv_heads: int, shape) -> torch.Tensor:
+    """int64 [B, Hkv, T, 2]: for each query and KV head, the first valid key of any of the KV head's
+    query heads and one past the last (S and 0 when there is none)."""
+    valid = bias > _MASKED_BELOW
+    if valid.shape[1] == heads and heads > 1:
+        valid = valid.reshape(valid.shape[0], kv_heads, heads // kv_heads, *valid.shape[2:]).any(2)
+    valid = valid.expand(shape).to(torch.uint8)
+    any_valid = valid.amax(-1).bool()
+    S = valid.shape[-1]
+    first = torch.where(any_valid, valid.argmax(-1), S)
+    end = torch.where(any_valid, S - valid.flip(-1).argmax(-1), 0)
+    return torch.stack((first, end), -1).contiguous()
+
+
+def _triton_attention(query, key, value, bias, scale):
+    from .kernels import batch_invariant as kernels
+
+    if query.dtype not in _FLOATS[:3]:
+        raise NotImplementedError(f"batch_invariant attention covers float16, bfloat16 and float32; got {query.dtype}")
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    B, H, T, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    out = torch.empty(B, T, H, D, dtype=query.dtype, device=query.device)
+    bounds = None
+    if bias is not None:
+        bounds = _key_bounds(bias, H, Hkv, (B, Hkv, T, S))
+        bias = bias.float().expand(B, H, T, S)
+    if out.numel():
+        kernels.plan_attention(query, key, value, out, bias, bounds, scale, _MASKED_BELOW)()
+    return out
 
 
 OPS: dict[str, dict[str, Callable]] = {
@@ -90,6 +202,13 @@ OPS: dict[str, dict[str, Callable]] = {
         "mean.dim": _cpu_mean,
         "sum.dim_IntList": _cpu_sum,
     },
+    "CUDA": {
+        "mm": _triton_mm,
+        "addmm": _triton_addmm,
+        "bmm": _triton_bmm,
+        "mean.dim": _triton_mean,
+        "sum.dim_IntList": _triton_sum,
+    },
 }
 """dispatch key → {aten overload: its batch-invariant implementation}, registered while the mode is
 on. A device's kernels (CUDA: Triton) enter as one more key; the ops of a key not listed run torch's
@@ -97,6 +216,7 @@ own kernels, which is why attention checks its device (see :data:`ATTENTION_KERN
 
 ATTENTION_KERNELS: dict[str, Callable] = {
     "cpu": lambda q, k, v, bias, scale: _kernels().bi_attention(q, k, v, bias, scale),
+    "cuda": _triton_attention,
 }
 """device type → attention forward kernel ``(q [B,H,T,D], k, v [B,Hkv,S,D], bias float32
 broadcastable to [B,H,T,S] or None for causal, scale) → [B,T,H,D]``."""
@@ -113,7 +233,7 @@ class _Attention(torch.autograd.Function):
         if kernel is None:
             raise NotImplementedError(
                 f"batch_invariant attention has kernels for {sorted(ATTENTION_KERNELS)} tensors; these are on "
-                f"{query.device.type} (the CUDA kernels are not written yet: issue 20)")
+                f"{query.device.type}")
         ctx.save_for_backward(query, key, value, bias)
         ctx.scale = scale
         return kernel(query, key, value, bias, scale)
@@ -193,16 +313,34 @@ def _attention_mappings():
     return AttentionInterface._global_mapping
 
 
-def _install() -> None:
-    global _library, _saved_attention
+def kernels_missing() -> dict[str, str]:
+    """Dispatch key → why the mode has no kernels for it here (the CPU's are native, built on first
+    use; CUDA's are Triton); the keys it covers are absent."""
+    missing = {}
     reason = _native.unavailable()
     if reason is not None:
-        raise RuntimeError(f"batch_invariant() needs the native CPU kernels: {reason}")
+        missing["CPU"] = f"the native CPU kernels are unavailable: {reason}"
+    if importlib.util.find_spec("triton") is None:
+        missing["CUDA"] = "triton is not installed"
+    return missing
+
+
+def _install() -> None:
+    global _library, _saved_attention
+    missing = kernels_missing()
+    if len(missing) == len(OPS):
+        raise RuntimeError("batch_invariant() has no kernels to run: "
+                           + "; ".join(f"{key}: {why}" for key, why in missing.items()))
+    for key, why in missing.items():
+        warnings.warn(f"batch_invariant(): {key} tensors are not covered ({why}); their ops run torch's own "
+                      "kernels, which are not batch-invariant", RuntimeWarning, stacklevel=4)
     library = torch.library.Library("aten", "IMPL")
     try:
         with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
             warnings.simplefilter("ignore")
             for key, ops in OPS.items():
+                if key in missing:
+                    continue
                 for op, implementation in ops.items():
                     library.impl(op, implementation, key)
         try:

@@ -40,6 +40,7 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
+from ppo_fast.kernels import batch_invariant  # noqa: E402
 from ppo_fast.kernels import gae  # noqa: E402
 from ppo_fast.kernels import linear_logprobs as linear  # noqa: E402
 from ppo_fast.kernels import logprobs  # noqa: E402
@@ -131,6 +132,31 @@ def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
                         torch.ones(2, dtype=dtype), max_len, _acc(dtype))
 
 
+def matmul_plan(a, n: int, bias: bool) -> Launch:
+    """``a`` [M, K] times a [K, n] weight (a transposed [n, K] one, as F.linear passes it)."""
+    M, K = a.shape
+    weight = torch.empty(n, K, dtype=a.dtype).t()
+    c = torch.empty(1, M, n, dtype=a.dtype)
+    bias_view = torch.empty(n, dtype=a.dtype).expand(1, M, n) if bias else None
+    return batch_invariant.plan_matmul(a.unsqueeze(0), weight.unsqueeze(0), c, bias_view, 1.0, 1.0, _acc(a.dtype))
+
+
+def row_reduce_plan(rows: torch.Tensor, mean: bool) -> Launch:
+    out = torch.empty(rows.shape[0], dtype=torch.int64 if not rows.dtype.is_floating_point else rows.dtype)
+    acc = tl.int64 if not rows.dtype.is_floating_point else _acc(rows.dtype)
+    return batch_invariant.plan_row_reduce(rows, out, mean, acc)
+
+
+def attention_plan(q, k, bias: bool) -> Launch:
+    """Attention of ``q`` [B, H, T, D] over ``k`` (and a ``v`` like it) [B, Hkv, S, D]."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, T, H, D, dtype=q.dtype)
+    mask = torch.empty(B, 1, T, S).expand(B, H, T, S) if bias else None
+    bounds = torch.empty(B, Hkv, T, 2, dtype=torch.int64) if bias else None
+    return batch_invariant.plan_attention(q, k, torch.empty_like(k), out, mask, bounds, D ** -0.5, -1e38)
+
+
 def cases() -> list[Case]:
     out = []
     for dtype in LOGITS_DTYPES:
@@ -171,6 +197,23 @@ def cases() -> list[Case]:
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
+    # The batch-invariant mode's CUDA kernels, at the shapes of a Qwen2-0.5B (H 896, MLP 4864, 14
+    # heads over 2 KV heads of 64) and of a model without grouped heads (head dim 128).
+    for dtype in LOGITS_DTYPES:
+        for bias in (False, True):
+            out.append(Case("bi matmul", f"{_short(dtype)} K=896 N=4864 bias={bias}",
+                            matmul_plan(torch.empty(7, 896, dtype=dtype), 4864, bias)))
+        for mean in (False, True):
+            out.append(Case("bi row reduce", f"{_short(dtype)} length=896 mean={mean}",
+                            row_reduce_plan(torch.empty(7, 896, dtype=dtype), mean)))
+    out.append(Case("bi row reduce", "int64 length=896 sum",
+                    row_reduce_plan(torch.empty(7, 896, dtype=torch.int64), False)))
+    for dtype in LOGITS_DTYPES[:3]:
+        for H, Hkv, D in ((14, 2, 64), (8, 8, 128)):
+            for bias in (False, True):
+                out.append(Case("bi attention", f"{_short(dtype)} heads={H}/{Hkv} D={D} mask={bias}",
+                                attention_plan(torch.empty(2, H, 5, D, dtype=dtype),
+                                               torch.empty(2, Hkv, 9, D, dtype=dtype), bias)))
     return out
 
 
@@ -274,6 +317,27 @@ def batch_invariance_problems() -> list[str]:
         "row copied": linear_fwd_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8].clone()),
         "permuted batch": linear_fwd_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[torch.randperm(15)]),
     })
+    weight_input = torch.empty(15, 896, dtype=torch.bfloat16)
+    for bias in (False, True):
+        problems += _differing(f"bi matmul bias={bias}", {
+            "batch": matmul_plan(weight_input, 4864, bias),
+            "row alone": matmul_plan(weight_input[7:8], 4864, bias),
+            "row copied": matmul_plan(weight_input[7:8].clone(), 4864, bias),
+            "permuted batch": matmul_plan(weight_input[torch.randperm(15)], 4864, bias),
+        })
+    sums = torch.empty(15, 896, dtype=torch.float32)
+    problems += _differing("bi row reduce", {
+        "batch": row_reduce_plan(sums, True), "row alone": row_reduce_plan(sums[7:8], True),
+        "row copied": row_reduce_plan(sums[7:8].clone(), True)})
+    for bias in (False, True):
+        problems += _differing(f"bi attention mask={bias}", {
+            "batch": attention_plan(torch.empty(4, 14, 33, 64, dtype=torch.bfloat16),
+                                    torch.empty(4, 2, 33, 64, dtype=torch.bfloat16), bias),
+            "row alone": attention_plan(torch.empty(1, 14, 33, 64, dtype=torch.bfloat16),
+                                        torch.empty(1, 2, 33, 64, dtype=torch.bfloat16), bias),
+            "decoded": attention_plan(torch.empty(1, 14, 1, 64, dtype=torch.bfloat16),
+                                      torch.empty(1, 2, 40, 64, dtype=torch.bfloat16), bias),
+        })
     return problems
 
 

@@ -256,7 +256,8 @@ class PPOConfig(RunConfig):
     """Run every forward pass under pf.batch_invariant() (docs/batch-invariant.md): a row's numbers
     then do not depend on its batch, its padding or prefill vs decode, so the rollout's log-probs
     of its tokens equal the trainer's bit for bit and the first minibatch's ratio is exactly 1 on
-    every token. CPU only for now; forwards are slower (benches/results/batch_invariant_cpu.md)."""
+    every token. Native kernels on the CPU, Triton on CUDA; forwards are slower
+    (benches/results/batch_invariant_cpu.md)."""
     old_logprobs: str = "auto"
     """Where PPO's old log-probs come from: "recompute" (a no-grad forward of the actor over the
     rollout, as verl and OpenRLHF do), "rollout" (the hybrid engine's log-probs of its own samples:
@@ -339,10 +340,12 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"loss_type: {exc}; the trainer runs objectives with their default parameters") from None
         if self.resume and not self.run_name:
             raise ConfigError("resume needs run_name: the name of the run to continue")
-        if self.batch_invariant and _cuda_available():
-            raise ConfigError("batch_invariant covers the CPU only so far (its Triton kernels are not written "
-                              "yet) and this run would train on CUDA; hide the GPUs (CUDA_VISIBLE_DEVICES=) "
-                              "or leave batch_invariant off")
+        if self.batch_invariant:
+            key = "CUDA" if _cuda_available() else "CPU"
+            missing = _batch_invariant_kernels_missing().get(key)
+            if missing is not None:
+                raise ConfigError(f"batch_invariant: this run computes on {key} and the mode has no kernels for it "
+                                  f"here ({missing}); leave batch_invariant off")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ConfigError(f"old_logprobs must be one of {', '.join(OLD_LOGPROBS)}, got {self.old_logprobs!r}")
 
@@ -355,6 +358,12 @@ def _cuda_available() -> bool:
     import torch  # not at the top: reading a config (--help) does not need it
 
     return torch.cuda.is_available()
+
+
+def _batch_invariant_kernels_missing() -> dict[str, str]:
+    from ..batch_invariant import kernels_missing
+
+    return kernels_missing()
 
 
 def _whole(value) -> bool:
