@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import ppo_fast
-from ppo_fast import dispatch, reference
+from ppo_fast import dispatch, spec
 
 GAMMA, LAM = 1.0, 0.95
 
@@ -168,16 +168,16 @@ def logp_gather_lse(logits, labels):
 
 
 def logp_reference(logits, labels):
-    return reference.token_logprobs(logits, labels)
+    return spec.token_logprobs(logits, labels)
 
 
 def ppo_loss_reference(logits, labels, old_logp, advantages, mask):
-    loss, _ = reference.ppo_loss(logits, labels, old_logp, advantages, mask)
+    loss, _ = spec.ppo_loss(logits, labels, old_logp, advantages, mask)
     return loss
 
 
 def gae_reference(rewards, values, mask):
-    return reference.gae(rewards, values, mask, gamma=GAMMA, lam=LAM)
+    return spec.gae(rewards, values, mask, gamma=GAMMA, lam=LAM)
 
 
 _compiled_cache: dict = {}
@@ -392,7 +392,7 @@ def gae_providers():
 
 
 def reference_logp64(inp: LogitsInputs, rows: torch.Tensor) -> torch.Tensor:
-    return reference.token_logprobs(inp.logits[rows].double(), inp.labels[rows])
+    return spec.token_logprobs(inp.logits[rows].double(), inp.labels[rows])
 
 
 def reference_logprobs_grad64(inp: LogitsInputs, rows: torch.Tensor) -> torch.Tensor:
@@ -406,7 +406,7 @@ def reference_ppo_grad64(inp: LogitsInputs, rows: torch.Tensor) -> torch.Tensor:
     num_tokens = float(inp.mask.sum().clamp(min=1))
 
     def loss(logits, labels, old_logp, advantages, mask):
-        value, _ = reference.ppo_loss(logits, labels, old_logp, advantages, mask,
+        value, _ = spec.ppo_loss(logits, labels, old_logp, advantages, mask,
                                       num_tokens=num_tokens)
         return value
 
@@ -415,7 +415,7 @@ def reference_ppo_grad64(inp: LogitsInputs, rows: torch.Tensor) -> torch.Tensor:
 
 
 def reference_gae64(inp: GaeInputs):
-    return reference.gae(inp.rewards.double(), inp.values.double(), inp.mask,
+    return spec.gae(inp.rewards.double(), inp.values.double(), inp.mask,
                          gamma=GAMMA, lam=LAM)
 
 

@@ -308,7 +308,11 @@ def main(argv=None) -> int:
     publish(Path(args.out) / "gpu_results.md", dict(device=device_name, versions=versions, shapes=shape_data,
                                                     copy_bandwidth=copy_bw, ops=by_op, invariance=invariance,
                                                     goals=goal_rows), report)
-    return 1 if any(v == "FAIL" for _, _, v in goal_rows) else 0
+    return GOAL_FAILED if any(v == "FAIL" for _, _, v in goal_rows) else 0
+
+
+GOAL_FAILED = 3
+"""The exit status when every op ran but a goal failed; a crash exits 1, so gpu.sh tells them apart."""
 
 
 if __name__ == "__main__":
