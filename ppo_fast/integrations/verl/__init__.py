@@ -20,10 +20,21 @@ rollout-correction helpers, and ``logprobs_from_logits`` / entropy / Σπ² in
 torchtitan, the naive rollout). The speed is there: the engines' logits become log-probs and
 entropy in our fused kernel. Megatron's vocab-parallel functions and verl's own fused linear
 heads (``use_fused_kernels``) are left to verl.
+
+``install(batch_invariant=True)`` (``PPO_FAST_VERL_BATCH_INVARIANT=1`` with the plugin) also runs
+every forward of verl's Hugging Face engines (FSDP, and Automodel, :data:`BATCH_INVARIANT_TARGETS`)
+under :func:`ppo_fast.batch_invariant`: a sequence's log-probs then no longer depend on the
+micro-batch it is packed into, so ``compute_log_prob``'s ``old_log_prob`` (at
+``log_prob_micro_batch_size_per_gpu``) equals the update's ``log_prob`` (at
+``ppo_micro_batch_size_per_gpu``) bit for bit, and the first PPO ratio is exactly 1 (verl #6280).
+The model must use ``attn_implementation="sdpa"`` or ``"eager"``
+(``actor_rollout_ref.model.override_config.attn_implementation=sdpa``; verl's default,
+flash-attention, is refused with that advice). The backward keeps torch's kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -43,8 +54,8 @@ ROLLOUT_CORRECTION = _rollout_correction.FUNCTIONS
 """verl's ``rollout_corr_helper`` function names → ours."""
 
 __all__ = [*_losses.__all__, *_logprobs.__all__, *_advantages.__all__, *_rollout_correction.__all__,
-           "ESTIMATORS", "POLICY_LOSSES", "ROLLOUT_CORRECTION", "TARGETS", "install", "installed",
-           "uninstall"]
+           "BATCH_INVARIANT_TARGETS", "ESTIMATORS", "POLICY_LOSSES", "ROLLOUT_CORRECTION", "TARGETS",
+           "batch_invariant_installed", "install", "installed", "uninstall"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +92,17 @@ TARGETS: dict[str, dict[str, object]] = {
 }
 """Module → {attribute: ours}: every place verl 0.9.1 looks these functions up."""
 
+BATCH_INVARIANT_TARGETS: dict[str, tuple[str, ...]] = {
+    "verl.workers.engine.fsdp.transformer_impl": ("FSDPEngineWithLMHead",),
+    "verl.workers.engine.automodel.transformer_impl": ("AutomodelEngineWithLMHead",),
+}
+"""Module → the engine classes whose ``forward_step`` (one micro-batch's forward, and the loss)
+``install(batch_invariant=True)`` runs under the mode. Their subclasses (the value-head engines,
+VeOmni's) inherit it. TorchTitan's and Megatron's engines run their own model code, not a Hugging
+Face model, and are not covered."""
+
 _originals: dict[tuple[str, str], object] = {}
+"""(module, attribute path) → verl's original, for :func:`uninstall`."""
 _registry_originals: dict[tuple[str, str], object] = {}
 
 
@@ -90,13 +111,28 @@ def _registries(core_algos):
             "ADV_ESTIMATOR_REGISTRY": (core_algos.ADV_ESTIMATOR_REGISTRY, ESTIMATORS)}
 
 
-def install() -> dict[str, str]:
+def _under_batch_invariant(forward_step):
+    from ...batch_invariant import batch_invariant
+
+    @functools.wraps(forward_step)
+    def forward_step_batch_invariant(self, *args, **kwargs):
+        with batch_invariant():
+            return forward_step(self, *args, **kwargs)
+
+    return forward_step_batch_invariant
+
+
+def install(batch_invariant: bool = False) -> dict[str, str]:
     """Put ppo_fast's functions into the installed verl; returns ``{target: what happened}``.
 
     Idempotent. A module that does not import here (an engine whose own dependencies are missing)
     is reported and left alone; if verl itself does not import, ImportError. Call it before verl
-    constructs its engines (they bind the entropy function when built).
+    constructs its engines (they bind the entropy function when built). ``batch_invariant``: also
+    run the Hugging Face engines' forwards under :func:`ppo_fast.batch_invariant` (see the module
+    docstring); ``install()`` after ``install(batch_invariant=True)`` keeps it.
     """
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {batch_invariant!r}")
     core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
     version = getattr(importlib.import_module("verl"), "__version__", "?")
     if version != "0.9.1":
@@ -121,6 +157,20 @@ def install() -> dict[str, str]:
             _originals.setdefault((module_name, attribute), getattr(module, attribute))
             setattr(module, attribute, fn)
         report[module_name] = f"patched {len(attributes)}"
+    if batch_invariant:
+        for module_name, classes in BATCH_INVARIANT_TARGETS.items():
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as error:
+                report[f"{module_name} (batch_invariant)"] = f"not patched: {type(error).__name__}: {error}"
+                continue
+            for class_name in classes:
+                key = (module_name, f"{class_name}.forward_step")
+                if key not in _originals:
+                    engine = getattr(module, class_name)
+                    _originals[key] = engine.forward_step
+                    engine.forward_step = _under_batch_invariant(engine.forward_step)
+                report[f"{module_name}.{class_name}.forward_step"] = "under batch_invariant()"
     return report
 
 
@@ -133,8 +183,12 @@ def uninstall() -> None:
             registries[name].pop(key, None)
         else:
             registries[name][key] = original
-    for (module_name, attribute), original in _originals.items():
-        setattr(importlib.import_module(module_name), attribute, original)
+    for (module_name, path), original in _originals.items():
+        owner = importlib.import_module(module_name)
+        *owners, attribute = path.split(".")
+        for name in owners:
+            owner = getattr(owner, name)
+        setattr(owner, attribute, original)
     _originals.clear()
     _registry_originals.clear()
 
@@ -142,3 +196,8 @@ def uninstall() -> None:
 def installed() -> bool:
     """Whether :func:`install` is in effect."""
     return bool(_originals)
+
+
+def batch_invariant_installed() -> bool:
+    """Whether :func:`install` put verl's engine forwards under the batch-invariant mode."""
+    return any(path.endswith(".forward_step") for _, path in _originals)
