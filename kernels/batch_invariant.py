@@ -42,13 +42,14 @@ which is the property the GPU's MMA gives ``tl.dot``: the tests check invariance
 MATMUL_ADDRESSING = ["M", "stride_ab", "stride_am", "stride_cb", "stride_cm", "stride_bias_b", "stride_bias_m"]
 
 # dtype size → (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): from the element size only.
-MATMUL_TILES = {2: (64, 128, 64, 8), 4: (64, 64, 32, 4), 8: (32, 32, 16, 4)}
+MATMUL_TILES = {2: (64, 128, 64, 8), 4: (64, 64, 32, 4), 8: (16, 16, 16, 4)}
 
 
 @triton.jit
 def _tile_dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr, BY_SUM: tl.constexpr):
-    """``acc + a @ b`` for tiles ``a`` [M, K] and ``b`` [K, N], accumulated in ``ACC``."""
-    if BY_SUM:
+    """``acc + a @ b`` for tiles ``a`` [M, K] and ``b`` [K, N], accumulated in ``ACC``. float64 sums
+    its products on the FMA units: Triton 3.6 has no float64 ``tl.dot``."""
+    if BY_SUM or a.dtype == tl.float64:
         return acc + tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
@@ -237,6 +238,7 @@ def plan_attention(q, k, v, out, bias, bounds, scale: float, masked_below: float
          float(masked_below), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
          v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *bias_strides,
          *bounds_strides),
-        dict(HAS_BIAS=has_bias, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=32,
+        dict(HAS_BIAS=has_bias, BLOCK_G=max(16, triton.next_power_of_2(group)),
+             BLOCK_N=16 if q.element_size() >= 4 else 32,
              BLOCK_D=block_d, PRECISION=_precision(q.element_size()), BY_SUM=INTERPRETED),
-        8 if block_d >= 128 and q.element_size() >= 4 else 4)
+        4)

@@ -42,8 +42,11 @@ import triton.language as tl
 from .launch import ALIGNMENT_BYTES, ENABLE_FP_FUSION, Launch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-"""Triton's CPU interpreter (read once, as triton does at import): its ``tl.dot`` on bf16 tiles
-multiplies their raw 16-bit patterns (triton 3.6 and 3.9), so there bf16 tiles are upcast first."""
+"""Triton's CPU interpreter (read once, as triton does at import) runs ``tl.dot`` as numpy's
+matmul: on bf16 tiles it multiplies their raw 16-bit patterns (triton 3.6 and 3.9), and a float32
+row's result depends on its place in the tile (the BLAS micro-kernels treat rows differently:
+measured on an AMD EPYC with AVX2, not on a Xeon with AVX-512). There the tile product is a sum
+over H of each logit on its own, the property the GPU's MMA gives ``tl.dot``."""
 
 # The batch-dependent integers, and every pointer: specialising on their values (== 1, % 16) or
 # on a pointer's alignment would give a token different code depending on the batch around it.
@@ -63,7 +66,7 @@ def tile_logits(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     ACC: tl.constexpr,
-    UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot multiplies raw bits)
+    BY_SUM: tl.constexpr,  # the interpreter: products summed per logit in ACC (see INTERPRETED)
 ):
     """x·Wᵀ over the tile, summed over H in BLOCK_H chunks in increasing order: float32 for
     16-bit and float32 inputs (IEEE products for float32), float64 for float64."""
@@ -74,13 +77,10 @@ def tile_logits(
         in_h = cols_h < H
         x = tl.load(h_rows + cols_h[None, :], mask=read[:, None] & in_h[None, :], other=0.0)
         w = tl.load(w_rows + cols_h[None, :], mask=in_vocab[:, None] & in_h[None, :], other=0.0)
-        if UPCAST:
-            # A product of two 16-bit floats is exact in float32: the same sums as the MMA.
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if x.dtype == tl.float64:
-            # Products and sums in float64 on the FMA units (Triton 3.6 has no float64 tl.dot).
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        if BY_SUM or x.dtype == tl.float64:
+            # float64: products and sums on the FMA units (Triton 3.6 has no float64 tl.dot). A
+            # product of two 16-bit floats is exact in float32, as in the MMA.
+            acc += tl.sum(x.to(ACC)[:, None, :] * w.to(ACC)[None, :, :], axis=2)
         elif x.dtype == tl.float32:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -111,7 +111,7 @@ def _linear_logprobs_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     ALIGNED: tl.constexpr,  # both matrices' base and row stride are 16-byte multiples
     ACC: tl.constexpr,  # float32, or float64 for float64 inputs
-    UPCAST: tl.constexpr,  # see tile_logits; only ever set under the interpreter
+    BY_SUM: tl.constexpr,  # see tile_logits; only ever set under the interpreter
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_batch = rows < n_rows
@@ -137,7 +137,7 @@ def _linear_logprobs_fwd_kernel(
         w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv
         if ALIGNED:
             w_rows = tl.multiple_of(w_rows, [16, 16])
-        z = tile_logits(h_rows, read, w_rows, in_vocab, H, BLOCK_N, BLOCK_V, BLOCK_H, ACC, UPCAST)
+        z = tile_logits(h_rows, read, w_rows, in_vocab, H, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
         if HAS_BIAS:
             z += tl.load(bias_ptr + cols, mask=in_vocab, other=0.0).to(ACC)[None, :]
         # Rounded once to the inputs' dtype, as ``hidden @ weight.T + bias`` stores its logits: the
@@ -247,7 +247,7 @@ def plan_linear_logprobs_fwd(hidden, weight, bias, labels, logp, entropy, lse, s
          labels, logp, entropy, lse, scalars, n_rows, H, V, ignore_index),
         dict(BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, BLOCK_H=plan.block_h,
              HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, ALIGNED=_aligned(hidden, weight),
-             ACC=acc, UPCAST=INTERPRETED and hidden.dtype == torch.bfloat16),
+             ACC=acc, BY_SUM=INTERPRETED),
         plan.num_warps, plan.num_stages)
 
 

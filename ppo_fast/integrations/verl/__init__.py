@@ -18,8 +18,9 @@ trainer calls the GAE and GRPO estimators directly), the by-name imports of ``ag
 rollout-correction helpers, and ``logprobs_from_logits`` / entropy / Σπ² in
 ``verl.utils.torch_functional`` and in each engine that imported them by name (FSDP, automodel,
 torchtitan, the naive rollout). The speed is there: the engines' logits become log-probs and
-entropy in our fused kernel. Megatron's vocab-parallel functions and verl's own fused linear
-heads (``use_fused_kernels``) are left to verl.
+entropy in our fused kernel. With ``use_fused_kernels=True`` verl's fused linear heads (its Triton
+``linear_cross_entropy`` and its torch ``FusedLinearForPPO``) are ours too
+(:mod:`~ppo_fast.integrations.verl.head`); Megatron's vocab-parallel functions are left to verl.
 
 ``install(batch_invariant=True)`` (``PPO_FAST_VERL_BATCH_INVARIANT=1`` with the plugin) also runs
 every forward of verl's Hugging Face engines (FSDP, and Automodel, :data:`BATCH_INVARIANT_TARGETS`)
@@ -39,10 +40,12 @@ import importlib
 import logging
 
 from . import advantages as _advantages
+from . import head as _head
 from . import logprobs as _logprobs
 from . import losses as _losses
 from . import rollout_correction as _rollout_correction
 from .advantages import *  # noqa: F401,F403  (verl's estimator names)
+from .head import *  # noqa: F401,F403  (verl's fused linear head names)
 from .logprobs import *  # noqa: F401,F403  (verl's torch_functional names)
 from .losses import *  # noqa: F401,F403  (verl's core_algos loss names)
 from .rollout_correction import *  # noqa: F401,F403  (verl's rollout_corr_helper names)
@@ -53,7 +56,8 @@ ESTIMATORS = _advantages.ESTIMATORS
 ROLLOUT_CORRECTION = _rollout_correction.FUNCTIONS
 """verl's ``rollout_corr_helper`` function names → ours."""
 
-__all__ = [*_losses.__all__, *_logprobs.__all__, *_advantages.__all__, *_rollout_correction.__all__,
+__all__ = [*_losses.__all__, *_logprobs.__all__, *_head.__all__, *_advantages.__all__,
+           *_rollout_correction.__all__,
            "BATCH_INVARIANT_TARGETS", "ESTIMATORS", "POLICY_LOSSES", "ROLLOUT_CORRECTION", "TARGETS",
            "batch_invariant_installed", "install", "installed", "uninstall"]
 
@@ -89,6 +93,8 @@ TARGETS: dict[str, dict[str, object]] = {
     "verl.workers.engine.torchtitan.transformer_impl": {"logprobs_from_logits": _logprobs_from_logits},
     "verl.workers.rollout.naive.naive_rollout": {"logprobs_from_logits": _logprobs_from_logits},
     "verl.trainer.ppo.prefix_grouper_utils": {"logprobs_from_logits": _logprobs_from_logits},
+    "verl.utils.kernel.linear_cross_entropy": {"linear_cross_entropy": _head.linear_cross_entropy},
+    "verl.utils.experimental.torch_functional": {"FusedLinearForPPO": _head.FusedLinearForPPO},
 }
 """Module → {attribute: ours}: every place verl 0.9.1 looks these functions up."""
 
