@@ -9,8 +9,13 @@
 Generation, rewards, advantages, batching, the optimiser and logging stay TRL's. Two things change:
 
 1. **Log-probs and entropies** (of the policy, the old policy and the reference model) come from
-   :func:`ppo_fast.token_logprobs` on the model's own logits, not from the fused LM head TRL
-   1.16 patches onto the model at init. The model runs its ordinary forward (the patched forward
+   ppo_fast. With ``ppo_fast_head="fused"`` (``GRPOTrainer(..., ppo_fast_head="fused")`` or
+   ``patch(trainer, head="fused")``) TRL's own fused LM head call stays, and what it runs is
+   :func:`ppo_fast.fused_linear_token_logprobs` in place of TRL's ``ChunkedLogProbFunction``: no
+   ``[B, C, V]`` logits, as TRL; TRL's logit scale (Granite, Falcon-H1, ...) enters as a
+   temperature of ``temperature / scale``, and a model whose config soft-caps its logits (Gemma 2)
+   takes the logits path below. With ``"logits"`` (the default), :func:`ppo_fast.token_logprobs`
+   scores the model's own logits, not TRL's head. The model runs its ordinary forward (the patched forward
    without ``fused_lm_head`` is the original one) with ``logits_to_keep`` = the ``C`` positions
    that predict the completion, so logit scaling and soft-capping are the model's own; the
    ``[B, C, V]`` logits (model dtype) are divided by TRL's ``temperature`` and read once by the
@@ -87,19 +92,24 @@ from types import SimpleNamespace
 
 import torch
 import trl
+from trl.trainer import utils as trl_utils
 from trl.trainer.utils import nanmax, nanmin
 
 from .. import functional, objectives
 from .._checks import choice, is_number, positive
 from ..options import LossOptions
 
-__all__ = ["GRPOTrainer", "LOSS_TYPES", "loss_options", "patch"]
+__all__ = ["GRPOTrainer", "HEADS", "LOSS_TYPES", "loss_options", "patch"]
 
 TRL_VERSION = "1.16"
 
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LOSS_TYPES = CLIPPED + ("cispo", "sapo", "vespo")
 """TRL's ``loss_type`` values, all supported."""
+
+HEADS = ("logits", "fused")
+"""How the log-probs are computed: ppo_fast's op on the model's logits, or ppo_fast's fused linear
+head inside TRL's fused LM head call (no logits)."""
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -210,6 +220,41 @@ class _LogitsScorer:
         return SimpleNamespace(log_probs=logp, entropy=entropy, aux_loss=getattr(outputs, "aux_loss", None))
 
 
+class _FusedHeadForTRL:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` inside TRL's fused forward
+    (``add_fused_lm_head``), with its ``apply`` signature and 5-tuple result: the log-probs and
+    entropy from :func:`ppo_fast.fused_linear_token_logprobs`; the other statistics TRL's kernel
+    can fold in are not asked for by GRPO and are refused."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy",)):
+        extra = sorted(set(outputs) - {"log_probs", "entropy"})
+        if final_logit_softcapping is not None or extra:
+            raise NotImplementedError(
+                f"ppo_fast's fused head computes log-probs and entropy of an unclipped head; asked for soft-capping "
+                f"{final_logit_softcapping!r} and outputs {extra}: use ppo_fast_head='logits'")
+        if not (is_number(logit_scale) and logit_scale > 0):
+            raise ValueError(f"the model's logit scale must be a number > 0 for ppo_fast's fused head, got "
+                             f"{logit_scale!r}: use ppo_fast_head='logits'")
+        # TRL's head runs in the autocast dtype; ours casts once and keeps autocast out of its op.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            out = functional.fused_linear_token_logprobs(
+                hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
+                temperature=self.temperature / float(logit_scale), return_entropy="entropy" in outputs)
+        logp, entropy = out if "entropy" in outputs else (out, None)
+        return logp, entropy, None, None, None
+
+
+def _softcapped(model) -> bool:
+    config = getattr(getattr(model, "config", None), "get_text_config", lambda: None)()
+    return getattr(config, "final_logit_softcapping", None) is not None
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -218,8 +263,21 @@ class _LogitsScorer:
 class _PpoFastGRPO:
     """The overrides that put ppo_fast under a ``trl.GRPOTrainer`` (mixed in before it)."""
 
+    ppo_fast_head = "logits"
+    """One of :data:`HEADS` (set by :class:`GRPOTrainer` and :func:`patch`)."""
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None, compute_entropy=False, **kwargs):
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.ppo_fast_head == "fused" and not _softcapped(unwrapped):
+            saved = trl_utils._ChunkedLogProbFunction
+            trl_utils._ChunkedLogProbFunction = _FusedHeadForTRL(self.temperature)
+            try:
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, **kwargs)
+            finally:
+                trl_utils._ChunkedLogProbFunction = saved
         scorer = _LogitsScorer(model, logits_to_keep, self.temperature, compute_entropy)
         return super()._get_per_token_logps_and_entropies(scorer, input_ids, attention_mask, logits_to_keep,
                                                           batch_size=batch_size, compute_entropy=compute_entropy,
@@ -404,23 +462,27 @@ class GRPOTrainer(_PpoFastGRPO, trl.GRPOTrainer):
     module docstring for what that means exactly). Settings ppo_fast cannot reproduce raise
     ValueError here, at construction."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ppo_fast_head: str = "logits", **kwargs):
+        choice("ppo_fast_head", ppo_fast_head, HEADS)
         super().__init__(*args, **kwargs)
+        self.ppo_fast_head = ppo_fast_head
         loss_options(self)
 
 
 _PATCHED: dict[type, type] = {}
 
 
-def patch(trainer):
+def patch(trainer, head: str = "logits"):
     """Make an existing ``trl.GRPOTrainer`` (or an instance of a subclass) compute its log-probs
-    and loss with ppo_fast, as :class:`GRPOTrainer` does; returns the same object. Its class is
-    swapped for a subclass of its own class with ppo_fast's overrides first, so a subclass's
-    other overrides still apply. Raises as :class:`GRPOTrainer`'s constructor does, leaving the
-    trainer untouched."""
+    and loss with ppo_fast, as :class:`GRPOTrainer` does (``head``: its ``ppo_fast_head``); returns
+    the same object. Its class is swapped for a subclass of its own class with ppo_fast's
+    overrides first, so a subclass's other overrides still apply. Raises as :class:`GRPOTrainer`'s
+    constructor does, leaving the trainer untouched."""
     if not isinstance(trainer, trl.GRPOTrainer):
         raise TypeError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
+    choice("head", head, HEADS)
     if isinstance(trainer, _PpoFastGRPO):
+        trainer.ppo_fast_head = head
         return trainer
     loss_options(trainer)
     cls = type(trainer)
@@ -428,5 +490,6 @@ def patch(trainer):
         _PATCHED[cls] = type(f"PpoFast{cls.__name__}", (_PpoFastGRPO, cls),
                              {"__module__": __name__, "__doc__": cls.__doc__})
     trainer.__class__ = _PATCHED[cls]
+    trainer.ppo_fast_head = head
     return trainer
 

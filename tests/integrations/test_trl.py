@@ -13,6 +13,9 @@
 (c) Our log-probs are our op's: a spy on ``ppo_fast.functional.token_logprobs`` and the
     ``torch.library`` op sees every call, TRL's fused head is never called, and the values equal
     a plain ``log_softmax`` of the model's logits.
+(d) ``ppo_fast_head="fused"``: inside TRL's own fused LM head call, our fused linear head stands in
+    for TRL's chunked function: the same log-probs, entropies and gradients as TRL's, and the
+    same two training steps.
 """
 
 import itertools
@@ -565,3 +568,67 @@ def test_logprobs_are_the_models_logits_scored(pair, monkeypatch, force_backend)
     torch.testing.assert_close(tri_logp, ref_logp, rtol=0, atol=1e-5)
     for a, b in zip(tri_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# (d) ppo_fast_head="fused": our fused linear head inside TRL's fused LM head call
+# --------------------------------------------------------------------------------------------
+
+
+class FusedHeadGRPO(ours.GRPOTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, ppo_fast_head="fused", **kwargs)
+
+
+def test_the_fused_head_gives_trls_log_probs_entropy_and_gradients(pair, model_dir, tmp_path, monkeypatch):
+    theirs, _ = pair
+    mine = make_trainer(FusedHeadGRPO, model_dir, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 64, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[1, 7:] = 0
+    calls = []
+    fused = functional.fused_linear_token_logprobs
+    monkeypatch.setattr(functional, "fused_linear_token_logprobs", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    spy = Spy(monkeypatch)
+    trls_function = trl_utils._ChunkedLogProbFunction
+
+    def value_and_grads(trainer):
+        trainer.model.zero_grad()
+        lp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 5, compute_entropy=True)
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+    logp, entropy, grads = value_and_grads(mine)
+    assert calls and spy.functional == 0
+    assert spy.fused == 0  # TRL's chunked function never ran: ours stood in for it, and is gone again
+    assert trl_utils._ChunkedLogProbFunction is trls_function
+    trl_logp, trl_entropy, trl_grads = value_and_grads(theirs)
+    assert spy.fused == 1
+    torch.testing.assert_close(logp, trl_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, trl_entropy, rtol=0, atol=1e-5)
+    for got, expected in zip(grads, trl_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_training_steps_with_the_fused_head_match_trl(end_to_end, model_dir, tmp_path):
+    (theirs, logs_t), _ = end_to_end[0]["grpo"]
+    mine, logs_m = train_two_steps(FusedHeadGRPO, "grpo", model_dir, tmp_path)
+    for step in range(2):
+        torch.testing.assert_close(mine.losses[step], theirs.losses[step], rtol=1e-5, atol=1e-6)
+        for name, g_t in theirs.grads[step].items():
+            torch.testing.assert_close(mine.grads[step][name], g_t, rtol=0, atol=3e-5 * g_t.abs().max().item() + 1e-9,
+                                       msg=f"step {step}: {name}")
+
+
+def test_the_head_setting_is_checked(pair):
+    theirs, _ = pair
+    with pytest.raises(ValueError, match="ppo_fast_head must be one of 'logits', 'fused'; got 'chunked'"):
+        ours.GRPOTrainer(model=None, ppo_fast_head="chunked")
+    with pytest.raises(ValueError, match="head must be one of 'logits', 'fused'; got 'chunked'"):
+        ours.patch(theirs, head="chunked")
+    assert not isinstance(theirs, ours._PpoFastGRPO)
+    with pytest.raises(NotImplementedError, match="soft-capping 30.0.*ppo_fast_head='logits'"):
+        ours._FusedHeadForTRL(1.0).apply(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.zeros(2, dtype=torch.long),
+                                         1.0, 512, 30.0)
