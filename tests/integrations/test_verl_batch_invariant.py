@@ -21,8 +21,8 @@ WORKER = Path(__file__).resolve().parents[1] / "verl_engine_worker.py"
 COMPARISONS = ("old_log_prob micro-batch 1 vs 4", "old_log_prob at 4 vs update log_prob at 2")
 
 
-@pytest.mark.parametrize("remove_padding", [1, pytest.param(0, marks=pytest.mark.slow)],
-                         ids=["packed", "padded"])
+@pytest.mark.slow
+@pytest.mark.parametrize("remove_padding", [1, 0], ids=["packed", "padded"])
 def test_old_log_prob_equals_log_prob_across_micro_batch_sizes_under_the_switch(remove_padding):
     proc = subprocess.run([sys.executable, str(WORKER), "--remove-padding", str(remove_padding)],
                           env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
@@ -37,6 +37,7 @@ def test_old_log_prob_equals_log_prob_across_micro_batch_sizes_under_the_switch(
         assert not result["after uninstall"][comparison]["equal"], comparison
 
 
+@pytest.mark.slow
 def test_the_switch_is_checked_and_the_plugin_needs_both_variables():
     import ppo_fast.integrations.verl as pf_verl
 
