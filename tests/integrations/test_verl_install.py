@@ -277,6 +277,7 @@ def test_fsdp_engine_turns_logits_into_log_probs_entropy_and_sum_pi_squared_with
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plugin_installs_on_import_of_verl_only_when_asked():
     probe = ("import warnings; warnings.simplefilter('ignore'); "
              "import verl.trainer.ppo.core_algos as c; "
