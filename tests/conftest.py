@@ -62,9 +62,9 @@ def _any_of(*cases):
 
 
 SLOW_UNDER_THE_INTERPRETER = {
-    # The odd 40 x 100 x 1003 shape stays.
+    # The odd 40 x 100 x 1003 shape stays, with a bias at temperature 1.
     "tests/test_linear_head.py::test_log_probs_entropy_and_gradients_match_the_spec":
-        _any_of("-2100-3-7-", "-7-4097-50-", "-5-1-7-", "-9-7-97-"),
+        _any_of("-2100-3-7-", "-7-4097-50-", "-5-1-7-", "-9-7-97-", "-40-100-1003-False-0.7]"),
     # Token-mean vanilla, gspo and cispo stay: gradients in the forward, the sequence ratio, the truncation.
     "tests/test_linear_head.py::test_every_loss_type_matches_the_spec":
         lambda case: not _any_of("token-mean-vanilla]", "token-mean-gspo]", "token-mean-cispo]")(case)

@@ -341,6 +341,7 @@ def _cli(*args):
                           env=subprocess_env(), cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_lists_every_field_and_errors_exit_with_status_2(tmp_path):
     for command, config_class in (("sft", SFTConfig), ("rm", RMConfig)):
         out = _cli(command, "--help")
