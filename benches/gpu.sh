@@ -57,8 +57,8 @@ else
     # switched off, CPU calls here run the reference and nothing waits on a build.
     device_args=(PPO_FAST_TEST_DEVICE=cuda PPO_FAST_NATIVE=0)
     # The op tests first, so a slow launcher test cannot starve them of the test budget.
-    tests=(tests/test_backends.py tests/test_linear_head.py tests/test_objectives.py tests/test_sum_pi_squared.py
-           tests/test_head.py tests/test_api.py
+    tests=(tests/test_backends.py tests/test_batch_invariant_triton.py tests/test_linear_head.py
+           tests/test_objectives.py tests/test_sum_pi_squared.py tests/test_head.py tests/test_api.py
            tests/test_reference.py tests/test_hybrid.py tests/test_trainer.py tests/test_scripts.py)
     bench=()
     rollout=(--preset 50m --batch-size 32 --max-new-tokens 128)

@@ -167,12 +167,12 @@ def _in_batch(model, seq, others, pad):
     """The logits of ``seq`` at its positions inside a left-padded, shuffled batch with ``others``."""
     rows = [seq] + others
     length = max([len(seq) + pad] + [len(o) for o in others])
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    ids = torch.zeros(len(rows), length, dtype=torch.long, device=model.device)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         ids[i, length - len(row):] = row
         mask[i, length - len(row):] = 1
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(len(rows) + pad))
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(len(rows) + pad)).to(model.device)
     logits = model(ids[perm], attention_mask=mask[perm], position_ids=position_ids(mask[perm])).logits
     return logits[torch.argsort(perm)][0, length - len(seq):]
 
@@ -181,7 +181,8 @@ def _decoded(model, seq):
     """The logits of ``seq`` computed one token at a time against the KV cache."""
     cache, steps = None, []
     for t in range(len(seq)):
-        out = model(seq[None, t:t + 1], cache=cache, use_cache=True, position_ids=torch.tensor([[t]]))
+        out = model(seq[None, t:t + 1], cache=cache, use_cache=True,
+                    position_ids=torch.tensor([[t]], device=model.device))
         cache = out.past_key_values
         steps.append(out.logits[0, -1])
     return torch.stack(steps)
@@ -190,8 +191,8 @@ def _decoded(model, seq):
 def _variants(model, seed=0):
     """The same sequence's logits computed alone, in three batches, and decoded."""
     g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(1, 256, (11,), generator=g)
-    others = [torch.randint(1, 256, (n,), generator=g) for n in (5, 13, 8, 11, 3, 9, 12)]
+    seq = torch.randint(1, 256, (11,), generator=g).to(model.device)
+    others = [torch.randint(1, 256, (n,), generator=g).to(model.device) for n in (5, 13, 8, 11, 3, 9, 12)]
     with torch.no_grad():
         return seq, model(seq[None]).logits[0], {
             "batch of 3, padding 2": _in_batch(model, seq, others[:2], 2),

@@ -1,7 +1,9 @@
-"""The CUDA side of ppo_fast.batch_invariant(): the Triton kernels (kernels/batch_invariant.py), run
-by Triton's interpreter on the CPU in place of torch's CPU kernels, bitwise invariant (torch.equal)
-op by op and in a whole Hugging Face model, and right against float64. The compile check
-(tests/test_compile_check.py) holds that a row alone and a batch compile to the same machine code."""
+"""The CUDA side of ppo_fast.batch_invariant(): the Triton kernels (kernels/batch_invariant.py),
+bitwise invariant (torch.equal) op by op and in a whole Hugging Face model, and right against
+float64. On the CPU Triton's interpreter runs them in place of torch's CPU kernels; with
+PPO_FAST_TEST_DEVICE=cuda (benches/gpu.sh) the same tests run on the GPU, the mode as users get it.
+The compile check (tests/test_compile_check.py) holds that a row alone and a batch compile to the
+same machine code."""
 
 import importlib
 import math
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 import ppo_fast as pf
 
+from conftest import DEVICE
 from test_batch_invariant import _model, _rows_alone_and_shuffled, _variants, _weight, _mismatch
 
 pytest.importorskip("triton")
@@ -22,10 +25,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def triton_on_the_cpu(monkeypatch):
-    """The mode with CUDA's kernels (Triton, interpreted) registered for CPU tensors."""
-    monkeypatch.setitem(modes.OPS, "CPU", modes.OPS["CUDA"])
-    monkeypatch.setitem(modes.ATTENTION_KERNELS, "cpu", modes.ATTENTION_KERNELS["cuda"])
-    monkeypatch.setattr(modes, "kernels_missing", lambda: {})
+    """The mode with CUDA's kernels: on the CPU, Triton interpreted, registered for CPU tensors."""
+    if DEVICE == "cpu":
+        monkeypatch.setitem(modes.OPS, "CPU", modes.OPS["CUDA"])
+        monkeypatch.setitem(modes.ATTENTION_KERNELS, "cpu", modes.ATTENTION_KERNELS["cuda"])
+        monkeypatch.setattr(modes, "kernels_missing", lambda: {})
     return pf.batch_invariant
 
 
@@ -46,23 +50,23 @@ OPS = {
 @pytest.mark.parametrize("name", list(OPS))
 def test_each_op_gives_a_row_the_same_bits_in_every_batch(name, dtype, triton_on_the_cpu):
     k, n = 70, 45  # neither a multiple of any block
-    x = torch.randn(9, k, generator=torch.Generator().manual_seed(2)).to(dtype)
-    b = torch.randn(n, generator=torch.Generator().manual_seed(3))
-    op = OPS[name](_weight(n, k, dtype), b.to(dtype))
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    op = OPS[name](_weight(n, k, dtype).to(DEVICE), b.to(dtype))
     with triton_on_the_cpu():
         if name != "sum of two dims":  # it sums over the rows: no row to compare
             assert _rows_alone_and_shuffled(op, x) == []
         got = op(x)
-    expected = OPS[name](_weight(n, k, torch.float64), b.double())(x.double())
+    expected = OPS[name](_weight(n, k, torch.float64).to(DEVICE), b.double())(x.double())
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.double(), expected.double(), rtol=tolerance, atol=tolerance * 8)
     assert got.dtype == op(x).dtype
 
 
 def test_float64_integers_and_booleans_keep_torch_semantics(triton_on_the_cpu):
-    x = torch.randn(5, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    w = torch.randn(33, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    counts = torch.arange(12).view(3, 4)
+    x = torch.randn(5, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    w = torch.randn(33, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    counts = torch.arange(12, device=DEVICE).view(3, 4)
     flags = counts % 3 == 0
     with triton_on_the_cpu():
         product, total = x @ w, x.sum(1)
@@ -80,11 +84,11 @@ def test_float64_integers_and_booleans_keep_torch_semantics(triton_on_the_cpu):
 def test_attention_matches_float64_and_a_query_decoded_or_shifted_by_padding_keeps_its_bits(dtype):
     g = torch.Generator().manual_seed(9)
     B, H, Hkv, S, D = 3, 6, 2, 37, 24  # 3 query heads per KV head; S spans two key chunks
-    q, k, v = (torch.randn(B, h, S, D, generator=g).to(dtype) for h in (H, Hkv, Hkv))
+    q, k, v = (torch.randn(B, h, S, D, generator=g).to(DEVICE, dtype) for h in (H, Hkv, Hkv))
     pad = torch.tensor([0, 5, 36])
     allowed = ((torch.arange(S)[None, :] >= pad[:, None])[:, None, None, :]
-               & (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None, None])
-    bias = torch.zeros(B, 1, S, S).masked_fill(~allowed, -math.inf)
+               & (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None, None]).to(DEVICE)
+    bias = torch.zeros(B, 1, S, S, device=DEVICE).masked_fill(~allowed, -math.inf)
     kernel = modes.ATTENTION_KERNELS["cuda"]
     out = kernel(q, k, v, bias, D ** -0.5)
 
@@ -99,9 +103,10 @@ def test_attention_matches_float64_and_a_query_decoded_or_shifted_by_padding_kee
         step = kernel(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], bias[:, :, t:t + 1, :t + 1], D ** -0.5)
         assert torch.equal(step[:, 0], out[:, t]), t
     # The first sequence with three more padding keys in front, masked with the lowest float.
-    shifted = [torch.cat([torch.randn(1, t.shape[1], 3, D, generator=g).to(dtype), t[:1]], 2) for t in (q, k, v)]
+    shifted = [torch.cat([torch.randn(1, t.shape[1], 3, D, generator=g).to(DEVICE, dtype), t[:1]], 2) for t in (q, k, v)]
     allowed_shifted = F.pad(allowed[:1], (3, 0, 3, 0), value=False)
-    bias_shifted = torch.zeros(1, 1, S + 3, S + 3).masked_fill(~allowed_shifted, torch.finfo(torch.float32).min)
+    bias_shifted = torch.zeros(1, 1, S + 3, S + 3, device=DEVICE).masked_fill(~allowed_shifted,
+                                                                             torch.finfo(torch.float32).min)
     assert torch.equal(kernel(*shifted, bias_shifted, D ** -0.5)[0, 3:], out[0])
     assert torch.equal(kernel(q[:1], k[:1], v[:1], None, D ** -0.5), out[:1])  # causal without a mask
 
@@ -109,7 +114,7 @@ def test_attention_matches_float64_and_a_query_decoded_or_shifted_by_padding_kee
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # the GPU dtype; float32: the ops' tests
 def test_a_llama_sequence_has_the_same_logits_alone_in_any_batch_and_decoded(dtype, triton_on_the_cpu):
-    model = _model("llama", dtype, hidden=32)
+    model = _model("llama", dtype, hidden=32).to(DEVICE)
     with triton_on_the_cpu():
         seq, alone, variants = _variants(model)
     for name, logits in variants.items():
