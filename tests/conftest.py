@@ -54,10 +54,10 @@ def _seed():
     torch.manual_seed(1234)
 
 
-# The Triton interpreter's heavy cases (seconds each on 2 cores). In the default tier it runs a
-# representative set (named below); in the slow tier the rest, except the largest shapes, which
-# only a GPU runs (PPO_FAST_TEST_DEVICE=cuda, where every case runs): their reference and native
-# twins run here in both tiers.
+# The Triton interpreter's heavy cases (seconds each on 2 cores). The default tier runs a
+# representative set under the interpreter, the slow tier a few more (SLOW_UNDER_THE_INTERPRETER),
+# and the rest only a GPU runs (GPU_ONLY_UNDER_THE_INTERPRETER; PPO_FAST_TEST_DEVICE=cuda runs every
+# case): their reference and native twins run here in the default tier.
 def _any_of(*cases):
     return lambda case: any(name in case for name in cases)
 
@@ -65,28 +65,30 @@ def _any_of(*cases):
 SLOW_UNDER_THE_INTERPRETER = {
     # The odd 40 x 100 x 1003 shape stays, with a bias at temperature 1.
     "tests/test_linear_head.py::test_log_probs_entropy_and_gradients_match_the_spec":
-        _any_of("-2100-3-7-", "-7-4097-50-", "-5-1-7-", "-9-7-97-", "-40-100-1003-False-0.7]"),
-    # Token-mean vanilla, gspo and cispo stay: gradients in the forward, the sequence ratio, the truncation.
-    "tests/test_linear_head.py::test_every_loss_type_matches_the_spec":
-        lambda case: not _any_of("token-mean-vanilla]", "token-mean-gspo]", "token-mean-cispo]")(case)
-        or "seq-mean" in case,
-    "tests/test_linear_head.py::test_a_tokens_result_does_not_depend_on_the_batch": lambda case: True,
+        _any_of("-7-4097-50-", "-5-1-7-", "-9-7-97-", "-40-100-1003-False-0.7]"),
     "tests/test_linear_head.py::test_low_precision_within_twice_the_eager_error": _any_of("-dtype1]", "-dtype2]"),
     "tests/test_linear_head.py::test_loss_gradients_in_the_forward_match_the_spec":
         _any_of("-1x7-4097-50-", "-dppo-kl-", "-sapo-"),
+}
+
+_REPRESENTATIVE_LOSSES = _any_of("[triton-token-mean-vanilla]", "[triton-token-mean-gspo]",
+                                 "[triton-token-mean-cispo]")
+
+GPU_ONLY_UNDER_THE_INTERPRETER = {
+    # 152k vocabulary: 40 s interpreted; 2100 tokens: 14 s a case; 4097-wide rows: one case in the
+    # slow tier.
+    "tests/test_linear_head.py::test_log_probs_entropy_and_gradients_match_the_spec":
+        _any_of("-3-5-151936]", "-2100-3-7-", "-7-4097-50-True-1.0]", "-7-4097-50-True-0.7]",
+                "-7-4097-50-False-1.0]"),
+    # Token-mean vanilla, gspo and cispo stay in the default tier (gradients in the forward, the
+    # sequence ratio, the truncation); the other objectives differ only after the kernel.
+    "tests/test_linear_head.py::test_every_loss_type_matches_the_spec": lambda case: not _REPRESENTATIVE_LOSSES(case),
+    # 24 s interpreted; its loss-gradient twin runs in the default tier.
+    "tests/test_linear_head.py::test_a_tokens_result_does_not_depend_on_the_batch": lambda case: True,
     # Every vanilla case (the fused loss kernel) stays, and every objective once, unweighted at
     # token-mean: the others run the same log-prob kernel with the spec's objective.
     "tests/test_objectives.py::test_fused_path_matches_the_spec_float64":
         lambda case: "-vanilla-" not in case and "[triton-unweighted-token-mean-" not in case,
-}
-
-GPU_ONLY_UNDER_THE_INTERPRETER = {
-    # 152k vocabulary: 40 s interpreted; 2100 tokens and 4097-wide rows: one configuration each in
-    # the slow tier. The sequence-mean losses differ from token-mean only after the kernel.
-    "tests/test_linear_head.py::test_log_probs_entropy_and_gradients_match_the_spec":
-        _any_of("-3-5-151936]", "-2100-3-7-True-0.7]", "-2100-3-7-False-1.0]", "-2100-3-7-False-0.7]",
-                "-7-4097-50-True-1.0]", "-7-4097-50-True-0.7]", "-7-4097-50-False-1.0]"),
-    "tests/test_linear_head.py::test_every_loss_type_matches_the_spec": _any_of("seq-mean"),
 }
 
 
@@ -99,8 +101,8 @@ def pytest_collection_modifyitems(config, items):
             continue
         gpu_only = GPU_ONLY_UNDER_THE_INTERPRETER.get(name)
         if gpu_only is not None and gpu_only(item.nodeid):
-            item.add_marker(pytest.mark.skip(reason="a GPU runs this Triton case (PPO_FAST_TEST_DEVICE=cuda); "
-                                                    "interpreted it costs tens of seconds"))
+            item.add_marker(pytest.mark.skip(reason="a GPU runs this Triton case (PPO_FAST_TEST_DEVICE=cuda); the "
+                                                    "interpreter runs a representative set (tests/conftest.py)"))
             continue
         slow = SLOW_UNDER_THE_INTERPRETER.get(name)
         if slow is not None and slow(item.nodeid):
