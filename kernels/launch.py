@@ -40,8 +40,11 @@ def rows_aligned(tensor, row_strides) -> bool:
 
 
 def accumulator(dtype: torch.dtype):
-    """The kernels' accumulation type for inputs of ``dtype``: float64 for float64, else float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The kernels' accumulation type for inputs of ``dtype``: float64 for float64, int64 for
+    integers and booleans (sums exact), else float32."""
+    if dtype == torch.float64:
+        return tl.float64
+    return tl.float32 if dtype.is_floating_point else tl.int64
 
 
 def coefficients(values, dtype: torch.dtype, device) -> torch.Tensor:

@@ -102,16 +102,9 @@ def _cpu_sum(self, dim, keepdim=False, *, dtype=None):
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _accumulator(dtype: torch.dtype):
-    import triton.language as tl
-
-    if dtype == torch.float64:
-        return tl.float64
-    return tl.float32 if dtype.is_floating_point else tl.int64
-
-
 def _triton_matmul(a, b, bias, alpha, beta, name):
     from .kernels import batch_invariant as kernels
+    from .kernels.launch import accumulator
 
     if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
         raise RuntimeError(f"{name}: expected the operands to have one dtype, got {a.dtype} and {b.dtype}"
@@ -125,7 +118,7 @@ def _triton_matmul(a, b, bias, alpha, beta, name):
     if out.numel():
         if bias is not None:
             bias = bias.expand(out.shape)
-        kernels.plan_matmul(a, b, out, bias, alpha, beta, _accumulator(a.dtype))()
+        kernels.plan_matmul(a, b, out, bias, alpha, beta, accumulator(a.dtype))()
     return out
 
 
@@ -145,12 +138,13 @@ def _triton_bmm(self, mat2):
 
 def _triton_row_reduce(rows, mean, out_dtype):
     from .kernels import batch_invariant as kernels
+    from .kernels.launch import accumulator
 
     if rows.dtype == torch.bool:
         rows = rows.to(torch.uint8)
     out = torch.empty(rows.shape[0], dtype=out_dtype, device=rows.device)
     if rows.shape[0]:
-        kernels.plan_row_reduce(rows, out, mean, _accumulator(rows.dtype))()
+        kernels.plan_row_reduce(rows, out, mean, accumulator(rows.dtype))()
     return out
 
 

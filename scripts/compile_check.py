@@ -45,7 +45,7 @@ from ppo_fast.kernels import gae  # noqa: E402
 from ppo_fast.kernels import linear_logprobs as linear  # noqa: E402
 from ppo_fast.kernels import logprobs  # noqa: E402
 from ppo_fast.kernels import ppo_loss  # noqa: E402
-from ppo_fast.kernels.launch import ENABLE_FP_FUSION, Launch  # noqa: E402
+from ppo_fast.kernels.launch import ENABLE_FP_FUSION, Launch, accumulator  # noqa: E402
 
 ALIGNED_V = 151936  # Qwen's vocabulary: a multiple of 16
 UNALIGNED_V = 50257  # GPT-2's: odd
@@ -143,8 +143,7 @@ def matmul_plan(a, n: int, bias: bool) -> Launch:
 
 def row_reduce_plan(rows: torch.Tensor, mean: bool) -> Launch:
     out = torch.empty(rows.shape[0], dtype=torch.int64 if not rows.dtype.is_floating_point else rows.dtype)
-    acc = tl.int64 if not rows.dtype.is_floating_point else _acc(rows.dtype)
-    return batch_invariant.plan_row_reduce(rows, out, mean, acc)
+    return batch_invariant.plan_row_reduce(rows, out, mean, accumulator(rows.dtype))
 
 
 def attention_plan(q, k, bias: bool) -> Launch:
