@@ -66,8 +66,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks as check
-from ._checks import choice, is_number
+from . import arguments as check
+from .arguments import choice, is_number
 from .spec import compute_dtype
 
 IS_LEVELS = ("token", "sequence")

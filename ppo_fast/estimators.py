@@ -43,9 +43,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _checks as check
+from . import arguments as check
 from . import functional
-from ._checks import in_unit_interval, positive
+from .arguments import in_unit_interval, positive
 from .spec import compute_dtype
 
 __all__ = ["ESTIMATORS", "AdvantageOutput", "advantages", "gae", "gdpo", "gpg", "grpo",

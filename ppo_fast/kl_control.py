@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ._checks import non_negative, positive
+from .arguments import non_negative, positive
 
 
 class FixedKLController:

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import positive
-from .options import LossOptions
+from .arguments import LossOptions, positive
 
 
 class PPOLoss(nn.Module):

@@ -14,7 +14,7 @@ Conventions
   (``torch.where``), they never multiply (NaN·0 is NaN). Per-token outputs at masked positions
   are 0. The same holds for positions whose label is ``ignore_index``.
 * Where a choice exists, the semantics follow verl's ``core_algos.py``, which users already know.
-* The loss options are one :class:`~ppo_fast.options.LossOptions`; the loss functions take its
+* The loss options are one :class:`~ppo_fast.arguments.LossOptions`; the loss functions take its
   fields as keyword arguments.
 * The actor losses are per-token terms (:class:`TokenTerms`, :func:`ppo_token_terms`) turned into
   ``(loss, metrics)`` by :func:`reduce`. The public API reduces the terms that a backend's kernel
@@ -27,9 +27,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, objectives
+from . import arguments, objectives
 from .objectives import LOG_RATIO_CLAMP
-from .options import AGG_MODES, KL_ALIASES, KL_ESTIMATORS, LossOptions
+from .arguments import AGG_MODES, KL_ALIASES, KL_ESTIMATORS, LossOptions
 
 __all__ = ["AGG_MODES", "KL_ALIASES", "KL_ESTIMATORS", "LossOptions", "TokenTerms", "agg_weights",
            "aggregate", "compute_dtype", "gae", "gae_packed", "group_advantages", "kl_penalty",
@@ -86,7 +86,7 @@ def token_logprobs(
     s = logits.to(compute_dtype(logits)).masked_fill(ignored.unsqueeze(-1), 0.0)
     if temperature != 1.0:
         s = s / temperature
-    _checks.no_infinite_maximum(logits, torch.isposinf(s).any(-1), temperature)
+    arguments.no_infinite_maximum(logits, torch.isposinf(s).any(-1), temperature)
     safe_labels = labels.masked_fill(ignored, 0).long()
     # log_softmax(s) = s − logsumexp(s); one fused kernel on the CPU, where this is the fast path.
     log_probs = torch.log_softmax(s, dim=-1)

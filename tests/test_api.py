@@ -11,7 +11,7 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import dispatch, native, spec
-from ppo_fast.options import LossOptions
+from ppo_fast.arguments import LossOptions
 
 
 

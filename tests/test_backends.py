@@ -15,7 +15,7 @@ import torch
 
 import ppo_fast as pf
 from ppo_fast import spec as R
-from ppo_fast._checks import MIN_TEMPERATURE
+from ppo_fast.arguments import MIN_TEMPERATURE
 
 from helpers import assert_loss_matches_spec, max_err, random_labels, random_logits
 

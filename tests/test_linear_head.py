@@ -9,9 +9,9 @@ import ppo_fast as pf
 from helpers import OBJECTIVE_PARAMS, max_err
 from ppo_fast import objectives
 from ppo_fast import spec as R
+from ppo_fast.arguments import LossOptions
 from ppo_fast.ops import linear_logprobs
 from ppo_fast.ops.linear_logprobs import linear_chunk_tokens
-from ppo_fast.options import LossOptions
 
 F64 = torch.float64
 
@@ -443,7 +443,7 @@ def test_gradients_in_the_forward_equal_the_recomputing_backward(dtype, monkeypa
     kw = dict(ref_logp=data["ref_logp"], kl_coef=0.05, entropy_coef=0.01, temperature=0.7, dual_clip=2.0)
     results = []
     for in_forward in (True, False):
-        monkeypatch.setattr(pf.functional, "_gradients_in_forward", lambda *args: in_forward)
+        monkeypatch.setattr(linear_logprobs, "_gradients_in_forward", lambda *args: in_forward)
         loss, metrics = pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"],
                                                  mask, bias=b, **kw)
         results.append((loss, metrics, torch.autograd.grad(loss, (hidden, weight, b))))

@@ -26,12 +26,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _checks as check
+from .. import arguments as check
 from .. import correction as core
 from .. import objectives
-from .._checks import choice, is_number
+from ..arguments import LossOptions, choice, is_number
 from ..functional import token_logprobs
-from ..options import LossOptions
 
 __all__ = ["PolicyLoss", "ValueLoss", "aggregate_loss", "compute_approx_kl", "compute_entropy",
            "log_probs_from_logits", "masked_mean"]

@@ -96,8 +96,7 @@ from trl.trainer import utils as trl_utils
 from trl.trainer.utils import nanmax, nanmin
 
 from .. import functional, objectives
-from .._checks import choice, is_number, positive
-from ..options import LossOptions
+from ..arguments import LossOptions, choice, is_number, positive
 
 __all__ = ["GRPOTrainer", "HEADS", "LOSS_TYPES", "loss_options", "patch"]
 
@@ -142,7 +141,7 @@ def _check_vespo_is(trainer) -> None:
 
 
 def loss_options(trainer) -> LossOptions:
-    """The ppo_fast :class:`~ppo_fast.options.LossOptions` for a TRL trainer's current settings
+    """The ppo_fast :class:`~ppo_fast.arguments.LossOptions` for a TRL trainer's current settings
     (its ``loss_type``, ``importance_sampling_level``, ``epsilon_low/high``, ``args.delta``,
     ``args.sapo_*``, ``args.vespo_*``). Raises ValueError naming TRL's argument for settings
     ppo_fast cannot reproduce exactly."""

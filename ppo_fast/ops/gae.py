@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import arguments as check
 from .. import dispatch, native, spec
 from .token_logprobs import DEVICE_TYPES, no_kernel
 
@@ -114,3 +115,67 @@ def native_forward(rewards, values, mask, cu_seqlens, gamma, lam):
 
 IMPLEMENTATIONS = dispatch.register("gae", {"reference": reference_forward, "triton": triton_forward,
                                             "native": native_forward})
+
+
+# --------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    cu_seqlens: torch.Tensor | None = None,
+    whiten: bool = True,
+):
+    """Generalised advantage estimation; returns ``(advantages, returns)``, the advantages
+    whitened over the batch by default, as ``pf.advantages("gae", ...)`` (and verl) give them.
+
+    Padded form: ``rewards``, ``values``, ``mask`` are ``[B, T]``. Packed form: they are 1-D
+    ``[total]`` and ``cu_seqlens`` ``[S + 1]`` (int, as flash-attn's varlen API) delimits the
+    sequences (its values are not checked under ``torch.compile``). ``mask`` (default all ones)
+    marks the tokens that count; masked tokens add no TD error and do not break the chain, and
+    both outputs are 0 there. ``whiten`` (default True): ``advantages = masked_whiten(A, mask)``
+    (:func:`masked_whiten`; needs at least 2 masked tokens); returns are never whitened.
+    Differentiable in ``rewards`` and ``values`` (GAE is linear in both). On CUDA, one kernel
+    launch for the whole batch.
+    """
+    if not isinstance(whiten, bool):
+        raise ValueError(f"whiten must be a bool, got {whiten!r}")
+    for name, t in (("rewards", rewards), ("values", values)):
+        check.floating(name, check.tensor(name, t))
+    packed = cu_seqlens is not None
+    if packed:
+        if rewards.dim() != 1:
+            raise ValueError(f"rewards must be 1-D [total] with cu_seqlens, got shape {tuple(rewards.shape)}")
+        check.integer("cu_seqlens", check.tensor("cu_seqlens", cu_seqlens))
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+    elif rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T] (or 1-D with cu_seqlens), got shape {tuple(rewards.shape)}")
+    check.shape("values", values, rewards.shape, "rewards.shape")
+    if mask is None:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    check.mask_like("mask", mask, rewards.shape, "rewards.shape")
+    check.same_device("rewards", rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
+    check.in_unit_interval("gamma", gamma)
+    check.in_unit_interval("lam", lam)
+    if not packed:
+        B, T = rewards.shape
+        cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=rewards.device) * T
+    elif check.values_checked(cu_seqlens):
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != rewards.numel() or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to rewards.numel()={rewards.numel()}, "
+                             f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+    advantages, returns = gae_op(rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), cu_seqlens,
+                                 float(gamma), float(lam))
+    advantages, returns = advantages.view(rewards.shape), returns.view(rewards.shape)
+    if whiten:
+        check.whitening(advantages, mask)
+        advantages = spec.masked_whiten(advantages, mask)
+    return advantages, returns

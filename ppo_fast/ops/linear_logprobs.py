@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import dispatch, spec
+from .. import arguments as check
+from .. import dispatch, objectives, spec
+from .ppo_loss import loss_from_logprobs
 from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, row_ops_for
 from .token_logprobs import token_logprobs_backward_op
 
@@ -366,3 +368,148 @@ class _DifferentiatedTwice(torch.autograd.Function):
             "pf.fused_linear_ppo_loss computed its gradients in its forward and cannot be differentiated twice "
             "(a backward through the gradient of a create_graph=True backward); compute the loss from logits "
             "(pf.ppo_loss) for higher-order gradients")
+
+
+# --------------------------------------------------------------------------------------------
+# The public functions: from hidden states, never the logits
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, with_entropy):
+    lead = hidden.shape[:-1]
+    logp, entropy, _ = linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
+                                          1.0 / float(temperature), int(ignore_index), bool(with_entropy))
+    return logp.view(lead), entropy.view(lead)
+
+
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias``, without the logits in memory.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 / float64 (the last hidden states).
+        weight: ``[V, H]``, hidden's dtype (an ``lm_head.weight``); bias ``[V]`` or None.
+        labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (logp 0, entropy 0, no
+            gradient, and the row is not computed).
+
+    Returns ``logp`` ``[...]`` float32 (float64 for float64), or ``(logp, entropy)``.
+    Differentiable in hidden, weight and bias. Under ``torch.no_grad`` it is the scoring pass for
+    old and reference log-probs. On CUDA one Triton kernel tiles tokens × vocab with the matmul on
+    tensor cores and an online log-sum-exp; elsewhere, and in every backward, the logits are
+    recomputed chunk by chunk (:func:`ppo_fast.ops.linear_logprobs.linear_chunk_tokens`): the peak extra memory is
+    one chunk's logits, plus a float32 accumulator for the weight's gradient when the weight is
+    bf16/fp16. A token's result does not depend on the rest of the batch.
+    """
+    check.int_option("ignore_index", ignore_index)
+    check.check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
+    check.linear_head(hidden, weight, bias)
+    labels = check.token_labels("hidden", hidden, weight.shape[0], labels, ignore_index)
+    logp, entropy = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def fused_linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    loss_type: str = "vanilla",
+    loss_params: dict | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
+    rollout_is_weights: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+):
+    """:func:`ppo_loss` of the logits ``hidden @ weight.T + bias``, which are never stored; every
+    option and ``loss_type`` of :func:`ppo_loss`. hidden ``[..., H]``, weight ``[V, H]``, bias
+    ``[V]`` or None, every per-token tensor ``[...]``. Returns ``(loss, metrics)``, the metrics of
+    :func:`ppo_loss`; differentiable in hidden, weight and bias. The log-probs and entropy come
+    from :func:`fused_linear_token_logprobs` (see there for memory); the objective then runs on
+    ``[tokens]``-sized tensors. Where a gradient is wanted and each token's term depends on that
+    token alone (every token-level objective but ``clip_cov`` and ``kl_cov``), the gradients of
+    hidden, weight and bias are computed in the forward while each chunk's logits are live (three
+    GEMMs per chunk, where recomputing the logits in the backward takes four) and kept until the
+    backward, which scales them by the incoming gradient; not differentiable twice.
+    """
+    opts = check.actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
+                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
+                          num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
+                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                          temperature=temperature, ignore_index=ignore_index)
+    check.linear_head(hidden, weight, bias)
+    labels = check.actor_inputs("hidden", hidden, hidden.shape[:-1], "hidden.shape[:-1]", weight.shape[0],
+                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                 rollout_is_weights, opts)
+    valid = labels != ignore_index
+    per_token = (old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights)
+    if _gradients_in_forward(hidden, weight, bias, opts):
+        return _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts)
+    logp, entropy = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
+    return loss_from_logprobs(logp, entropy, valid, *per_token, opts)
+
+
+def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
+    """Whether the fused loss computes its gradients in its forward: a gradient is wanted (grad
+    mode on, an input that requires one), each token's term depends on its own token alone
+    (:func:`ppo_fast.objectives.token_local`), and the call runs eagerly (``torch.compile``
+    traces the op and its recomputing backward)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+            and objectives.token_local(opts.loss_type, opts.loss_params))
+
+
+def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts):
+    """``(loss, metrics)`` of :func:`fused_linear_ppo_loss` with the gradients of hidden, weight and
+    bias computed in the forward, chunk by chunk (three GEMMs per chunk where the op's forward and
+    backward take four): the loss is ``Σ_i w_i·term_i(logp_i, entropy_i)`` with the aggregation's
+    weights ``w`` fixed by the mask, so a chunk's tokens' share is known when its log-probs are."""
+    lead, valid_flat = valid.shape, valid.reshape(-1)
+    old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights = (
+        None if t is None else t.detach().reshape(-1) for t in per_token)
+    dtype = out_dtype(hidden.dtype)
+    weights = spec.agg_weights(valid, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
+                               dp_size=opts.dp_size, horizon=opts.horizon, dtype=dtype).reshape(-1)
+
+    def chunk_loss(start, stop, logp, entropy):
+        part = slice(start, stop)
+        at = lambda t: None if t is None else t[part]  # noqa: E731
+        terms = spec.ppo_token_terms(logp, old_logp[part], advantages[part], opts, mask=valid_flat[part],
+                                     entropy=entropy, ref_logp=at(ref_logp), rollout_logp=at(rollout_logp),
+                                     rollout_is_weights=at(rollout_is_weights))
+        return spec.aggregate(terms.loss, weights[part], valid_flat[part])
+
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    logp, entropy, (dhidden, dweight, dbias) = linear_logprobs_with_gradients(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0 / float(opts.temperature),
+        int(opts.ignore_index), chunk_loss, *need)
+    with torch.no_grad():
+        loss, metrics = loss_from_logprobs(logp.view(lead), entropy.view(lead), valid, *per_token, opts)
+    dhidden = dhidden.view(hidden.shape) if need[0] else dhidden
+    return LossWithGradients.apply(loss, hidden, weight, bias, dhidden, dweight, dbias), metrics

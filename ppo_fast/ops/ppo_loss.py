@@ -20,10 +20,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _checks as check
+from .. import arguments as check
 from .. import dispatch, native, spec
-from ..options import LossOptions
-from .token_logprobs import DEVICE_TYPES, dlogits_of, flat, native_rows, no_kernel, out_dtype
+from ..arguments import LossOptions
+from .token_logprobs import DEVICE_TYPES, dlogits_of, flat, native_rows, no_kernel, out_dtype, rows
 from .token_logprobs import reference_forward as reference_rows
 
 PPO_OUTPUTS = ("token_loss", "dloss_dlogp", "logp", "entropy", "lse", "pg", "kl", "log_ratio",
@@ -236,3 +236,89 @@ def native_forward(logits, labels, old_logp, advantages, ref_logp, rollout_logp,
 
 IMPLEMENTATIONS = dispatch.register("ppo_loss", {"reference": reference_forward, "triton": triton_forward,
                                                  "native": native_forward})
+
+
+# --------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------
+
+
+def ppo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    loss_type: str = "vanilla",
+    loss_params: dict | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
+    rollout_is_weights: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    dp_size: int = 1,
+    horizon: float | None = None,
+    inplace_backward: bool = False,
+):
+    """The whole actor loss from logits, fused on CUDA; returns ``(loss, metrics)``.
+
+    ``loss = policy_loss + kl_coef·agg(KL(logp ‖ ref_logp)) − entropy_coef·agg(entropy)``, with
+    the options of :func:`policy_loss`. logits ``[..., V]``, labels and every per-token tensor
+    ``[...]``. Differentiable in ``logits`` only (old/ref/rollout log-probs and advantages are
+    data). Tokens with mask 0 or label ``ignore_index`` are skipped: on CUDA their logits are
+    never read. Metrics: those of :func:`policy_loss` plus ``kl_loss``, ``entropy_loss`` (the
+    aggregated terms), ``entropy`` and ``kl`` (masked means).
+
+    On CUDA, token-level ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
+    row once and computes log-prob, entropy, ratio, clipped surrogate, KL and the per-token
+    gradient coefficient; the backward reads the row once more and writes dlogits (into the
+    logits buffer with ``inplace_backward=True``). Every other objective and weighting: the fused
+    log-prob/entropy kernel (the same passes over the logits), then the objective on
+    ``[tokens]``-sized tensors; no ``[tokens, vocab]`` tensor beyond dlogits either way.
+    """
+    opts = check.actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
+                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
+                          num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
+                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                          temperature=temperature, ignore_index=ignore_index)
+    check.floating("logits", check.tensor("logits", logits))
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    labels = check.actor_inputs("logits", logits, logits.shape[:-1], "logits.shape[:-1]", logits.shape[-1],
+                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                 rollout_is_weights, opts)
+    valid = labels != ignore_index
+    if opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
+            and rollout_is_weights is None:
+        terms = ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
+                                inplace_backward)
+        return spec.reduce(terms, valid, opts)
+    logp, entropy, _ = rows(logits, labels, opts.temperature, ignore_index, True, inplace_backward)
+    return loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
+                               rollout_is_weights, opts)
+
+
+def loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights,
+                       opts):
+    """``(loss, metrics)`` of the actor loss from per-token log-probs and entropy."""
+    terms = spec.ppo_token_terms(logp, detached(old_logp), detached(advantages), opts, mask=valid,
+                                      entropy=entropy, ref_logp=detached(ref_logp),
+                                      rollout_logp=detached(rollout_logp),
+                                      rollout_is_weights=detached(rollout_is_weights))
+    return spec.reduce(terms, valid, opts)
+
+
+def detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Data, not a path for gradients (old/ref/rollout log-probs, advantages, weights)."""
+    return None if t is None else t.detach()

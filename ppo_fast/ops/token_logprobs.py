@@ -22,7 +22,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .. import arguments as check
 from .. import dispatch, native
+from ..arguments import check_temperature, int_option
 from ..spec import compute_dtype
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -342,3 +344,67 @@ NATIVE = RowOps(native_forward, native_backward, _native_writes_in_place, _nativ
 
 IMPLEMENTATIONS = dispatch.register("token_logprobs", {"reference": REFERENCE, "triton": TRITON,
                                                        "native": NATIVE})
+
+
+# --------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_sum_pi_squared: bool = False,
+    inplace_backward: bool = False,
+):
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, differentiable.
+
+    Args:
+        logits: ``[..., V]`` float32 / bfloat16 / float16 / float64.
+        labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (gives 0 for every output,
+            zero gradient). Under ``torch.compile`` the range is not checked; on the Triton
+            path an out-of-range label then gives NaN.
+        return_entropy: also return the entropy of each position's distribution.
+        return_sum_pi_squared: also return ``Σ_v softmax(logits / temperature)_v²`` per position
+            (in ``[1/V, 1]``; verl's ``sum_pi_squared`` for its optimal-token-baseline
+            advantages), computed in the same pass over the logits. Forward only: it comes back
+            with ``requires_grad=False`` and no gradient flows through it.
+        inplace_backward: on the Triton and native paths, write the gradient into the logits
+            buffer itself during backward (saves one ``[N, V]`` buffer; the logits are
+            overwritten). Logits whose rows share memory (an expanded view) get a fresh buffer.
+
+    Returns:
+        ``logp`` ``[...]`` float32 (float64 for float64 logits) when neither extra is asked for,
+        else the tuple ``(logp, entropy, sum_pi_squared)`` without the ones not asked for:
+        ``(logp, entropy)`` or ``(logp, sum_pi_squared)``. On CUDA one read of the logits
+        forward and one read + one write backward; no float32 copy of the logits is made.
+    """
+    int_option("ignore_index", ignore_index)
+    check_temperature(temperature)
+    for flag, value in (("return_entropy", return_entropy), ("return_sum_pi_squared", return_sum_pi_squared),
+                        ("inplace_backward", inplace_backward)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be a bool, got {value!r}")
+    labels = check.logits_and_labels(logits, labels, ignore_index)
+    logp, entropy, sum_pi_squared = rows(logits, labels, temperature, ignore_index, return_entropy,
+                                                inplace_backward, return_sum_pi_squared)
+    out = (logp,)
+    if return_entropy:
+        out += (entropy,)
+    if return_sum_pi_squared:
+        out += (sum_pi_squared,)
+    return out if len(out) > 1 else logp
+
+
+def rows(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, with_sum_pi_squared=False):
+    """``(logp, entropy, sum_pi_squared)`` of the log-prob op; a row whose scaled logits reach +inf
+    (its log-sum-exp is +inf on every backend) is an error naming it."""
+    logp, entropy, lse, sum_pi_squared = token_logprobs_op(
+        logits, labels, 1.0 / float(temperature), int(ignore_index), bool(with_entropy), bool(inplace_backward),
+        bool(with_sum_pi_squared))
+    check.no_infinite_maximum(logits, torch.isposinf(lse), temperature)
+    return logp, entropy, sum_pi_squared

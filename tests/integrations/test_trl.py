@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from ppo_fast import dispatch, functional
+from ppo_fast.ops import token_logprobs as token_logprobs_module
 from ppo_fast.ops.token_logprobs import token_logprobs_op
 from ppo_fast.integrations import trl as ours
 
@@ -419,7 +420,7 @@ class Spy:
                 return fused.apply(*args)
 
         monkeypatch.setattr(functional, "token_logprobs", spy_public)
-        monkeypatch.setattr(functional, "token_logprobs_op", spy_op)
+        monkeypatch.setattr(token_logprobs_module, "token_logprobs_op", spy_op)
         monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", SpyFused)
 
 

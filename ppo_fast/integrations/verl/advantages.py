@@ -68,7 +68,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ... import _checks as check
+from ... import arguments as check
 from ... import estimators as core
 
 __all__ = [

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ... import objectives
-from ...options import LossOptions
+from ...arguments import LossOptions
 from ...spec import kl_penalty as _kl_estimate
 
 __all__ = [

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from ... import _checks as check
+from ... import arguments as check
 from ... import correction as core
 
 __all__ = ["SAFETY_BOUND", "SUPPORTED_ROLLOUT_RS_OPTIONS", "TOKEN_LEVEL_ROLLOUT_RS_OPTIONS",
