@@ -1,6 +1,7 @@
 """The reward spec (model directories, functions, weighted lists, ensembles) and the embedded
 tasks' rules."""
 
+import argparse
 import sys
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from ppo_fast.trainer import default_task, rewards
-from ppo_fast.trainer.config import ConfigError, PPOConfig, check_files
+from ppo_fast.trainer.config import ConfigError, PPOConfig, add_arguments, check_files, from_args
 from ppo_fast.trainer.rewards import RewardSpecError
 
 from helpers import tiny_model_dir
@@ -164,5 +165,27 @@ def test_config_checks_prompt_lengths_loss_parameters_and_paths_before_any_model
         check_files(PPOConfig(prompts_file=str(prompts), output_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="eval_prompts_file: .* is a directory, not a file"):
         check_files(PPOConfig(eval_prompts_file=str(tmp_path), output_dir=str(tmp_path)))
-    with pytest.raises(ConfigError, match=r"loss_type: loss_type='dro' needs loss_params \['beta'\]"):
+    with pytest.raises(ConfigError, match=r"loss_type='dro' needs loss_params \['beta'\]"):
         PPOConfig(loss_type="dro")
+    with pytest.raises(ConfigError, match=r"loss_type='gpg' does not clip: clip_low / clip_high would be ignored"):
+        PPOConfig(loss_type="gpg", clip_high=0.28)
+
+
+def test_the_clip_is_the_librarys_unless_set_and_none_unsets_it(tmp_path):
+    """The trainer passes its clip settings to pf.ppo_loss as they are: unset (the default, and
+    'none' on the command line or in YAML) is the library's default, so an objective that does
+    not clip runs with no clip setting and no special case."""
+    assert PPOConfig().loss_options()["clip_low"] is None and PPOConfig().loss_options()["clip_high"] is None
+    assert PPOConfig(loss_type="gpg").loss_options()["clip_high"] is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--clip-high", "0.28", "--clip-low", "none",
+                                          "--output-dir", str(tmp_path)]))
+    assert (config.clip_low, config.clip_high) == (None, 0.28)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("clip_low: null\nclip_high: None\n")
+    assert (PPOConfig.from_yaml(str(yaml_file)).clip_low, PPOConfig.from_yaml(str(yaml_file)).clip_high) == (None, None)
+    with pytest.raises(ConfigError, match=r"clip_high must be a finite number, got 'wide'"):
+        PPOConfig(clip_high="wide")
+    with pytest.raises(ConfigError, match=r"clip_low must be in \(0, 1\), got 1.5"):
+        PPOConfig(clip_low=1.5)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..options import AGG_MODES, kl_estimator_name
+from ..arguments import AGG_MODES, kl_estimator_name
 from .errors import ConfigError
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -74,7 +74,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
         for name, (ok, what) in self.RANGES.items():
-            if not ok(getattr(self, name)):
+            if getattr(self, name) is not None and not ok(getattr(self, name)):
                 raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
         if getattr(self, "run_name", "") and not RUN_NAME.fullmatch(self.run_name):
             raise ConfigError(f"run_name must be a plain name of at most 128 characters (letters, "
@@ -234,10 +234,11 @@ class PPOConfig(RunConfig):
     """Actor learning rate."""
     critic_lr: float = 5e-3
     """Critic learning rate."""
-    clip_low: float = 0.2
-    """PPO ratio clip below 1."""
-    clip_high: float = 0.28
-    """PPO ratio clip above 1 (DAPO's clip-higher when above clip_low)."""
+    clip_low: float | None = None
+    """PPO ratio clip below 1; none: 0.2, for the objectives that clip (the others refuse a
+    value)."""
+    clip_high: float | None = None
+    """PPO ratio clip above 1; none: clip_low. Above clip_low it is DAPO's clip-higher (0.28)."""
     value_clip: float = 0.2
     """Value-function clip around the old values (0: off)."""
     entropy_coef: float = 0.0
@@ -311,6 +312,13 @@ class PPOConfig(RunConfig):
     reward_train_steps: int = 300
     """Training steps of the default reward model on synthetic preference pairs."""
 
+    def loss_options(self) -> dict:
+        """The keyword arguments of ``pf.ppo_loss`` this run sets: the objective and its clip as
+        configured (unset ones take the library's defaults), and an empty loss_agg leaves the
+        objective's own aggregation (Dr. GRPO's, GSPO's)."""
+        return dict(loss_type=self.loss_type, clip_low=self.clip_low, clip_high=self.clip_high,
+                    entropy_coef=self.entropy_coef, temperature=self.temperature, agg=self.loss_agg or None)
+
     def check(self) -> None:
         try:
             kl_estimator_name(self.kl_estimator)
@@ -329,15 +337,15 @@ class PPOConfig(RunConfig):
         if self.algorithm in GROUPED and self.samples_per_prompt < 2:
             raise ConfigError(f"algorithm {self.algorithm} compares the completions of one prompt: "
                               f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        from ..arguments import LossOptions
         from ..objectives import LOSS_TYPES
-        from ..options import resolve
 
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         try:
-            resolve(self.loss_type, None)
+            LossOptions(**self.loss_options())
         except ValueError as exc:
-            raise ConfigError(f"loss_type: {exc}; the trainer runs objectives with their default parameters") from None
+            raise ConfigError(f"{exc} (the trainer runs each objective with its default loss_params)") from None
         if self.resume and not self.run_name:
             raise ConfigError("resume needs run_name: the name of the run to continue")
         if self.batch_invariant:
@@ -370,8 +378,17 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+OPTIONAL = " | None"
+"""How a field that may be left unset (None, ``none`` on the command line and in YAML, ``null``
+in YAML) spells its type."""
+
+
 def _coerce(name: str, kind: str, value):
     """``value`` as the field's type, or a ConfigError naming the field."""
+    if kind.endswith(OPTIONAL):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        return _coerce(name, kind[:-len(OPTIONAL)], value)
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -650,8 +667,11 @@ def add_arguments(parser, cls=None) -> None:
     parser.add_argument("--config", help="YAML file with any of the fields below")
     types = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[f.type],
-                            default=None, metavar=f.type.upper(),
+        kind = f.type.removesuffix(OPTIONAL)
+        # An optional field's "none" reaches _coerce as text: argparse's None means "not given".
+        parse = str if f.type.endswith(OPTIONAL) else types[kind]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse,
+                            default=None, metavar=kind.upper() + ("|none" if f.type.endswith(OPTIONAL) else ""),
                             help=f"{docs.get(f.name, '')} (default: {f.default!r})")
 
 

@@ -38,8 +38,6 @@ import torch
 import ppo_fast as pf
 
 from ..head import completion_logprobs, completion_ppo_loss, fused_head_unsupported
-from ..objectives import OBJECTIVES
-from ..options import resolve
 from ..sequences import completion_logits, position_ids
 from . import diagnostics
 from .checkpoint import Checkpoints, StopSignals, _write_atomically, export_policy, rng_state, seed_everything, set_rng_state
@@ -100,14 +98,7 @@ class PPOTrainer:
         self.best: dict | None = None
         """The record of the policy in best_policy/ (its BEST_RECORD); None before the first
         evaluation."""
-        # pf.ppo_loss refuses clip settings for objectives that do not clip; an empty loss_agg
-        # leaves the objective's own aggregation (Dr. GRPO's, GSPO's).
-        clips = OBJECTIVES[resolve(config.loss_type, None)[0]].uses_clip
-        if not clips and self.rank == 0:
-            log(f"loss_type {config.loss_type} does not clip the ratio: clip_low and clip_high are not used")
-        self.loss_options = dict(loss_type=config.loss_type, entropy_coef=config.entropy_coef,
-                                 temperature=config.temperature, agg=config.loss_agg or None,
-                                 **(dict(clip_low=config.clip_low, clip_high=config.clip_high) if clips else {}))
+        self.loss_options = config.loss_options()
         self.seconds_trained = 0.0
         # Wall seconds of the run's earlier processes up to the checkpoint this one resumed from
         # (the steps a killed process did after its last checkpoint are redone, so not counted).
