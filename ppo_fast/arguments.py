@@ -244,24 +244,44 @@ def actor_inputs(source_name, source, lead, what, vocab, labels, old_logp, advan
     return labels
 
 
-def linear_head(hidden, weight, bias) -> None:
-    """hidden ``[..., H]``, an lm_head's weight ``[V, H]`` and bias ``[V]`` or None."""
-    floating("hidden", tensor("hidden", hidden))
-    floating("weight", tensor("weight", weight))
+def linear_head(hidden, weight, bias, prefix: str = "") -> None:
+    """hidden ``[..., H]``, an lm_head's weight ``[V, H]`` and bias ``[V]`` or None; ``prefix``
+    names the model's (``ref_`` for the reference's)."""
+    h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    floating(h, tensor(h, hidden))
+    floating(w, tensor(w, weight))
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., H], got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{h} must have shape [..., H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1 "
+        raise ValueError(f"{w} must have shape [V, H] with H = {h}.shape[-1] = {hidden.shape[-1]} and V >= 1 "
                          f"(an lm_head's weight), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} (cast one, as "
+        raise ValueError(f"{w} must have {h}'s dtype {hidden.dtype}, got {weight.dtype} (cast one, as "
                          "the model's lm_head would)")
     if bias is not None:
-        floating("bias", tensor("bias", bias))
-        shape("bias", bias, weight.shape[:1], "[V]")
+        floating(b, tensor(b, bias))
+        shape(b, bias, weight.shape[:1], "[V]")
         if bias.dtype != weight.dtype:
-            raise ValueError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    same_device("hidden", hidden, weight=weight, bias=bias)
+            raise ValueError(f"{b} must have {w}'s dtype {weight.dtype}, got {bias.dtype}")
+    same_device(h, hidden, **{w: weight, b: bias})
+
+
+def reference_head(hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
+    """The reference model's head for the full KL: the policy's tokens and vocabulary (its own
+    hidden size and dtype), on the policy's device."""
+    linear_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    shape("ref_hidden", ref_hidden, (*hidden.shape[:-1], ref_hidden.shape[-1]), "hidden's tokens")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must cover the policy's vocabulary of {weight.shape[0]} tokens (shape [V, H_ref] "
+                         f"with V = weight.shape[0]), got shape {tuple(ref_weight.shape)}")
+    same_device("hidden", hidden, ref_hidden=ref_hidden)
+
+
+def reference_logits(logits, ref_logits) -> None:
+    """The reference model's logits for the full KL: the policy's shape and device, any float dtype."""
+    floating("ref_logits", tensor("ref_logits", ref_logits))
+    shape("ref_logits", ref_logits, logits.shape, "logits.shape")
+    same_device("logits", logits, ref_logits=ref_logits)
 
 
 def whitening(values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -288,15 +308,24 @@ AGG_MODES = (
 )
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "k3+")
+"""The estimators from the sampled token's log-probs (``pf.kl_penalty``)."""
 KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 """verl's names for the same estimators."""
+FULL_KL = "full"
+"""The exact KL over the whole vocabulary (:mod:`ppo_fast.ops.full_kl`): the actor losses take it
+from both models' logits or heads; log-probs alone cannot give it."""
 
 
-def kl_estimator_name(value) -> str:
-    """The canonical estimator name (verl's aliases accepted)."""
+def kl_estimator_name(value, *, full: bool = False) -> str:
+    """The canonical estimator name (verl's aliases accepted); ``full``: also ``"full"``."""
     canonical = KL_ALIASES.get(value, value) if isinstance(value, str) else value
-    if canonical not in KL_ESTIMATORS:
-        names = KL_ESTIMATORS + tuple(KL_ALIASES)
+    if canonical == FULL_KL and not full:
+        raise ValueError("kl_estimator='full' is the KL over the whole vocabulary: it needs both models' logits "
+                         "(pf.ppo_loss with ref_logits) or heads (pf.fused_linear_ppo_loss with ref_hidden and "
+                         "ref_weight), not their log-probs; here pick one of "
+                         f"{', '.join(map(repr, KL_ESTIMATORS + tuple(KL_ALIASES)))}")
+    if canonical not in KL_ESTIMATORS + ((FULL_KL,) if full else ()):
+        names = KL_ESTIMATORS + tuple(KL_ALIASES) + ((FULL_KL,) if full else ())
         raise ValueError(f"kl_estimator must be one of {', '.join(map(repr, names))}; got {value!r}")
     return canonical
 
@@ -390,7 +419,9 @@ class LossOptions:
     kl_coef: float = 0.0
     """β of the KL term (with ``ref_logp``)."""
     kl_estimator: str = "k3"
-    """k1, abs, k2, k3, k1+, k3+, or verl's kl, mse, low_var_kl (stored canonical)."""
+    """k1, abs, k2, k3, k1+, k3+, or verl's kl, mse, low_var_kl (stored canonical), from the
+    sampled token's log-probs; or ``full``, the exact KL over the vocabulary, from both models'
+    logits or heads (the actor losses only)."""
     entropy_coef: float = 0.0
     """η of the entropy bonus."""
     temperature: float = 1.0
@@ -445,7 +476,7 @@ class LossOptions:
                              "be ignored; leave them unset")
         positive("tis_cap", self.tis_cap)
         non_negative("kl_coef", self.kl_coef)
-        object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator))
+        object.__setattr__(self, "kl_estimator", kl_estimator_name(self.kl_estimator, full=True))
         non_negative("entropy_coef", self.entropy_coef)
         check_temperature(self.temperature)
         int_option("ignore_index", self.ignore_index)
@@ -467,10 +498,23 @@ _NUMERIC_FIELDS = tuple(f.name for f in fields(LossOptions)
                         if f.name not in ("loss_type", "loss_params", "kl_estimator", "agg"))
 
 
-def actor_options(ref_logp, **options) -> LossOptions:
-    """The options of an actor loss (``pf.ppo_loss``, the fused head's): a KL term needs ``ref_logp``."""
+def actor_options(ref_logp, full_reference: dict, **options) -> LossOptions:
+    """The options of an actor loss (``pf.ppo_loss``, the fused head's) and its reference: the KL
+    term reads ``ref_logp`` (a per-token estimator) or every tensor of ``full_reference`` (name →
+    tensor or None: the reference model's logits, or its hidden states and head), never both."""
     opts = LossOptions(**options)
-    if opts.kl_coef != 0 and ref_logp is None:
+    given = [name for name, t in full_reference.items() if t is not None]
+    if opts.kl_estimator == FULL_KL:
+        if ref_logp is not None:
+            raise ValueError(f"kl_estimator='full' compares the whole distributions and does not read ref_logp: "
+                             f"pass {' and '.join(full_reference)} instead")
+        missing = [name for name in full_reference if name not in given]
+        if missing and (given or opts.kl_coef != 0):
+            raise ValueError(f"kl_estimator='full' needs {' and '.join(full_reference)} (the reference model's); "
+                             f"{' and '.join(missing)} missing")
+    elif given:
+        raise ValueError(f"{given[0]} is read by kl_estimator='full' only, got kl_estimator={opts.kl_estimator!r}")
+    elif opts.kl_coef != 0 and ref_logp is None:
         raise ValueError(f"kl_coef={opts.kl_coef!r} needs ref_logp (the reference policy's log-probs); "
                          "pass ref_logp or kl_coef=0")
     return opts

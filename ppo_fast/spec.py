@@ -32,7 +32,7 @@ from .objectives import LOG_RATIO_CLAMP
 from .arguments import AGG_MODES, KL_ALIASES, KL_ESTIMATORS, LossOptions
 
 __all__ = ["AGG_MODES", "KL_ALIASES", "KL_ESTIMATORS", "LossOptions", "TokenTerms", "agg_weights",
-           "aggregate", "compute_dtype", "gae", "gae_packed", "group_advantages", "kl_penalty",
+           "aggregate", "compute_dtype", "full_kl", "gae", "gae_packed", "group_advantages", "kl_penalty",
            "masked_mean", "masked_whiten", "policy_loss", "policy_metrics", "ppo_loss",
            "ppo_token_terms", "reduce", "token_logprobs", "value_loss"]
 
@@ -246,7 +246,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
       k3 = e^(−Δ) + Δ − 1, with −Δ clamped to ±20 before exp and the result clamped to ±10;
       k1+ / k3+ = the value of k1 / k3 with the gradient of k2 (unbiased value, low-variance grad).
     """
-    estimator = KL_ALIASES.get(estimator, estimator)
+    estimator = arguments.kl_estimator_name(estimator)
     if estimator.endswith("+"):
         value = kl_penalty(logp, ref_logp, estimator[:-1])
         k2 = kl_penalty(logp, ref_logp, "k2")
@@ -450,12 +450,24 @@ def policy_loss(logp, old_logp, advantages, mask, *, rollout_logp=None, rollout_
     return reduce(terms, mask, opts)
 
 
-def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollout_logp=None,
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(π ‖ π_ref) = Σ_v π_v (log π_v − log π_ref,v)`` over the last dimension, with
+    ``π = softmax(logits / T)`` and ``π_ref = softmax(ref_logits / T)``; a term with ``π_v = 0`` is
+    0 (``kl_estimator="full"``). In the logits' compute dtype; differentiable in ``logits``."""
+    dtype = compute_dtype(logits)
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    log_ref = torch.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - log_ref), 0.0).sum(-1)
+
+
+def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, ref_logits=None, rollout_logp=None,
              rollout_is_weights=None, **options):
     """The actor loss from logits: policy loss + kl_coef·agg(KL) − entropy_coef·agg(entropy).
 
     Options are :class:`LossOptions` fields. Labels equal to ``ignore_index`` are treated as
-    masked out. Returns ``(loss, metrics)`` (see :func:`reduce`).
+    masked out. The KL: ``kl_penalty(logp, ref_logp)``, or with ``kl_estimator="full"``
+    :func:`full_kl` of logits and ``ref_logits``. Returns ``(loss, metrics)`` (see :func:`reduce`).
     """
     opts = LossOptions(**options)
     mask = mask.bool() & (labels != opts.ignore_index)
@@ -465,6 +477,11 @@ def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, rollo
     terms = ppo_token_terms(logp, old_logp, advantages, opts, mask=mask, entropy=entropy,
                             ref_logp=ref_logp, rollout_logp=rollout_logp,
                             rollout_is_weights=rollout_is_weights)
+    if ref_logits is not None:
+        rows = mask.unsqueeze(-1)
+        kl = torch.where(mask, full_kl(torch.where(rows, logits, 0.0), torch.where(rows, ref_logits, 0.0),
+                                       opts.temperature), 0.0)
+        terms = terms._replace(loss=terms.loss + opts.kl_coef * kl, kl=kl)
     return reduce(terms, mask, opts)
 
 
@@ -474,10 +491,13 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, **options)
     return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, **options)
 
 
-def fused_linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, **options):
-    """:func:`ppo_loss` of the logits ``hidden @ weight.T + bias`` (the fused linear head's spec)."""
+def fused_linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_hidden=None,
+                          ref_weight=None, ref_bias=None, **options):
+    """:func:`ppo_loss` of the logits ``hidden @ weight.T + bias`` (the fused linear head's spec),
+    the reference's for the full KL ``ref_hidden @ ref_weight.T + ref_bias``."""
+    ref_logits = None if ref_weight is None else torch.nn.functional.linear(ref_hidden, ref_weight, ref_bias)
     return ppo_loss(torch.nn.functional.linear(hidden, weight, bias), labels, old_logp, advantages, mask,
-                    **options)
+                    ref_logits=ref_logits, **options)
 
 
 def value_loss(values, old_values, returns, mask, *, clip: float | None = None, **options):

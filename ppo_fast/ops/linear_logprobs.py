@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .. import arguments as check
 from .. import dispatch, objectives, spec
-from .ppo_loss import loss_from_logprobs
+from .full_kl import check_reference_support, chunk_kl
+from .ppo_loss import token_terms_from_logprobs, with_full_kl
 from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, row_ops_for
 from .token_logprobs import token_logprobs_backward_op
 
@@ -371,6 +372,67 @@ class _DifferentiatedTwice(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# The full KL between two heads (kl_estimator="full", ppo_fast.ops.full_kl), chunk by chunk
+# --------------------------------------------------------------------------------------------
+
+
+class _FullKLFromHeads(torch.autograd.Function):
+    """Forward: per chunk the two heads' logits (two GEMMs) and the chunk's KL. Backward: the two
+    GEMMs again, then ∂KL/∂z and one GEMM each for dhidden and dweight (:class:`_Gradients`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp, ignore_index):
+        dtype = spec.compute_dtype(hidden)
+        kl = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
+        for start, stop, h, lab, h_ref in _chunks_of_two_heads(hidden, weight, labels, ignore_index, ref_hidden):
+            z = torch.nn.functional.linear(h, weight, bias)
+            r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
+            kl_chunk, _ = chunk_kl(z, r, lab != ignore_index, inv_temp, dtype, False)
+            del z, r
+            check_reference_support(kl_chunk[: stop - start], start, "the reference head's logits")
+            kl[start:stop] = kl_chunk[: stop - start]
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels)
+        ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
+        grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
+        dtype = spec.compute_dtype(hidden)
+        for start, stop, h, lab, h_ref, g in _chunks_of_two_heads(hidden, weight, labels, ctx.ignore_index,
+                                                                   ref_hidden, grad_kl):
+            z = torch.nn.functional.linear(h, weight, bias)
+            r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
+            _, dz = chunk_kl(z, r, lab != ctx.ignore_index, ctx.inv_temp, dtype, True)
+            del z, r
+            grads.add_chunk(start, stop, (dz * g.to(dtype).unsqueeze(-1)).to(hidden.dtype), h)
+        dhidden, dweight, dbias = grads.result()
+        return (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None,
+                None, None, None, None, None, None)
+
+
+def _chunks_of_two_heads(hidden, weight, labels, ignore_index, *per_token):
+    # Half the head's chunk: two chunks of logits live at once, the policy's and the reference's.
+    chunk = max(linear_chunk_tokens(weight.shape[0], hidden.dtype) // 2, 1)
+    return linear_chunks(hidden, labels, ignore_index, chunk, *per_token)
+
+
+def full_kl_from_heads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                       ref_weight: Tensor, ref_bias: Optional[Tensor], labels: Tensor, temperature: float,
+                       ignore_index: int) -> Tensor:
+    """``KL_t`` ``[N]`` between the heads ``hidden @ weight.T + bias`` and ``ref_hidden @
+    ref_weight.T + ref_bias`` (hidden ``[N, H]``, ref_hidden ``[N, H_ref]``, weights ``[V, H]`` and
+    ``[V, H_ref]``; checked by the caller), neither model's logits stored; 0 where the label is
+    ``ignore_index``, whatever those rows hold. Differentiable in hidden, weight and bias (the
+    reference is data)."""
+    ref = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
+    return _FullKLFromHeads.apply(hidden, weight, bias, *ref, labels, 1.0 / float(temperature), int(ignore_index))
+
+
+# --------------------------------------------------------------------------------------------
 # The public functions: from hidden states, never the logits
 # --------------------------------------------------------------------------------------------
 
@@ -428,6 +490,9 @@ def fused_linear_ppo_loss(
     *,
     bias: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -457,22 +522,45 @@ def fused_linear_ppo_loss(
     hidden, weight and bias are computed in the forward while each chunk's logits are live (three
     GEMMs per chunk, where recomputing the logits in the backward takes four) and kept until the
     backward, which scales them by the incoming gradient; not differentiable twice.
+
+    ``kl_estimator="full"``: the exact KL over the vocabulary to the reference model's head,
+    ``ref_hidden @ ref_weight.T + ref_bias`` (ref_hidden ``[..., H_ref]``, ref_weight ``[V, H_ref]``,
+    its own dtype), neither model's logits stored: per chunk of tokens both heads' logits are
+    computed, used and freed, forward and backward (:func:`full_kl_from_heads`).
     """
-    opts = check.actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
-                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
-                          num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
-                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                          temperature=temperature, ignore_index=ignore_index)
+    opts = check.actor_options(ref_logp, {"ref_hidden": ref_hidden, "ref_weight": ref_weight}, loss_type=loss_type,
+                               loss_params=loss_params, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                               agg=agg, tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
+                               horizon=horizon, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                               entropy_coef=entropy_coef, temperature=temperature, ignore_index=ignore_index)
     check.linear_head(hidden, weight, bias)
+    if ref_bias is not None and ref_weight is None:
+        raise ValueError("ref_bias belongs to the reference head: pass ref_hidden and ref_weight with it")
+    if ref_weight is not None:
+        check.reference_head(hidden, weight, ref_hidden, ref_weight, ref_bias)
     labels = check.actor_inputs("hidden", hidden, hidden.shape[:-1], "hidden.shape[:-1]", weight.shape[0],
-                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
-                                 rollout_is_weights, opts)
+                                labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                rollout_is_weights, opts)
     valid = labels != ignore_index
     per_token = (old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights)
-    if _gradients_in_forward(hidden, weight, bias, opts):
-        return _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts)
-    logp, entropy = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
-    return loss_from_logprobs(logp, entropy, valid, *per_token, opts)
+    kl = None
+    if ref_weight is not None:
+        kl = full_kl_from_heads(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
+                                labels.reshape(-1), opts.temperature, ignore_index).view(labels.shape)
+    if not _gradients_in_forward(hidden, weight, bias, opts):
+        logp, entropy = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
+        terms = token_terms_from_logprobs(logp, entropy, valid, *per_token, opts)
+        return spec.reduce(terms if kl is None else with_full_kl(terms, kl, opts), valid, opts)
+    loss, terms = _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts)
+    if kl is None:
+        return loss, spec.reduce(terms, valid, opts)[1]
+    # The policy's terms carry the gradients computed in the forward; the full KL's joins through
+    # its own backward.
+    weights = spec.agg_weights(valid, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
+                               dp_size=opts.dp_size, horizon=opts.horizon, dtype=kl.dtype)
+    loss = loss + opts.kl_coef * spec.aggregate(kl, weights, valid)
+    return loss, spec.reduce(with_full_kl(terms, kl.detach(), opts), valid, opts)[1]
 
 
 def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
@@ -486,7 +574,7 @@ def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
 
 
 def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts):
-    """``(loss, metrics)`` of :func:`fused_linear_ppo_loss` with the gradients of hidden, weight and
+    """``(loss, its per-token terms)`` of :func:`fused_linear_ppo_loss` with the gradients of hidden, weight and
     bias computed in the forward, chunk by chunk (three GEMMs per chunk where the op's forward and
     backward take four): the loss is ``Σ_i w_i·term_i(logp_i, entropy_i)`` with the aggregation's
     weights ``w`` fixed by the mask, so a chunk's tokens' share is known when its log-probs are."""
@@ -510,6 +598,7 @@ def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, o
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0 / float(opts.temperature),
         int(opts.ignore_index), chunk_loss, *need)
     with torch.no_grad():
-        loss, metrics = loss_from_logprobs(logp.view(lead), entropy.view(lead), valid, *per_token, opts)
+        terms = token_terms_from_logprobs(logp.view(lead), entropy.view(lead), valid, *per_token, opts)
+        loss, _ = spec.reduce(terms, valid, opts)
     dhidden = dhidden.view(hidden.shape) if need[0] else dhidden
-    return LossWithGradients.apply(loss, hidden, weight, bias, dhidden, dweight, dbias), metrics
+    return LossWithGradients.apply(loss, hidden, weight, bias, dhidden, dweight, dbias), terms

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import arguments as check
 from .. import dispatch, native, spec
 from ..arguments import LossOptions
+from .full_kl import full_kl_from_logits
 from .token_logprobs import DEVICE_TYPES, dlogits_of, flat, native_rows, no_kernel, out_dtype, rows
 from .token_logprobs import reference_forward as reference_rows
 
@@ -125,9 +126,12 @@ def ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp
         return None if t is None else t.detach().to(dtype)
 
     coefficients = LossCoefficients.of(opts, ref_logp is not None)
+    # Without ref_logp the kernels compute no KL (kl_estimator="full" adds its own after them), so
+    # any of their estimators stands in.
+    estimator = opts.kl_estimator if ref_logp is not None else "k1"
     out = dict(zip(PPO_OUTPUTS, ppo_loss_tokens_op(
         logits, labels, data(old_logp), data(advantages), data(ref_logp), data(rollout_logp),
-        list(coefficients), int(opts.ignore_index), opts.kl_estimator, bool(inplace_backward))))
+        list(coefficients), int(opts.ignore_index), estimator, bool(inplace_backward))))
     check.no_infinite_maximum(logits, torch.isposinf(out["lse"]), opts.temperature)
     flags = out["flags"]
     return spec.TokenTerms(loss=out["token_loss"], pg=out["pg"], kl=out["kl"], entropy=out["entropy"],
@@ -251,6 +255,7 @@ def ppo_loss(
     mask: torch.Tensor,
     *,
     ref_logp: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -273,12 +278,18 @@ def ppo_loss(
 ):
     """The whole actor loss from logits, fused on CUDA; returns ``(loss, metrics)``.
 
-    ``loss = policy_loss + kl_coef·agg(KL(logp ‖ ref_logp)) − entropy_coef·agg(entropy)``, with
-    the options of :func:`policy_loss`. logits ``[..., V]``, labels and every per-token tensor
-    ``[...]``. Differentiable in ``logits`` only (old/ref/rollout log-probs and advantages are
-    data). Tokens with mask 0 or label ``ignore_index`` are skipped: on CUDA their logits are
-    never read. Metrics: those of :func:`policy_loss` plus ``kl_loss``, ``entropy_loss`` (the
-    aggregated terms), ``entropy`` and ``kl`` (masked means).
+    ``loss = policy_loss + kl_coef·agg(KL(π ‖ π_ref)) − entropy_coef·agg(entropy)``, with the
+    options of :func:`policy_loss`. logits ``[..., V]``, labels and every per-token tensor
+    ``[...]``. Differentiable in ``logits`` only (old/ref/rollout log-probs, reference logits and
+    advantages are data). Tokens with mask 0 or label ``ignore_index`` are skipped: on CUDA their
+    logits are never read. Metrics: those of :func:`policy_loss` plus ``kl_loss``,
+    ``entropy_loss`` (the aggregated terms), ``entropy`` and ``kl`` (masked means).
+
+    The KL: an estimator (``kl_estimator`` k1…k3+) from ``ref_logp``, the reference's log-prob of
+    the sampled token; or with ``kl_estimator="full"`` the exact ``Σ_v π_v log(π_v / π_ref,v)``
+    from ``ref_logits`` (the reference model's logits, any float dtype, the same temperature),
+    computed chunk by chunk (:mod:`ppo_fast.ops.full_kl`; not with ``inplace_backward``, whose
+    backward overwrites the logits the KL's backward reads).
 
     On CUDA, token-level ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
     row once and computes log-prob, entropy, ratio, clipped surrogate, KL and the per-token
@@ -287,36 +298,50 @@ def ppo_loss(
     log-prob/entropy kernel (the same passes over the logits), then the objective on
     ``[tokens]``-sized tensors; no ``[tokens, vocab]`` tensor beyond dlogits either way.
     """
-    opts = check.actor_options(ref_logp, loss_type=loss_type, loss_params=loss_params, clip_low=clip_low,
-                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
-                          num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
-                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                          temperature=temperature, ignore_index=ignore_index)
+    opts = check.actor_options(ref_logp, {"ref_logits": ref_logits}, loss_type=loss_type, loss_params=loss_params,
+                               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, tis_cap=tis_cap,
+                               num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size, horizon=horizon,
+                               kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                               temperature=temperature, ignore_index=ignore_index)
     check.floating("logits", check.tensor("logits", logits))
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    if ref_logits is not None:
+        check.reference_logits(logits, ref_logits)
+        if inplace_backward:
+            raise ValueError("inplace_backward=True overwrites the logits in the backward, where the full KL's "
+                             "backward still reads them: leave it False with ref_logits")
     labels = check.actor_inputs("logits", logits, logits.shape[:-1], "logits.shape[:-1]", logits.shape[-1],
-                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
-                                 rollout_is_weights, opts)
+                                labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                rollout_is_weights, opts)
     valid = labels != ignore_index
     if opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
             and rollout_is_weights is None:
         terms = ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
                                 inplace_backward)
-        return spec.reduce(terms, valid, opts)
-    logp, entropy, _ = rows(logits, labels, opts.temperature, ignore_index, True, inplace_backward)
-    return loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
-                               rollout_is_weights, opts)
-
-
-def loss_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights,
-                       opts):
-    """``(loss, metrics)`` of the actor loss from per-token log-probs and entropy."""
-    terms = spec.ppo_token_terms(logp, detached(old_logp), detached(advantages), opts, mask=valid,
-                                      entropy=entropy, ref_logp=detached(ref_logp),
-                                      rollout_logp=detached(rollout_logp),
-                                      rollout_is_weights=detached(rollout_is_weights))
+    else:
+        logp, entropy, _ = rows(logits, labels, opts.temperature, ignore_index, True, inplace_backward)
+        terms = token_terms_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
+                                          rollout_is_weights, opts)
+    if ref_logits is not None:
+        vocab = logits.shape[-1]
+        kl = full_kl_from_logits(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), labels.reshape(-1),
+                                 opts.temperature, ignore_index)
+        terms = with_full_kl(terms, kl.view(labels.shape), opts)
     return spec.reduce(terms, valid, opts)
+
+
+def token_terms_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
+                              rollout_is_weights, opts) -> spec.TokenTerms:
+    """The actor loss per token from per-token log-probs and entropy."""
+    return spec.ppo_token_terms(logp, detached(old_logp), detached(advantages), opts, mask=valid, entropy=entropy,
+                                ref_logp=detached(ref_logp), rollout_logp=detached(rollout_logp),
+                                rollout_is_weights=detached(rollout_is_weights))
+
+
+def with_full_kl(terms: spec.TokenTerms, kl: torch.Tensor, opts: LossOptions) -> spec.TokenTerms:
+    """``terms`` with the full KL (``kl_estimator="full"``, 0 at skipped tokens) as their KL term."""
+    return terms._replace(loss=terms.loss + opts.kl_coef * kl, kl=kl)
 
 
 def detached(t: torch.Tensor | None) -> torch.Tensor | None:

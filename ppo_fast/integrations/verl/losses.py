@@ -406,8 +406,10 @@ def kl_penalty_forward(logprob, ref_logprob, kl_penalty):
     """The KL estimate's value: kl/k1, abs, mse/k2, low_var_kl/k3 (``full`` is not implemented,
     as in verl)."""
     if kl_penalty == "full":
-        raise NotImplementedError("kl_penalty='full' needs the whole distribution; verl does not "
-                                  "implement it either")
+        raise NotImplementedError("kl_penalty='full' needs both models' whole distributions, which this "
+                                  "signature does not receive (verl raises too): ppo_fast computes it in "
+                                  "pf.ppo_loss(..., kl_estimator='full', ref_logits=...) and "
+                                  "pf.fused_linear_ppo_loss(..., kl_estimator='full', ref_hidden=..., ref_weight=...)")
     if kl_penalty not in _KL_NAMES:
         raise NotImplementedError(f"kl_penalty must be one of {', '.join(_KL_NAMES)} (or one of "
                                   f"them followed by '+'); got {kl_penalty!r}")

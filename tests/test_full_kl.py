@@ -1,0 +1,205 @@
+"""``kl_estimator="full"``: the exact KL to the reference over the whole vocabulary, from the two
+models' logits (``pf.ppo_loss(ref_logits=...)``) and from their hidden states and heads
+(``pf.fused_linear_ppo_loss(ref_hidden=..., ref_weight=...)``), against the float64 spec, which is
+itself held against ``torch.distributions``."""
+
+import pytest
+import torch
+
+import ppo_fast as pf
+from ppo_fast import spec
+from ppo_fast.ops import full_kl as full_kl_module
+from ppo_fast.ops import linear_logprobs
+
+from helpers import random_labels, random_logits
+
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
+             torch.bfloat16: dict(rtol=2e-5, atol=2e-6)}
+"""Against the spec on the same (rounded) inputs in float64: every backend computes in float32 for
+16-bit and float32 inputs."""
+
+
+def _actor_batch(lead, dtype, device):
+    mask = torch.rand(lead, device=device) > 0.25
+    mask[..., 0] = True
+    return dict(old_logp=torch.randn(lead, dtype=torch.float64, device=device).to(dtype) - 3,
+                advantages=torch.randn(lead, dtype=torch.float64, device=device).to(dtype)), mask
+
+
+def _poisoned(t, rows):
+    """``t`` with NaN in the rows where ``rows`` is false: they must reach no output and no gradient."""
+    return torch.where(rows.unsqueeze(-1), t, torch.full((), float("nan"), dtype=t.dtype, device=t.device))
+
+
+def test_the_spec_is_the_kl_of_torch_distributions_with_banned_tokens_and_a_temperature():
+    logits = random_logits((6, 41), torch.float64, "cpu")
+    ref = random_logits((6, 41), torch.float64, "cpu")
+    for banned in ([3, 7], [0]):
+        logits[:, banned], ref[:, banned] = float("-inf"), float("-inf")
+    logits[2, 11] = float("-inf")  # banned by the policy alone: no term, whatever the reference says
+    for temperature in (1.0, 0.6):
+        expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits / temperature),
+                                                     torch.distributions.Categorical(logits=ref / temperature))
+        torch.testing.assert_close(spec.full_kl(logits, ref, temperature), expected, rtol=1e-12, atol=1e-12)
+    assert bool((spec.full_kl(logits, logits) == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("loss_type", ["vanilla", "gspo"])
+def test_ppo_loss_with_the_full_kl_matches_the_spec(backend, dtype, loss_type, device):
+    """Loss, metrics and the logits' gradient; the vanilla case goes through the fused token op,
+    gspo through the log-prob rows. Masked rows hold NaN in both models' logits."""
+    lead, V = (3, 7), 45
+    labels = random_labels(lead, V, device)
+    data, mask = _actor_batch(lead, dtype, device)
+    logits = _poisoned(random_logits((*lead, V), dtype, device), mask)
+    ref_logits = _poisoned(random_logits((*lead, V), torch.float32, device), mask)
+    options = dict(kl_estimator="full", kl_coef=0.3, entropy_coef=0.01, temperature=0.7, loss_type=loss_type)
+    x = logits.detach().requires_grad_()
+    loss, metrics = pf.ppo_loss(x, labels, data["old_logp"], data["advantages"], mask, ref_logits=ref_logits,
+                                **options)
+    (grad,) = torch.autograd.grad(loss * 2.5, x)
+    x64 = logits.detach().double().requires_grad_()
+    loss_r, metrics_r = spec.ppo_loss(x64, labels, data["old_logp"].double(), data["advantages"].double(), mask,
+                                      ref_logits=ref_logits.double(), **options)
+    (grad_r,) = torch.autograd.grad(loss_r * 2.5, x64)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(loss.double(), loss_r, **tolerance)
+    grad_r = torch.where(mask.unsqueeze(-1), grad_r, 0.0)
+    if dtype == torch.bfloat16:
+        # Two bfloat16 gradients, the policy terms' and the full KL's, each rounded once, are summed
+        # by autograd in bfloat16: three roundings, each within an ulp of what it rounds (half an ulp
+        # for a correctly rounded value; one ulp is the budget of every bfloat16 gradient in these tests).
+        x64 = logits.detach().double().requires_grad_()
+        policy_loss, _ = spec.ppo_loss(x64, labels, data["old_logp"].double(), data["advantages"].double(), mask,
+                                       ref_logits=ref_logits.double(), **{**options, "kl_coef": 0.0})
+        (policy_grad,) = torch.autograd.grad(policy_loss * 2.5, x64)
+        policy_grad = torch.where(mask.unsqueeze(-1), policy_grad, 0.0)
+        rounded = policy_grad.abs() + (grad_r - policy_grad).abs() + grad_r.abs()
+        bound = torch.finfo(dtype).eps * rounded + 1e-30
+        excess = ((grad.double() - grad_r).abs() / bound).max().item()
+        assert excess <= 1, f"{excess:.3f} of the bound"
+    else:
+        torch.testing.assert_close(grad.double(), grad_r, **tolerance)
+    for name in ("kl", "kl_loss", "pg_loss", "entropy"):
+        torch.testing.assert_close(metrics[name].double(), metrics_r[name], **tolerance, msg=name)
+    assert metrics["kl"] > 0.1
+    assert not torch.isnan(grad).any()
+
+
+@pytest.mark.parametrize("in_forward", [True, False], ids=["gradients-in-forward", "recomputed"])
+def test_the_fused_heads_full_kl_matches_the_spec_across_chunks(monkeypatch, in_forward):
+    """Both heads in chunks of 4 tokens (the last one padded), the reference with its own hidden
+    size and dtype, NaN in the masked rows of both hidden states; gradients of hidden, weight and
+    bias."""
+    monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 8 * 53 * 4)
+    monkeypatch.setattr(linear_logprobs, "_gradients_in_forward", lambda *args: in_forward)
+    lead, H, H_ref, V = (3, 5), 12, 7, 53
+    labels = random_labels(lead, V, "cpu")
+    data, mask = _actor_batch(lead, torch.float32, "cpu")
+    hidden = _poisoned(torch.randn(*lead, H), mask).requires_grad_()
+    weight = (torch.randn(V, H) / 2).requires_grad_()
+    bias = torch.randn(V).requires_grad_()
+    ref_hidden = _poisoned(torch.randn(*lead, H_ref, dtype=torch.float64), mask)
+    ref_weight, ref_bias = torch.randn(V, H_ref, dtype=torch.float64) / 2, torch.randn(V, dtype=torch.float64)
+    options = dict(kl_estimator="full", kl_coef=0.2, entropy_coef=0.05, temperature=0.9)
+    loss, metrics = pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"], mask,
+                                             bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                             ref_bias=ref_bias, **options)
+    grads = torch.autograd.grad(loss * 1.5, (hidden, weight, bias))
+    # The spec sees zeros where ours sees NaN: what masked rows hold changes nothing (the spec's
+    # weight gradient would be 0·NaN there).
+    clean_hidden = torch.where(mask.unsqueeze(-1), hidden, 0.0)
+    inputs64 = [t.detach().double().requires_grad_() for t in (clean_hidden, weight, bias)]
+    loss_r, metrics_r = spec.fused_linear_ppo_loss(inputs64[0], inputs64[1], labels, data["old_logp"].double(),
+                                                   data["advantages"].double(), mask, bias=inputs64[2],
+                                                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                                                   **options)
+    grads_r = torch.autograd.grad(loss_r * 1.5, inputs64)
+    tolerance = TOLERANCE[torch.float32]
+    torch.testing.assert_close(loss.double(), loss_r, **tolerance)
+    grads_r = (torch.where(mask.unsqueeze(-1), grads_r[0], 0.0), *grads_r[1:])
+    for name, got, expected in zip(("hidden", "weight", "bias"), grads, grads_r):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    for name in ("kl", "kl_loss"):
+        torch.testing.assert_close(metrics[name].double(), metrics_r[name], **tolerance, msg=name)
+
+
+def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch):
+    """Bitwise: a row alone, in a batch, at another position, and with chunks of 1, 3 or all rows."""
+    V = 300
+    logits, ref_logits = random_logits((10, V), torch.float32, "cpu"), random_logits((10, V), torch.float32, "cpu")
+    labels = torch.randint(0, V, (10,))
+
+    def kl(rows, chunk_rows):
+        monkeypatch.setattr(full_kl_module, "CHUNK_BYTES", chunk_rows * V * 4)
+        return full_kl_module.full_kl_from_logits(logits[rows], ref_logits[rows], labels[rows], 0.8, -100)
+
+    whole = kl(torch.arange(10), 10)
+    for chunk_rows in (1, 3):
+        assert torch.equal(kl(torch.arange(10), chunk_rows), whole)
+    shuffled = torch.randperm(10)
+    assert torch.equal(kl(shuffled, 3), whole[shuffled])
+    assert torch.equal(kl(torch.tensor([6]), 10), whole[6:7])
+
+    # From the heads: chunks of 4 tokens, the last one padded, so every GEMM has one shape.
+    monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 8 * V * 4)
+    hidden, weight = torch.randn(10, 24), torch.randn(V, 24) / 4
+    ref_hidden, ref_weight = torch.randn(10, 16), torch.randn(V, 16) / 4
+
+    def kl_of_heads(rows):
+        return linear_logprobs.full_kl_from_heads(hidden[rows], weight, None, ref_hidden[rows], ref_weight, None,
+                                                  labels[rows], 0.8, -100)
+
+    whole = kl_of_heads(torch.arange(10))
+    assert torch.equal(kl_of_heads(shuffled), whole[shuffled])
+    assert torch.equal(kl_of_heads(torch.tensor([6])), whole[6:7])
+
+
+def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error():
+    lead, V = (2, 3), 11
+    logits, labels = random_logits((*lead, V), torch.float32, "cpu"), random_labels(lead, V, "cpu")
+    old, adv, mask = torch.randn(lead), torch.randn(lead), torch.ones(lead, dtype=torch.bool)
+
+    def loss(**kwargs):
+        return pf.ppo_loss(logits, labels, old, adv, mask, **kwargs)
+
+    with pytest.raises(ValueError, match="kl_estimator='full' needs ref_logits"):
+        loss(kl_estimator="full", kl_coef=0.1)
+    with pytest.raises(ValueError, match="ref_logits is read by kl_estimator='full' only, got kl_estimator='k3'"):
+        loss(ref_logits=logits)
+    with pytest.raises(ValueError, match="does not read ref_logp: pass ref_logits instead"):
+        loss(kl_estimator="full", ref_logp=old, ref_logits=logits)
+    with pytest.raises(ValueError, match=r"ref_logits must have shape \(2, 3, 11\) \(logits.shape\)"):
+        loss(kl_estimator="full", ref_logits=logits[..., :-1])
+    with pytest.raises(ValueError, match="inplace_backward=True overwrites the logits"):
+        loss(kl_estimator="full", ref_logits=logits, inplace_backward=True)
+    banned = logits.clone()
+    banned[1, 2, 4] = float("-inf")
+    with pytest.raises(ValueError, match=r"ref_logits at token 5 .* the full KL is \+inf"):
+        loss(kl_estimator="full", kl_coef=0.1, ref_logits=banned)
+    with pytest.raises(ValueError, match="kl_estimator='full' is the KL over the whole vocabulary"):
+        pf.kl_penalty(old, old, "full")
+
+    hidden, weight = torch.randn(*lead, 4), torch.randn(V, 4)
+
+    def head_loss(**kwargs):
+        return pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, kl_estimator="full", **kwargs)
+
+    with pytest.raises(ValueError, match="kl_estimator='full' needs ref_hidden and ref_weight .* ref_weight missing"):
+        head_loss(ref_hidden=hidden)
+    with pytest.raises(ValueError, match=r"ref_weight must cover the policy's vocabulary of 11 tokens"):
+        head_loss(ref_hidden=hidden, ref_weight=weight[:-1])
+    with pytest.raises(ValueError, match=r"ref_hidden must have shape \(2, 3, 4\) \(hidden's tokens\)"):
+        head_loss(ref_hidden=hidden[:1], ref_weight=weight)
+    with pytest.raises(ValueError, match="ref_weight must have ref_hidden's dtype torch.float32"):
+        head_loss(ref_hidden=hidden, ref_weight=weight.double())
+    with pytest.raises(ValueError, match="ref_bias belongs to the reference head"):
+        head_loss(ref_bias=torch.zeros(V))
+
+
+def test_the_trainers_kl_from_log_probs_refuses_the_full_kl_by_name():
+    from ppo_fast.trainer.config import ConfigError, PPOConfig
+
+    with pytest.raises(ConfigError, match="kl_estimator='full' is the KL over the whole vocabulary"):
+        PPOConfig(kl_estimator="full")
