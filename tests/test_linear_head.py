@@ -543,3 +543,76 @@ def test_token_local_objectives_read_their_own_token_only(loss_type, params):
         others = torch.ones_like(mask)
         others[moved] = False
         assert torch.equal(pg[others], base[others]) and torch.equal(grad[others], base_grad[others]), moved
+
+
+def _largest_allocation(call) -> int:
+    """The largest single buffer (bytes) torch allocates on the CPU during ``call()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_go_vocabulary_outer_with_no_weight_sized_float32_buffer(monkeypatch, dtype):
+    """Fewer tokens than vocabulary entries: the backward sums the weight's gradient per chunk of the
+    vocabulary (13 chunks of 16 entries, the last of 11) over padded tiles of 16 tokens, and never
+    allocates a float32 buffer of the weight's size, which the token-outer order does; the
+    gradients within twice eager's error, NaN in ignored rows reaching nothing, and a token's hidden
+    gradient bitwise the same alone as in the batch."""
+    N, H, V = 39, 24, 203
+    monkeypatch.setattr(linear_logprobs, "TILE_BYTES", 16 * H * 4)
+    assert linear_logprobs.vocabulary_tile(V, H) == (16, 16)
+    hidden, weight, b, labels = _head(N, H, V, dtype, "cpu")
+    with torch.no_grad():
+        hidden[1] = float("nan")  # labels[1] is ignore_index
+    g = torch.Generator().manual_seed(3)
+    upstream = torch.randn(N, generator=g, dtype=F64)
+
+    def objective(h, w, bb, fn=pf.fused_linear_token_logprobs):
+        logp, entropy = fn(h, w, labels, bias=bb, return_entropy=True, temperature=0.8)
+        return (logp * upstream.to(logp)).sum() + 0.3 * entropy.sum()
+
+    def grads(h, w, bb, *, fn=pf.fused_linear_token_logprobs):
+        return torch.autograd.grad(objective(h, w, bb, fn), (h, w, bb))
+
+    def largest_in_backward():
+        loss = objective(hidden, weight, b)
+        return _largest_allocation(lambda: torch.autograd.grad(loss, (hidden, weight, b)))
+
+    calls = []
+    outer = linear_logprobs._backward_vocabulary_outer
+    monkeypatch.setattr(linear_logprobs, "_backward_vocabulary_outer", lambda *a: calls.append(1) or outer(*a))
+    assert largest_in_backward() < V * H * 4 and calls
+    fused = grads(hidden, weight, b)
+    clean = hidden.detach().clone()
+    clean[1] = 0
+    exact = grads(*(t.detach().double().requires_grad_() for t in (clean, weight, b)))
+    eager = grads(clean.detach().requires_grad_(), weight, b,
+                  fn=lambda h, w, lab, bias, **k: pf.token_logprobs(torch.nn.functional.linear(h, w, bias), lab, **k))
+    for name, got, eag, ex in zip(("hidden", "weight", "bias"), fused, eager, exact):
+        assert got.dtype == dtype and not torch.isnan(got).any(), name
+        rounding = torch.finfo(dtype).eps * ex.abs().max().item()
+        assert max_err(got, ex) <= 2 * max_err(eag, ex) + rounding, name
+    for rows in ([5], [5, 0, 20], list(range(N))[::-1]):
+        h = hidden[rows].detach().requires_grad_()
+        logp, entropy = pf.fused_linear_token_logprobs(h, weight, labels[rows], bias=b, return_entropy=True,
+                                                       temperature=0.8)
+        (dh,) = torch.autograd.grad((logp * upstream[rows].to(logp)).sum() + 0.3 * entropy.sum(), h)
+        assert torch.equal(dh[rows.index(5)], fused[0][5]), rows
+
+    monkeypatch.setattr(linear_logprobs, "vocabulary_outer", lambda *args: False)
+    assert largest_in_backward() >= V * H * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_float32_accumulator_rounds_into_its_own_storage_bitwise(dtype):
+    """Block by block (7 rows of 3 at a time, the first block overlapping its own bytes): the same
+    bits as a rounding into a fresh tensor, and no second buffer."""
+    acc = torch.randn(7, 33, dtype=torch.float64).mul_(1e3).float()
+    expected = acc.to(dtype)
+    storage = acc.untyped_storage().data_ptr()
+    rounded = linear_logprobs._rounded_in_place(acc, dtype, block_bytes=3 * 33 * 4)
+    assert torch.equal(rounded, expected) and rounded.is_contiguous()
+    assert rounded.untyped_storage().data_ptr() == storage

@@ -108,7 +108,8 @@ def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[T
     float32 accumulator, no GEMM for it), the logits recomputed chunk by chunk: per chunk one GEMM
     for the logits, the row kernel for dlogits (written over the chunk's logits where the backend
     can), one GEMM each for dhidden and dweight. dweight (and dbias) accumulate over the chunks in
-    float32 (float64 for float64), rounded once at the end."""
+    float32 (float64 for float64), rounded once at the end; for 16-bit weights and fewer tokens
+    than vocabulary entries the vocabulary is the outer loop instead (:func:`vocabulary_outer`)."""
     raise no_kernel("linear_logprobs_backward", hidden)
 
 
@@ -123,7 +124,7 @@ def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_t
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` with the products summed in ``acc``'s dtype: in place where the operands
     have it, by the GEMM's own output dtype on CUDA, else on operands cast up (a chunk's worth)."""
-    if a.dtype == acc.dtype:
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif a.is_cuda:
         acc += torch.mm(a, b, out_dtype=acc.dtype)
@@ -160,8 +161,120 @@ class _Gradients:
         return self.dhidden, self.dweight.to(dtype), self.dbias.to(dtype)
 
 
+def vocabulary_outer(n_tokens: int, weight: Tensor, need_weight: bool) -> bool:
+    """Whether the backward goes through the vocabulary in the outer loop
+    (:func:`_backward_vocabulary_outer`): for 16-bit weights whose gradient is wanted, when the
+    float32 accumulator it needs for dhidden (``N × H``) is smaller than the one the token-outer
+    order needs for dweight (``V × H``), i.e. fewer tokens than vocabulary entries."""
+    return need_weight and weight.dtype in (torch.bfloat16, torch.float16) and n_tokens < weight.shape[0]
+
+
+TILE_BYTES = 16 * 2**20
+"""Bytes of the largest float32 buffer of one tile in the vocabulary-outer backward: a
+``[tokens, entries]`` tile, a ``[tokens, H]`` product, a vocabulary chunk's ``[entries, H]``
+dweight accumulator."""
+
+
+def vocabulary_tile(vocab: int, hidden_size: int) -> tuple[int, int]:
+    """``(tokens, entries)`` of a tile in the vocabulary-outer backward, from V and H only (the last
+    token tile padded to it, so every GEMM has one shape whatever the batch): entries a power of
+    two in [16, 4096] (at most V) whose ``[entries, H]`` float32 accumulator fits
+    :data:`TILE_BYTES`, then tokens a power of two in [16, 4096] whose float32 ``[tokens, entries]``
+    and ``[tokens, H]`` buffers fit it."""
+    def power_of_two_within(budget: int) -> int:
+        return min(4096, max(16, 1 << (max(budget, 1).bit_length() - 1)))
+
+    entries = min(power_of_two_within(TILE_BYTES // (4 * hidden_size)), max(vocab, 1))
+    return power_of_two_within(TILE_BYTES // (4 * max(entries, hidden_size))), entries
+
+
+def _tile_dlogits(z, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, first: int, dtype):
+    """∂loss/∂z of a ``[tokens, entries]`` tile of the logits, the entries ``first`` to ``first +
+    entries``, in ``dtype``: the row backward of :mod:`ppo_fast.ops.token_logprobs` restricted to
+    the tile, from each row's log-sum-exp and entropy (the reference backend's formula; 0 on
+    ignored rows). Two float32 tiles live at once."""
+    s = z.to(dtype).mul_(inv_temp) if z.dtype != dtype or inv_temp != 1.0 else z.clone()
+    p = torch.sub(s, lse.unsqueeze(-1)).exp_()
+    g = grad_logp.to(dtype).unsqueeze(-1)
+    if grad_entropy is None:
+        d = p.mul_(-g)
+    else:
+        # s − (lse − H) = log p + H, in place of s; the floor keeps 0·(−inf) from giving NaN.
+        centred = s.sub_((lse - entropy).unsqueeze(-1)).clamp_(min=torch.finfo(dtype).min)
+        entropy_term = centred.mul_(p).mul_(grad_entropy.to(dtype).unsqueeze(-1))
+        d = p.mul_(-g).sub_(entropy_term)
+    del s
+    active = labels != ignore_index
+    column = labels - first
+    here = active & (column >= 0) & (column < z.shape[1])
+    d.scatter_add_(-1, torch.where(here, column, 0).unsqueeze(-1), torch.where(here.unsqueeze(-1), g, 0.0))
+    if inv_temp != 1.0:
+        d.mul_(inv_temp)
+    return d.masked_fill_(~active.unsqueeze(-1), 0.0)
+
+
+def _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
+                               ignore_index, need_hidden, need_bias):
+    """The backward with the vocabulary in the outer loop, for 16-bit weights: each chunk of the
+    vocabulary gets its float32 dweight (and dbias) accumulator, summed over every tile of tokens
+    and rounded into the weight's gradient once; dhidden sums over the vocabulary chunks in one
+    float32 ``N × H`` accumulator, rounded once at the end into its own storage. No ``V × H`` float32
+    buffer: the extra memory is ``N × H × 2`` bytes (the accumulator beyond the gradient it
+    becomes) plus one chunk's accumulator and tiles (:func:`vocabulary_tile`).
+    Per tile: one GEMM for the logits, the tile's dlogits, one GEMM each for dhidden and dweight."""
+    dtype, vocab = spec.compute_dtype(hidden), weight.shape[0]
+    tokens, entries = vocabulary_tile(vocab, hidden.shape[1])
+    dhidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty(vocab if need_bias else 0, dtype=weight.dtype, device=weight.device)
+    for first in range(0, vocab, entries):
+        part = slice(first, min(first + entries, vocab))
+        w = weight[part]
+        # On CUDA the GEMMs take dlogits in the weight's dtype and sum in float32 (as the
+        # token-outer path does); the CPU's GEMM sums in float32 on float32 operands only, so there
+        # dlogits stay float32 and the chunk of the weight is cast once, not per tile.
+        w_for_dhidden = w if w.is_cuda else w.to(dtype)
+        dweight_acc = torch.zeros(w.shape, dtype=dtype, device=w.device)
+        dbias_acc = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_bias else None
+        for start, stop, h, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c in linear_chunks(
+                hidden, labels, ignore_index, tokens, lse, entropy, grad_logp, grad_entropy):
+            z = torch.nn.functional.linear(h, w, None if bias is None else bias[part])
+            dz = _tile_dlogits(z, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp, ignore_index, first,
+                               dtype)
+            del z
+            if w.is_cuda:
+                dz = dz.to(weight.dtype)
+            if need_hidden:
+                _accumulate_mm(dhidden[start:stop], dz[: stop - start], w_for_dhidden)
+            _accumulate_mm(dweight_acc, dz.t(), h)
+            if need_bias:
+                dbias_acc += dz.sum(0, dtype=dtype)
+            del dz
+        dweight[part] = dweight_acc
+        if need_bias:
+            dbias[part] = dbias_acc
+    return (_rounded_in_place(dhidden, hidden.dtype) if need_hidden else hidden.new_empty(0)), dweight, dbias
+
+
+def _rounded_in_place(acc: Tensor, dtype: torch.dtype, block_bytes: int = TILE_BYTES) -> Tensor:
+    """A float32 ``[N, H]`` accumulator rounded to the 16-bit ``dtype`` into the first half of its
+    own storage, so the result needs no second ``N × H`` buffer (its storage keeps the accumulator's
+    size while it lives). Block by block in row order: each block is read whole before its rounded
+    bytes are written, below the rows not read yet."""
+    n, h = acc.shape
+    halves = acc.view(-1).view(dtype)
+    rows = max(block_bytes // (4 * h), 1)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        halves[start * h: stop * h] = acc[start:stop].to(dtype).view(-1)
+    return halves[: n * h].view(n, h)
+
+
 def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
               ignore_index, need_hidden, need_weight, need_bias):
+    if vocabulary_outer(hidden.shape[0], weight, need_weight):
+        return _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
+                                          inv_temp, ignore_index, need_hidden, need_bias)
     grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     row_ops = row_ops_for(hidden.device)
@@ -467,8 +580,9 @@ def fused_linear_token_logprobs(
     old and reference log-probs. On CUDA one Triton kernel tiles tokens × vocab with the matmul on
     tensor cores and an online log-sum-exp; elsewhere, and in every backward, the logits are
     recomputed chunk by chunk (:func:`ppo_fast.ops.linear_logprobs.linear_chunk_tokens`): the peak extra memory is
-    one chunk's logits, plus a float32 accumulator for the weight's gradient when the weight is
-    bf16/fp16. A token's result does not depend on the rest of the batch.
+    one chunk's logits, plus for bf16/fp16 weights a float32 accumulator, the smaller of ``N × H``
+    (the backward goes through the vocabulary in the outer loop, :func:`vocabulary_outer`) and
+    ``V × H``. A token's result does not depend on the rest of the batch.
     """
     check.int_option("ignore_index", ignore_index)
     check.check_temperature(temperature)
@@ -567,10 +681,12 @@ def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
     """Whether the fused loss computes its gradients in its forward: a gradient is wanted (grad
     mode on, an input that requires one), each token's term depends on its own token alone
     (:func:`ppo_fast.objectives.token_local`), and the call runs eagerly (``torch.compile``
-    traces the op and its recomputing backward)."""
+    traces the op and its recomputing backward), unless 16-bit weights take the vocabulary-outer
+    backward (:func:`vocabulary_outer`), whose float32 accumulator is the smaller one."""
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-            and objectives.token_local(opts.loss_type, opts.loss_params))
+            and objectives.token_local(opts.loss_type, opts.loss_params)
+            and not vocabulary_outer(hidden.numel() // max(hidden.shape[-1], 1), weight, weight.requires_grad))
 
 
 def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts):
