@@ -52,7 +52,7 @@ over H of each logit on its own, the property the GPU's MMA gives ``tl.dot``."""
 # on a pointer's alignment would give a token different code depending on the batch around it.
 BATCH_ADDRESSING = ["n_rows", "stride_hn", "stride_wv"]
 POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logp_ptr", "entropy_ptr",
-            "lse_ptr", "scalars_ptr"]
+            "lse_ptr", "sum_sq_ptr", "scalars_ptr"]
 
 
 @triton.jit
@@ -99,6 +99,7 @@ def _linear_logprobs_fwd_kernel(
     logp_ptr,  # [N] out, ACC dtype
     entropy_ptr,  # [N] out, ACC dtype: 0 without WITH_ENTROPY
     lse_ptr,  # [N] out, ACC dtype
+    sum_sq_ptr,  # [N] out, ACC dtype: Σ p² (not written without WITH_SUM_PI_SQUARED)
     scalars_ptr,  # [1] ACC dtype: 1/temperature (a tensor, so float64 runs keep full precision)
     n_rows,
     H,
@@ -109,6 +110,7 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    WITH_SUM_PI_SQUARED: tl.constexpr,
     ALIGNED: tl.constexpr,  # both matrices' base and row stride are 16-byte multiples
     ACC: tl.constexpr,  # float32, or float64 for float64 inputs
     BY_SUM: tl.constexpr,  # see tile_logits; only ever set under the interpreter
@@ -129,6 +131,7 @@ def _linear_logprobs_fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), ACC)
     d = tl.zeros((BLOCK_N,), ACC)
     t = tl.zeros((BLOCK_N,), ACC)
+    q = tl.zeros((BLOCK_N,), ACC)
     s_label = tl.zeros((BLOCK_N,), ACC)
     n_vocab = tl.where(tl.max(read.to(tl.int32), axis=0) > 0, V, 0)
     for start in range(0, n_vocab, BLOCK_V):
@@ -153,6 +156,10 @@ def _linear_logprobs_fwd_kernel(
         d = d * rescale + tl.sum(e, axis=1)
         if WITH_ENTROPY:
             t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=1)
+        if WITH_SUM_PI_SQUARED:
+            # As in the row kernel (kernels/logprobs.py): rescale² underflows only where the old
+            # terms are negligible beside the new maximum's own, 1.
+            q = q * (rescale * rescale) + tl.sum(e * e, axis=1)
         # Exactly one tile holds the label; every other adds 0, exactly.
         s_label += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
         m = m_new
@@ -165,6 +172,8 @@ def _linear_logprobs_fwd_kernel(
     else:
         entropy = tl.zeros((BLOCK_N,), ACC)
     tl.store(entropy_ptr + rows, entropy, mask=in_batch)
+    if WITH_SUM_PI_SQUARED:
+        tl.store(sum_sq_ptr + rows, tl.where(active, q / (d * d), 0.0), mask=in_batch)
 
 
 @dataclass(frozen=True)
@@ -228,12 +237,13 @@ def _aligned(*matrices) -> bool:
 
 
 def plan_linear_logprobs_fwd(hidden, weight, bias, labels, logp, entropy, lse, scalars,
-                             ignore_index, with_entropy, acc) -> StagedLaunch:
+                             ignore_index, with_entropy, acc, sum_pi_squared=None) -> StagedLaunch:
     """The fused forward over the N rows of ``hidden`` [N, H] against ``weight`` [V, H] (both of
     one dtype, unit column stride, any row stride), ``bias`` [V] contiguous or None, ``labels``
     [N] int64 contiguous. ``logp``, ``entropy``, ``lse``: preallocated contiguous [N] outputs of
     dtype ``acc`` (tl.float32, or tl.float64 for float64 inputs), all written, entropy with 0
-    unless ``with_entropy``; ``scalars``: a device tensor ``[1/temperature]`` of that dtype."""
+    unless ``with_entropy``; ``scalars``: a device tensor ``[1/temperature]`` of that dtype.
+    ``sum_pi_squared``: an [N] output of that dtype for Σ p², or None not to compute it."""
     _rows_unit(hidden, "hidden")
     _rows_unit(weight, "weight")
     n_rows, H = hidden.shape
@@ -244,9 +254,11 @@ def plan_linear_logprobs_fwd(hidden, weight, bias, labels, logp, entropy, lse, s
     return StagedLaunch(
         _linear_logprobs_fwd_kernel, (triton.cdiv(n_rows, plan.block_n),),
         (hidden, hidden.stride(0), weight, weight.stride(0), bias if has_bias else weight,
-         labels, logp, entropy, lse, scalars, n_rows, H, V, ignore_index),
+         labels, logp, entropy, lse, lse if sum_pi_squared is None else sum_pi_squared, scalars, n_rows, H, V,
+         ignore_index),
         dict(BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, BLOCK_H=plan.block_h,
-             HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, ALIGNED=_aligned(hidden, weight),
+             HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, WITH_SUM_PI_SQUARED=sum_pi_squared is not None,
+             ALIGNED=_aligned(hidden, weight),
              ACC=acc, BY_SUM=INTERPRETED),
         plan.num_warps, plan.num_stages)
 

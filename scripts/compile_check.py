@@ -114,14 +114,16 @@ def ppo_fwd_plan(logits, kl_mode="k3", dual_clip=True, tis=True, labels=None) ->
         has_dual_clip=dual_clip, kl_mode=kl_mode, acc=_acc(logits.dtype))
 
 
-def linear_fwd_plan(n_rows: int, H: int, V: int, dtype, bias=True, entropy=True, hidden=None) -> Launch:
+def linear_fwd_plan(n_rows: int, H: int, V: int, dtype, bias=True, entropy=True, hidden=None,
+                    sum_pi_squared=False) -> Launch:
     hidden = torch.empty(n_rows, H, dtype=dtype) if hidden is None else hidden
     weight = torch.empty(V, H, dtype=dtype)
     n = hidden.shape[0]
     vec = torch.empty(n, dtype=_out(dtype))
     return linear.plan_linear_logprobs_fwd(
         hidden, weight, torch.empty(V, dtype=dtype) if bias else None, torch.zeros(n, dtype=torch.int64),
-        vec, vec, vec, torch.ones(1, dtype=_out(dtype)), -100, entropy, _acc(dtype))
+        vec, vec, vec, torch.ones(1, dtype=_out(dtype)), -100, entropy, _acc(dtype),
+        vec if sum_pi_squared else None)
 
 
 def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
@@ -193,6 +195,9 @@ def cases() -> list[Case]:
                             linear_fwd_plan(2, H, V, dtype, extras, extras)))
     out.append(Case("linear fwd", "bfloat16 H=100 V=7 bias=True entropy=True",
                     linear_fwd_plan(2, 100, 7, torch.bfloat16)))
+    for dtype in (torch.bfloat16, torch.float32):
+        out.append(Case("linear fwd", f"{_short(dtype)} H=4096 V={ALIGNED_V} bias=True entropy=True sum_pi_squared=True",
+                        linear_fwd_plan(2, 4096, ALIGNED_V, dtype, sum_pi_squared=True)))
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))

@@ -50,12 +50,13 @@ LARGE_VOCAB = [pytest.param(3, 5, 151936, True, 0.7, id="3-5-151936", marks=pyte
 def test_log_probs_entropy_and_gradients_match_the_spec(N, H, V, bias, temperature, device, backend):
     hidden, weight, b, labels = _head(N, H, V, F64, device, bias=bias)
     out = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b, temperature=temperature,
-                                         return_entropy=True)
+                                         return_entropy=True, return_sum_pi_squared=True)
     want = R.fused_linear_token_logprobs(hidden, weight, labels, bias=b, temperature=temperature,
-                                         return_entropy=True)
+                                         return_entropy=True, return_sum_pi_squared=True)
     for got, exp in zip(out, want):
         torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-12)
-    for got, exp in zip(_grads(out, (hidden, weight, b)), _grads(want, (hidden, weight, b))):
+    assert not out[2].requires_grad  # Σπ² is forward only
+    for got, exp in zip(_grads(out[:2], (hidden, weight, b)), _grads(want[:2], (hidden, weight, b))):
         torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-11)
 
 
@@ -169,14 +170,47 @@ def test_a_tokens_result_does_not_depend_on_the_batch(device, backend):
     """Bitwise: each chunk has one shape whatever the batch (the last one padded), so the GEMMs a
     token goes through are the same alone and in any batch."""
     hidden, weight, b, labels = _head(300, 64, 500, torch.float32, device, bias=True)
-    logp, entropy = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b, return_entropy=True)
+    logp, entropy, sum_sq = pf.fused_linear_token_logprobs(hidden, weight, labels, bias=b, return_entropy=True,
+                                                           return_sum_pi_squared=True)
     (dh,) = torch.autograd.grad(logp.sum() + entropy.sum(), hidden)
     for rows in ([0], [5, 6, 7], list(range(250, 300)), [299, 3, 100]):
         sub = hidden.detach()[rows].requires_grad_()
-        lp, ent = pf.fused_linear_token_logprobs(sub, weight, labels[rows], bias=b, return_entropy=True)
+        lp, ent, sq = pf.fused_linear_token_logprobs(sub, weight, labels[rows], bias=b, return_entropy=True,
+                                                     return_sum_pi_squared=True)
         (dsub,) = torch.autograd.grad(lp.sum() + ent.sum(), sub)
-        assert torch.equal(lp, logp[rows]) and torch.equal(ent, entropy[rows])
+        assert torch.equal(lp, logp[rows]) and torch.equal(ent, entropy[rows]) and torch.equal(sq, sum_sq[rows])
         assert torch.equal(dsub, dh[rows])
+
+
+def test_under_batch_invariant_a_tokens_numbers_do_not_depend_on_the_chunk_size(monkeypatch):
+    """With ``pf.batch_invariant()`` the head's GEMMs are the mode's fixed-order kernels, so a
+    token's log-prob, entropy, Σπ², full KL and hidden gradient keep their bits when the chunks
+    change size too (chunks of 16, 64 and 1024 tokens), not only when its batch or position does.
+    (Torch's own float32 GEMM keeps a row's bits across these shapes on this project's AVX2 VM
+    too; not on AVX-512 CPUs nor GPUs, where tests/test_batch_invariant*.py show the mode off
+    failing.)"""
+    from ppo_fast.batch_invariant import kernels_missing
+
+    if kernels_missing().get("CPU"):
+        pytest.skip(f"the CPU kernels of the batch-invariant mode: {kernels_missing()['CPU']}")
+    hidden, weight, b, labels = _head(150, 48, 500, torch.float32, "cpu", bias=True)
+    ref_hidden, ref_weight = torch.randn(150, 40), torch.randn(500, 40) / 6
+
+    def numbers(rows, chunk_tokens):
+        monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", chunk_tokens * 500 * 4)
+        sub = hidden.detach()[rows].requires_grad_()
+        with pf.batch_invariant():
+            lp, ent, sq = pf.fused_linear_token_logprobs(sub, weight, labels[rows], bias=b, return_entropy=True,
+                                                         return_sum_pi_squared=True)
+            (dsub,) = torch.autograd.grad(lp.sum() + ent.sum(), sub)
+            kl = linear_logprobs.full_kl_from_heads(sub.detach(), weight, b, ref_hidden[rows], ref_weight, None,
+                                                    labels[rows], 1.0, -100)
+        return lp, ent, sq, dsub, kl
+
+    whole = numbers(list(range(150)), 1024)
+    for rows, chunk_tokens in (([7], 16), ([149, 7, 0], 64), (list(range(150))[::-1], 16)):
+        for got, want in zip(numbers(rows, chunk_tokens), whole):
+            assert torch.equal(got, want[rows]), (rows, chunk_tokens)
 
 
 def test_scoring_under_no_grad_keeps_no_graph(device, backend):

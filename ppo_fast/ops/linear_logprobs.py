@@ -9,7 +9,8 @@ the gradients computed in the forward for a loss that sums over tokens
 (:func:`linear_logprobs_with_gradients`, three GEMMs per chunk where the op and its backward take
 four). Each forward implementation is
 
-    forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy) -> (logp, entropy, lse)
+    forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared)
+        -> (logp, entropy, lse, sum_pi_squared)
 """
 
 from __future__ import annotations
@@ -76,22 +77,24 @@ def linear_chunks(hidden: Tensor, labels: Tensor, ignore_index: int, chunk: int,
 
 @torch.library.custom_op("ppo_fast::linear_logprobs", mutates_args=())
 def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                       inv_temp: float, ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)`` ``[N]`` of ``logits = hidden @ weight.T + bias`` (never stored):
-    hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, labels ``[N]``. float32 out (float64 for
-    float64 inputs); ``lse`` is for the backward and not differentiable."""
+                       inv_temp: float, ignore_index: int, with_entropy: bool,
+                       with_sum_pi_squared: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse, sum_pi_squared)`` ``[N]`` of ``logits = hidden @ weight.T + bias``
+    (never stored): hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, labels ``[N]``. float32 out
+    (float64 for float64 inputs); entropy and Σ p² are 0 where not asked for; ``lse`` (for the
+    backward) and Σ p² are not differentiable."""
     raise no_kernel("linear_logprobs", hidden)
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
+def _(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared):
     dtype = out_dtype(hidden.dtype)
-    return tuple(hidden.new_empty(hidden.shape[:1], dtype=dtype) for _ in range(3))
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=dtype) for _ in range(4))
 
 
-def _forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
+def _forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared):
     forward = dispatch.implementation("linear_logprobs", hidden.device)
-    return forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy)
+    return forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared)
 
 
 for _device_type in DEVICE_TYPES:
@@ -295,14 +298,14 @@ for _device_type in DEVICE_TYPES:
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy = inputs
-    _, entropy, lse = output
-    ctx.mark_non_differentiable(lse)
+    hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, _with_sum_pi_squared = inputs
+    _, entropy, lse, sum_pi_squared = output
+    ctx.mark_non_differentiable(lse, sum_pi_squared)
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
     ctx.inv_temp, ctx.ignore_index, ctx.with_entropy = inv_temp, ignore_index, with_entropy
 
 
-def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_sum_pi_squared):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
@@ -313,7 +316,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_lse):
         grad_entropy if ctx.with_entropy else None, ctx.inv_temp, ctx.ignore_index, need_hidden, need_weight,
         need_bias)
     return (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup)
@@ -324,38 +327,39 @@ linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup)
 # --------------------------------------------------------------------------------------------
 
 
-def chunked_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, *, row_forward):
-    """``(logp, entropy, lse)`` chunk by chunk: each chunk's logits (one GEMM, in the inputs'
-    dtype, as ``hidden @ weight.T + bias`` would give them) go through ``row_forward`` (a
-    backend's row op) and are freed; the peak extra memory is one chunk's."""
+def chunked_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared, *,
+                    row_forward):
+    """``(logp, entropy, lse, sum_pi_squared)`` chunk by chunk: each chunk's logits (one GEMM, in
+    the inputs' dtype, as ``hidden @ weight.T + bias`` would give them) go through ``row_forward``
+    (a backend's row op) and are freed; the peak extra memory is one chunk's."""
     n = hidden.shape[0]
-    logp, entropy, lse = (torch.zeros(n, dtype=spec.compute_dtype(hidden), device=hidden.device)
-                          for _ in range(3))
+    outputs = [torch.zeros(n, dtype=spec.compute_dtype(hidden), device=hidden.device) for _ in range(4)]
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
         logits = torch.nn.functional.linear(h, weight, bias)
-        outs = row_forward(logits, lab, inv_temp, ignore_index, with_entropy)
-        for out, value in zip((logp, entropy, lse), outs):
+        outs = row_forward(logits, lab, inv_temp, ignore_index, with_entropy, with_sum_pi_squared)
+        for out, value in zip(outputs, outs):
             out[start:stop] = value[: stop - start]
         del logits  # freed before the next chunk's GEMM: one chunk's logits live, not two
-    return logp, entropy, lse
+    return tuple(outputs)
 
 
-def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy):
-    """``(logp, entropy, lse)`` of ``hidden @ weight.T + bias`` tile by tile: no logits in memory
-    (kernels/linear_logprobs.py)."""
+def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared):
+    """``(logp, entropy, lse, sum_pi_squared)`` of ``hidden @ weight.T + bias`` tile by tile: no
+    logits in memory (kernels/linear_logprobs.py)."""
     from ..kernels import linear_logprobs as kernels
     from ..kernels.launch import accumulator, coefficients
 
     dtype, n = out_dtype(hidden.dtype), hidden.shape[0]
     logp, entropy, lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(3))
+    sum_pi_squared = (torch.empty if with_sum_pi_squared else torch.zeros)(n, dtype=dtype, device=hidden.device)
     kernels.linear_logprobs_fwd(
         hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
         weight if weight.stride(-1) == 1 else weight.contiguous(),
         None if bias is None else bias.contiguous(), labels.contiguous(), logp, entropy, lse,
         coefficients([inv_temp], hidden.dtype, hidden.device), ignore_index, with_entropy,
-        accumulator(hidden.dtype))
-    return logp, entropy, lse
+        accumulator(hidden.dtype), sum_pi_squared if with_sum_pi_squared else None)
+    return logp, entropy, lse, sum_pi_squared
 
 
 IMPLEMENTATIONS = dispatch.register("linear_logprobs", {
@@ -550,11 +554,12 @@ def full_kl_from_heads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], r
 # --------------------------------------------------------------------------------------------
 
 
-def _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, with_entropy):
+def _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, with_sum_pi_squared=False):
     lead = hidden.shape[:-1]
-    logp, entropy, _ = linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
-                                          1.0 / float(temperature), int(ignore_index), bool(with_entropy))
-    return logp.view(lead), entropy.view(lead)
+    logp, entropy, _, sum_pi_squared = linear_logprobs_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0 / float(temperature),
+        int(ignore_index), bool(with_entropy), bool(with_sum_pi_squared))
+    return logp.view(lead), entropy.view(lead), sum_pi_squared.view(lead)
 
 
 def fused_linear_token_logprobs(
@@ -566,6 +571,7 @@ def fused_linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_sum_pi_squared: bool = False,
 ):
     """:func:`token_logprobs` of ``hidden @ weight.T + bias``, without the logits in memory.
 
@@ -575,8 +581,10 @@ def fused_linear_token_logprobs(
         labels: ``[...]`` integer, in ``[0, V)`` or ``ignore_index`` (logp 0, entropy 0, no
             gradient, and the row is not computed).
 
-    Returns ``logp`` ``[...]`` float32 (float64 for float64), or ``(logp, entropy)``.
-    Differentiable in hidden, weight and bias. Under ``torch.no_grad`` it is the scoring pass for
+    Returns ``logp`` ``[...]`` float32 (float64 for float64) when neither extra is asked for,
+    else ``(logp, entropy, sum_pi_squared)`` without the ones not asked for, as
+    :func:`token_logprobs`: ``return_sum_pi_squared`` gives ``Σ_v π_v²`` per token (forward only,
+    in the same pass). Differentiable in hidden, weight and bias. Under ``torch.no_grad`` it is the scoring pass for
     old and reference log-probs. On CUDA one Triton kernel tiles tokens × vocab with the matmul on
     tensor cores and an online log-sum-exp; elsewhere, and in every backward, the logits are
     recomputed chunk by chunk (:func:`ppo_fast.ops.linear_logprobs.linear_chunk_tokens`): the peak extra memory is
@@ -586,12 +594,15 @@ def fused_linear_token_logprobs(
     """
     check.int_option("ignore_index", ignore_index)
     check.check_temperature(temperature)
-    if not isinstance(return_entropy, bool):
-        raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
+    for flag, value in (("return_entropy", return_entropy), ("return_sum_pi_squared", return_sum_pi_squared)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be a bool, got {value!r}")
     check.linear_head(hidden, weight, bias)
     labels = check.token_labels("hidden", hidden, weight.shape[0], labels, ignore_index)
-    logp, entropy = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
-    return (logp, entropy) if return_entropy else logp
+    logp, entropy, sum_pi_squared = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index,
+                                                     return_entropy, return_sum_pi_squared)
+    out = (logp,) + ((entropy,) if return_entropy else ()) + ((sum_pi_squared,) if return_sum_pi_squared else ())
+    return out if len(out) > 1 else logp
 
 
 def fused_linear_ppo_loss(
@@ -663,7 +674,7 @@ def fused_linear_ppo_loss(
                                 ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
                                 labels.reshape(-1), opts.temperature, ignore_index).view(labels.shape)
     if not _gradients_in_forward(hidden, weight, bias, opts):
-        logp, entropy = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
+        logp, entropy, _ = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
         terms = token_terms_from_logprobs(logp, entropy, valid, *per_token, opts)
         return spec.reduce(terms if kl is None else with_full_kl(terms, kl, opts), valid, opts)
     loss, terms = _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts)
