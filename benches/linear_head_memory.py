@@ -71,8 +71,8 @@ def model(schedule: str, N: int, H: int, V: int, itemsize: int, device_type: str
         "a tile's hidden states (masked copy), 16-bit": itemsize * tokens * H,
     }
     if device_type == "cpu":
-        terms["the vocabulary chunk and the tile's hidden states cast to float32 for the CPU's GEMM"] = (
-            4 * (entries + tokens) * H)
+        terms["the vocabulary chunk and the tile's hidden states cast to float32 for the CPU's GEMM, and "
+              "the tile's float32 [tokens, H] product"] = 4 * (entries + 2 * tokens) * H
     else:
         terms["a tile's dlogits in the weight's dtype and its float32 [tokens, H] product"] = (
             itemsize * tokens * entries + 4 * tokens * H)

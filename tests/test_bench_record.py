@@ -47,3 +47,18 @@ def test_publish_writes_the_data_and_renders_the_markdown_from_it(tmp_path, monk
     lines = text.splitlines()
     assert lines[0] == "# Title" and lines[2].startswith("Commit `0123456789abcdef`, ")
     assert "| x | 2.0 (1.4-2.6) |" in lines
+
+
+def test_the_linear_head_benchs_forced_providers_take_the_path_they_name():
+    """Each provider of benches/linear_head.py that forces a path reaches it: the recomputing path
+    runs four GEMMs per chunk where the fused one runs three, and for 16-bit weights with fewer
+    tokens than vocabulary entries the token-outer order runs three where the vocabulary-outer
+    default runs four (a patch on a name the library no longer reads would measure the default)."""
+    import linear_head
+
+    def gemm_work(provider, dtype):
+        inputs = linear_head.make_inputs(64, 16, 1000, dtype, "cpu")
+        return linear_head.gemm_flops(linear_head.make_run(provider, inputs))
+
+    assert 3 * gemm_work("fused, recompute", torch.float32) == 4 * gemm_work("fused", torch.float32)
+    assert 3 * gemm_work("fused", torch.bfloat16) == 4 * gemm_work("fused, token-outer", torch.bfloat16)

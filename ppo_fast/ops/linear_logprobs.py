@@ -182,13 +182,14 @@ def vocabulary_tile(vocab: int, hidden_size: int) -> tuple[int, int]:
     """``(tokens, entries)`` of a tile in the vocabulary-outer backward, from V and H only (the last
     token tile padded to it, so every GEMM has one shape whatever the batch): entries a power of
     two in [16, 4096] (at most V) whose ``[entries, H]`` float32 accumulator fits
-    :data:`TILE_BYTES`, then tokens a power of two in [16, 4096] whose float32 ``[tokens, entries]``
-    and ``[tokens, H]`` buffers fit it."""
-    def power_of_two_within(budget: int) -> int:
-        return min(4096, max(16, 1 << (max(budget, 1).bit_length() - 1)))
+    :data:`TILE_BYTES`, then tokens a power of two in [16, 1024] (the forward's chunks' bound: a
+    small batch pays for the padding of one tile) whose float32 ``[tokens, entries]`` and
+    ``[tokens, H]`` buffers fit it."""
+    def power_of_two_within(budget: int, most: int) -> int:
+        return min(most, max(16, 1 << (max(budget, 1).bit_length() - 1)))
 
-    entries = min(power_of_two_within(TILE_BYTES // (4 * hidden_size)), max(vocab, 1))
-    return power_of_two_within(TILE_BYTES // (4 * max(entries, hidden_size))), entries
+    entries = min(power_of_two_within(TILE_BYTES // (4 * hidden_size), 4096), max(vocab, 1))
+    return power_of_two_within(TILE_BYTES // (4 * max(entries, hidden_size)), 1024), entries
 
 
 def _tile_dlogits(z, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, first: int, dtype):
@@ -248,7 +249,12 @@ def _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_
             if w.is_cuda:
                 dz = dz.to(weight.dtype)
             if need_hidden:
-                _accumulate_mm(dhidden[start:stop], dz[: stop - start], w_for_dhidden)
+                # The whole padded tile, as the token-outer order does: the GEMM's shape, so a
+                # token's bits, do not depend on how many tokens the last tile holds.
+                product = (torch.mm(dz, w_for_dhidden, out_dtype=dtype) if dz.dtype != dtype
+                           else dz @ w_for_dhidden)
+                dhidden[start:stop] += product[: stop - start]
+                del product
             _accumulate_mm(dweight_acc, dz.t(), h)
             if need_bias:
                 dbias_acc += dz.sum(0, dtype=dtype)
