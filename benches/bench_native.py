@@ -35,7 +35,7 @@ from ppo_fast import spec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_providers import ForcedBackend  # noqa: E402
 from bench_trainer import train_run  # noqa: E402
-from floors import Timer, copy_bandwidth  # noqa: E402
+from floors import Timer, copy_bandwidth, process_status_bytes  # noqa: E402
 from record import fmt, publish, summary  # noqa: E402
 
 KL_COEF, ENTROPY_COEF, CLIP, DUAL_CLIP = 0.05, 0.01, 0.2, 3.0
@@ -105,13 +105,6 @@ def timed(op: str, name: str, x, repeats: int) -> dict:
         return Timer("cpu", repeats).measure(lambda: fn(x, x["logits"].detach().requires_grad_()))
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_extra_child(op: str, name: str, N: int, V: int) -> None:
     """In a fresh process: the resident high-water mark of one forward+backward above the inputs
     (the mark is reset first by writing 5 to /proc/self/clear_refs)."""
@@ -122,9 +115,9 @@ def peak_extra_child(op: str, name: str, N: int, V: int) -> None:
         small = inputs(8, 64)
         fn(small, small["logits"].detach().requires_grad_())  # loads what a first call loads
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status_bytes("VmRSS")
+        before = process_status_bytes("VmRSS")
         fn(x, z)
-    print(json.dumps(_status_bytes("VmHWM") - before))
+    print(json.dumps(process_status_bytes("VmHWM") - before))
 
 
 def peak_extra(op: str, name: str, N: int, V: int) -> int:

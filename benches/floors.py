@@ -5,6 +5,7 @@ the machine at hand rather than read from a datasheet."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,3 +81,11 @@ def l2_bytes(device) -> int:
     if torch.device(device).type != "cuda":
         return 0
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20))
+
+
+def process_status_bytes(field: str) -> int:
+    """A memory field of this process's /proc/self/status (``VmRSS``, ``VmHWM``), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")

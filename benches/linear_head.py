@@ -51,7 +51,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from floors import Timer, matmul_rate, peak_extra_bytes, sync  # noqa: E402
+from floors import Timer, matmul_rate, peak_extra_bytes, process_status_bytes, sync  # noqa: E402
 from record import fmt, publish, summary  # noqa: E402
 
 SHAPES = {  # (tokens, hidden, vocab, dtype)
@@ -193,13 +193,6 @@ def _liger_loss(inputs):
     return loss
 
 
-def _proc_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def cpu_peak_extra(provider, shape) -> int:
     """Run in a child: peak resident bytes during the second call beyond those before it, less the
     gradients of hidden and weight (outputs the caller keeps)."""
@@ -208,9 +201,9 @@ def cpu_peak_extra(provider, shape) -> int:
     run = make_run(provider, inputs)
     run()
     Path("/proc/self/clear_refs").write_text("5")
-    before = _proc_status("VmRSS")
+    before = process_status_bytes("VmRSS")
     grads = run()
-    peak = _proc_status("VmHWM") - before
+    peak = process_status_bytes("VmHWM") - before
     return peak - sum(g.numel() * g.element_size() for g in grads)
 
 

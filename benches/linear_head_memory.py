@@ -39,6 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from floors import process_status_bytes  # noqa: E402
 from record import publish  # noqa: E402
 
 SHAPES = {"cpu": (4096, 512, 131072), "smoke": (256, 64, 4000), "gpu": (8192, 4096, 151936)}
@@ -90,13 +91,6 @@ def _inputs(N, H, V, dtype, seed=0):
     return hidden, weight, labels, old_logp, advantages, mask
 
 
-def _proc_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(schedule: str, N: int, H: int, V: int) -> dict:
     """In this process: the schedule's call twice, the second one's peak resident bytes beyond
     those before it, less the gradients it returns."""
@@ -115,9 +109,9 @@ def child(schedule: str, N: int, H: int, V: int) -> dict:
 
     call()
     Path("/proc/self/clear_refs").write_text("5")
-    before = _proc_status("VmRSS")
+    before = process_status_bytes("VmRSS")
     grads = call()
-    peak = _proc_status("VmHWM") - before
+    peak = process_status_bytes("VmHWM") - before
     return {"peak_extra": peak - sum(g.numel() * g.element_size() for g in grads)}
 
 
