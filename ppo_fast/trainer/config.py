@@ -206,11 +206,13 @@ class PPOConfig(RunConfig):
     """Horizon of the adaptive KL controller, in samples: β moves by up to 0.2·samples/horizon per
     step, so one rollout batch (32) lets it reach its target within the default 40 steps (at 320
     the final KL was 2.6x a target of 6 on the embedded default; 3 seeds each)."""
-    kl_proportional: float = 1.0
+    kl_proportional: float = 2.0
     """Proportional gain of the adaptive KL controller: β is multiplied by
     exp(kl_proportional · clip(KL / target_kl − 1, ±1)) on top of the horizon's integral update
     (pf.AdaptiveKLController's proportional; 0: Ziegler's integral controller alone, which let
-    the default run's KL reach 1.8-2x its target)."""
+    the default run's KL reach 1.8-2x its target; over seeds 0-5 of the default run, after
+    step 8, the KL left the band of half the target either side of it at 1 step with 2, at 4
+    steps with 1 and at 2 steps with 3)."""
     kl_hold_until_target: bool = True
     """Keep the controller's integral at kl_coef until the KL first reaches target_kl
     (pf.AdaptiveKLController's hold_until_target): a run's KL starts at 0, and lowering β while
