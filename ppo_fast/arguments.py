@@ -269,11 +269,12 @@ def linear_head(hidden, weight, bias, prefix: str = "") -> None:
 def reference_head(hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
     """The reference model's head for the full KL: the policy's tokens and vocabulary (its own
     hidden size and dtype), on the policy's device."""
-    linear_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
-    shape("ref_hidden", ref_hidden, (*hidden.shape[:-1], ref_hidden.shape[-1]), "hidden's tokens")
-    if ref_weight.shape[0] != weight.shape[0]:
+    floating("ref_weight", tensor("ref_weight", ref_weight))
+    if ref_weight.dim() == 2 and ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must cover the policy's vocabulary of {weight.shape[0]} tokens (shape [V, H_ref] "
                          f"with V = weight.shape[0]), got shape {tuple(ref_weight.shape)}")
+    linear_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    shape("ref_hidden", ref_hidden, (*hidden.shape[:-1], ref_hidden.shape[-1]), "hidden's tokens")
     same_device("hidden", hidden, ref_hidden=ref_hidden)
 
 
@@ -498,22 +499,24 @@ _NUMERIC_FIELDS = tuple(f.name for f in fields(LossOptions)
                         if f.name not in ("loss_type", "loss_params", "kl_estimator", "agg"))
 
 
-def actor_options(ref_logp, full_reference: dict, **options) -> LossOptions:
+def actor_options(ref_logp, full_reference: dict, optional_reference: dict | None = None, **options) -> LossOptions:
     """The options of an actor loss (``pf.ppo_loss``, the fused head's) and its reference: the KL
     term reads ``ref_logp`` (a per-token estimator) or every tensor of ``full_reference`` (name →
-    tensor or None: the reference model's logits, or its hidden states and head), never both."""
+    tensor or None: the reference model's logits, or its hidden states and head) and those of
+    ``optional_reference`` given (the reference head's bias), never both."""
     opts = LossOptions(**options)
-    given = [name for name, t in full_reference.items() if t is not None]
+    given = [name for name, t in {**full_reference, **(optional_reference or {})}.items() if t is not None]
     if opts.kl_estimator == FULL_KL:
         if ref_logp is not None:
             raise ValueError(f"kl_estimator='full' compares the whole distributions and does not read ref_logp: "
                              f"pass {' and '.join(full_reference)} instead")
-        missing = [name for name in full_reference if name not in given]
+        missing = [name for name in full_reference if full_reference[name] is None]
         if missing and (given or opts.kl_coef != 0):
             raise ValueError(f"kl_estimator='full' needs {' and '.join(full_reference)} (the reference model's); "
                              f"{' and '.join(missing)} missing")
     elif given:
-        raise ValueError(f"{given[0]} is read by kl_estimator='full' only, got kl_estimator={opts.kl_estimator!r}")
+        raise ValueError(f"{given[0]} is read by kl_estimator='full' only, got kl_estimator="
+                         f"{options.get('kl_estimator', LossOptions.kl_estimator)!r}")
     elif opts.kl_coef != 0 and ref_logp is None:
         raise ValueError(f"kl_coef={opts.kl_coef!r} needs ref_logp (the reference policy's log-probs); "
                          "pass ref_logp or kl_coef=0")

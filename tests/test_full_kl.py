@@ -159,6 +159,7 @@ def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch
 def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error():
     lead, V = (2, 3), 11
     logits, labels = random_logits((*lead, V), torch.float32, "cpu"), random_labels(lead, V, "cpu")
+    labels[0, 1], labels[1, 1], labels[1, 2] = 2, 5, 7  # the tokens the faults below are at are not ignored
     old, adv, mask = torch.randn(lead), torch.randn(lead), torch.ones(lead, dtype=torch.bool)
 
     def loss(**kwargs):
@@ -178,6 +179,13 @@ def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error(
     banned[1, 2, 4] = float("-inf")
     with pytest.raises(ValueError, match=r"ref_logits at token 5 .* the full KL is \+inf"):
         loss(kl_estimator="full", kl_coef=0.1, ref_logits=banned)
+    for bad in (float("nan"), float("inf")):
+        faulty = logits.clone()
+        faulty[0, 1, 3] = bad
+        with pytest.raises(ValueError, match=r"ref_logits at token 1 .* give no distribution: they hold NaN or \+inf"):
+            loss(kl_estimator="full", kl_coef=0.1, ref_logits=faulty)
+    with pytest.raises(ValueError, match="give no distribution"):
+        loss(kl_estimator="full", ref_logits=torch.full_like(logits, float("-inf")))
     with pytest.raises(ValueError, match="kl_estimator='full' is the KL over the whole vocabulary"):
         pf.kl_penalty(old, old, "full")
 
@@ -194,12 +202,48 @@ def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error(
         head_loss(ref_hidden=hidden[:1], ref_weight=weight)
     with pytest.raises(ValueError, match="ref_weight must have ref_hidden's dtype torch.float32"):
         head_loss(ref_hidden=hidden, ref_weight=weight.double())
-    with pytest.raises(ValueError, match="ref_bias belongs to the reference head"):
+    with pytest.raises(ValueError, match="kl_estimator='full' needs ref_hidden and ref_weight .* ref_hidden and "
+                                         "ref_weight missing"):
         head_loss(ref_bias=torch.zeros(V))
+    with pytest.raises(ValueError, match="ref_bias is read by kl_estimator='full' only, got kl_estimator='low_var_kl'"):
+        pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, ref_bias=torch.zeros(V),
+                                 kl_estimator="low_var_kl")
+    with pytest.raises(ValueError, match=r"ref_weight must cover the policy's vocabulary of 11 tokens"):
+        head_loss(ref_hidden=hidden, ref_weight=torch.randn(V + 1, 4), ref_bias=torch.zeros(V))
+    poisoned = torch.randn(*lead, 4)
+    poisoned[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"the reference head's logits at token 4 .* give no distribution"):
+        head_loss(ref_hidden=poisoned, ref_weight=weight, kl_coef=0.1)
 
 
 def test_the_trainers_kl_from_log_probs_refuses_the_full_kl_by_name():
     from ppo_fast.trainer.config import ConfigError, PPOConfig
 
-    with pytest.raises(ConfigError, match="kl_estimator='full' is the KL over the whole vocabulary"):
+    with pytest.raises(ConfigError, match="kl_estimator='full' needs both models' whole distributions; the KL penalty"):
         PPOConfig(kl_estimator="full")
+
+
+def test_both_forms_compile_in_one_graph():
+    """The logits form and the two heads' (whose chunks are not skipped by label while tracing)."""
+    lead, V = (2, 5), 13
+    labels = random_labels(lead, V, "cpu")
+    old, mask = torch.zeros(lead, dtype=torch.float64), torch.ones(lead, dtype=torch.bool)
+    hidden, weight = torch.randn(*lead, 4, dtype=torch.float64), torch.randn(V, 4, dtype=torch.float64)
+    ref_hidden, ref_weight = torch.randn(*lead, 3, dtype=torch.float64), torch.randn(V, 3, dtype=torch.float64)
+    ref_logits = torch.nn.functional.linear(ref_hidden, ref_weight)
+
+    def of_logits(h):
+        return pf.ppo_loss(torch.nn.functional.linear(h, weight), labels, old, old + 1, mask, kl_estimator="full",
+                           ref_logits=ref_logits, kl_coef=0.2)[0]
+
+    def of_heads(h):
+        return pf.fused_linear_ppo_loss(h, weight, labels, old, old + 1, mask, kl_estimator="full",
+                                        ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=0.2)[0]
+
+    for step in (of_logits, of_heads):
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        x = hidden.clone().requires_grad_()
+        torch.testing.assert_close(compiled(x), step(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(step(x), x)[0],
+                                   rtol=1e-12, atol=1e-12)

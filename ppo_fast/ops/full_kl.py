@@ -43,14 +43,20 @@ def chunk_kl(z: Tensor, r: Tensor, active: Tensor, inv_temp: float, dtype: torch
 
 
 def check_reference_support(kl: Tensor, start: int, what: str) -> None:
-    """A reference that gives probability 0 where the policy does not makes the KL +inf and its
-    gradient NaN: an error naming the token, not a NaN step (not while tracing)."""
-    if torch.compiler.is_compiling() or kl.device.type == "meta" or not bool(torch.isinf(kl).any()):
+    """A KL that is not finite at a token is an error naming it, not a NaN or inf step (not while
+    tracing): +inf where the reference gives probability 0 to a token the policy does not, NaN
+    where the reference's logits hold NaN or +inf, are all −inf, or overflow once divided by the
+    temperature. (A policy row's own faults are the log-prob op's errors, raised before.)"""
+    if torch.compiler.is_compiling() or kl.device.type == "meta" or bool(torch.isfinite(kl).all()):
         return
-    token = start + int(torch.isinf(kl).nonzero()[0, 0])
-    raise ValueError(f"{what} at token {token} (of the flattened tokens, from 0) give probability 0 to a token the "
-                     "policy gives a positive probability: the full KL is +inf there. Ban a token in both models "
-                     "or in neither")
+    token = start + int((~torch.isfinite(kl)).nonzero()[0, 0])
+    if bool(torch.isinf(kl[token - start])):
+        raise ValueError(f"{what} at token {token} (of the flattened tokens, from 0) give probability 0 to a token "
+                         "the policy gives a positive probability: the full KL is +inf there. Ban a token in both "
+                         "models or in neither")
+    raise ValueError(f"{what} at token {token} (of the flattened tokens, from 0) give no distribution: they hold NaN "
+                     "or +inf, are all -inf, or overflow float32 once divided by the temperature, and the full KL "
+                     "would be NaN")
 
 
 def _rows_per_chunk(vocab: int, dtype: torch.dtype) -> int:

@@ -50,13 +50,15 @@ def linear_chunks(hidden: Tensor, labels: Tensor, ignore_index: int, chunk: int,
     """``(start, stop, hidden_chunk, labels_chunk, *per_token_chunks)`` over the tokens, each chunk
     ``chunk`` rows: the last one padded (hidden and ``per_token`` tensors, ``[N]`` or None, with
     zeros, labels with ``ignore_index``), the rows of ignored labels zeroed; chunks where every
-    label is ignored are skipped (their outputs and gradients are 0)."""
+    label is ignored are skipped (their outputs and gradients are 0), except while
+    ``torch.compile`` traces, which cannot branch on the labels' values."""
     n = hidden.shape[0]
+    tracing = torch.compiler.is_compiling()
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         labels_chunk = labels[start:stop]
         active = labels_chunk != ignore_index
-        if not bool(active.any()):
+        if not tracing and not bool(active.any()):
             continue
         # Ignored rows are zeroed, not just skipped by the row op: the weight's gradient sums over
         # every row of the chunk, and 0·NaN would carry a NaN from an ignored hidden state into it.
@@ -659,14 +661,13 @@ def fused_linear_ppo_loss(
     its own dtype), neither model's logits stored: per chunk of tokens both heads' logits are
     computed, used and freed, forward and backward (:func:`full_kl_from_heads`).
     """
-    opts = check.actor_options(ref_logp, {"ref_hidden": ref_hidden, "ref_weight": ref_weight}, loss_type=loss_type,
+    opts = check.actor_options(ref_logp, {"ref_hidden": ref_hidden, "ref_weight": ref_weight},
+                               {"ref_bias": ref_bias}, loss_type=loss_type,
                                loss_params=loss_params, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                agg=agg, tis_cap=tis_cap, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,
                                horizon=horizon, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                entropy_coef=entropy_coef, temperature=temperature, ignore_index=ignore_index)
     check.linear_head(hidden, weight, bias)
-    if ref_bias is not None and ref_weight is None:
-        raise ValueError("ref_bias belongs to the reference head: pass ref_hidden and ref_weight with it")
     if ref_weight is not None:
         check.reference_head(hidden, weight, ref_hidden, ref_weight, ref_bias)
     labels = check.actor_inputs("hidden", hidden, hidden.shape[:-1], "hidden.shape[:-1]", weight.shape[0],

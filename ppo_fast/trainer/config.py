@@ -197,7 +197,8 @@ class PPOConfig(RunConfig):
     default run at its target, where 0.1 let the KL run to 1.6x the target before β caught up
     (benches/results/kl_control_cpu.md)."""
     kl_estimator: str = "k1"
-    """Estimator of the per-token KL in the reward (k1, abs, k2, k3)."""
+    """Estimator of the per-token KL in the reward, from the sampled tokens' log-probs: k1, abs,
+    k2, k3, k1+, k3+, or verl's kl, mse, low_var_kl."""
     adaptive_kl: bool = True
     """Adapt β towards target_kl (Ziegler et al. 2019); False keeps it fixed."""
     target_kl: float = 10.0
@@ -322,6 +323,10 @@ class PPOConfig(RunConfig):
                     entropy_coef=self.entropy_coef, temperature=self.temperature, agg=self.loss_agg or None)
 
     def check(self) -> None:
+        if self.kl_estimator == "full":
+            raise ConfigError("kl_estimator='full' needs both models' whole distributions; the KL penalty in the "
+                              "reward reads the sampled tokens' log-probs: pick k1, abs, k2, k3, k1+, k3+, or verl's "
+                              "kl, mse, low_var_kl")
         try:
             kl_estimator_name(self.kl_estimator)
         except ValueError as exc:
@@ -347,7 +352,8 @@ class PPOConfig(RunConfig):
         try:
             LossOptions(**self.loss_options())
         except ValueError as exc:
-            raise ConfigError(f"{exc} (the trainer runs each objective with its default loss_params)") from None
+            hint = " (the trainer runs each objective with its default loss_params)" if "loss_params" in str(exc) else ""
+            raise ConfigError(f"{exc}{hint}") from None
         if self.resume and not self.run_name:
             raise ConfigError("resume needs run_name: the name of the run to continue")
         if self.batch_invariant:
