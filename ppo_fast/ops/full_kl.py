@@ -42,7 +42,7 @@ def chunk_kl(z: Tensor, r: Tensor, active: Tensor, inv_temp: float, dtype: torch
     return kl, torch.where(rows, p * (gap - kl.unsqueeze(-1)) * inv_temp, 0.0)
 
 
-def check_reference_support(kl: Tensor, start: int, what: str) -> None:
+def check_kl_finite(kl: Tensor, start: int, what: str) -> None:
     """A KL that is not finite at a token is an error naming it, not a NaN or inf step (not while
     tracing): +inf where the reference gives probability 0 to a token the policy does not, NaN
     where the reference's logits hold NaN or +inf, are all −inf, or overflow once divided by the
@@ -74,7 +74,7 @@ class _FullKLFromLogits(torch.autograd.Function):
             part = slice(start, start + chunk)
             kl[part], _ = chunk_kl(logits[part], ref_logits[part], labels[part] != ignore_index, inv_temp, dtype,
                                    False)
-            check_reference_support(kl[part], start, "ref_logits")
+            check_kl_finite(kl[part], start, "ref_logits")
         ctx.save_for_backward(logits, ref_logits, labels)
         ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
         return kl

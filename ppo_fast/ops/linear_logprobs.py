@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import arguments as check
 from .. import dispatch, objectives, spec
-from .full_kl import check_reference_support, chunk_kl
+from .full_kl import check_kl_finite, chunk_kl
 from .ppo_loss import token_terms_from_logprobs, with_full_kl
 from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, row_ops_for
 from .token_logprobs import token_logprobs_backward_op
@@ -514,7 +514,7 @@ class _FullKLFromHeads(torch.autograd.Function):
             r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
             kl_chunk, _ = chunk_kl(z, r, lab != ignore_index, inv_temp, dtype, False)
             del z, r
-            check_reference_support(kl_chunk[: stop - start], start, "the reference head's logits")
+            check_kl_finite(kl_chunk[: stop - start], start, "the reference head's logits")
             kl[start:stop] = kl_chunk[: stop - start]
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels)
         ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
