@@ -247,3 +247,38 @@ def test_both_forms_compile_in_one_graph():
         torch.testing.assert_close(compiled(x), step(x), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(step(x), x)[0],
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_heads_full_kl_with_16_bit_weights_goes_vocabulary_outer(monkeypatch, dtype):
+    """Fewer tokens than vocabulary entries: the KL's backward takes the vocabulary-outer order
+    (13 chunks of 16 entries over tiles of 16 tokens), allocates no float32 buffer of the weight's
+    size, and its gradients are within twice those of the token-outer order from the float64 spec,
+    with NaN in the reference's ignored rows reaching nothing."""
+    from test_linear_head import _largest_allocation
+
+    N, H, H_ref, V = 37, 24, 10, 203
+    monkeypatch.setattr(linear_logprobs, "TILE_BYTES", 16 * H * 4)
+    labels = random_labels((N,), V, "cpu")
+    labels[4] = -100
+    hidden = torch.randn(N, H).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) / 3).to(dtype).requires_grad_()
+    bias = torch.randn(V).to(dtype).requires_grad_()
+    ref_hidden, ref_weight = torch.randn(N, H_ref), torch.randn(V, H_ref) / 3
+    ref_hidden[4] = float("nan")
+    upstream = torch.randn(N)
+
+    def kl_grads(*inputs):
+        kl = linear_logprobs.full_kl_from_heads(*inputs[:3], ref_hidden, ref_weight, None, labels, 0.8, -100)
+        return torch.autograd.grad((kl * upstream.to(kl)).sum(), inputs)
+
+    exact = kl_grads(*(t.detach().double().requires_grad_() for t in (hidden, weight, bias)))
+    kl = linear_logprobs.full_kl_from_heads(hidden, weight, bias, ref_hidden, ref_weight, None, labels, 0.8, -100)
+    assert _largest_allocation(lambda: torch.autograd.grad((kl * upstream).sum(), (hidden, weight, bias))) < V * H * 4
+    outer = kl_grads(hidden, weight, bias)
+    monkeypatch.setattr(linear_logprobs, "vocabulary_outer", lambda *args: False)
+    inner = kl_grads(hidden, weight, bias)
+    for name, got, other, want in zip(("hidden", "weight", "bias"), outer, inner, exact):
+        assert got.dtype == dtype and not torch.isnan(got).any(), name
+        rounding = torch.finfo(dtype).eps * want.abs().max().item()
+        assert (got.double() - want).abs().max() <= 2 * (other.double() - want).abs().max() + rounding, name

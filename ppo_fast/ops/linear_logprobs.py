@@ -221,13 +221,30 @@ def _tile_dlogits(z, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ig
 
 def _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
                                ignore_index, need_hidden, need_bias):
-    """The backward with the vocabulary in the outer loop, for 16-bit weights: each chunk of the
-    vocabulary gets its float32 dweight (and dbias) accumulator, summed over every tile of tokens
-    and rounded into the weight's gradient once; dhidden sums over the vocabulary chunks in one
-    float32 ``N × H`` accumulator, rounded once at the end into its own storage. No ``V × H`` float32
-    buffer: the extra memory is ``N × H × 2`` bytes (the accumulator beyond the gradient it
-    becomes) plus one chunk's accumulator and tiles (:func:`vocabulary_tile`).
-    Per tile: one GEMM for the logits, the tile's dlogits, one GEMM each for dhidden and dweight."""
+    """The log-probs' backward with the vocabulary in the outer loop (:func:`vocabulary_outer_grads`),
+    each tile's dlogits from each row's log-sum-exp and entropy (:func:`_tile_dlogits`)."""
+    dtype = spec.compute_dtype(hidden)
+
+    def tile_dlogits(z, part, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c):
+        return _tile_dlogits(z, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp, ignore_index,
+                             part.start, dtype)
+
+    return vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidden, need_bias,
+                                  (lse, entropy, grad_logp, grad_entropy), tile_dlogits)
+
+
+def vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidden, need_bias, per_token,
+                           tile_dlogits):
+    """``(dhidden, dweight, dbias)`` of a loss over the logits ``hidden @ weight.T + bias`` with the
+    vocabulary in the outer loop, for 16-bit weights: each chunk of the vocabulary gets its float32
+    dweight (and dbias) accumulator, summed over every tile of tokens and rounded into the weight's
+    gradient once; dhidden sums over the vocabulary chunks in one float32 ``N × H`` accumulator,
+    rounded once at the end into its own storage. No ``V × H`` float32 buffer: the extra memory is
+    ``N × H × 2`` bytes (the accumulator beyond the gradient it becomes) plus one chunk's
+    accumulator and tiles (:func:`vocabulary_tile`). Per tile: one GEMM for the logits ``z``,
+    ``tile_dlogits(z, part, labels_tile, *per_token_tiles)`` (``part``: the tile's slice of the
+    vocabulary; ``per_token``: ``[N, ...]`` tensors or None, tiled as the tokens), its ∂loss/∂z in
+    the compute dtype, 0 on ignored rows; one GEMM each for dhidden and dweight."""
     dtype, vocab = spec.compute_dtype(hidden), weight.shape[0]
     tokens, entries = vocabulary_tile(vocab, hidden.shape[1])
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
@@ -242,11 +259,9 @@ def _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_
         w_for_dhidden = w if w.is_cuda else w.to(dtype)
         dweight_acc = torch.zeros(w.shape, dtype=dtype, device=w.device)
         dbias_acc = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_bias else None
-        for start, stop, h, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c in linear_chunks(
-                hidden, labels, ignore_index, tokens, lse, entropy, grad_logp, grad_entropy):
+        for start, stop, h, lab, *tiles in linear_chunks(hidden, labels, ignore_index, tokens, *per_token):
             z = torch.nn.functional.linear(h, w, None if bias is None else bias[part])
-            dz = _tile_dlogits(z, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp, ignore_index, first,
-                               dtype)
+            dz = tile_dlogits(z, part, lab, *tiles)
             del z
             if w.is_cuda:
                 dz = dz.to(weight.dtype)
@@ -502,41 +517,69 @@ class _DifferentiatedTwice(torch.autograd.Function):
 
 
 class _FullKLFromHeads(torch.autograd.Function):
-    """Forward: per chunk the two heads' logits (two GEMMs) and the chunk's KL. Backward: the two
-    GEMMs again, then ∂KL/∂z and one GEMM each for dhidden and dweight (:class:`_Gradients`)."""
+    """Forward: per chunk the two heads' logits (two GEMMs), the chunk's KL and each row's two
+    log-sum-exps. Backward: the two GEMMs again, then ∂KL/∂z and one GEMM each for dhidden and
+    dweight, in chunks of tokens (:class:`_Gradients`), or for 16-bit weights and fewer tokens than
+    vocabulary entries per tile of the vocabulary-outer order (:func:`vocabulary_outer_grads`),
+    where ∂KL/∂z of a tile needs only the row's KL and log-sum-exps."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp, ignore_index):
         dtype = spec.compute_dtype(hidden)
-        kl = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
+        kl, lse, ref_lse = (torch.zeros(labels.shape, dtype=dtype, device=hidden.device) for _ in range(3))
         for start, stop, h, lab, h_ref in _chunks_of_two_heads(hidden, weight, labels, ignore_index, ref_hidden):
             z = torch.nn.functional.linear(h, weight, bias)
             r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
-            kl_chunk, _ = chunk_kl(z, r, lab != ignore_index, inv_temp, dtype, False)
+            active = lab != ignore_index
+            kl_chunk, _ = chunk_kl(z, r, active, inv_temp, dtype, False)
+            rows = stop - start
+            lse[start:stop] = _masked_lse(z, active, inv_temp, dtype)[:rows]
+            ref_lse[start:stop] = _masked_lse(r, active, inv_temp, dtype)[:rows]
             del z, r
-            check_kl_finite(kl_chunk[: stop - start], start, "the reference head's logits")
-            kl[start:stop] = kl_chunk[: stop - start]
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels)
+            check_kl_finite(kl_chunk[:rows], start, "the reference head's logits")
+            kl[start:stop] = kl_chunk[:rows]
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kl, lse, ref_lse)
         ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels = ctx.saved_tensors
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kl, lse, ref_lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and bias is not None
-        grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
-        dtype = spec.compute_dtype(hidden)
-        for start, stop, h, lab, h_ref, g in _chunks_of_two_heads(hidden, weight, labels, ctx.ignore_index,
-                                                                   ref_hidden, grad_kl):
-            z = torch.nn.functional.linear(h, weight, bias)
-            r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
-            _, dz = chunk_kl(z, r, lab != ctx.ignore_index, ctx.inv_temp, dtype, True)
-            del z, r
-            grads.add_chunk(start, stop, (dz * g.to(dtype).unsqueeze(-1)).to(hidden.dtype), h)
-        dhidden, dweight, dbias = grads.result()
+        dtype, inv_temp, ignore_index = spec.compute_dtype(hidden), ctx.inv_temp, ctx.ignore_index
+        if vocabulary_outer(hidden.shape[0], weight, need_weight):
+            def tile_dlogits(z, part, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
+                r = torch.nn.functional.linear(h_ref, ref_weight[part], None if ref_bias is None else ref_bias[part])
+                logp = z.to(dtype).mul_(inv_temp).sub_(lse_c.unsqueeze(-1))
+                log_ref = r.to(dtype).mul_(inv_temp).sub_(ref_lse_c.unsqueeze(-1))
+                del r
+                p = logp.exp()
+                gap = torch.where(p > 0, logp.sub_(log_ref), 0.0).sub_(kl_c.unsqueeze(-1))
+                dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
+                return dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0)
+
+            dhidden, dweight, dbias = vocabulary_outer_grads(
+                hidden, weight, bias, labels, ignore_index, need_hidden, need_bias,
+                (ref_hidden, grad_kl, kl, lse, ref_lse), tile_dlogits)
+        else:
+            grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
+            for start, stop, h, lab, h_ref, g in _chunks_of_two_heads(hidden, weight, labels, ignore_index,
+                                                                       ref_hidden, grad_kl):
+                z = torch.nn.functional.linear(h, weight, bias)
+                r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
+                _, dz = chunk_kl(z, r, lab != ignore_index, inv_temp, dtype, True)
+                del z, r
+                grads.add_chunk(start, stop, (dz * g.to(dtype).unsqueeze(-1)).to(hidden.dtype), h)
+            dhidden, dweight, dbias = grads.result()
         return (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None,
                 None, None, None, None, None, None)
+
+
+def _masked_lse(logits, active, inv_temp, dtype):
+    """Each active row's log-sum-exp of ``logits / T`` in ``dtype``; 0 on the others, whatever they hold."""
+    rows = active.unsqueeze(-1)
+    return torch.where(active, torch.logsumexp(torch.where(rows, logits.to(dtype), 0.0) * inv_temp, dim=-1), 0.0)
 
 
 def _chunks_of_two_heads(hidden, weight, labels, ignore_index, *per_token):
