@@ -26,6 +26,17 @@ depends on nothing batch-dependent either: the token count and the row strides a
 specialised, no pointer is specialised on its alignment, and 16-byte alignment reaches the
 compiler only as ``ALIGNED``, which the launcher decides from base addresses and row strides.
 
+Backward (:func:`plan_linear_logprobs_dlogits`): for upstream gradients g (of logp) and h (of
+entropy), one program per [BLOCK_N, BLOCK_V] tile of a range of the vocabulary computes the tile's
+logits again with the forward's plan and code (so, bit for bit, the logits the forward reduced)
+and writes
+
+    ∂/∂z_v = ( g·(1[v = y] − p_v) − h·p_v·(s_v − E[s]) ) / τ,   p_v = exp(s_v − lse)
+
+from the forward's lse and entropy (E[s] = lse − entropy), the row backward of
+:mod:`kernels.logprobs` applied in the GEMM's epilogue: the logits never reach memory, only
+dlogits do, for the two gradient GEMMs (dhidden = dlogits·W, dW = dlogitsᵀ·x) that follow.
+
 Rows whose label is ``ignore_index``, and rows past the end of the batch, are never loaded:
 whatever their hidden state holds changes nothing, and a tile holding only such rows skips the
 vocabulary loop. A label outside ``[0, V)`` that is not ``ignore_index`` gives NaN outputs rather
@@ -53,6 +64,8 @@ over H of each logit on its own, the property the GPU's MMA gives ``tl.dot``."""
 BATCH_ADDRESSING = ["n_rows", "stride_hn", "stride_wv"]
 POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logp_ptr", "entropy_ptr",
             "lse_ptr", "sum_sq_ptr", "scalars_ptr"]
+DLOGITS_POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "lse_ptr", "entropy_ptr",
+                    "grad_logp_ptr", "grad_entropy_ptr", "scalars_ptr", "dlogits_ptr"]
 
 
 @triton.jit
@@ -176,6 +189,68 @@ def _linear_logprobs_fwd_kernel(
         tl.store(sum_sq_ptr + rows, tl.where(active, q / (d * d), 0.0), mask=in_batch)
 
 
+@triton.jit(do_not_specialize=BATCH_ADDRESSING + ["stride_dn", "E", "first"],
+            do_not_specialize_on_alignment=DLOGITS_POINTERS)
+def _linear_logprobs_dlogits_kernel(
+    hidden_ptr,  # [N, H], unit column stride, rows stride_hn apart
+    stride_hn,
+    weight_ptr,  # [E, H] entries first .. first + E − 1 of the head's weight, rows stride_wv apart
+    stride_wv,
+    bias_ptr,  # [E] the same entries of the bias (not read without HAS_BIAS)
+    labels_ptr,  # [N] int64, contiguous
+    lse_ptr,  # [N] ACC dtype, contiguous: the forward's
+    entropy_ptr,  # [N] ACC dtype, contiguous: the forward's (read only with HAS_GRAD_ENTROPY)
+    grad_logp_ptr,  # [N] contiguous
+    grad_entropy_ptr,  # [N] contiguous (read only with HAS_GRAD_ENTROPY)
+    scalars_ptr,  # [1] ACC dtype: 1/temperature
+    dlogits_ptr,  # [N, E] out, any float dtype, unit column stride, rows stride_dn apart
+    stride_dn,
+    n_rows,
+    H,
+    E,
+    first,  # the vocabulary index of the range's first entry: labels are matched against first + column
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    ALIGNED: tl.constexpr,  # hidden's and weight's base and row stride are 16-byte multiples
+    ACC: tl.constexpr,
+    BY_SUM: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_batch = rows < n_rows
+    in_range = cols < E
+    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
+    active = (labels != ignore_index) & in_batch
+    inv_temp = tl.load(scalars_ptr)
+    h_rows = hidden_ptr + rows[:, None] * stride_hn
+    w_rows = weight_ptr + cols[:, None] * stride_wv
+    if ALIGNED:
+        h_rows = tl.multiple_of(h_rows, [16, 16])
+        w_rows = tl.multiple_of(w_rows, [16, 16])
+    # A tile of ignored rows skips the H loop; its gradient is 0.
+    n_hidden = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, H, 0)
+    z = tile_logits(h_rows, active, w_rows, in_range, n_hidden, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=in_range, other=0.0).to(ACC)[None, :]
+    s = z.to(hidden_ptr.dtype.element_ty).to(ACC) * inv_temp
+    # An active row with a label outside [0, V) has lse NaN from the forward: NaN here too.
+    lse = tl.load(lse_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+    g = tl.load(grad_logp_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+    p = tl.exp(s - lse[:, None])
+    ds = tl.where((first + cols)[None, :] == labels[:, None], g[:, None], 0.0) - g[:, None] * p
+    if HAS_GRAD_ENTROPY:
+        h = tl.load(grad_entropy_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+        expected = lse - tl.load(entropy_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+        ds -= h[:, None] * tl.where(p > 0, p * (s - expected[:, None]), 0.0)
+    ds = tl.where(active[:, None], ds * inv_temp, 0.0)
+    tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :], ds.to(dlogits_ptr.dtype.element_ty),
+             mask=in_batch[:, None] & in_range[None, :])
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Blocks and launch options of the fused forward, from (H, V, dtype) only."""
@@ -267,4 +342,37 @@ def linear_logprobs_fwd(*args, **kwargs) -> None:
     """Runs :func:`plan_linear_logprobs_fwd`'s plan (arguments as there); nothing for N = 0."""
     plan = plan_linear_logprobs_fwd(*args, **kwargs)
     if plan.grid[0]:
+        plan()
+
+
+def plan_linear_logprobs_dlogits(hidden, weight, bias, first, vocab, labels, lse, entropy, grad_logp,
+                                 grad_entropy, scalars, ignore_index, dlogits, acc) -> StagedLaunch:
+    """∂loss/∂logits of the N rows of ``hidden`` [N, H] over the vocabulary entries ``first`` to
+    ``first + E − 1``, whose rows of the weight are ``weight`` [E, H] (a slice of the head's
+    ``[vocab, H]`` weight, unit column stride) and of the bias ``bias`` [E] (contiguous, or None),
+    into ``dlogits`` [N, E] (unit column stride, any float dtype). ``labels``, ``lse``, ``entropy``,
+    ``grad_logp``, ``grad_entropy`` (None: the entropy got no gradient): contiguous [N]; ``lse``
+    and ``entropy`` as the forward wrote them. The tiles follow the plan of the whole head
+    (``tile_plan(H, vocab, dtype)``), so a logit is computed as the forward computed it."""
+    _rows_unit(hidden, "hidden")
+    _rows_unit(weight, "weight")
+    _rows_unit(dlogits, "dlogits")
+    n_rows, H = hidden.shape
+    entries = weight.shape[0]
+    plan = tile_plan(H, vocab, hidden.dtype)
+    has_bias, has_h = bias is not None, grad_entropy is not None
+    return StagedLaunch(
+        _linear_logprobs_dlogits_kernel, (triton.cdiv(n_rows, plan.block_n), triton.cdiv(entries, plan.block_v)),
+        (hidden, hidden.stride(0), weight, weight.stride(0), bias if has_bias else weight, labels, lse,
+         entropy if has_h else lse, grad_logp, grad_entropy if has_h else grad_logp, scalars, dlogits,
+         dlogits.stride(0), n_rows, H, entries, first, ignore_index),
+        dict(BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, BLOCK_H=plan.block_h, HAS_BIAS=has_bias,
+             HAS_GRAD_ENTROPY=has_h, ALIGNED=_aligned(hidden, weight), ACC=acc, BY_SUM=INTERPRETED),
+        plan.num_warps, plan.num_stages)
+
+
+def linear_logprobs_dlogits(*args, **kwargs) -> None:
+    """Runs :func:`plan_linear_logprobs_dlogits`'s plan (arguments as there); nothing for no rows or entries."""
+    plan = plan_linear_logprobs_dlogits(*args, **kwargs)
+    if plan.grid[0] and plan.grid[1]:
         plan()

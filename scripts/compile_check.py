@@ -126,6 +126,21 @@ def linear_fwd_plan(n_rows: int, H: int, V: int, dtype, bias=True, entropy=True,
         vec if sum_pi_squared else None)
 
 
+def linear_dlogits_plan(n_rows: int, H: int, V: int, dtype, bias=True, grad_entropy=True, first=0,
+                        entries=None, hidden=None) -> Launch:
+    """The backward kernel over the entries ``first`` to ``first + entries − 1`` (all by default) of a
+    ``[V, H]`` head."""
+    hidden = torch.empty(n_rows, H, dtype=dtype) if hidden is None else hidden
+    entries = V - first if entries is None else entries
+    weight = torch.empty(V, H, dtype=dtype)[first:first + entries]
+    n = hidden.shape[0]
+    vec = torch.empty(n, dtype=_out(dtype))
+    return linear.plan_linear_logprobs_dlogits(
+        hidden, weight, torch.empty(V, dtype=dtype)[first:first + entries] if bias else None, first, V,
+        torch.zeros(n, dtype=torch.int64), vec, vec, vec, vec if grad_entropy else None,
+        torch.ones(1, dtype=_out(dtype)), -100, torch.empty(n, entries, dtype=dtype), _acc(dtype))
+
+
 def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
     total = 4 * max_len
     vec = torch.empty(total, dtype=dtype)
@@ -198,6 +213,17 @@ def cases() -> list[Case]:
     for dtype in (torch.bfloat16, torch.float32):
         out.append(Case("linear fwd", f"{_short(dtype)} H=4096 V={ALIGNED_V} bias=True entropy=True sum_pi_squared=True",
                         linear_fwd_plan(2, 4096, ALIGNED_V, dtype, sum_pi_squared=True)))
+    # Its backward: the same heads, with and without the entropy's gradient, and a range of the
+    # vocabulary as the vocabulary-outer order hands it (dlogits in float32 there on the CPU only).
+    for dtype in LOGITS_DTYPES:
+        for H, V, extras in ((4096, ALIGNED_V, True), (4097, UNALIGNED_V, False)):
+            out.append(Case("linear dlogits",
+                            f"{_short(dtype)} H={H} V={V} bias={extras} grad_entropy={extras}",
+                            linear_dlogits_plan(2, H, V, dtype, extras, extras)))
+    out.append(Case("linear dlogits", "bfloat16 H=100 V=7 bias=True grad_entropy=True",
+                    linear_dlogits_plan(2, 100, 7, torch.bfloat16)))
+    out.append(Case("linear dlogits", f"bfloat16 H=4096 V={ALIGNED_V} entries 4096-8191 bias=True grad_entropy=True",
+                    linear_dlogits_plan(2, 4096, ALIGNED_V, torch.bfloat16, first=4096, entries=4096)))
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
@@ -320,6 +346,14 @@ def batch_invariance_problems() -> list[str]:
         "row alone": linear_fwd_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8]),
         "row copied": linear_fwd_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8].clone()),
         "permuted batch": linear_fwd_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[torch.randperm(15)]),
+    })
+    # The backward need not be batch-invariant, but its logits must be the forward's, whatever
+    # the range of the vocabulary it is handed.
+    problems += _differing("linear dlogits", {
+        "batch": linear_dlogits_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden),
+        "row alone": linear_dlogits_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8]),
+        "vocabulary range": linear_dlogits_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden, first=4096,
+                                                entries=1001),
     })
     weight_input = torch.empty(15, 896, dtype=torch.bfloat16)
     for bias in (False, True):

@@ -467,6 +467,66 @@ def test_the_loss_takes_three_gemms_per_chunk_and_only_those_it_needs(monkeypatc
     assert _gemm_flops(logp) / (2 * padded * H * V) == 4
 
 
+def test_the_triton_backward_takes_only_the_two_gradient_gemms(force_backend, device):
+    """On the Triton backend the recomputing backward's logits come from the dlogits kernel, not a
+    GEMM: 2 units per chunk (dhidden, dweight), 1 with a frozen head, where the GEMM-then-rows
+    backends take 3 and 2; the Triton forward takes none."""
+    N, H, V = 40, 8, 200
+    padded = -(-N // linear_chunk_tokens(V, torch.float32)) * linear_chunk_tokens(V, torch.float32)
+    hidden, weight, b, labels = _head(N, H, V, torch.float32, device)
+    upstream = torch.randn(N, device=device)
+
+    def units(inputs):
+        def run():
+            logp = pf.fused_linear_token_logprobs(inputs[0], inputs[1], labels, bias=b)
+            torch.autograd.grad((logp * upstream).sum(), [t for t in inputs if t.requires_grad])
+        return _gemm_flops(run) / (2 * padded * H * V)
+
+    for backend, full, frozen in (("triton", 2, 1), ("reference", 4, 3)):
+        with force_backend(backend):
+            assert units((hidden, weight)) == full, backend
+            assert units((hidden, weight.detach())) == frozen, backend
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias, grad_entropy", [(True, True), (False, False)])
+def test_the_triton_dlogits_kernel_is_the_row_backward_of_the_heads_logits(dtype, bias, grad_entropy, device):
+    """The backward kernel on an odd 13 x 37 x 203 head at temperature 0.7, from the Triton
+    forward's lse and entropy, against float64 autograd through the spec over the same logits
+    (rounded to the inputs' dtype, as both kernels round them); an ignored row holding NaN gets 0;
+    any range of the vocabulary gives bitwise the columns of the whole."""
+    N, H, V, inv_temp = 13, 37, 203, 1 / 0.7
+    hidden, weight, b, labels = (None if t is None else t.detach() for t in _head(N, H, V, dtype, device, bias=bias))
+    hidden[1] = float("nan")  # labels[1] is ignore_index
+    out = linear_logprobs.out_dtype(dtype)
+    _, entropy, lse, _ = linear_logprobs.triton_forward(hidden, weight, b, labels, inv_temp, -100, True, False)
+    g = torch.Generator().manual_seed(4)
+    grad_logp = torch.randn(N, generator=g, dtype=F64).to(device=device, dtype=out)
+    grad_h = torch.randn(N, generator=g, dtype=F64).to(device=device, dtype=out) if grad_entropy else None
+
+    def dlogits(first=0, entries=V):
+        part = slice(first, first + entries)
+        return linear_logprobs.triton_tile_dlogits(hidden, weight[part], None if b is None else b[part], first, V,
+                                                   labels, lse, entropy, grad_logp, grad_h, inv_temp, -100, out)
+
+    whole = dlogits()
+    clean = torch.where(labels.unsqueeze(-1) != -100, hidden.double(), 0.0)
+    z = torch.nn.functional.linear(clean, weight.double(), None if b is None else b.double())
+    z = z.to(dtype).double().requires_grad_()
+    logp_exact, entropy_exact = R.token_logprobs(z, labels, temperature=0.7, return_entropy=True)
+    total = (logp_exact * grad_logp.double()).sum()
+    if grad_entropy:
+        total = total + (entropy_exact * grad_h.double()).sum()
+    (exact,) = torch.autograd.grad(total, z)
+    # Float64 is exact to rounding; float32 and bf16 take their logits' sums in float32, which
+    # moves a bf16 logit by one unit now and then.
+    tolerance = {F64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype] * exact.abs().max().item()
+    torch.testing.assert_close(whole, exact.to(out), rtol=0, atol=tolerance)
+    assert (whole[1] == 0).all()
+    for first, entries in ((16, 64), (150, 53), (37, 1), (0, 202)):
+        assert torch.equal(dlogits(first, entries), whole[:, first:first + entries]), (first, entries)
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_gradients_in_the_forward_equal_the_recomputing_backward(dtype, monkeypatch, small_chunks, backend):
     """Against the path that recomputes the logits in the backward (forced): the same loss and
@@ -588,17 +648,25 @@ def _largest_allocation(call) -> int:
     return max(event.cpu_memory_usage for event in prof.events())
 
 
+@pytest.mark.parametrize("backend_name", ["default", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_weights_go_vocabulary_outer_with_no_weight_sized_float32_buffer(monkeypatch, dtype):
+def test_16_bit_weights_go_vocabulary_outer_with_no_weight_sized_float32_buffer(monkeypatch, dtype, backend_name,
+                                                                                device):
     """Fewer tokens than vocabulary entries: the backward sums the weight's gradient per chunk of the
     vocabulary (13 chunks of 16 entries, the last of 11) over padded tiles of 16 tokens, and never
     allocates a float32 buffer of the weight's size, which the token-outer order does; the
     gradients within twice eager's error, NaN in ignored rows reaching nothing, and a token's hidden
-    gradient bitwise the same alone as in the batch."""
+    gradient bitwise the same alone as in the batch. On the Triton backend each tile's dlogits
+    come from its kernel (the interpreter copies the kernel's arguments, so the allocation bound is
+    checked on the default backend only)."""
+    if backend_name == "triton":
+        monkeypatch.setenv("PPO_FAST_BACKEND", "triton")
+    else:
+        device = "cpu"
     N, H, V = 39, 24, 203
     monkeypatch.setattr(linear_logprobs, "TILE_BYTES", 16 * H * 4)
     assert linear_logprobs.vocabulary_tile(V, H) == (16, 16)
-    hidden, weight, b, labels = _head(N, H, V, dtype, "cpu")
+    hidden, weight, b, labels = _head(N, H, V, dtype, device)
     with torch.no_grad():
         hidden[1] = float("nan")  # labels[1] is ignore_index
     g = torch.Generator().manual_seed(3)
@@ -618,8 +686,10 @@ def test_16_bit_weights_go_vocabulary_outer_with_no_weight_sized_float32_buffer(
     calls = []
     outer = linear_logprobs._backward_vocabulary_outer
     monkeypatch.setattr(linear_logprobs, "_backward_vocabulary_outer", lambda *a: calls.append(1) or outer(*a))
-    assert largest_in_backward() < V * H * 4 and calls
+    if backend_name == "default":
+        assert largest_in_backward() < V * H * 4
     fused = grads(hidden, weight, b)
+    assert calls
     clean = hidden.detach().clone()
     clean[1] = 0
     exact = grads(*(t.detach().double().requires_grad_() for t in (clean, weight, b)))
@@ -636,8 +706,9 @@ def test_16_bit_weights_go_vocabulary_outer_with_no_weight_sized_float32_buffer(
         (dh,) = torch.autograd.grad((logp * upstream[rows].to(logp)).sum() + 0.3 * entropy.sum(), h)
         assert torch.equal(dh[rows.index(5)], fused[0][5]), rows
 
-    monkeypatch.setattr(linear_logprobs, "vocabulary_outer", lambda *args: False)
-    assert largest_in_backward() >= V * H * 4
+    if backend_name == "default":
+        monkeypatch.setattr(linear_logprobs, "vocabulary_outer", lambda *args: False)
+        assert largest_in_backward() >= V * H * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

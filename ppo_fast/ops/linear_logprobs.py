@@ -3,20 +3,28 @@
 ``ppo_fast::linear_logprobs_backward``.
 
 Read top to bottom: the token chunking, the schema and fake kernels, the backward (chunked GEMMs
-around the row backward of :mod:`ppo_fast.ops.token_logprobs`, for every backend), the autograd
-formula, the forward implementations (reference PyTorch, Triton, native C++) and their table, then
-the gradients computed in the forward for a loss that sums over tokens
-(:func:`linear_logprobs_with_gradients`, three GEMMs per chunk where the op and its backward take
-four). Each forward implementation is
+around each backend's dlogits), the autograd formula, the implementations (reference PyTorch,
+Triton, native C++) and their table, then the gradients computed in the forward for a loss that
+sums over tokens (:func:`linear_logprobs_with_gradients`, three GEMMs per chunk where the op and
+its backward take four). Each backend has the three functions of :class:`HeadOps`:
 
     forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared)
         -> (logp, entropy, lse, sum_pi_squared)
+    chunk_dlogits(h, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index)
+        -> ∂loss/∂logits [T, V] of a chunk of T tokens, in hidden's dtype
+    tile_dlogits(h, weight_part, bias_part, first, vocab, labels, lse, entropy, grad_logp, grad_entropy,
+                 inv_temp, ignore_index, dtype)
+        -> the same over the vocabulary entries first .. first + E − 1 only, [T, E] in dtype
+
+The reference and native backends compute the logits with a GEMM and run their row backward over
+them; Triton's one kernel recomputes the logits tile by tile as its forward did and writes only
+dlogits (:func:`ppo_fast.kernels.linear_logprobs.plan_linear_logprobs_dlogits`).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -95,7 +103,7 @@ def _(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_s
 
 
 def _forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared):
-    forward = dispatch.implementation("linear_logprobs", hidden.device)
+    forward = dispatch.implementation("linear_logprobs", hidden.device).forward
     return forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared)
 
 
@@ -110,9 +118,9 @@ def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[T
                                 ignore_index: int, need_hidden: bool, need_weight: bool,
                                 need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dhidden, dweight, dbias)``, each empty where not needed (a frozen head: no dweight, no
-    float32 accumulator, no GEMM for it), the logits recomputed chunk by chunk: per chunk one GEMM
-    for the logits, the row kernel for dlogits (written over the chunk's logits where the backend
-    can), one GEMM each for dhidden and dweight. dweight (and dbias) accumulate over the chunks in
+    float32 accumulator, no GEMM for it), the logits recomputed chunk by chunk: per chunk the
+    backend's ``chunk_dlogits`` (a GEMM for the logits and the row backward over them, or Triton's
+    one kernel), then one GEMM each for dhidden and dweight. dweight (and dbias) accumulate over the chunks in
     float32 (float64 for float64), rounded once at the end; for 16-bit weights and fewer tokens
     than vocabulary entries the vocabulary is the outer loop instead (:func:`vocabulary_outer`)."""
     raise no_kernel("linear_logprobs_backward", hidden)
@@ -222,12 +230,14 @@ def _tile_dlogits(z, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ig
 def _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
                                ignore_index, need_hidden, need_bias):
     """The log-probs' backward with the vocabulary in the outer loop (:func:`vocabulary_outer_grads`),
-    each tile's dlogits from each row's log-sum-exp and entropy (:func:`_tile_dlogits`)."""
-    dtype = spec.compute_dtype(hidden)
+    each tile's dlogits from each row's log-sum-exp and entropy (the backend's ``tile_dlogits``), in
+    the dtype the GEMMs after it take."""
+    head = dispatch.implementation("linear_logprobs", hidden.device)
+    dtype = weight.dtype if weight.is_cuda else spec.compute_dtype(hidden)
 
-    def tile_dlogits(z, part, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c):
-        return _tile_dlogits(z, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp, ignore_index,
-                             part.start, dtype)
+    def tile_dlogits(h, part, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c):
+        return head.tile_dlogits(h, weight[part], None if bias is None else bias[part], part.start, weight.shape[0],
+                                 lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp, ignore_index, dtype)
 
     return vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidden, need_bias,
                                   (lse, entropy, grad_logp, grad_entropy), tile_dlogits)
@@ -241,10 +251,11 @@ def vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidd
     gradient once; dhidden sums over the vocabulary chunks in one float32 ``N × H`` accumulator,
     rounded once at the end into its own storage. No ``V × H`` float32 buffer: the extra memory is
     ``N × H × 2`` bytes (the accumulator beyond the gradient it becomes) plus one chunk's
-    accumulator and tiles (:func:`vocabulary_tile`). Per tile: one GEMM for the logits ``z``,
-    ``tile_dlogits(z, part, labels_tile, *per_token_tiles)`` (``part``: the tile's slice of the
-    vocabulary; ``per_token``: ``[N, ...]`` tensors or None, tiled as the tokens), its ∂loss/∂z in
-    the compute dtype, 0 on ignored rows; one GEMM each for dhidden and dweight."""
+    accumulator and tiles (:func:`vocabulary_tile`). Per tile:
+    ``tile_dlogits(h, part, labels_tile, *per_token_tiles)`` (``h``: the tile's hidden states;
+    ``part``: the tile's slice of the vocabulary; ``per_token``: ``[N, ...]`` tensors or None,
+    tiled as the tokens) gives its ∂loss/∂z, 0 on ignored rows, computing the tile's logits itself;
+    then one GEMM each for dhidden and dweight."""
     dtype, vocab = spec.compute_dtype(hidden), weight.shape[0]
     tokens, entries = vocabulary_tile(vocab, hidden.shape[1])
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
@@ -260,9 +271,7 @@ def vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidd
         dweight_acc = torch.zeros(w.shape, dtype=dtype, device=w.device)
         dbias_acc = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_bias else None
         for start, stop, h, lab, *tiles in linear_chunks(hidden, labels, ignore_index, tokens, *per_token):
-            z = torch.nn.functional.linear(h, w, None if bias is None else bias[part])
-            dz = tile_dlogits(z, part, lab, *tiles)
-            del z
+            dz = tile_dlogits(h, part, lab, *tiles)
             if w.is_cuda:
                 dz = dz.to(weight.dtype)
             if need_hidden:
@@ -303,16 +312,12 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
                                           inv_temp, ignore_index, need_hidden, need_bias)
     grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
-    row_ops = row_ops_for(hidden.device)
-
-    for start, stop, h, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c in linear_chunks(
-            hidden, labels, ignore_index, chunk, lse, entropy, grad_logp, grad_entropy):
-        logits = torch.nn.functional.linear(h, weight, bias)
-        dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
-        token_logprobs_backward_op(dlogits, logits, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp,
-                                   ignore_index)
+    head = dispatch.implementation("linear_logprobs", hidden.device)
+    for start, stop, h, *per_token in linear_chunks(hidden, labels, ignore_index, chunk, lse, entropy, grad_logp,
+                                                    grad_entropy):
+        dlogits = head.chunk_dlogits(h, weight, bias, *per_token, inv_temp, ignore_index)
         grads.add_chunk(start, stop, dlogits, h)
-        del logits, dlogits  # freed before the next chunk's GEMM: one chunk's logits live, not two
+        del dlogits  # freed before the next chunk's: one chunk's logits live, not two
     return grads.result()
 
 
@@ -346,8 +351,14 @@ linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup)
 
 
 # --------------------------------------------------------------------------------------------
-# Forward implementations
+# Implementations
 # --------------------------------------------------------------------------------------------
+
+
+class HeadOps(NamedTuple):
+    forward: Callable
+    chunk_dlogits: Callable
+    tile_dlogits: Callable
 
 
 def chunked_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared, *,
@@ -385,10 +396,51 @@ def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_en
     return logp, entropy, lse, sum_pi_squared
 
 
+def gemm_chunk_dlogits(h, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
+    """A chunk's logits by one GEMM, then the row backward of the backend serving them, written
+    over the logits where it can."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    row_ops = row_ops_for(h.device)
+    dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
+    token_logprobs_backward_op(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index)
+    return dlogits
+
+
+def gemm_tile_dlogits(h, weight, bias, first, vocab, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
+                      ignore_index, dtype):
+    """A tile's logits by one GEMM, then :func:`_tile_dlogits` in the compute dtype."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    return _tile_dlogits(z, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, first,
+                         spec.compute_dtype(h)).to(dtype)
+
+
+def triton_tile_dlogits(h, weight, bias, first, vocab, labels, lse, entropy, grad_logp, grad_entropy, inv_temp,
+                        ignore_index, dtype):
+    """One kernel: each tile's logits computed as :func:`triton_forward` computed them, and dlogits
+    from them, never the logits in memory."""
+    from ..kernels import linear_logprobs as kernels
+    from ..kernels.launch import accumulator, coefficients
+
+    dlogits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
+    kernels.linear_logprobs_dlogits(
+        h if h.stride(-1) == 1 else h.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
+        None if bias is None else bias.contiguous(), first, vocab, labels.contiguous(), lse.contiguous(),
+        entropy.contiguous(), grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+        coefficients([inv_temp], h.dtype, h.device), ignore_index, dlogits, accumulator(h.dtype))
+    return dlogits
+
+
+def triton_chunk_dlogits(h, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
+    return triton_tile_dlogits(h, weight, bias, 0, weight.shape[0], labels, lse, entropy, grad_logp, grad_entropy,
+                               inv_temp, ignore_index, h.dtype)
+
+
 IMPLEMENTATIONS = dispatch.register("linear_logprobs", {
-    "reference": partial(chunked_forward, row_forward=reference_forward),
-    "triton": triton_forward,
-    "native": partial(chunked_forward, row_forward=native_forward),
+    "reference": HeadOps(partial(chunked_forward, row_forward=reference_forward), gemm_chunk_dlogits,
+                         gemm_tile_dlogits),
+    "triton": HeadOps(triton_forward, triton_chunk_dlogits, triton_tile_dlogits),
+    "native": HeadOps(partial(chunked_forward, row_forward=native_forward), gemm_chunk_dlogits,
+                      gemm_tile_dlogits),
 })
 
 
@@ -549,11 +601,12 @@ class _FullKLFromHeads(torch.autograd.Function):
         need_bias = need_bias and bias is not None
         dtype, inv_temp, ignore_index = spec.compute_dtype(hidden), ctx.inv_temp, ctx.ignore_index
         if vocabulary_outer(hidden.shape[0], weight, need_weight):
-            def tile_dlogits(z, part, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
+            def tile_dlogits(h, part, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
+                z = torch.nn.functional.linear(h, weight[part], None if bias is None else bias[part])
                 r = torch.nn.functional.linear(h_ref, ref_weight[part], None if ref_bias is None else ref_bias[part])
                 logp = z.to(dtype).mul_(inv_temp).sub_(lse_c.unsqueeze(-1))
                 log_ref = r.to(dtype).mul_(inv_temp).sub_(ref_lse_c.unsqueeze(-1))
-                del r
+                del z, r
                 p = logp.exp()
                 gap = torch.where(p > 0, logp.sub_(log_ref), 0.0).sub_(kl_c.unsqueeze(-1))
                 dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
