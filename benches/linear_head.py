@@ -21,6 +21,9 @@ with respect to hidden and weight, on the same random inputs, never zeros):
 - ``eager``: ``F.linear`` then ``ppo_fast.spec.ppo_loss`` (log_softmax, gather, entropy).
 - ``liger``: Liger's ``LigerFusedLinearGRPOLoss`` (its chunked head), where liger-kernel is
   installed and runs on the device.
+- ``trl``: TRL's ``ChunkedLogProbFunction`` (the fused head TRL's trainers use; Triton folds of
+  cuBLAS tiles on CUDA, torch ops elsewhere) at the vocabulary chunk TRL's trainers pass it, then
+  the same loss on its ``[tokens]`` log-probs and entropy, where trl is installed.
 - ``floor: three GEMMs``: the head's three GEMMs alone (logits, dhidden, dweight), chunked as the
   fused head runs them: the time no three-GEMM method can beat here.
 
@@ -59,7 +62,7 @@ SHAPES = {  # (tokens, hidden, vocab, dtype)
     "cuda": (8192, 4096, 151936, torch.bfloat16),
     "smoke": (64, 16, 1000, torch.float32),
 }
-PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "logits + pf.ppo_loss", "eager", "liger",
+PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "logits + pf.ppo_loss", "eager", "liger", "trl",
              "floor: three GEMMs")
 BASELINE = "logits + pf.ppo_loss"
 ENTROPY_COEF = 0.01
@@ -121,6 +124,8 @@ def make_run(provider, inputs):
                                       **options)[0]
     elif provider == "liger":
         loss = _liger_loss(inputs)
+    elif provider == "trl":
+        loss = _trl_loss(inputs, options)
     elif provider == "floor: three GEMMs":
         return _three_gemms(hidden.detach(), weight.detach())
     else:
@@ -189,6 +194,30 @@ def _liger_loss(inputs):
         torch.autograd.grad(loss(), (hidden,))
     except Exception as exc:  # noqa: BLE001 -- any failure means this provider cannot run here
         raise Unavailable(f"Liger's loss failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
+            from None
+    return loss
+
+
+def _trl_loss(inputs, options):
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError as exc:
+        raise Unavailable(f"trl's fused head is not installed ({exc})") from None
+    hidden, weight, labels, old, adv, mask = inputs
+    low, high = 1 - options["clip_low"], 1 + options["clip_high"]
+
+    def loss():
+        logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0,
+                                                         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",))
+        ratio = torch.exp(logp - old)
+        token = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high)) - options["entropy_coef"] * entropy
+        return torch.where(mask, token, 0.0).sum() / mask.sum()
+
+    try:
+        torch.autograd.grad(loss(), (hidden,))
+    except Exception as exc:  # noqa: BLE001 -- any failure means this provider cannot run here
+        raise Unavailable(f"TRL's head failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
             from None
     return loss
 

@@ -28,8 +28,8 @@ compiler only as ``ALIGNED``, which the launcher decides from base addresses and
 
 Backward (:func:`plan_linear_logprobs_dlogits`): for upstream gradients g (of logp) and h (of
 entropy), one program per [BLOCK_N, BLOCK_V] tile of a range of the vocabulary computes the tile's
-logits again with the forward's plan and code (so, bit for bit, the logits the forward reduced)
-and writes
+logits again with the forward's code and blocks over H (:func:`dlogits_tile_plan`: each logit the
+same products summed in the same order) and writes
 
     ∂/∂z_v = ( g·(1[v = y] − p_v) − h·p_v·(s_v − E[s]) ) / τ,   p_v = exp(s_v − lse)
 
@@ -44,7 +44,7 @@ than a wrong number, as in :mod:`kernels.logprobs`.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -289,6 +289,17 @@ def tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
     return TilePlan(block_n, block_v, block_h, warps, stages)
 
 
+def dlogits_tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
+    """The backward's plan: the forward's, but at most 64 vocabulary entries wide for 16-bit inputs,
+    whose 128-wide tile with the gradient's epilogue spills under Triton 3.6 (the compile check's
+    table). BLOCK_N, BLOCK_H and the warps stay, so each logit is the same sequence of MMA k-steps
+    over H as in the forward."""
+    plan = tile_plan(H, V, dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        return replace(plan, block_v=min(plan.block_v, 64))
+    return plan
+
+
 @dataclass(frozen=True)
 class StagedLaunch(Launch):
     """A :class:`Launch` that also fixes the software-pipelining depth of the H loop."""
@@ -352,14 +363,14 @@ def plan_linear_logprobs_dlogits(hidden, weight, bias, first, vocab, labels, lse
     ``[vocab, H]`` weight, unit column stride) and of the bias ``bias`` [E] (contiguous, or None),
     into ``dlogits`` [N, E] (unit column stride, any float dtype). ``labels``, ``lse``, ``entropy``,
     ``grad_logp``, ``grad_entropy`` (None: the entropy got no gradient): contiguous [N]; ``lse``
-    and ``entropy`` as the forward wrote them. The tiles follow the plan of the whole head
-    (``tile_plan(H, vocab, dtype)``), so a logit is computed as the forward computed it."""
+    and ``entropy`` as the forward wrote them. The tiles come from the whole head's
+    :func:`dlogits_tile_plan`, so a logit is computed alike whatever the range."""
     _rows_unit(hidden, "hidden")
     _rows_unit(weight, "weight")
     _rows_unit(dlogits, "dlogits")
     n_rows, H = hidden.shape
     entries = weight.shape[0]
-    plan = tile_plan(H, vocab, hidden.dtype)
+    plan = dlogits_tile_plan(H, vocab, hidden.dtype)
     has_bias, has_h = bias is not None, grad_entropy is not None
     return StagedLaunch(
         _linear_logprobs_dlogits_kernel, (triton.cdiv(n_rows, plan.block_n), triton.cdiv(entries, plan.block_v)),
