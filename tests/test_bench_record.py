@@ -62,3 +62,17 @@ def test_the_linear_head_benchs_forced_providers_take_the_path_they_name():
 
     assert 3 * gemm_work("fused, recompute", torch.float32) == 4 * gemm_work("fused", torch.float32)
     assert 3 * gemm_work("fused", torch.bfloat16) == 4 * gemm_work("fused, token-outer", torch.bfloat16)
+
+
+def test_the_linear_head_benchs_trl_provider_computes_the_same_loss_and_gradients():
+    """TRL's head provider takes the same clipped, entropy-regularised token-mean loss as ours, so
+    the benchmark compares equal work: the gradients of hidden and weight agree with the fused
+    head's to float32 rounding."""
+    pytest.importorskip("trl")
+    import linear_head
+
+    inputs = linear_head.make_inputs(64, 16, 1000, torch.float32, "cpu")
+    ours = linear_head.make_run("fused", inputs)()
+    theirs = linear_head.make_run("trl", inputs)()
+    for got, want in zip(theirs, ours):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
