@@ -222,7 +222,7 @@ def _linear_logprobs_dlogits_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_batch = rows < n_rows
-    in_range = cols < E
+    in_entries = cols < E
     labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
     active = (labels != ignore_index) & in_batch
     inv_temp = tl.load(scalars_ptr)
@@ -233,9 +233,9 @@ def _linear_logprobs_dlogits_kernel(
         w_rows = tl.multiple_of(w_rows, [16, 16])
     # A tile of ignored rows skips the H loop; its gradient is 0.
     n_hidden = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, H, 0)
-    z = tile_logits(h_rows, active, w_rows, in_range, n_hidden, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
+    z = tile_logits(h_rows, active, w_rows, in_entries, n_hidden, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
     if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=in_range, other=0.0).to(ACC)[None, :]
+        z += tl.load(bias_ptr + cols, mask=in_entries, other=0.0).to(ACC)[None, :]
     s = z.to(hidden_ptr.dtype.element_ty).to(ACC) * inv_temp
     # An active row with a label outside [0, V) has lse NaN from the forward: NaN here too.
     lse = tl.load(lse_ptr + rows, mask=in_batch, other=0.0).to(ACC)
@@ -248,7 +248,7 @@ def _linear_logprobs_dlogits_kernel(
         ds -= h[:, None] * tl.where(p > 0, p * (s - expected[:, None]), 0.0)
     ds = tl.where(active[:, None], ds * inv_temp, 0.0)
     tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :], ds.to(dlogits_ptr.dtype.element_ty),
-             mask=in_batch[:, None] & in_range[None, :])
+             mask=in_batch[:, None] & in_entries[None, :])
 
 
 @dataclass(frozen=True)

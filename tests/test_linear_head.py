@@ -525,6 +525,14 @@ def test_the_triton_dlogits_kernel_is_the_row_backward_of_the_heads_logits(dtype
     assert (whole[1] == 0).all()
     for first, entries in ((16, 64), (150, 53), (37, 1), (0, 202)):
         assert torch.equal(dlogits(first, entries), whole[:, first:first + entries]), (first, entries)
+    # A label outside [0, V) (which the public functions reject before any kernel runs) gives NaN
+    # for its row, never a number, and leaves the other rows as they were.
+    labels[2] = V
+    _, entropy, lse, _ = linear_logprobs.triton_forward(hidden, weight, b, labels, inv_temp, -100, True, False)
+    out_of_range = dlogits()
+    assert torch.isnan(out_of_range[2]).all()
+    rows = [r for r in range(N) if r != 2]
+    assert torch.equal(out_of_range[rows], whole[rows])
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
@@ -692,9 +700,12 @@ def test_16_bit_weights_go_vocabulary_outer_with_no_weight_sized_float32_buffer(
     assert calls
     clean = hidden.detach().clone()
     clean[1] = 0
-    exact = grads(*(t.detach().double().requires_grad_() for t in (clean, weight, b)))
-    eager = grads(clean.detach().requires_grad_(), weight, b,
-                  fn=lambda h, w, lab, bias, **k: pf.token_logprobs(torch.nn.functional.linear(h, w, bias), lab, **k))
+    with monkeypatch.context() as patch:  # the oracles on the reference backend, not the one under test
+        patch.setenv("PPO_FAST_BACKEND", "reference")
+        exact = grads(*(t.detach().double().requires_grad_() for t in (clean, weight, b)))
+        eager = grads(clean.detach().requires_grad_(), weight, b,
+                      fn=lambda h, w, lab, bias, **k: pf.token_logprobs(torch.nn.functional.linear(h, w, bias), lab,
+                                                                        **k))
     for name, got, eag, ex in zip(("hidden", "weight", "bias"), fused, eager, exact):
         assert got.dtype == dtype and not torch.isnan(got).any(), name
         rounding = torch.finfo(dtype).eps * ex.abs().max().item()

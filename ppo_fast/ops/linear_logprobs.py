@@ -23,7 +23,7 @@ dlogits (:func:`ppo_fast.kernels.linear_logprobs.plan_linear_logprobs_dlogits`).
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -419,15 +419,24 @@ def triton_tile_dlogits(h, weight, bias, first, vocab, labels, lse, entropy, gra
     """One kernel: each tile's logits computed as :func:`triton_forward` computed them, and dlogits
     from them, never the logits in memory."""
     from ..kernels import linear_logprobs as kernels
-    from ..kernels.launch import accumulator, coefficients
+    from ..kernels.launch import accumulator
 
     dlogits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
     kernels.linear_logprobs_dlogits(
         h if h.stride(-1) == 1 else h.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
         None if bias is None else bias.contiguous(), first, vocab, labels.contiguous(), lse.contiguous(),
         entropy.contiguous(), grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-        coefficients([inv_temp], h.dtype, h.device), ignore_index, dlogits, accumulator(h.dtype))
+        _scalars(inv_temp, h.dtype, h.device), ignore_index, dlogits, accumulator(h.dtype))
     return dlogits
+
+
+@lru_cache(maxsize=8)
+def _scalars(inv_temp: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[1/temperature]`` on the device, made once per value rather than per tile: each copy from
+    the host waits for the device (about 1,200 tiles in one backward at a 152k vocabulary)."""
+    from ..kernels.launch import coefficients
+
+    return coefficients([inv_temp], dtype, device)
 
 
 def triton_chunk_dlogits(h, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
