@@ -65,6 +65,8 @@ SHAPES = {  # (tokens, hidden, vocab, dtype)
 PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "logits + pf.ppo_loss", "eager", "liger", "trl",
              "floor: three GEMMs")
 BASELINE = "logits + pf.ppo_loss"
+TRL_VOCABULARY_CHUNK = 32768
+"""The vocabulary chunk TRL 1.16's trainers pass its fused head, where its trainer module is not importable."""
 ENTROPY_COEF = 0.01
 GOALS = {"cpu": (1.05, 0.10)}
 """Per device: the fused head's time over the logits path's, and its extra memory over the logits'
@@ -201,15 +203,18 @@ def _liger_loss(inputs):
 def _trl_loss(inputs, options):
     try:
         from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
     except ImportError as exc:
         raise Unavailable(f"trl's fused head is not installed ({exc})") from None
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as vocabulary_chunk
+    except ImportError:  # TRL's trainer needs accelerate and datasets, which its head does not
+        vocabulary_chunk = TRL_VOCABULARY_CHUNK
     hidden, weight, labels, old, adv, mask = inputs
     low, high = 1 - options["clip_low"], 1 + options["clip_high"]
 
     def loss():
         logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0,
-                                                         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",))
+                                                         vocabulary_chunk, None, 1.0, ("entropy",))
         ratio = torch.exp(logp - old)
         token = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high)) - options["entropy_coef"] * entropy
         return torch.where(mask, token, 0.0).sum() / mask.sum()
