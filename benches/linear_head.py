@@ -175,6 +175,15 @@ def gemm_flops(run) -> int:
     return flops
 
 
+def _runs_here(loss, hidden, name):
+    """``loss`` once it has run forward and backward here, else :class:`Unavailable` saying why."""
+    try:
+        torch.autograd.grad(loss(), (hidden,))
+    except Exception as exc:  # noqa: BLE001 -- any failure means this provider cannot run here
+        raise Unavailable(f"{name} failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return loss
+
+
 def _liger_loss(inputs):
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -192,12 +201,7 @@ def _liger_loss(inputs):
                      old_per_token_logps=old[None])
         return out[0] if isinstance(out, tuple) else out
 
-    try:
-        torch.autograd.grad(loss(), (hidden,))
-    except Exception as exc:  # noqa: BLE001 -- any failure means this provider cannot run here
-        raise Unavailable(f"Liger's loss failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
-            from None
-    return loss
+    return _runs_here(loss, hidden, "Liger's loss")
 
 
 def _trl_loss(inputs, options):
@@ -219,12 +223,7 @@ def _trl_loss(inputs, options):
         token = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high)) - options["entropy_coef"] * entropy
         return torch.where(mask, token, 0.0).sum() / mask.sum()
 
-    try:
-        torch.autograd.grad(loss(), (hidden,))
-    except Exception as exc:  # noqa: BLE001 -- any failure means this provider cannot run here
-        raise Unavailable(f"TRL's head failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
-            from None
-    return loss
+    return _runs_here(loss, hidden, "TRL's head")
 
 
 def cpu_peak_extra(provider, shape) -> int:
