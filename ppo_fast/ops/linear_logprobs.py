@@ -233,9 +233,8 @@ def _backward_vocabulary_outer(hidden, weight, bias, labels, lse, entropy, grad_
     each tile's dlogits from each row's log-sum-exp and entropy (the backend's ``tile_dlogits``), in
     the dtype the GEMMs after it take."""
     head = dispatch.implementation("linear_logprobs", hidden.device)
-    dtype = weight.dtype if weight.is_cuda else spec.compute_dtype(hidden)
 
-    def tile_dlogits(h, part, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c):
+    def tile_dlogits(h, part, dtype, lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c):
         return head.tile_dlogits(h, weight[part], None if bias is None else bias[part], part.start, weight.shape[0],
                                  lab, lse_c, entropy_c, grad_logp_c, grad_entropy_c, inv_temp, ignore_index, dtype)
 
@@ -252,10 +251,10 @@ def vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidd
     rounded once at the end into its own storage. No ``V × H`` float32 buffer: the extra memory is
     ``N × H × 2`` bytes (the accumulator beyond the gradient it becomes) plus one chunk's
     accumulator and tiles (:func:`vocabulary_tile`). Per tile:
-    ``tile_dlogits(h, part, labels_tile, *per_token_tiles)`` (``h``: the tile's hidden states;
-    ``part``: the tile's slice of the vocabulary; ``per_token``: ``[N, ...]`` tensors or None,
-    tiled as the tokens) gives its ∂loss/∂z, 0 on ignored rows, computing the tile's logits itself;
-    then one GEMM each for dhidden and dweight."""
+    ``tile_dlogits(h, part, dtype, labels_tile, *per_token_tiles)`` (``h``: the tile's hidden
+    states; ``part``: the tile's slice of the vocabulary; ``per_token``: ``[N, ...]`` tensors or
+    None, tiled as the tokens) gives its ∂loss/∂z in ``dtype``, 0 on ignored rows, computing the
+    tile's logits itself; then one GEMM each for dhidden and dweight."""
     dtype, vocab = spec.compute_dtype(hidden), weight.shape[0]
     tokens, entries = vocabulary_tile(vocab, hidden.shape[1])
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
@@ -267,13 +266,11 @@ def vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidd
         # On CUDA the GEMMs take dlogits in the weight's dtype and sum in float32 (as the
         # token-outer path does); the CPU's GEMM sums in float32 on float32 operands only, so there
         # dlogits stay float32 and the chunk of the weight is cast once, not per tile.
-        w_for_dhidden = w if w.is_cuda else w.to(dtype)
+        w_for_dhidden, dz_dtype = (w, weight.dtype) if w.is_cuda else (w.to(dtype), dtype)
         dweight_acc = torch.zeros(w.shape, dtype=dtype, device=w.device)
         dbias_acc = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_bias else None
         for start, stop, h, lab, *tiles in linear_chunks(hidden, labels, ignore_index, tokens, *per_token):
-            dz = tile_dlogits(h, part, lab, *tiles)
-            if w.is_cuda:
-                dz = dz.to(weight.dtype)
+            dz = tile_dlogits(h, part, dz_dtype, lab, *tiles)
             if need_hidden:
                 # The whole padded tile, as the token-outer order does: the GEMM's shape, so a
                 # token's bits, do not depend on how many tokens the last tile holds.
@@ -382,7 +379,7 @@ def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_en
     """``(logp, entropy, lse, sum_pi_squared)`` of ``hidden @ weight.T + bias`` tile by tile: no
     logits in memory (kernels/linear_logprobs.py)."""
     from ..kernels import linear_logprobs as kernels
-    from ..kernels.launch import accumulator, coefficients
+    from ..kernels.launch import accumulator
 
     dtype, n = out_dtype(hidden.dtype), hidden.shape[0]
     logp, entropy, lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(3))
@@ -391,7 +388,7 @@ def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_en
         hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
         weight if weight.stride(-1) == 1 else weight.contiguous(),
         None if bias is None else bias.contiguous(), labels.contiguous(), logp, entropy, lse,
-        coefficients([inv_temp], hidden.dtype, hidden.device), ignore_index, with_entropy,
+        _scalars(inv_temp, hidden.dtype, hidden.device), ignore_index, with_entropy,
         accumulator(hidden.dtype), sum_pi_squared if with_sum_pi_squared else None)
     return logp, entropy, lse, sum_pi_squared
 
@@ -432,7 +429,7 @@ def triton_tile_dlogits(h, weight, bias, first, vocab, labels, lse, entropy, gra
 
 @lru_cache(maxsize=8)
 def _scalars(inv_temp: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[1/temperature]`` on the device, made once per value rather than per tile: each copy from
+    """``[1/temperature]`` on the device, made once per value rather than per launch: each copy from
     the host waits for the device (about 1,200 tiles in one backward at a 152k vocabulary)."""
     from ..kernels.launch import coefficients
 
@@ -610,7 +607,7 @@ class _FullKLFromHeads(torch.autograd.Function):
         need_bias = need_bias and bias is not None
         dtype, inv_temp, ignore_index = spec.compute_dtype(hidden), ctx.inv_temp, ctx.ignore_index
         if vocabulary_outer(hidden.shape[0], weight, need_weight):
-            def tile_dlogits(h, part, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
+            def tile_dlogits(h, part, dz_dtype, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
                 z = torch.nn.functional.linear(h, weight[part], None if bias is None else bias[part])
                 r = torch.nn.functional.linear(h_ref, ref_weight[part], None if ref_bias is None else ref_bias[part])
                 logp = z.to(dtype).mul_(inv_temp).sub_(lse_c.unsqueeze(-1))
@@ -619,7 +616,7 @@ class _FullKLFromHeads(torch.autograd.Function):
                 p = logp.exp()
                 gap = torch.where(p > 0, logp.sub_(log_ref), 0.0).sub_(kl_c.unsqueeze(-1))
                 dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
-                return dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0)
+                return dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0).to(dz_dtype)
 
             dhidden, dweight, dbias = vocabulary_outer_grads(
                 hidden, weight, bias, labels, ignore_index, need_hidden, need_bias,
