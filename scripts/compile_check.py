@@ -20,11 +20,14 @@ different machine code than one of its rows alone (what bitwise batch invariance
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,6 +321,19 @@ def compile_case(case: Case, arch: int) -> dict:
                 warps=case.plan.num_warps)
 
 
+@functools.cache
+def _cases() -> list[Case]:
+    return cases()
+
+
+def _compile_job(job: tuple[int, int]) -> dict | str:
+    index, arch = job
+    try:
+        return compile_case(_cases()[index], arch)
+    except Exception as exc:  # a compile error is a finding to report, not a crash
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
 def batch_invariance_problems() -> list[str]:
     """A row alone and the same row inside a batch (plain, shifted [B, T, V], permuted) must get
     the same specialisation, hence the same machine code."""
@@ -443,18 +459,22 @@ def main(argv=None) -> int:
                         help="compute capability as an integer (80, 90); default: 80 and 90")
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--check", action="store_true", help="exit 1 on any problem")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compiles run at once (default: one per core this process may use)")
     args = parser.parse_args(argv)
     if not isinstance(gae._gae_kernel, JITFunction):
         parser.error("the kernels were loaded by Triton's interpreter: run without TRITON_INTERPRET=1")
+    jobs = [(index, arch) for arch in args.arch or (80, 90) for index in range(len(_cases()))]
+    # Compiling is CPU-bound and single-threaded (about 90 s serially on one core): one worker
+    # per core. Spawned, not forked: the cases' never-touched tensors (tens of GiB of address
+    # space) make the kernel refuse a fork under its default overcommit heuristic.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = list(pool.map(_compile_job, jobs))
     results, problems = [], batch_invariance_problems()
-    for arch in args.arch or (80, 90):
-        for case in cases():
-            try:
-                result = compile_case(case, arch)
-            except Exception as exc:  # a compile error is a finding to report, not a crash
-                result = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            results.append((case, arch, result))
-            problems += problems_of(case, arch, result)
+    for (index, arch), result in zip(jobs, outcomes):
+        case = _cases()[index]
+        results.append((case, arch, result))
+        problems += problems_of(case, arch, result)
     table = report(results, triton.__version__)
     if args.out:
         with open(args.out, "w") as f:
