@@ -37,6 +37,21 @@ from the forward's lse and entropy (E[s] = lse − entropy), the row backward of
 :mod:`kernels.logprobs` applied in the GEMM's epilogue: the logits never reach memory, only
 dlogits do, for the two gradient GEMMs (dhidden = dlogits·W, dW = dlogitsᵀ·x) that follow.
 
+Full KL between two heads (:func:`plan_linear_full_kl_fwd`, ``kl_estimator="full"``): the same
+tiles of the policy's logits s and, beside them, of the reference's s_ref (its own hidden states
+and weight over the same vocabulary), with one more online sum per row,
+
+    a   = Σ_v exp(s_v − m)·(s_v − s_ref,v)   (rescaled with d; a term with exp(s_v − m) = 0 is 0)
+    KL  = a/d − (lse − lse_ref)              (= Σ_v π_v (log π_v − log ρ_v))
+
+and the reference's own m and d for lse_ref, so the KL takes one pass over the two heads. Its
+backward (:func:`plan_linear_full_kl_dlogits`) recomputes both tiles and writes
+
+    ∂KL/∂z_v · g = π_v (log π_v − log ρ_v − KL) · g / τ
+
+for the same two gradient GEMMs. Both kernels take :func:`full_kl_tile_plan` (two float32 tiles
+live at once) and serve heads of one dtype.
+
 Rows whose label is ``ignore_index``, and rows past the end of the batch, are never loaded:
 whatever their hidden state holds changes nothing, and a tile holding only such rows skips the
 vocabulary loop. A label outside ``[0, V)`` that is not ``ignore_index`` gives NaN outputs rather
@@ -66,6 +81,9 @@ POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logp_ptr", "e
             "lse_ptr", "sum_sq_ptr", "scalars_ptr"]
 DLOGITS_POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "lse_ptr", "entropy_ptr",
                     "grad_logp_ptr", "grad_entropy_ptr", "scalars_ptr", "dlogits_ptr"]
+FULL_KL_POINTERS = ["hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr",
+                    "labels_ptr", "kl_ptr", "lse_ptr", "ref_lse_ptr", "grad_kl_ptr", "scalars_ptr", "dlogits_ptr"]
+FULL_KL_ADDRESSING = BATCH_ADDRESSING + ["stride_rn", "stride_rv"]
 
 
 @triton.jit
@@ -99,6 +117,46 @@ def tile_logits(
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     return acc
+
+
+@triton.jit
+def to_element(
+    x,  # float32 or float64
+    ELEMENT: tl.constexpr,
+    BY_SUM: tl.constexpr,  # the interpreter (see INTERPRETED)
+):
+    """x cast to ELEMENT, rounded to nearest even on every backend. The interpreter casts float32
+    to bfloat16 by truncation (triton 3.6 and 3.9: 0.02 off in a log-sum-exp of logits of a few
+    units); there the rounding is done on the bits first, which the cast then keeps."""
+    if BY_SUM and ELEMENT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(ELEMENT)
+
+
+@triton.jit
+def scaled_tile(
+    h_rows,  # [BLOCK_N, 1] pointers to hidden[row, 0], unit column stride
+    read,  # [BLOCK_N] bool: rows to load
+    w_rows,  # [BLOCK_V, 1] pointers to weight[col, 0], unit column stride
+    in_vocab,  # [BLOCK_V] bool: columns to load
+    bias_ptr,  # [V] or the entries' part of it (not read without HAS_BIAS)
+    cols,  # [BLOCK_V] the columns' offsets into bias_ptr
+    H,
+    inv_temp,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BY_SUM: tl.constexpr,
+):
+    """A tile of the head's logits as the forward computes them (:func:`tile_logits`, plus the
+    bias, rounded once to the inputs' dtype), divided by the temperature, in ACC."""
+    z = tile_logits(h_rows, read, w_rows, in_vocab, H, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=in_vocab, other=0.0).to(ACC)[None, :]
+    return to_element(z, h_rows.dtype.element_ty, BY_SUM).to(ACC) * inv_temp
 
 
 @triton.jit(do_not_specialize=BATCH_ADDRESSING, do_not_specialize_on_alignment=POINTERS)
@@ -153,14 +211,12 @@ def _linear_logprobs_fwd_kernel(
         w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv
         if ALIGNED:
             w_rows = tl.multiple_of(w_rows, [16, 16])
-        z = tile_logits(h_rows, read, w_rows, in_vocab, H, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols, mask=in_vocab, other=0.0).to(ACC)[None, :]
         # Rounded once to the inputs' dtype, as ``hidden @ weight.T + bias`` stores its logits: the
         # statistics are those of the model's own logits, and the backward, which recomputes them
         # with a GEMM in that dtype, differentiates the same numbers.
-        z = z.to(hidden_ptr.dtype.element_ty).to(ACC)
-        s = tl.where(in_vocab[None, :], z * inv_temp, float("-inf"))
+        s = scaled_tile(h_rows, read, w_rows, in_vocab, bias_ptr, cols, H, inv_temp,
+                        BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, ACC, BY_SUM)
+        s = tl.where(in_vocab[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row of −inf so far keeps m_new = −inf; exp(−inf − −inf) would be NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -233,10 +289,8 @@ def _linear_logprobs_dlogits_kernel(
         w_rows = tl.multiple_of(w_rows, [16, 16])
     # A tile of ignored rows skips the H loop; its gradient is 0.
     n_hidden = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, H, 0)
-    z = tile_logits(h_rows, active, w_rows, in_entries, n_hidden, BLOCK_N, BLOCK_V, BLOCK_H, ACC, BY_SUM)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=in_entries, other=0.0).to(ACC)[None, :]
-    s = z.to(hidden_ptr.dtype.element_ty).to(ACC) * inv_temp
+    s = scaled_tile(h_rows, active, w_rows, in_entries, bias_ptr, cols, n_hidden, inv_temp,
+                    BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, ACC, BY_SUM)
     # An active row with a label outside [0, V) has lse NaN from the forward: NaN here too.
     lse = tl.load(lse_ptr + rows, mask=in_batch, other=0.0).to(ACC)
     g = tl.load(grad_logp_ptr + rows, mask=in_batch, other=0.0).to(ACC)
@@ -247,8 +301,164 @@ def _linear_logprobs_dlogits_kernel(
         expected = lse - tl.load(entropy_ptr + rows, mask=in_batch, other=0.0).to(ACC)
         ds -= h[:, None] * tl.where(p > 0, p * (s - expected[:, None]), 0.0)
     ds = tl.where(active[:, None], ds * inv_temp, 0.0)
-    tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :], ds.to(dlogits_ptr.dtype.element_ty),
-             mask=in_batch[:, None] & in_entries[None, :])
+    tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :],
+             to_element(ds, dlogits_ptr.dtype.element_ty, BY_SUM), mask=in_batch[:, None] & in_entries[None, :])
+
+
+@triton.jit(do_not_specialize=FULL_KL_ADDRESSING, do_not_specialize_on_alignment=FULL_KL_POINTERS)
+def _linear_full_kl_fwd_kernel(
+    hidden_ptr,  # [N, H], unit column stride, rows stride_hn apart
+    stride_hn,
+    weight_ptr,  # [V, H] hidden's dtype, unit column stride, rows stride_wv apart
+    stride_wv,
+    bias_ptr,  # [V] contiguous (not read without HAS_BIAS)
+    ref_hidden_ptr,  # [N, H_ref] hidden's dtype, unit column stride, rows stride_rn apart
+    stride_rn,
+    ref_weight_ptr,  # [V, H_ref] hidden's dtype, unit column stride, rows stride_rv apart
+    stride_rv,
+    ref_bias_ptr,  # [V] contiguous (not read without HAS_REF_BIAS)
+    labels_ptr,  # [N] int64, contiguous: only ignore_index is looked at
+    kl_ptr,  # [N] out, ACC dtype
+    lse_ptr,  # [N] out, ACC dtype: the policy's log-sum-exp of s
+    ref_lse_ptr,  # [N] out, ACC dtype: the reference's
+    scalars_ptr,  # [1] ACC dtype: 1/temperature
+    n_rows,
+    H,
+    H_ref,
+    V,
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    REF_BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    ALIGNED: tl.constexpr,  # all four matrices' base and row stride are 16-byte multiples
+    ACC: tl.constexpr,
+    BY_SUM: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_batch = rows < n_rows
+    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
+    active = (labels != ignore_index) & in_batch
+    inv_temp = tl.load(scalars_ptr)
+    h_rows = hidden_ptr + rows[:, None] * stride_hn
+    r_rows = ref_hidden_ptr + rows[:, None] * stride_rn
+    if ALIGNED:
+        h_rows = tl.multiple_of(h_rows, [16, 16])
+        r_rows = tl.multiple_of(r_rows, [16, 16])
+
+    m = tl.full((BLOCK_N,), float("-inf"), ACC)
+    d = tl.zeros((BLOCK_N,), ACC)
+    a = tl.zeros((BLOCK_N,), ACC)
+    m_ref = tl.full((BLOCK_N,), float("-inf"), ACC)
+    d_ref = tl.zeros((BLOCK_N,), ACC)
+    n_vocab = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
+    for start in range(0, n_vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < V
+        w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv
+        rw_rows = ref_weight_ptr + cols.to(tl.int64)[:, None] * stride_rv
+        if ALIGNED:
+            w_rows = tl.multiple_of(w_rows, [16, 16])
+            rw_rows = tl.multiple_of(rw_rows, [16, 16])
+        s = scaled_tile(h_rows, active, w_rows, in_vocab, bias_ptr, cols, H, inv_temp,
+                        BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, ACC, BY_SUM)
+        s = tl.where(in_vocab[None, :], s, float("-inf"))
+        # Past the vocabulary s_ref is 0 (loads of 0), so s − s_ref there is −inf, not −inf − −inf.
+        s_ref = scaled_tile(r_rows, active, rw_rows, in_vocab, ref_bias_ptr, cols, H_ref, inv_temp,
+                            BLOCK_N, BLOCK_V, REF_BLOCK_H, HAS_REF_BIAS, ACC, BY_SUM)
+
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(s - m_safe[:, None])
+        d = d * rescale + tl.sum(e, axis=1)
+        # π_v = 0 adds nothing whatever ρ_v is (0·log 0 = 0); ρ_v = 0 under π_v > 0 adds +inf.
+        a = a * rescale + tl.sum(e * tl.where(e > 0, s - s_ref, 0.0), axis=1)
+        m = m_new
+
+        s_ref = tl.where(in_vocab[None, :], s_ref, float("-inf"))
+        m_ref_new = tl.maximum(m_ref, tl.max(s_ref, axis=1))
+        m_ref_safe = tl.where(m_ref_new == float("-inf"), 0.0, m_ref_new)
+        d_ref = d_ref * tl.exp(m_ref - m_ref_safe) + tl.sum(tl.exp(s_ref - m_ref_safe[:, None]), axis=1)
+        m_ref = m_ref_new
+
+    lse = m + tl.log(d)
+    ref_lse = m_ref + tl.log(d_ref)
+    tl.store(kl_ptr + rows, tl.where(active, a / d - (lse - ref_lse), 0.0), mask=in_batch)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_batch)
+    tl.store(ref_lse_ptr + rows, tl.where(active, ref_lse, 0.0), mask=in_batch)
+
+
+@triton.jit(do_not_specialize=FULL_KL_ADDRESSING + ["stride_dn", "E"],
+            do_not_specialize_on_alignment=FULL_KL_POINTERS)
+def _linear_full_kl_dlogits_kernel(
+    hidden_ptr,  # [N, H], unit column stride, rows stride_hn apart
+    stride_hn,
+    weight_ptr,  # [E, H] entries first .. first + E − 1 of the policy's weight, rows stride_wv apart
+    stride_wv,
+    bias_ptr,  # [E] the same entries of the bias (not read without HAS_BIAS)
+    ref_hidden_ptr,  # [N, H_ref], unit column stride, rows stride_rn apart
+    stride_rn,
+    ref_weight_ptr,  # [E, H_ref] the same entries of the reference's weight, rows stride_rv apart
+    stride_rv,
+    ref_bias_ptr,  # [E] (not read without HAS_REF_BIAS)
+    labels_ptr,  # [N] int64, contiguous
+    kl_ptr,  # [N] ACC dtype, contiguous: the forward's
+    lse_ptr,  # [N] ACC dtype, contiguous: the forward's
+    ref_lse_ptr,  # [N] ACC dtype, contiguous: the forward's
+    grad_kl_ptr,  # [N] contiguous
+    scalars_ptr,  # [1] ACC dtype: 1/temperature
+    dlogits_ptr,  # [N, E] out, any float dtype, unit column stride, rows stride_dn apart
+    stride_dn,
+    n_rows,
+    H,
+    H_ref,
+    E,
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    REF_BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ACC: tl.constexpr,
+    BY_SUM: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_batch = rows < n_rows
+    in_entries = cols < E
+    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
+    active = (labels != ignore_index) & in_batch
+    inv_temp = tl.load(scalars_ptr)
+    h_rows = hidden_ptr + rows[:, None] * stride_hn
+    w_rows = weight_ptr + cols[:, None] * stride_wv
+    r_rows = ref_hidden_ptr + rows[:, None] * stride_rn
+    rw_rows = ref_weight_ptr + cols[:, None] * stride_rv
+    if ALIGNED:
+        h_rows = tl.multiple_of(h_rows, [16, 16])
+        w_rows = tl.multiple_of(w_rows, [16, 16])
+        r_rows = tl.multiple_of(r_rows, [16, 16])
+        rw_rows = tl.multiple_of(rw_rows, [16, 16])
+    # A tile of ignored rows skips both H loops; its gradient is 0.
+    any_active = tl.max(active.to(tl.int32), axis=0) > 0
+    s = scaled_tile(h_rows, active, w_rows, in_entries, bias_ptr, cols, tl.where(any_active, H, 0), inv_temp,
+                    BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, ACC, BY_SUM)
+    s_ref = scaled_tile(r_rows, active, rw_rows, in_entries, ref_bias_ptr, cols, tl.where(any_active, H_ref, 0),
+                        inv_temp, BLOCK_N, BLOCK_V, REF_BLOCK_H, HAS_REF_BIAS, ACC, BY_SUM)
+    lse = tl.load(lse_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+    ref_lse = tl.load(ref_lse_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+    kl = tl.load(kl_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+    g = tl.load(grad_kl_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+    log_p = s - lse[:, None]
+    p = tl.exp(log_p)
+    gap = tl.where(p > 0, log_p - (s_ref - ref_lse[:, None]), 0.0)
+    ds = tl.where(active[:, None], p * (gap - kl[:, None]) * (g * inv_temp)[:, None], 0.0)
+    tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :],
+             to_element(ds, dlogits_ptr.dtype.element_ty, BY_SUM), mask=in_batch[:, None] & in_entries[None, :])
 
 
 @dataclass(frozen=True)
@@ -287,6 +497,20 @@ def tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
     block_v = min(block_v, max(MIN_DOT, triton.next_power_of_2(V)))
     block_h = min(block_h, max(MIN_DOT, triton.next_power_of_2(H)))
     return TilePlan(block_n, block_v, block_h, warps, stages)
+
+
+def full_kl_tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
+    """The full KL's plan, forward and backward: two heads' tiles live at once, so its tiles are 16
+    vocabulary entries wide for 16-bit and float32 inputs, and 32 tokens tall for float32: the
+    widest that compile without a spill for sm_80 and sm_90 under Triton 3.6 and 3.9 (searched over
+    tile heights, widths, H blocks and warps; the compile check's table). Otherwise the backward's
+    plan (:func:`dlogits_tile_plan`)."""
+    plan = dlogits_tile_plan(H, V, dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        return replace(plan, block_v=MIN_DOT)
+    if dtype == torch.float32:
+        return replace(plan, block_n=32, block_v=MIN_DOT)
+    return plan
 
 
 def dlogits_tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
@@ -385,5 +609,75 @@ def plan_linear_logprobs_dlogits(hidden, weight, bias, first, vocab, labels, lse
 def linear_logprobs_dlogits(*args, **kwargs) -> None:
     """Runs :func:`plan_linear_logprobs_dlogits`'s plan (arguments as there); nothing for no rows or entries."""
     plan = plan_linear_logprobs_dlogits(*args, **kwargs)
+    if plan.grid[0] and plan.grid[1]:
+        plan()
+
+
+def _full_kl_launch(kernel, grid, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, vocab, head_args,
+                    acc) -> StagedLaunch:
+    for matrix, name in ((hidden, "hidden"), (weight, "weight"), (ref_hidden, "ref_hidden"),
+                         (ref_weight, "ref_weight")):
+        _rows_unit(matrix, name)
+    if len({hidden.dtype, weight.dtype, ref_hidden.dtype, ref_weight.dtype}) != 1:
+        raise ValueError(f"the two heads must share one dtype, got hidden {hidden.dtype}, ref_hidden "
+                         f"{ref_hidden.dtype}, weights {weight.dtype} and {ref_weight.dtype}")
+    H, H_ref = hidden.shape[1], ref_hidden.shape[1]
+    plan = full_kl_tile_plan(H, vocab, hidden.dtype)
+    has_bias, has_ref_bias = bias is not None, ref_bias is not None
+    # Without a bias the kernel is handed the weight in its place, never read.
+    return StagedLaunch(
+        kernel, grid(plan),
+        (hidden, hidden.stride(0), weight, weight.stride(0), bias if has_bias else weight,
+         ref_hidden, ref_hidden.stride(0), ref_weight, ref_weight.stride(0),
+         ref_bias if has_ref_bias else ref_weight, *head_args),
+        dict(BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, BLOCK_H=plan.block_h,
+             REF_BLOCK_H=full_kl_tile_plan(H_ref, vocab, hidden.dtype).block_h, HAS_BIAS=has_bias,
+             HAS_REF_BIAS=has_ref_bias, ALIGNED=_aligned(hidden, weight, ref_hidden, ref_weight), ACC=acc,
+             BY_SUM=INTERPRETED),
+        plan.num_warps, plan.num_stages)
+
+
+def plan_linear_full_kl_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kl, lse, ref_lse,
+                            scalars, ignore_index, acc) -> StagedLaunch:
+    """The full KL of the N rows of the policy's head (``hidden`` [N, H], ``weight`` [V, H],
+    ``bias`` [V] or None) to the reference's (``ref_hidden`` [N, H_ref], ``ref_weight`` [V, H_ref],
+    ``ref_bias`` [V] or None), all of one dtype, matrices with unit column stride, biases and
+    ``labels`` [N] int64 contiguous. ``kl``, ``lse``, ``ref_lse``: preallocated contiguous [N]
+    outputs of dtype ``acc``, all written (0 on ignored rows); ``scalars``: ``[1/temperature]``."""
+    n_rows, V = hidden.shape[0], weight.shape[0]
+    return _full_kl_launch(
+        _linear_full_kl_fwd_kernel, lambda plan: (triton.cdiv(n_rows, plan.block_n),),
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, V,
+        (labels, kl, lse, ref_lse, scalars, n_rows, hidden.shape[1], ref_hidden.shape[1], V, ignore_index), acc)
+
+
+def linear_full_kl_fwd(*args, **kwargs) -> None:
+    """Runs :func:`plan_linear_full_kl_fwd`'s plan (arguments as there); nothing for N = 0."""
+    plan = plan_linear_full_kl_fwd(*args, **kwargs)
+    if plan.grid[0]:
+        plan()
+
+
+def plan_linear_full_kl_dlogits(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, vocab, labels, kl, lse,
+                                ref_lse, grad_kl, scalars, ignore_index, dlogits, acc) -> StagedLaunch:
+    """``grad_kl · ∂KL/∂z`` of the N rows over a range of E vocabulary entries, whose rows of the
+    two weights are ``weight`` [E, H] and ``ref_weight`` [E, H_ref] and of the biases ``bias`` and
+    ``ref_bias`` [E] (or None), into ``dlogits`` [N, E] (unit column stride, any float dtype);
+    ``kl``, ``lse``, ``ref_lse`` as :func:`plan_linear_full_kl_fwd` wrote them, ``grad_kl`` [N].
+    The tiles come from the whole head's plan (``vocab`` entries), so a logit is computed alike
+    whatever the range."""
+    _rows_unit(dlogits, "dlogits")
+    n_rows, entries = hidden.shape[0], weight.shape[0]
+    return _full_kl_launch(
+        _linear_full_kl_dlogits_kernel,
+        lambda plan: (triton.cdiv(n_rows, plan.block_n), triton.cdiv(entries, plan.block_v)),
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, vocab,
+        (labels, kl, lse, ref_lse, grad_kl, scalars, dlogits, dlogits.stride(0), n_rows, hidden.shape[1],
+         ref_hidden.shape[1], entries, ignore_index), acc)
+
+
+def linear_full_kl_dlogits(*args, **kwargs) -> None:
+    """Runs :func:`plan_linear_full_kl_dlogits`'s plan (arguments as there); nothing for no rows or entries."""
+    plan = plan_linear_full_kl_dlogits(*args, **kwargs)
     if plan.grid[0] and plan.grid[1]:
         plan()

@@ -144,6 +144,34 @@ def linear_dlogits_plan(n_rows: int, H: int, V: int, dtype, bias=True, grad_entr
         torch.ones(1, dtype=_out(dtype)), -100, torch.empty(n, entries, dtype=dtype), _acc(dtype))
 
 
+def full_kl_fwd_plan(n_rows: int, H: int, H_ref: int, V: int, dtype, bias=True, hidden=None) -> Launch:
+    """The full KL between a ``[V, H]`` policy head and a ``[V, H_ref]`` reference head; ``bias``
+    for both or neither."""
+    hidden = torch.empty(n_rows, H, dtype=dtype) if hidden is None else hidden
+    n = hidden.shape[0]
+    vec = torch.empty(n, dtype=_out(dtype))
+    bias_of = lambda: torch.empty(V, dtype=dtype) if bias else None  # noqa: E731
+    return linear.plan_linear_full_kl_fwd(
+        hidden, torch.empty(V, H, dtype=dtype), bias_of(), torch.empty(n, H_ref, dtype=dtype),
+        torch.empty(V, H_ref, dtype=dtype), bias_of(), torch.zeros(n, dtype=torch.int64), vec, vec, vec,
+        torch.ones(1, dtype=_out(dtype)), -100, _acc(dtype))
+
+
+def full_kl_dlogits_plan(n_rows: int, H: int, H_ref: int, V: int, dtype, bias=True, first=0, entries=None,
+                         hidden=None) -> Launch:
+    """Its backward over the entries ``first`` to ``first + entries − 1`` (all by default)."""
+    hidden = torch.empty(n_rows, H, dtype=dtype) if hidden is None else hidden
+    entries = V - first if entries is None else entries
+    part = slice(first, first + entries)
+    n = hidden.shape[0]
+    vec = torch.empty(n, dtype=_out(dtype))
+    bias_of = lambda: torch.empty(V, dtype=dtype)[part] if bias else None  # noqa: E731
+    return linear.plan_linear_full_kl_dlogits(
+        hidden, torch.empty(V, H, dtype=dtype)[part], bias_of(), torch.empty(n, H_ref, dtype=dtype),
+        torch.empty(V, H_ref, dtype=dtype)[part], bias_of(), V, torch.zeros(n, dtype=torch.int64), vec, vec, vec,
+        vec, torch.ones(1, dtype=_out(dtype)), -100, torch.empty(n, entries, dtype=dtype), _acc(dtype))
+
+
 def gae_plan(max_len: int, dtype=torch.float32) -> Launch:
     total = 4 * max_len
     vec = torch.empty(total, dtype=dtype)
@@ -227,6 +255,15 @@ def cases() -> list[Case]:
                     linear_dlogits_plan(2, 100, 7, torch.bfloat16)))
     out.append(Case("linear dlogits", f"bfloat16 H=4096 V={ALIGNED_V} entries 4096-8191 bias=True grad_entropy=True",
                     linear_dlogits_plan(2, 4096, ALIGNED_V, torch.bfloat16, first=4096, entries=4096)))
+    # The full KL between two heads: the policy's and a reference of the same shape, or a smaller
+    # reference (a 2048-wide head beside a 4096-wide policy), and a range of the vocabulary.
+    for dtype in LOGITS_DTYPES:
+        for H, H_ref, V, bias in ((4096, 4096, ALIGNED_V, True), (4097, 2048, UNALIGNED_V, False)):
+            config = f"{_short(dtype)} H={H} H_ref={H_ref} V={V} bias={bias}"
+            out.append(Case("full kl fwd", config, full_kl_fwd_plan(2, H, H_ref, V, dtype, bias)))
+            out.append(Case("full kl dlogits", config, full_kl_dlogits_plan(2, H, H_ref, V, dtype, bias)))
+    out.append(Case("full kl dlogits", f"bfloat16 H=4096 H_ref=4096 V={ALIGNED_V} entries 4096-8191 bias=True",
+                    full_kl_dlogits_plan(2, 4096, 4096, ALIGNED_V, torch.bfloat16, first=4096, entries=4096)))
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
@@ -370,6 +407,18 @@ def batch_invariance_problems() -> list[str]:
         "row alone": linear_dlogits_plan(1, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8]),
         "vocabulary range": linear_dlogits_plan(15, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden, first=4096,
                                                 entries=1001),
+    })
+    problems += _differing("full kl fwd", {
+        "batch": full_kl_fwd_plan(15, 4096, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden),
+        "row alone": full_kl_fwd_plan(1, 4096, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8]),
+        "row copied": full_kl_fwd_plan(1, 4096, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden[7:8].clone()),
+        "permuted batch": full_kl_fwd_plan(15, 4096, 4096, ALIGNED_V, torch.bfloat16,
+                                           hidden=hidden[torch.randperm(15)]),
+    })
+    problems += _differing("full kl dlogits", {
+        "batch": full_kl_dlogits_plan(15, 4096, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden),
+        "vocabulary range": full_kl_dlogits_plan(15, 4096, 4096, ALIGNED_V, torch.bfloat16, hidden=hidden,
+                                                 first=4096, entries=1001),
     })
     weight_input = torch.empty(15, 896, dtype=torch.bfloat16)
     for bias in (False, True):

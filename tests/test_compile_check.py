@@ -22,8 +22,8 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = table.read_text()
-    for kernel in ("logprobs fwd", "logprobs bwd", "ppo fwd", "linear fwd", "linear dlogits", "gae", "bi matmul",
-                   "bi row reduce", "bi attention"):
+    for kernel in ("logprobs fwd", "logprobs bwd", "ppo fwd", "linear fwd", "linear dlogits", "full kl fwd",
+                   "full kl dlogits", "gae", "bi matmul", "bi row reduce", "bi attention"):
         for arch in ("sm_80", "sm_90"):
             assert f"| {kernel} |" in text and arch in text
     assert "compile error" not in text

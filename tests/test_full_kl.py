@@ -249,12 +249,16 @@ def test_both_forms_compile_in_one_graph():
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend_name", ["default", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_heads_full_kl_with_16_bit_weights_goes_vocabulary_outer(monkeypatch, dtype):
+def test_the_heads_full_kl_with_16_bit_weights_goes_vocabulary_outer(monkeypatch, dtype, backend_name):
     """Fewer tokens than vocabulary entries: the KL's backward takes the vocabulary-outer order
     (13 chunks of 16 entries over tiles of 16 tokens), allocates no float32 buffer of the weight's
     size, and its gradients are within twice those of the token-outer order from the float64 spec,
-    with NaN in the reference's ignored rows reaching nothing."""
+    with NaN in the reference's ignored rows reaching nothing. The default backend's reference head
+    is float32 (GEMMs over both heads); on Triton it has the policy's dtype, so each tile's
+    dlogits come from the kernel (the interpreter copies the kernel's arguments, so the allocation
+    bound is checked on the default backend only)."""
     from test_linear_head import _largest_allocation
 
     N, H, H_ref, V = 37, 24, 10, 203
@@ -264,8 +268,11 @@ def test_the_heads_full_kl_with_16_bit_weights_goes_vocabulary_outer(monkeypatch
     hidden = torch.randn(N, H).to(dtype).requires_grad_()
     weight = (torch.randn(V, H) / 3).to(dtype).requires_grad_()
     bias = torch.randn(V).to(dtype).requires_grad_()
-    ref_hidden, ref_weight = torch.randn(N, H_ref), torch.randn(V, H_ref) / 3
+    ref_dtype = torch.float32 if backend_name == "default" else dtype
+    ref_hidden, ref_weight = torch.randn(N, H_ref).to(ref_dtype), (torch.randn(V, H_ref) / 3).to(ref_dtype)
     ref_hidden[4] = float("nan")
+    if backend_name == "triton":
+        monkeypatch.setenv("PPO_FAST_BACKEND", "triton")
     upstream = torch.randn(N)
 
     def kl_grads(*inputs):
@@ -274,7 +281,9 @@ def test_the_heads_full_kl_with_16_bit_weights_goes_vocabulary_outer(monkeypatch
 
     exact = kl_grads(*(t.detach().double().requires_grad_() for t in (hidden, weight, bias)))
     kl = linear_logprobs.full_kl_from_heads(hidden, weight, bias, ref_hidden, ref_weight, None, labels, 0.8, -100)
-    assert _largest_allocation(lambda: torch.autograd.grad((kl * upstream).sum(), (hidden, weight, bias))) < V * H * 4
+    if backend_name == "default":
+        largest = _largest_allocation(lambda: torch.autograd.grad((kl * upstream).sum(), (hidden, weight, bias)))
+        assert largest < V * H * 4
     outer = kl_grads(hidden, weight, bias)
     monkeypatch.setattr(linear_logprobs, "vocabulary_outer", lambda *args: False)
     inner = kl_grads(hidden, weight, bias)
@@ -282,3 +291,137 @@ def test_the_heads_full_kl_with_16_bit_weights_goes_vocabulary_outer(monkeypatch
         assert got.dtype == dtype and not torch.isnan(got).any(), name
         rounding = torch.finfo(dtype).eps * want.abs().max().item()
         assert (got.double() - want).abs().max() <= 2 * (other.double() - want).abs().max() + rounding, name
+
+
+# --------------------------------------------------------------------------------------------
+# The two heads on Triton: one forward kernel, one dlogits kernel per chunk or tile
+# --------------------------------------------------------------------------------------------
+
+F64 = torch.float64
+
+
+def _two_heads(N, H, H_ref, V, dtype, device, bias=True, seed=3):
+    """Policy and reference heads of one dtype, an ignored row 1 whose hidden states hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(device=device, dtype=dtype)
+
+    hidden, weight, ref_hidden, ref_weight = draw(N, H), draw(V, H, scale=3 / H ** 0.5), draw(N, H_ref), \
+        draw(V, H_ref, scale=3 / H_ref ** 0.5)
+    b, ref_b = (draw(V), draw(V)) if bias else (None, None)
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    labels[1] = -100
+    hidden[1], ref_hidden[1] = float("nan"), float("nan")
+    return hidden, weight, b, ref_hidden, ref_weight, ref_b, labels
+
+
+def _kernel_logits(hidden, weight, bias, active):
+    """A head's logits as the kernels make them, in float64: summed in float32 (float64 for float64
+    inputs), the bias added, rounded once to the inputs' dtype; ignored rows from zeros."""
+    acc = F64 if hidden.dtype == F64 else torch.float32
+    clean = torch.where(active.unsqueeze(-1), hidden, 0.0).to(acc)
+    z = torch.nn.functional.linear(clean, weight.to(acc), None if bias is None else bias.to(acc))
+    return z.to(hidden.dtype).double()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_triton_heads_full_kl_and_its_gradients_match_the_spec(dtype, bias, force_backend, device,
+                                                                   monkeypatch):
+    """An odd 13 x 37 policy head and a 21-wide reference over V = 203 at temperature 0.7: the KL
+    and the gradients of hidden, weight and bias (upstream ≠ 1) against float64 through the spec
+    over the same logits (the chain rule through them: dhidden = dz·W, dW = dzᵀ·x), NaN in both
+    hidden states of the ignored row reaching nothing. The forward runs no GEMM and the backward
+    two (dhidden, dweight), where the GEMM path runs two and four."""
+    from test_linear_head import _gemm_flops
+
+    N, H, H_ref, V, temperature = 13, 37, 21, 203, 0.7
+    # Chunks of 16 tokens (the least): the interpreter runs each padding row's tiles too.
+    monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 16 * V * 4)
+    hidden, weight, b, ref_hidden, ref_weight, ref_b, labels = _two_heads(N, H, H_ref, V, dtype, device, bias)
+    active = labels != -100
+    upstream = torch.randn(N, dtype=F64, generator=torch.Generator().manual_seed(7)).to(device)
+    inputs = [t.clone().requires_grad_() for t in (hidden, weight, b) if t is not None]
+
+    def kl_and_grads():
+        kl = linear_logprobs.full_kl_from_heads(inputs[0], inputs[1], inputs[2] if bias else None, ref_hidden,
+                                                ref_weight, ref_b, labels, temperature, -100)
+        return kl, torch.autograd.grad((kl * upstream.to(kl)).sum(), inputs)
+
+    with force_backend("triton"):
+        kl, grads = kl_and_grads()
+        if dtype == torch.float32 and bias:
+            padded = linear_logprobs.linear_chunk_tokens(V, dtype)
+            assert _gemm_flops(lambda: linear_logprobs.full_kl_from_heads(
+                hidden, weight, b, ref_hidden, ref_weight, ref_b, labels, temperature, -100)) == 0
+            assert _gemm_flops(kl_and_grads) == 2 * (2 * padded * H * V)
+    z = _kernel_logits(hidden, weight, b, active).requires_grad_()
+    expected = torch.where(active, spec.full_kl(z, _kernel_logits(ref_hidden, ref_weight, ref_b, active),
+                                                temperature), 0.0)
+    (dz,) = torch.autograd.grad((expected * upstream).sum(), z)
+    clean = torch.where(active.unsqueeze(-1), hidden, 0.0).double()
+    expected_grads = [dz @ weight.double(), dz.t() @ clean, dz.sum(0)][:len(inputs)]
+    # Relative to the largest value: float64 is exact to rounding; float32 sums in float32 (the
+    # logits in another order than the reference's GEMM); bfloat16 gradients are rounded to
+    # bfloat16 twice (dlogits, then the GEMMs'), the KL not at all.
+    kl_tolerance = 1e-12 if dtype == F64 else 2e-6
+    grad_tolerance = {F64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
+    assert kl.dtype == linear_logprobs.out_dtype(dtype) and kl[1] == 0
+    torch.testing.assert_close(kl.double(), expected, rtol=0, atol=kl_tolerance * expected.abs().max().item())
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, expected_grads):
+        assert got.dtype == dtype and not torch.isnan(got).any(), name
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=grad_tolerance * want.abs().max().item(),
+                                   msg=name)
+    assert expected.max() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_triton_full_kl_does_not_depend_on_the_batch_and_its_dlogits_not_on_the_range(dtype,
+                                                                                              force_backend, device):
+    """Bitwise: a row's KL alone, in the batch and at another position; the dlogits kernel over
+    any range of the vocabulary gives the columns of the whole."""
+    N, H, H_ref, V, inv_temp = 11, 24, 16, 150, 1 / 0.8
+    hidden, weight, b, ref_hidden, ref_weight, ref_b, labels = _two_heads(N, H, H_ref, V, dtype, device)
+
+    def kl(rows):
+        with force_backend("triton"):
+            return linear_logprobs.full_kl_from_heads(hidden[rows], weight, b, ref_hidden[rows], ref_weight, ref_b,
+                                                      labels[rows], 0.8, -100)
+
+    whole = kl(torch.arange(N))
+    shuffled = torch.randperm(N)
+    assert torch.equal(kl(shuffled), whole[shuffled])
+    assert torch.equal(kl(torch.tensor([6])), whole[6:7])
+
+    kl, lse, ref_lse = linear_logprobs.triton_full_kl_forward(hidden, weight, b, ref_hidden, ref_weight, ref_b,
+                                                              labels, inv_temp, -100)
+    upstream = torch.randn(N, device=device, dtype=kl.dtype)
+
+    def dlogits(first=0, entries=V):
+        part = slice(first, first + entries)
+        return linear_logprobs.triton_full_kl_dlogits(hidden, weight[part], b[part], ref_hidden, ref_weight[part],
+                                                      ref_b[part], V, labels, kl, lse, ref_lse, upstream, inv_temp,
+                                                      -100, kl.dtype)
+
+    every = dlogits()
+    assert (every[1] == 0).all() and not torch.isnan(every).any()
+    for first, entries in ((16, 64), (100, 50), (37, 1), (0, 149)):
+        assert torch.equal(dlogits(first, entries), every[:, first:first + entries]), (first, entries)
+
+
+def test_the_triton_heads_full_kl_of_a_head_to_itself_is_zero_and_a_banned_token_an_error(force_backend, device):
+    """Exactly 0 (value and gradient) for the reference equal to the policy; +inf where the
+    reference alone bans a token is the error naming the token, never an inf loss; a token banned by
+    both adds nothing."""
+    hidden, weight, b, _, _, _, labels = _two_heads(9, 20, 20, 70, torch.float32, device)
+    b[5] = float("-inf")
+    with force_backend("triton"):
+        x = hidden.clone().requires_grad_()
+        kl = linear_logprobs.full_kl_from_heads(x, weight, b, hidden, weight, b, labels, 0.9, -100)
+        (grad,) = torch.autograd.grad(kl.sum(), x)
+        assert bool((kl == 0).all()) and bool((grad == 0).all())
+        banned = b.clone()
+        banned[11] = float("-inf")
+        with pytest.raises(ValueError, match=r"the reference head's logits at token 0 .* the full KL is \+inf"):
+            linear_logprobs.full_kl_from_heads(hidden, weight, b, hidden, weight, banned, labels, 0.9, -100)

@@ -375,6 +375,15 @@ def chunked_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_e
     return tuple(outputs)
 
 
+def _unit_columns(matrix: Tensor) -> Tensor:
+    """The kernels read rows with unit column stride; any row stride serves."""
+    return matrix if matrix.stride(-1) == 1 else matrix.contiguous()
+
+
+def _contiguous(vector: Optional[Tensor]) -> Optional[Tensor]:
+    return None if vector is None else vector.contiguous()
+
+
 def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_entropy, with_sum_pi_squared):
     """``(logp, entropy, lse, sum_pi_squared)`` of ``hidden @ weight.T + bias`` tile by tile: no
     logits in memory (kernels/linear_logprobs.py)."""
@@ -385,9 +394,7 @@ def triton_forward(hidden, weight, bias, labels, inv_temp, ignore_index, with_en
     logp, entropy, lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(3))
     sum_pi_squared = (torch.empty if with_sum_pi_squared else torch.zeros)(n, dtype=dtype, device=hidden.device)
     kernels.linear_logprobs_fwd(
-        hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-        weight if weight.stride(-1) == 1 else weight.contiguous(),
-        None if bias is None else bias.contiguous(), labels.contiguous(), logp, entropy, lse,
+        _unit_columns(hidden), _unit_columns(weight), _contiguous(bias), labels.contiguous(), logp, entropy, lse,
         _scalars(inv_temp, hidden.dtype, hidden.device), ignore_index, with_entropy,
         accumulator(hidden.dtype), sum_pi_squared if with_sum_pi_squared else None)
     return logp, entropy, lse, sum_pi_squared
@@ -420,9 +427,8 @@ def triton_tile_dlogits(h, weight, bias, first, vocab, labels, lse, entropy, gra
 
     dlogits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
     kernels.linear_logprobs_dlogits(
-        h if h.stride(-1) == 1 else h.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
-        None if bias is None else bias.contiguous(), first, vocab, labels.contiguous(), lse.contiguous(),
-        entropy.contiguous(), grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+        _unit_columns(h), _unit_columns(weight), _contiguous(bias), first, vocab, labels.contiguous(),
+        lse.contiguous(), entropy.contiguous(), grad_logp.contiguous(), _contiguous(grad_entropy),
         _scalars(inv_temp, h.dtype, h.device), ignore_index, dlogits, accumulator(h.dtype))
     return dlogits
 
@@ -575,27 +581,24 @@ class _DifferentiatedTwice(torch.autograd.Function):
 
 
 class _FullKLFromHeads(torch.autograd.Function):
-    """Forward: per chunk the two heads' logits (two GEMMs), the chunk's KL and each row's two
-    log-sum-exps. Backward: the two GEMMs again, then ∂KL/∂z and one GEMM each for dhidden and
-    dweight, in chunks of tokens (:class:`_Gradients`), or for 16-bit weights and fewer tokens than
-    vocabulary entries per tile of the vocabulary-outer order (:func:`vocabulary_outer_grads`),
-    where ∂KL/∂z of a tile needs only the row's KL and log-sum-exps."""
+    """Forward: the KL and each row's two log-sum-exps; per chunk the two heads' logits (two GEMMs)
+    and :func:`chunk_kl` over them, or where the heads run on Triton one kernel over all tokens
+    (:func:`triton_full_kl_forward`). Backward: ∂KL/∂z, from each row's KL and log-sum-exps, then
+    one GEMM each for dhidden and dweight, in chunks of tokens (:class:`_Gradients`), or for 16-bit
+    weights and fewer tokens than vocabulary entries per tile of the vocabulary-outer order
+    (:func:`vocabulary_outer_grads`); ∂KL/∂z comes from the two GEMMs again and PyTorch over the
+    logits, or on Triton from one kernel that recomputes both tiles (:func:`triton_full_kl_dlogits`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp, ignore_index):
-        dtype = spec.compute_dtype(hidden)
-        kl, lse, ref_lse = (torch.zeros(labels.shape, dtype=dtype, device=hidden.device) for _ in range(3))
-        for start, stop, h, lab, h_ref in _chunks_of_two_heads(hidden, weight, labels, ignore_index, ref_hidden):
-            z = torch.nn.functional.linear(h, weight, bias)
-            r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
-            active = lab != ignore_index
-            kl_chunk, _ = chunk_kl(z, r, active, inv_temp, dtype, False)
-            rows = stop - start
-            lse[start:stop] = _masked_lse(z, active, inv_temp, dtype)[:rows]
-            ref_lse[start:stop] = _masked_lse(r, active, inv_temp, dtype)[:rows]
-            del z, r
-            check_kl_finite(kl_chunk[:rows], start, "the reference head's logits")
-            kl[start:stop] = kl_chunk[:rows]
+        ctx.triton = _heads_on_triton(hidden, ref_hidden)
+        if ctx.triton:
+            kl, lse, ref_lse = triton_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
+                                                      inv_temp, ignore_index)
+            check_kl_finite(kl, 0, "the reference head's logits")
+        else:
+            kl, lse, ref_lse = _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                                        labels, inv_temp, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kl, lse, ref_lse)
         ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
         return kl
@@ -606,45 +609,106 @@ class _FullKLFromHeads(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and bias is not None
         dtype, inv_temp, ignore_index = spec.compute_dtype(hidden), ctx.inv_temp, ctx.ignore_index
-        if vocabulary_outer(hidden.shape[0], weight, need_weight):
-            def tile_dlogits(h, part, dz_dtype, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
-                z = torch.nn.functional.linear(h, weight[part], None if bias is None else bias[part])
-                r = torch.nn.functional.linear(h_ref, ref_weight[part], None if ref_bias is None else ref_bias[part])
-                logp = z.to(dtype).mul_(inv_temp).sub_(lse_c.unsqueeze(-1))
-                log_ref = r.to(dtype).mul_(inv_temp).sub_(ref_lse_c.unsqueeze(-1))
-                del z, r
-                p = logp.exp()
-                gap = torch.where(p > 0, logp.sub_(log_ref), 0.0).sub_(kl_c.unsqueeze(-1))
-                dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
-                return dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0).to(dz_dtype)
+        vocab = weight.shape[0]
+        part_of = lambda t, part: None if t is None else t[part]  # noqa: E731
 
-            dhidden, dweight, dbias = vocabulary_outer_grads(
-                hidden, weight, bias, labels, ignore_index, need_hidden, need_bias,
-                (ref_hidden, grad_kl, kl, lse, ref_lse), tile_dlogits)
+        def triton_dlogits(h, part, dz_dtype, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
+            return triton_full_kl_dlogits(h, weight[part], part_of(bias, part), h_ref, ref_weight[part],
+                                          part_of(ref_bias, part), vocab, lab, kl_c, lse_c, ref_lse_c, g, inv_temp,
+                                          ignore_index, dz_dtype)
+
+        def gemm_dlogits(h, part, dz_dtype, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
+            z = torch.nn.functional.linear(h, weight[part], part_of(bias, part))
+            r = torch.nn.functional.linear(h_ref, ref_weight[part], part_of(ref_bias, part))
+            logp = z.to(dtype).mul_(inv_temp).sub_(lse_c.unsqueeze(-1))
+            log_ref = r.to(dtype).mul_(inv_temp).sub_(ref_lse_c.unsqueeze(-1))
+            del z, r
+            p = logp.exp()
+            gap = torch.where(p > 0, logp.sub_(log_ref), 0.0).sub_(kl_c.unsqueeze(-1))
+            dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
+            return dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0).to(dz_dtype)
+
+        tile_dlogits = triton_dlogits if ctx.triton else gemm_dlogits
+        per_token = (ref_hidden, grad_kl, kl, lse, ref_lse)
+        if vocabulary_outer(hidden.shape[0], weight, need_weight):
+            dhidden, dweight, dbias = vocabulary_outer_grads(hidden, weight, bias, labels, ignore_index, need_hidden,
+                                                             need_bias, per_token, tile_dlogits)
         else:
             grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
-            for start, stop, h, lab, h_ref, g in _chunks_of_two_heads(hidden, weight, labels, ignore_index,
-                                                                       ref_hidden, grad_kl):
-                z = torch.nn.functional.linear(h, weight, bias)
-                r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
-                _, dz = chunk_kl(z, r, lab != ignore_index, inv_temp, dtype, True)
-                del z, r
-                grads.add_chunk(start, stop, (dz * g.to(dtype).unsqueeze(-1)).to(hidden.dtype), h)
+            # Two float32 chunks of logits live at once on the GEMM path, none on Triton's.
+            chunk = linear_chunk_tokens(vocab, hidden.dtype) // (1 if ctx.triton else 2)
+            whole = slice(0, vocab)
+            for start, stop, h, lab, *tiles in linear_chunks(hidden, labels, ignore_index, chunk, *per_token):
+                grads.add_chunk(start, stop, tile_dlogits(h, whole, hidden.dtype, lab, *tiles), h)
             dhidden, dweight, dbias = grads.result()
         return (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None,
                 None, None, None, None, None, None)
+
+
+def _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp,
+                             ignore_index):
+    """``(kl, lse, ref_lse)`` ``[N]``: per chunk of tokens the two heads' logits by two GEMMs,
+    :func:`chunk_kl` and each row's two log-sum-exps over them."""
+    dtype = spec.compute_dtype(hidden)
+    kl, lse, ref_lse = (torch.zeros(labels.shape, dtype=dtype, device=hidden.device) for _ in range(3))
+    # Half the head's chunk: two chunks of logits live at once, the policy's and the reference's.
+    chunk = max(linear_chunk_tokens(weight.shape[0], hidden.dtype) // 2, 1)
+    for start, stop, h, lab, h_ref in linear_chunks(hidden, labels, ignore_index, chunk, ref_hidden):
+        z = torch.nn.functional.linear(h, weight, bias)
+        r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
+        active = lab != ignore_index
+        kl_chunk, _ = chunk_kl(z, r, active, inv_temp, dtype, False)
+        rows = stop - start
+        lse[start:stop] = _masked_lse(z, active, inv_temp, dtype)[:rows]
+        ref_lse[start:stop] = _masked_lse(r, active, inv_temp, dtype)[:rows]
+        del z, r
+        check_kl_finite(kl_chunk[:rows], start, "the reference head's logits")
+        kl[start:stop] = kl_chunk[:rows]
+    return kl, lse, ref_lse
+
+
+def _heads_on_triton(hidden: Tensor, ref_hidden: Tensor) -> bool:
+    """Whether the full KL between two heads runs the Triton kernels: where the policy's head runs
+    on Triton, for heads of one dtype, in eager mode (``torch.compile`` traces the GEMM path)."""
+    return (not torch.compiler.is_compiling() and hidden.dtype == ref_hidden.dtype
+            and dispatch.choose("linear_logprobs", hidden.device) == "triton")
+
+
+def triton_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp, ignore_index):
+    """``(kl, lse, ref_lse)`` ``[N]`` of two heads of one dtype in one kernel, tile by tile: no
+    logits of either model in memory (:func:`ppo_fast.kernels.linear_logprobs.plan_linear_full_kl_fwd`)."""
+    from ..kernels import linear_logprobs as kernels
+    from ..kernels.launch import accumulator
+
+    n = hidden.shape[0]
+    kl, lse, ref_lse = (torch.empty(n, dtype=out_dtype(hidden.dtype), device=hidden.device) for _ in range(3))
+    kernels.linear_full_kl_fwd(
+        _unit_columns(hidden), _unit_columns(weight), _contiguous(bias), _unit_columns(ref_hidden),
+        _unit_columns(ref_weight), _contiguous(ref_bias), labels.contiguous(), kl, lse, ref_lse,
+        _scalars(inv_temp, hidden.dtype, hidden.device), ignore_index, accumulator(hidden.dtype))
+    return kl, lse, ref_lse
+
+
+def triton_full_kl_dlogits(h, weight, bias, h_ref, ref_weight, ref_bias, vocab, labels, kl, lse, ref_lse, grad_kl,
+                           inv_temp, ignore_index, dtype):
+    """``grad_kl · ∂KL/∂z`` ``[T, E]`` in ``dtype`` over the E vocabulary entries whose rows of the
+    two weights (and entries of the biases) are given, in one kernel from the forward's KL and
+    log-sum-exps; 0 on ignored rows."""
+    from ..kernels import linear_logprobs as kernels
+    from ..kernels.launch import accumulator
+
+    dlogits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
+    kernels.linear_full_kl_dlogits(
+        _unit_columns(h), _unit_columns(weight), _contiguous(bias), _unit_columns(h_ref), _unit_columns(ref_weight),
+        _contiguous(ref_bias), vocab, labels.contiguous(), kl.contiguous(), lse.contiguous(), ref_lse.contiguous(),
+        grad_kl.contiguous(), _scalars(inv_temp, h.dtype, h.device), ignore_index, dlogits, accumulator(h.dtype))
+    return dlogits
 
 
 def _masked_lse(logits, active, inv_temp, dtype):
     """Each active row's log-sum-exp of ``logits / T`` in ``dtype``; 0 on the others, whatever they hold."""
     rows = active.unsqueeze(-1)
     return torch.where(active, torch.logsumexp(torch.where(rows, logits.to(dtype), 0.0) * inv_temp, dim=-1), 0.0)
-
-
-def _chunks_of_two_heads(hidden, weight, labels, ignore_index, *per_token):
-    # Half the head's chunk: two chunks of logits live at once, the policy's and the reference's.
-    chunk = max(linear_chunk_tokens(weight.shape[0], hidden.dtype) // 2, 1)
-    return linear_chunks(hidden, labels, ignore_index, chunk, *per_token)
 
 
 def full_kl_from_heads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
