@@ -27,6 +27,22 @@ with respect to hidden and weight, on the same random inputs, never zeros):
 - ``floor: three GEMMs``: the head's three GEMMs alone (logits, dhidden, dweight), chunked as the
   fused head runs them: the time no three-GEMM method can beat here.
 
+With ``--full-kl`` the loss also carries the exact KL over the vocabulary to a reference head of
+the same shape (``kl_estimator="full"``, a reference hidden state and weight beside the policy's),
+and the providers are the ones that compute it:
+
+- ``fused``, ``fused, recompute``, ``fused, token-outer``: as above, with the reference's head;
+  its KL runs on Triton on CUDA (two kernels, two GEMMs for its gradient) and as two GEMMs per
+  chunk with PyTorch over their logits elsewhere.
+- ``fused, KL by GEMMs``: ``fused`` with the KL on that PyTorch path on CUDA too (the same as
+  ``fused`` elsewhere): what the Triton kernels save.
+- ``fused, k3 KL``: ``fused`` with the k3 estimator on given reference log-probs instead: the cost
+  of the loss without the full KL (the reference's log-probs come from a scoring pass not timed
+  here).
+- ``logits + pf.ppo_loss``, ``eager``: both heads' logits stored (the reference's under no_grad),
+  then ``pf.ppo_loss(..., ref_logits=...)`` or the spec.
+- ``floor: three GEMMs``: as above; the reference's head adds one more GEMM to any method.
+
 On a CPU the providers take turns, one call each per round, so a load that comes and goes on a
 shared machine falls on all of them alike; the ratio to the logits path is the median of each
 round's ratio. "GEMM work" is the FLOPs of the matmuls one call runs (read by the profiler, inside
@@ -64,6 +80,9 @@ SHAPES = {  # (tokens, hidden, vocab, dtype)
 }
 PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "logits + pf.ppo_loss", "eager", "liger", "trl",
              "floor: three GEMMs")
+FULL_KL_PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "fused, KL by GEMMs", "fused, k3 KL",
+                     "logits + pf.ppo_loss", "eager", "floor: three GEMMs")
+KL_COEF = 0.05
 BASELINE = "logits + pf.ppo_loss"
 TRL_VOCABULARY_CHUNK = 32768
 """The vocabulary chunk TRL 1.16's trainers pass its fused head, where its trainer module is not importable."""
@@ -77,7 +96,9 @@ class Unavailable(Exception):
     pass
 
 
-def make_inputs(N, H, V, dtype, device, seed=0):
+def make_inputs(N, H, V, dtype, device, seed=0, full_kl=False):
+    """``(hidden, weight, labels, old, adv, mask)``, and with ``full_kl`` a reference head of the
+    same shape, ``ref_hidden`` and ``ref_weight``, after them."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dtype).requires_grad_()
@@ -85,30 +106,46 @@ def make_inputs(N, H, V, dtype, device, seed=0):
     old = (-torch.rand(N, generator=g) * 8).to(device)
     adv = torch.randn(N, generator=g).to(device)
     mask = (torch.rand(N, generator=g) > 0.05).to(device)
-    return hidden, weight, labels, old, adv, mask
+    if not full_kl:
+        return hidden, weight, labels, old, adv, mask
+    ref_hidden = (hidden.detach() + 0.3 * torch.randn(N, H, generator=g).to(device, dtype))
+    ref_weight = (weight.detach() + 0.3 * torch.randn(V, H, generator=g).to(device, dtype) / H ** 0.5)
+    return hidden, weight, labels, old, adv, mask, ref_hidden, ref_weight
 
 
 def make_run(provider, inputs):
-    """A function doing one forward+backward; returns the gradients of hidden and weight."""
+    """A function doing one forward+backward; returns the gradients of hidden and weight. Inputs
+    with a reference head (``make_inputs(..., full_kl=True)``) add its full KL to the loss."""
     import ppo_fast as pf
     from ppo_fast import spec as reference
     from ppo_fast.ops import linear_logprobs
 
-    hidden, weight, labels, old, adv, mask = inputs
+    hidden, weight, labels, old, adv, mask, *ref_head = inputs
     options = dict(clip_low=0.2, clip_high=0.28, entropy_coef=ENTROPY_COEF)
+    logits_options = options
+    if ref_head:
+        ref_hidden, ref_weight = ref_head
+        logits_options = dict(options, kl_estimator="full", kl_coef=KL_COEF)
+        if provider == "fused, k3 KL":
+            provider = "fused"
+            with torch.no_grad():
+                ref_logp = pf.fused_linear_token_logprobs(ref_hidden, ref_weight, labels)
+            options = dict(options, kl_estimator="k3", kl_coef=KL_COEF, ref_logp=ref_logp)
+        else:
+            options = dict(logits_options, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        if provider == "fused, KL by GEMMs":
+            return _forced(linear_logprobs, "_heads_on_triton", False, hidden, weight, labels, old, adv, mask,
+                           options)
 
     def forced(name, value):
-        """The fused loss with ``linear_logprobs.<name>`` answering ``value`` during the call (the
-        backward runs inside it too: ``run`` differentiates within ``loss``'s patch)."""
-        def loss_and_grads():
-            saved = getattr(linear_logprobs, name)
-            setattr(linear_logprobs, name, lambda *args: value)
-            try:
-                loss = pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
-                return torch.autograd.grad(loss, (hidden, weight))
-            finally:
-                setattr(linear_logprobs, name, saved)
-        return loss_and_grads
+        return _forced(linear_logprobs, name, value, hidden, weight, labels, old, adv, mask, options)
+
+    def ref_logits():
+        """The reference's logits as a user of the logits path has them: stored, no graph."""
+        if not ref_head:
+            return {}
+        with torch.no_grad():
+            return dict(ref_logits=torch.nn.functional.linear(ref_hidden, ref_weight))
 
     if provider == "fused":
         def loss():
@@ -119,11 +156,12 @@ def make_run(provider, inputs):
         return forced("vocabulary_outer", False)
     elif provider == "logits + pf.ppo_loss":
         def loss():
-            return pf.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask, **options)[0]
+            return pf.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask, **ref_logits(),
+                               **logits_options)[0]
     elif provider == "eager":
         def loss():
             return reference.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask,
-                                      **options)[0]
+                                      **ref_logits(), **logits_options)[0]
     elif provider == "liger":
         loss = _liger_loss(inputs)
     elif provider == "trl":
@@ -137,6 +175,22 @@ def make_run(provider, inputs):
         return torch.autograd.grad(loss(), (hidden, weight))
 
     return run
+
+
+def _forced(module, name, value, hidden, weight, labels, old, adv, mask, options):
+    """The fused loss with ``module.<name>`` answering ``value`` during the call (the backward runs
+    inside it too: the gradients are taken within the patch)."""
+    import ppo_fast as pf
+
+    def loss_and_grads():
+        saved = getattr(module, name)
+        setattr(module, name, lambda *args: value)
+        try:
+            loss = pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
+            return torch.autograd.grad(loss, (hidden, weight))
+        finally:
+            setattr(module, name, saved)
+    return loss_and_grads
 
 
 def _three_gemms(hidden, weight):
@@ -226,11 +280,11 @@ def _trl_loss(inputs, options):
     return _runs_here(loss, hidden, "TRL's head")
 
 
-def cpu_peak_extra(provider, shape) -> int:
+def cpu_peak_extra(provider, shape, full_kl) -> int:
     """Run in a child: peak resident bytes during the second call beyond those before it, less the
     gradients of hidden and weight (outputs the caller keeps)."""
     N, H, V, dtype = SHAPES[shape]
-    inputs = make_inputs(N, H, V, dtype, "cpu")
+    inputs = make_inputs(N, H, V, dtype, "cpu", full_kl=full_kl)
     run = make_run(provider, inputs)
     run()
     Path("/proc/self/clear_refs").write_text("5")
@@ -240,7 +294,7 @@ def cpu_peak_extra(provider, shape) -> int:
     return peak - sum(g.numel() * g.element_size() for g in grads)
 
 
-def peak_extra(provider, shape, device, inputs, run) -> int | None:
+def peak_extra(provider, shape, device, inputs, run, full_kl) -> int | None:
     if device.type == "cuda":
         grads_bytes = sum(t.numel() * t.element_size() for t in inputs[:2])
         return peak_extra_bytes(run, device) - grads_bytes
@@ -249,18 +303,19 @@ def peak_extra(provider, shape, device, inputs, run) -> int | None:
     # threshold every large block is mapped and unmapped, and the resident set tracks what is live.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     proc = subprocess.run([sys.executable, __file__, "--memory-of", provider, "--shape", shape,
-                           "--threads", str(torch.get_num_threads())],
+                           "--threads", str(torch.get_num_threads())] + (["--full-kl"] if full_kl else []),
                           capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.splitlines()[-1])["peak_extra"]
 
 
-def measure(shape: str, device, repeats: int) -> list[dict]:
+def measure(shape: str, device, repeats: int, full_kl: bool = False) -> list[dict]:
     N, H, V, dtype = SHAPES[shape]
+    providers = FULL_KL_PROVIDERS if full_kl else PROVIDERS
     runs, rows = {}, {}
-    for provider in PROVIDERS:
-        inputs = make_inputs(N, H, V, dtype, device)
+    for provider in providers:
+        inputs = make_inputs(N, H, V, dtype, device, full_kl=full_kl)
         try:
             runs[provider] = (inputs, make_run(provider, inputs))
         except Unavailable as exc:
@@ -269,7 +324,7 @@ def measure(shape: str, device, repeats: int) -> list[dict]:
         provider: Timer(device).measure(run) for provider, (_, run) in runs.items()}
     for provider, (inputs, run) in runs.items():
         row = dict(provider=provider, gemm_flops=gemm_flops(run),
-                   peak_extra=peak_extra(provider, shape, device, inputs, run))
+                   peak_extra=peak_extra(provider, shape, device, inputs, run, full_kl))
         if device.type == "cpu":
             baseline = samples[BASELINE]
             row.update(ms=summary(samples[provider]), samples_ms=samples[provider],
@@ -277,7 +332,7 @@ def measure(shape: str, device, repeats: int) -> list[dict]:
         else:
             row.update(ms=samples[provider], vs_baseline=None)
         rows[provider] = row
-    return [rows[provider] for provider in PROVIDERS]
+    return [rows[provider] for provider in providers]
 
 
 def _interleaved_ms(runs, device, repeats) -> dict[str, list[float]]:
@@ -305,8 +360,9 @@ def render(doc: dict) -> list[str]:
            "provider runs once, in turn (the machine may be shared: the load falls on all alike). The ratio to "
            "the logits path is the median of the rounds' ratios." if cpu else
            "Median (20th-80th percentile) from triton.testing.do_bench.")
-    lines = ["# Fused linear head vs the logits paths", "", how, "",
-             f"Fused linear head, PPO loss forward+backward, {N} tokens × H {H} × V {V}, {doc['dtype']}, on "
+    title = "with the full KL to a reference head, " if doc.get("full_kl") else ""
+    lines = [f"# Fused linear head vs the logits paths{', full KL' if doc.get('full_kl') else ''}", "", how, "",
+             f"Fused linear head, PPO loss {title}forward+backward, {N} tokens × H {H} × V {V}, {doc['dtype']}, on "
              f"{doc['device']}. The logits alone: {logits_bytes / 2**20:,.0f} MiB. GEMM work in units of one "
              f"logits GEMM (2·N·H·V = {unit / 1e9:.1f} GFLOP), the matmuls one call makes.", ""]
     if "gemms_ms" in doc:
@@ -346,26 +402,29 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write linear_head_<device>.md and .json into this folder")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (CPU)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--full-kl", action="store_true",
+                        help="the loss with the full KL to a reference head (linear_head_full_kl_<device>.md)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
-        print(json.dumps({"peak_extra": cpu_peak_extra(args.memory_of, args.shape)}))
+        print(json.dumps({"peak_extra": cpu_peak_extra(args.memory_of, args.shape, args.full_kl)}))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = "smoke" if args.smoke else device.type
     N, H, V, dtype = SHAPES[shape]
     data = dict(tokens=N, hidden=H, vocab=V, dtype=str(dtype).removeprefix("torch."),
                 element_size=torch.empty((), dtype=dtype).element_size(), device=device_name(device),
-                repeats=args.repeats, rows=measure(shape, device, args.repeats))
-    if not args.smoke and device.type in GOALS:
+                repeats=args.repeats, full_kl=args.full_kl, rows=measure(shape, device, args.repeats, args.full_kl))
+    if not args.smoke and device.type in GOALS and not args.full_kl:
         data["goal"] = dict(zip(("time", "memory"), GOALS[device.type]))
     if device.type == "cuda":
         rate = matmul_rate(device, Timer(device), 8192)
         data.update(matmul_TFLOPs=rate / 1e12, gemms_ms=6 * N * H * V / rate * 1e3)
-    name = f"linear_head_{'smoke' if args.smoke else device.type}{f'_{args.threads}thread' if args.threads else ''}"
+    name = (f"linear_head_{'full_kl_' if args.full_kl else ''}{'smoke' if args.smoke else device.type}"
+            f"{f'_{args.threads}thread' if args.threads else ''}")
     out = Path(args.out) / f"{name}.md" if args.out else None
     publish(out, data, render)
     return 0

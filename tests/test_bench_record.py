@@ -76,3 +76,26 @@ def test_the_linear_head_benchs_trl_provider_computes_the_same_loss_and_gradient
     theirs = linear_head.make_run("trl", inputs)()
     for got, want in zip(theirs, ours):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_linear_head_benchs_full_kl_providers_compute_the_same_gradients(monkeypatch):
+    """With ``--full-kl`` every provider but the k3 one takes the same loss, the full KL to the
+    reference head included (the gradients agree to float32 rounding, and differ from the k3
+    provider's), and ``fused, KL by GEMMs`` reaches the KL's GEMM path where the fused one runs
+    Triton's kernels (forced here, under the interpreter): six GEMMs over half the head's chunk of
+    1024 tokens (both heads' logits, forward and backward, then dhidden and dweight) where Triton's
+    take two over the whole chunk."""
+    import linear_head
+
+    inputs = linear_head.make_inputs(40, 16, 300, torch.float32, "cpu", full_kl=True)
+    grads = {provider: linear_head.make_run(provider, inputs)()
+             for provider in ("fused", "fused, recompute", "logits + pf.ppo_loss", "eager", "fused, k3 KL")}
+    for provider in ("fused, recompute", "logits + pf.ppo_loss", "eager"):
+        for got, want in zip(grads[provider], grads["fused"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=provider)
+    assert not torch.allclose(grads["fused, k3 KL"][0], grads["fused"][0], rtol=1e-4, atol=1e-6)
+    monkeypatch.setenv("PPO_FAST_BACKEND", "triton")
+    work = {provider: linear_head.gemm_flops(linear_head.make_run(provider, inputs))
+            for provider in ("fused", "fused, KL by GEMMs")}
+    gemm = 2 * 1024 * 16 * 300
+    assert work["fused, KL by GEMMs"] - work["fused"] == 6 * gemm // 2 - 2 * gemm

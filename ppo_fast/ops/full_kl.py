@@ -11,9 +11,11 @@ Two forms, both chunk by chunk over the tokens, so the float32 work is one chunk
 time: from the two models' logits (here, :func:`full_kl_from_logits`), and from the two models'
 last hidden states and heads (:func:`ppo_fast.ops.linear_logprobs.full_kl_from_heads`, with the
 head's chunks), where neither model's logits are stored: each chunk's are computed, used and
-freed, forward and backward (which recomputes them). Both run in PyTorch on every device: there is
-one implementation, so the op is not in :mod:`ppo_fast.dispatch`'s table. Every row's numbers are
-row-wise reductions, so they do not depend on the chunk or the batch around the row.
+freed, forward and backward (which recomputes them). Both run in PyTorch on every device, so the
+op is not in :mod:`ppo_fast.dispatch`'s table; where the head runs on Triton, the heads' form runs
+two Triton kernels instead, which compute both heads' logits tile by tile and never store them
+(``kernels/linear_logprobs.py``). Every row's numbers are row-wise reductions, so they do not
+depend on the chunk or the batch around the row.
 """
 
 from __future__ import annotations

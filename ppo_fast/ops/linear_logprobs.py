@@ -825,7 +825,8 @@ def fused_linear_ppo_loss(
     ``kl_estimator="full"``: the exact KL over the vocabulary to the reference model's head,
     ``ref_hidden @ ref_weight.T + ref_bias`` (ref_hidden ``[..., H_ref]``, ref_weight ``[V, H_ref]``,
     its own dtype), neither model's logits stored: per chunk of tokens both heads' logits are
-    computed, used and freed, forward and backward (:func:`full_kl_from_heads`).
+    computed, used and freed, forward and backward (:func:`full_kl_from_heads`); on CUDA, for two
+    heads of one dtype, Triton kernels compute them tile by tile instead.
     """
     opts = check.actor_options(ref_logp, {"ref_hidden": ref_hidden, "ref_weight": ref_weight},
                                {"ref_bias": ref_bias}, loss_type=loss_type,
