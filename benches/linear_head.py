@@ -32,8 +32,8 @@ the same shape (``kl_estimator="full"``, a reference hidden state and weight bes
 and the providers are the ones that compute it:
 
 - ``fused``, ``fused, recompute``, ``fused, token-outer``: as above, with the reference's head;
-  its KL runs on Triton on CUDA (two kernels, two GEMMs for its gradient) and as two GEMMs per
-  chunk with PyTorch over their logits elsewhere.
+  its KL runs on Triton on CUDA for 16-bit heads (two kernels, two GEMMs for its gradient) and as
+  two GEMMs per chunk with PyTorch over their logits elsewhere.
 - ``fused, KL by GEMMs``: ``fused`` with the KL on that PyTorch path on CUDA too (the same as
   ``fused`` elsewhere): what the Triton kernels save.
 - ``fused, k3 KL``: ``fused`` with the k3 estimator on given reference log-probs instead: the cost

@@ -41,16 +41,20 @@ Full KL between two heads (:func:`plan_linear_full_kl_fwd`, ``kl_estimator="full
 tiles of the policy's logits s and, beside them, of the reference's s_ref (its own hidden states
 and weight over the same vocabulary), with one more online sum per row,
 
-    a   = Σ_v exp(s_v − m)·(s_v − s_ref,v)   (rescaled with d; a term with exp(s_v − m) = 0 is 0)
-    KL  = a/d − (lse − lse_ref)              (= Σ_v π_v (log π_v − log ρ_v))
+    a   = Σ_v exp(s_v − m)·((s_v − m) − (s_ref,v − m_ref))   (each term relative to both maxima)
+    d_a = Σ_v exp(s_v − m)                                   (over the same tokens)
+    KL  = (a + d_a·(log d_ref − log d))/d                    (= Σ_v π_v (log π_v − log ρ_v))
 
-and the reference's own m and d for lse_ref, so the KL takes one pass over the two heads. Its
+with the reference's own m_ref and d_ref, so the KL takes one pass over the two heads, and an
+offset between the heads' logits cancels term by term (``a/d − (lse − lse_ref)`` would subtract
+two numbers of the offset's size). The sums skip the tokens the reference bans (ρ_v = 0); the KL
+is +inf where one of them has π_v > 0 at the end, as in the spec. Its
 backward (:func:`plan_linear_full_kl_dlogits`) recomputes both tiles and writes
 
     ∂KL/∂z_v · g = π_v (log π_v − log ρ_v − KL) · g / τ
 
 for the same two gradient GEMMs. Both kernels take :func:`full_kl_tile_plan` (two float32 tiles
-live at once) and serve heads of one dtype.
+live at once) and serve two heads of one 16-bit dtype.
 
 Rows whose label is ``ignore_index``, and rows past the end of the batch, are never loaded:
 whatever their hidden state holds changes nothing, and a tile holding only such rows skips the
@@ -125,12 +129,15 @@ def to_element(
     ELEMENT: tl.constexpr,
     BY_SUM: tl.constexpr,  # the interpreter (see INTERPRETED)
 ):
-    """x cast to ELEMENT, rounded to nearest even on every backend. The interpreter casts float32
-    to bfloat16 by truncation (triton 3.6 and 3.9: 0.02 off in a log-sum-exp of logits of a few
-    units); there the rounding is done on the bits first, which the cast then keeps."""
+    """x cast to ELEMENT, normal numbers and infinities rounded to nearest even on every backend.
+    The interpreter casts float32 to bfloat16 by truncation (triton 3.6 and 3.9: 0.02 off in a
+    log-sum-exp of logits of a few units); there the rounding is done on the bits first, which the
+    cast then keeps. NaN is left to the cast (the bits' carry could turn it into a number), and
+    the interpreter's cast flushes subnormals whatever is done here."""
     if BY_SUM and ELEMENT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, rounded)
     return x.to(ELEMENT)
 
 
@@ -350,9 +357,11 @@ def _linear_full_kl_fwd_kernel(
 
     m = tl.full((BLOCK_N,), float("-inf"), ACC)
     d = tl.zeros((BLOCK_N,), ACC)
-    a = tl.zeros((BLOCK_N,), ACC)
     m_ref = tl.full((BLOCK_N,), float("-inf"), ACC)
     d_ref = tl.zeros((BLOCK_N,), ACC)
+    a = tl.zeros((BLOCK_N,), ACC)
+    d_a = tl.zeros((BLOCK_N,), ACC)
+    banned_top = tl.full((BLOCK_N,), float("-inf"), ACC)
     n_vocab = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
     for start in range(0, n_vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -365,28 +374,46 @@ def _linear_full_kl_fwd_kernel(
         s = scaled_tile(h_rows, active, w_rows, in_vocab, bias_ptr, cols, H, inv_temp,
                         BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, ACC, BY_SUM)
         s = tl.where(in_vocab[None, :], s, float("-inf"))
-        # Past the vocabulary s_ref is 0 (loads of 0), so s − s_ref there is −inf, not −inf − −inf.
+        # Past the vocabulary s_ref is 0 (loads of 0): finite, and s there is −inf, so e is 0.
         s_ref = scaled_tile(r_rows, active, rw_rows, in_vocab, ref_bias_ptr, cols, H_ref, inv_temp,
                             BLOCK_N, BLOCK_V, REF_BLOCK_H, HAS_REF_BIAS, ACC, BY_SUM)
+        # The reference's statistics first, so its exponentials are dead before the policy's live.
+        # A row of −inf so far keeps its maximum −inf; exp(−inf − −inf) would be NaN.
+        m_ref_new = tl.maximum(m_ref, tl.max(tl.where(in_vocab[None, :], s_ref, float("-inf")), axis=1))
+        m_ref_safe = tl.where(m_ref_new == float("-inf"), 0.0, m_ref_new)
+        d_ref = d_ref * tl.exp(m_ref - m_ref_safe) + tl.sum(
+            tl.exp(tl.where(in_vocab[None, :], s_ref, float("-inf")) - m_ref_safe[:, None]), axis=1)
+        # A token the reference bans (ρ_v = 0) stays out of a: the KL is +inf if its π_v > 0, which
+        # only the final log-sum-exp tells, so its policy logit is kept (the largest of them).
+        ref_banned = s_ref == float("-inf")
+        banned_top = tl.maximum(banned_top, tl.max(tl.where(ref_banned, s, float("-inf")), axis=1))
 
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         rescale = tl.exp(m - m_safe)
         e = tl.exp(s - m_safe[:, None])
         d = d * rescale + tl.sum(e, axis=1)
-        # π_v = 0 adds nothing whatever ρ_v is (0·log 0 = 0); ρ_v = 0 under π_v > 0 adds +inf.
-        a = a * rescale + tl.sum(e * tl.where(e > 0, s - s_ref, 0.0), axis=1)
+        # a = Σ e^{s−m}·((s − m) − (s_ref − m_ref)) over the tokens the reference does not ban, and
+        # d_a their Σ e^{s−m}: an offset between the two heads' logits cancels inside each term.
+        # When the maxima rise, every earlier term moves by (m_ref_new − m_ref) − (m_new − m).
+        # (Where d_a is 0 a maximum may still be −inf: no shift, and no inf·0.)
+        seen = d_a > 0
+        shift = tl.where(seen, m_ref_safe - m_ref, 0.0) - tl.where(seen, m_safe - m, 0.0)
+        # The floor keeps a token the policy bans (e = 0) from giving 0·(−inf).
+        gap = tl.where(ref_banned, 0.0,
+                       tl.maximum(s - m_safe[:, None], -3.0e38) - (s_ref - m_ref_safe[:, None]))
+        a = (a + shift * d_a) * rescale + tl.sum(e * gap, axis=1)
+        d_a = d_a * rescale + tl.sum(tl.where(ref_banned, 0.0, e), axis=1)
         m = m_new
-
-        s_ref = tl.where(in_vocab[None, :], s_ref, float("-inf"))
-        m_ref_new = tl.maximum(m_ref, tl.max(s_ref, axis=1))
-        m_ref_safe = tl.where(m_ref_new == float("-inf"), 0.0, m_ref_new)
-        d_ref = d_ref * tl.exp(m_ref - m_ref_safe) + tl.sum(tl.exp(s_ref - m_ref_safe[:, None]), axis=1)
         m_ref = m_ref_new
 
     lse = m + tl.log(d)
     ref_lse = m_ref + tl.log(d_ref)
-    tl.store(kl_ptr + rows, tl.where(active, a / d - (lse - ref_lse), 0.0), mask=in_batch)
+    # KL = Σ π (log π − log ρ) = (a + d_a·(log d_ref − log d))/d, +inf where a token the reference
+    # bans has π > 0 (as the spec: a term with π = 0 is 0, whatever ρ is).
+    kl = (a + d_a * (tl.log(d_ref) - tl.log(d))) / d
+    kl = tl.where(tl.exp(banned_top - lse) > 0, float("inf"), kl)
+    tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=in_batch)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_batch)
     tl.store(ref_lse_ptr + rows, tl.where(active, ref_lse, 0.0), mask=in_batch)
 
@@ -500,17 +527,15 @@ def tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
 
 
 def full_kl_tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:
-    """The full KL's plan, forward and backward: two heads' tiles live at once, so its tiles are 16
-    vocabulary entries wide for 16-bit and float32 inputs, and 32 tokens tall for float32: the
-    widest that compile without a spill for sm_80 and sm_90 under Triton 3.6 and 3.9 (searched over
-    tile heights, widths, H blocks and warps; the compile check's table). Otherwise the backward's
-    plan (:func:`dlogits_tile_plan`)."""
-    plan = dlogits_tile_plan(H, V, dtype)
-    if dtype in (torch.bfloat16, torch.float16):
-        return replace(plan, block_v=MIN_DOT)
-    if dtype == torch.float32:
-        return replace(plan, block_n=32, block_v=MIN_DOT)
-    return plan
+    """The full KL's plan, forward and backward, for 16-bit inputs: the backward's
+    (:func:`dlogits_tile_plan`) with tiles 16 vocabulary entries wide, since two heads' tiles and
+    their statistics live at once; wider ones spill on sm_80 (the compile check's table). float32
+    and float64 heads are not served: with their FMA dot products the forward spilled under Triton
+    3.6 or 3.9 at every tile tried (16 to 64 tokens, 16 to 32 entries, H blocks of 16 and 32, 2 to 8
+    warps, 1 to 3 stages)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the full-KL kernels serve bfloat16 and float16 heads, got {dtype}")
+    return replace(dlogits_tile_plan(H, V, dtype), block_v=MIN_DOT)
 
 
 def dlogits_tile_plan(H: int, V: int, dtype: torch.dtype) -> TilePlan:

@@ -81,10 +81,10 @@ def test_the_linear_head_benchs_trl_provider_computes_the_same_loss_and_gradient
 def test_the_linear_head_benchs_full_kl_providers_compute_the_same_gradients(monkeypatch):
     """With ``--full-kl`` every provider but the k3 one takes the same loss, the full KL to the
     reference head included (the gradients agree to float32 rounding, and differ from the k3
-    provider's), and ``fused, KL by GEMMs`` reaches the KL's GEMM path where the fused one runs
-    Triton's kernels (forced here, under the interpreter): six GEMMs over half the head's chunk of
-    1024 tokens (both heads' logits, forward and backward, then dhidden and dweight) where Triton's
-    take two over the whole chunk."""
+    provider's), and for bfloat16 heads ``fused, KL by GEMMs`` reaches the KL's GEMM path where the
+    fused one runs Triton's kernels (forced here, under the interpreter): both heads' logits by
+    GEMMs in the forward (over half the head's chunk of 1024 tokens) and again in the backward
+    (over the vocabulary-outer order's token tiles), where Triton's kernels take none."""
     import linear_head
 
     inputs = linear_head.make_inputs(40, 16, 300, torch.float32, "cpu", full_kl=True)
@@ -94,8 +94,11 @@ def test_the_linear_head_benchs_full_kl_providers_compute_the_same_gradients(mon
         for got, want in zip(grads[provider], grads["fused"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=provider)
     assert not torch.allclose(grads["fused, k3 KL"][0], grads["fused"][0], rtol=1e-4, atol=1e-6)
+    from ppo_fast.ops.linear_logprobs import vocabulary_tile
+
     monkeypatch.setenv("PPO_FAST_BACKEND", "triton")
+    inputs = linear_head.make_inputs(40, 16, 300, torch.bfloat16, "cpu", full_kl=True)
     work = {provider: linear_head.gemm_flops(linear_head.make_run(provider, inputs))
             for provider in ("fused", "fused, KL by GEMMs")}
-    gemm = 2 * 1024 * 16 * 300
-    assert work["fused, KL by GEMMs"] - work["fused"] == 6 * gemm // 2 - 2 * gemm
+    gemm = lambda rows: 2 * rows * 16 * 300  # noqa: E731
+    assert work["fused, KL by GEMMs"] - work["fused"] == 2 * gemm(1024 // 2) + 2 * gemm(vocabulary_tile(300, 16)[0])

@@ -44,14 +44,19 @@ def chunk_kl(z: Tensor, r: Tensor, active: Tensor, inv_temp: float, dtype: torch
     return kl, torch.where(rows, p * (gap - kl.unsqueeze(-1)) * inv_temp, 0.0)
 
 
-def check_kl_finite(kl: Tensor, start: int, what: str) -> None:
+def check_kl_finite(kl: Tensor, start: int, what: str, policy_lse: Tensor | None = None) -> None:
     """A KL that is not finite at a token is an error naming it, not a NaN or inf step (not while
     tracing): +inf where the reference gives probability 0 to a token the policy does not, NaN
     where the reference's logits hold NaN or +inf, are all −inf, or overflow once divided by the
-    temperature. (A policy row's own faults are the log-prob op's errors, raised before.)"""
+    temperature. ``policy_lse`` (the policy's log-sum-exps of the same tokens, where known) names
+    the policy's logits instead when theirs is what is not finite."""
     if torch.compiler.is_compiling() or kl.device.type == "meta" or bool(torch.isfinite(kl).all()):
         return
     token = start + int((~torch.isfinite(kl)).nonzero()[0, 0])
+    if policy_lse is not None and not bool(torch.isfinite(policy_lse[token - start])):
+        raise ValueError(f"the policy's logits at token {token} (of the flattened tokens, from 0) give no "
+                         "distribution: they hold NaN or +inf, are all -inf, or overflow float32 once divided by "
+                         "the temperature, and the full KL would be NaN")
     if bool(torch.isinf(kl[token - start])):
         raise ValueError(f"{what} at token {token} (of the flattened tokens, from 0) give probability 0 to a token "
                          "the policy gives a positive probability: the full KL is +inf there. Ban a token in both "

@@ -595,7 +595,7 @@ class _FullKLFromHeads(torch.autograd.Function):
         if ctx.triton:
             kl, lse, ref_lse = triton_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
                                                       inv_temp, ignore_index)
-            check_kl_finite(kl, 0, "the reference head's logits")
+            check_kl_finite(kl, 0, "the reference head's logits", lse)
         else:
             kl, lse, ref_lse = _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                                         labels, inv_temp, ignore_index)
@@ -662,15 +662,18 @@ def _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_b
         lse[start:stop] = _masked_lse(z, active, inv_temp, dtype)[:rows]
         ref_lse[start:stop] = _masked_lse(r, active, inv_temp, dtype)[:rows]
         del z, r
-        check_kl_finite(kl_chunk[:rows], start, "the reference head's logits")
+        check_kl_finite(kl_chunk[:rows], start, "the reference head's logits", lse[start:stop])
         kl[start:stop] = kl_chunk[:rows]
     return kl, lse, ref_lse
 
 
 def _heads_on_triton(hidden: Tensor, ref_hidden: Tensor) -> bool:
     """Whether the full KL between two heads runs the Triton kernels: where the policy's head runs
-    on Triton, for heads of one dtype, in eager mode (``torch.compile`` traces the GEMM path)."""
+    on Triton, for two bfloat16 or two float16 heads (the kernels' plans,
+    :func:`ppo_fast.kernels.linear_logprobs.full_kl_tile_plan`), in eager mode (``torch.compile``
+    traces the GEMM path)."""
     return (not torch.compiler.is_compiling() and hidden.dtype == ref_hidden.dtype
+            and hidden.dtype in (torch.bfloat16, torch.float16)
             and dispatch.choose("linear_logprobs", hidden.device) == "triton")
 
 
@@ -826,7 +829,7 @@ def fused_linear_ppo_loss(
     ``ref_hidden @ ref_weight.T + ref_bias`` (ref_hidden ``[..., H_ref]``, ref_weight ``[V, H_ref]``,
     its own dtype), neither model's logits stored: per chunk of tokens both heads' logits are
     computed, used and freed, forward and backward (:func:`full_kl_from_heads`); on CUDA, for two
-    heads of one dtype, Triton kernels compute them tile by tile instead.
+    bfloat16 or two float16 heads, Triton kernels compute them tile by tile instead.
     """
     opts = check.actor_options(ref_logp, {"ref_hidden": ref_hidden, "ref_weight": ref_weight},
                                {"ref_bias": ref_bias}, loss_type=loss_type,
