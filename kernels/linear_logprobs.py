@@ -166,6 +166,25 @@ def scaled_tile(
     return to_element(z, h_rows.dtype.element_ty, BY_SUM).to(ACC) * inv_temp
 
 
+@triton.jit
+def dlogits_tile(
+    labels_ptr,  # [N] int64, contiguous
+    n_rows,
+    E,
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """The backward kernels' tile of the 2-D grid (token blocks × blocks of E vocabulary entries):
+    ``(rows, cols, in_batch, in_entries, labels, active)``, int64 offsets, ``active`` the rows in
+    the batch whose label is not ``ignore_index``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_batch = rows < n_rows
+    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
+    return rows, cols, in_batch, cols < E, labels, (labels != ignore_index) & in_batch
+
+
 @triton.jit(do_not_specialize=BATCH_ADDRESSING, do_not_specialize_on_alignment=POINTERS)
 def _linear_logprobs_fwd_kernel(
     hidden_ptr,  # [N, H] bf16/fp16/fp32/fp64, unit column stride, rows stride_hn apart
@@ -282,12 +301,8 @@ def _linear_logprobs_dlogits_kernel(
     ACC: tl.constexpr,
     BY_SUM: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_batch = rows < n_rows
-    in_entries = cols < E
-    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
-    active = (labels != ignore_index) & in_batch
+    rows, cols, in_batch, in_entries, labels, active = dlogits_tile(labels_ptr, n_rows, E, ignore_index,
+                                                                    BLOCK_N, BLOCK_V)
     inv_temp = tl.load(scalars_ptr)
     h_rows = hidden_ptr + rows[:, None] * stride_hn
     w_rows = weight_ptr + cols[:, None] * stride_wv
@@ -379,10 +394,10 @@ def _linear_full_kl_fwd_kernel(
                             BLOCK_N, BLOCK_V, REF_BLOCK_H, HAS_REF_BIAS, ACC, BY_SUM)
         # The reference's statistics first, so its exponentials are dead before the policy's live.
         # A row of −inf so far keeps its maximum −inf; exp(−inf − −inf) would be NaN.
-        m_ref_new = tl.maximum(m_ref, tl.max(tl.where(in_vocab[None, :], s_ref, float("-inf")), axis=1))
+        s_ref_in_vocab = tl.where(in_vocab[None, :], s_ref, float("-inf"))
+        m_ref_new = tl.maximum(m_ref, tl.max(s_ref_in_vocab, axis=1))
         m_ref_safe = tl.where(m_ref_new == float("-inf"), 0.0, m_ref_new)
-        d_ref = d_ref * tl.exp(m_ref - m_ref_safe) + tl.sum(
-            tl.exp(tl.where(in_vocab[None, :], s_ref, float("-inf")) - m_ref_safe[:, None]), axis=1)
+        d_ref = d_ref * tl.exp(m_ref - m_ref_safe) + tl.sum(tl.exp(s_ref_in_vocab - m_ref_safe[:, None]), axis=1)
         # A token the reference bans (ρ_v = 0) stays out of a: the KL is +inf if its π_v > 0, which
         # only the final log-sum-exp tells, so its policy logit is kept (the largest of them).
         ref_banned = s_ref == float("-inf")
@@ -454,12 +469,8 @@ def _linear_full_kl_dlogits_kernel(
     ACC: tl.constexpr,
     BY_SUM: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_batch = rows < n_rows
-    in_entries = cols < E
-    labels = tl.load(labels_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
-    active = (labels != ignore_index) & in_batch
+    rows, cols, in_batch, in_entries, labels, active = dlogits_tile(labels_ptr, n_rows, E, ignore_index,
+                                                                    BLOCK_N, BLOCK_V)
     inv_temp = tl.load(scalars_ptr)
     h_rows = hidden_ptr + rows[:, None] * stride_hn
     w_rows = weight_ptr + cols[:, None] * stride_wv
