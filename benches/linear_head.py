@@ -32,15 +32,19 @@ the same shape (``kl_estimator="full"``, a reference hidden state and weight bes
 and the providers are the ones that compute it:
 
 - ``fused``, ``fused, recompute``, ``fused, token-outer``: as above, with the reference's head;
-  its KL runs on Triton on CUDA for 16-bit heads (two kernels, two GEMMs for its gradient) and as
-  two GEMMs per chunk with PyTorch over their logits elsewhere.
-- ``fused, KL by GEMMs``: ``fused`` with the KL on that PyTorch path on CUDA too (the same as
-  ``fused`` elsewhere): what the Triton kernels save.
+  its KL runs on Triton on CUDA for 16-bit heads (two kernels, two GEMMs for its gradient) and
+  elsewhere as two GEMMs per chunk with the full-KL op over their logits (``ppo_fast::full_kl``:
+  native C++ on the CPU, Triton row kernels on CUDA).
+- ``fused, KL by GEMMs``: ``fused`` with the KL on that GEMM path on CUDA too (the same as
+  ``fused`` on the CPU): what the heads' Triton kernels save.
+- ``fused, KL in PyTorch``: the GEMM path with the op's PyTorch implementation (its reference
+  backend) over the logits: what the op's kernels save.
 - ``fused, k3 KL``: ``fused`` with the k3 estimator on given reference log-probs instead: the cost
   of the loss without the full KL (the reference's log-probs come from a scoring pass not timed
   here).
 - ``logits + pf.ppo_loss``: both heads' logits stored (the reference's under no_grad), then
-  ``pf.ppo_loss(..., ref_logits=...)``.
+  ``pf.ppo_loss(..., ref_logits=...)``; ``, KL in PyTorch``: its full KL on the op's reference
+  backend.
 - ``floor: three GEMMs``: as above; the reference's head adds one more GEMM to any method.
 
 On a CPU the providers take turns, one call each per round, so a load that comes and goes on a
@@ -80,8 +84,9 @@ SHAPES = {  # (tokens, hidden, vocab, dtype)
 }
 PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "logits + pf.ppo_loss", "eager", "liger", "trl",
              "floor: three GEMMs")
-FULL_KL_PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "fused, KL by GEMMs", "fused, k3 KL",
-                     "logits + pf.ppo_loss", "floor: three GEMMs")
+FULL_KL_PROVIDERS = ("fused", "fused, recompute", "fused, token-outer", "fused, KL by GEMMs", "fused, KL in PyTorch",
+                     "fused, k3 KL", "logits + pf.ppo_loss", "logits + pf.ppo_loss, KL in PyTorch",
+                     "floor: three GEMMs")
 """The spec's eager loss is not among them: it is the tests' oracle, not a path anyone trains
 with."""
 KL_COEF = 0.05
@@ -120,7 +125,7 @@ def make_run(provider, inputs):
     with a reference head (``make_inputs(..., full_kl=True)``) add its full KL to the loss."""
     import ppo_fast as pf
     from ppo_fast import spec as reference
-    from ppo_fast.ops import linear_logprobs
+    from ppo_fast.ops import full_kl, linear_logprobs
 
     hidden, weight, labels, old, adv, mask, *ref_head = inputs
     options = dict(clip_low=0.2, clip_high=0.28, entropy_coef=ENTROPY_COEF)
@@ -135,12 +140,18 @@ def make_run(provider, inputs):
             options = dict(options, kl_estimator="k3", kl_coef=KL_COEF, ref_logp=ref_logp)
         else:
             options = dict(logits_options, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        by_gemms = [(linear_logprobs, "_heads_on_triton", False)]
+        in_pytorch = [(full_kl, "kl_ops_for", full_kl.REFERENCE)]
         if provider == "fused, KL by GEMMs":
-            return _forced(linear_logprobs, "_heads_on_triton", False, hidden, weight, labels, old, adv, mask,
-                           options)
+            return _forced(by_gemms, hidden, weight, labels, old, adv, mask, options)
+        if provider == "fused, KL in PyTorch":
+            return _forced(by_gemms + in_pytorch, hidden, weight, labels, old, adv, mask, options)
+        if provider == "logits + pf.ppo_loss, KL in PyTorch":
+            return _forced(in_pytorch, hidden, weight, labels, old, adv, mask, logits_options,
+                           logits_of=ref_head)
 
     def forced(name, value):
-        return _forced(linear_logprobs, name, value, hidden, weight, labels, old, adv, mask, options)
+        return _forced([(linear_logprobs, name, value)], hidden, weight, labels, old, adv, mask, options)
 
     def ref_logits():
         """The reference's logits as a user of the logits path has them: stored, no graph."""
@@ -179,19 +190,29 @@ def make_run(provider, inputs):
     return run
 
 
-def _forced(module, name, value, hidden, weight, labels, old, adv, mask, options):
-    """The fused loss with ``module.<name>`` answering ``value`` during the call (the backward runs
-    inside it too: the gradients are taken within the patch)."""
+def _forced(patches, hidden, weight, labels, old, adv, mask, options, logits_of=None):
+    """The fused loss, or with ``logits_of`` (the reference's hidden states and weight) the logits
+    path, with each ``(module, name, value)`` of ``patches`` answering ``value`` during the call
+    (the backward runs inside it too: the gradients are taken within the patches)."""
     import ppo_fast as pf
 
+    def loss():
+        if logits_of is None:
+            return pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
+        with torch.no_grad():
+            ref_logits = torch.nn.functional.linear(*logits_of)
+        return pf.ppo_loss(torch.nn.functional.linear(hidden, weight), labels, old, adv, mask, ref_logits=ref_logits,
+                           **options)[0]
+
     def loss_and_grads():
-        saved = getattr(module, name)
-        setattr(module, name, lambda *args: value)
+        saved = [getattr(module, name) for module, name, _ in patches]
+        for module, name, value in patches:
+            setattr(module, name, lambda *args, value=value: value)
         try:
-            loss = pf.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **options)[0]
-            return torch.autograd.grad(loss, (hidden, weight))
+            return torch.autograd.grad(loss(), (hidden, weight))
         finally:
-            setattr(module, name, saved)
+            for (module, name, _), original in zip(patches, saved):
+                setattr(module, name, original)
     return loss_and_grads
 
 

@@ -312,6 +312,223 @@ void token_logprobs_backward(at::Tensor dlogits, const at::Tensor& logits, const
   }
 }
 
+// The full KL to the reference over the whole vocabulary (ppo_fast/ops/full_kl.py), with
+// s = z / τ the policy's row, r = z_ref / τ the reference's, x = s − max s, x_ref = r − max r:
+//   d = Σ e^x,  d_ref = Σ e^{x_ref},  a = Σ_{ρ_v > 0} e^x (x − x_ref),  d_a = Σ_{ρ_v > 0} e^x
+//   KL = Σ π (log π − log ρ) = (a + d_a (log d_ref − log d)) / d
+// and +inf where a token the reference bans (r_v = −inf) has π_v > 0. Backward, with g = ∂L/∂KL:
+//   ∂L/∂z_v = g · π_v (log π_v − log ρ_v − KL) / τ   (0 where π_v = 0)
+// Both rows are read once each way; the logits of either model are never copied beyond a row.
+
+// One row of any float dtype as s = z·inv_temp in the compute type: into `buffer` unless the row
+// can be read as it is.
+template <typename acc_t>
+const acc_t* scaled_row_of(const at::Tensor& t, int64_t offset, int64_t V, acc_t inv_temp,
+                           std::vector<acc_t>& buffer) {
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      return scaled_row<double, acc_t>(t.data_ptr<double>() + offset, V, inv_temp, buffer);
+    case at::kFloat:
+      return scaled_row<float, acc_t>(t.data_ptr<float>() + offset, V, inv_temp, buffer);
+    case at::kBFloat16:
+      return scaled_row<at::BFloat16, acc_t>(t.data_ptr<at::BFloat16>() + offset, V, inv_temp, buffer);
+    default:
+      return scaled_row<at::Half, acc_t>(t.data_ptr<at::Half>() + offset, V, inv_temp, buffer);
+  }
+}
+
+template <typename acc_t, typename out_t>
+void store_row(out_t* out, const acc_t* d, int64_t V) {
+  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<out_t>(d[j]);
+}
+
+// d (V values in the compute type) into row `offset` of `out`, in out's dtype.
+template <typename acc_t>
+void store_row_of(at::Tensor& out, int64_t offset, const acc_t* d, int64_t V) {
+  switch (out.scalar_type()) {
+    case at::kDouble:
+      return store_row(out.data_ptr<double>() + offset, d, V);
+    case at::kFloat:
+      return store_row(out.data_ptr<float>() + offset, d, V);
+    case at::kBFloat16:
+      return store_row(out.data_ptr<at::BFloat16>() + offset, d, V);
+    default:
+      return store_row(out.data_ptr<at::Half>() + offset, d, V);
+  }
+}
+
+template <typename acc_t>
+struct KlRow {
+  acc_t kl, lse, ref_lse;
+};
+
+// A row whose maximum is not finite (NaN anywhere, a +inf, or every entry −inf) has no
+// distribution: its log-sum-exp is that maximum (NaN, +inf, −inf, as torch.logsumexp gives) and
+// the KL is NaN, which the public function reports, naming the model whose row it is.
+template <typename acc_t>
+KlRow<acc_t> full_kl_row(const acc_t* s, const acc_t* r, int64_t V) {
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity(), lowest = std::numeric_limits<acc_t>::lowest();
+  const acc_t m = row_max(s, V), m_ref = row_max(r, V);
+  if (!std::isfinite(m) || !std::isfinite(m_ref)) {
+    return {std::numeric_limits<acc_t>::quiet_NaN(), m, m_ref};
+  }
+  const Vec vm(m), vm_ref(m_ref), vlowest(lowest), vneg_inf(-inf), zero(0);
+  Vec d(0), d_ref(0), a(0), d_a(0), banned_top(-inf);
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) {
+    const Vec sj = Vec::loadu(s + j), rj = Vec::loadu(r + j);
+    // Floored at the lowest finite value: e^x is then 0 and e^x·x is 0, never 0·(−inf).
+    const Vec x = at::vec::maximum(sj - vm, vlowest), x_ref = at::vec::maximum(rj - vm_ref, vlowest);
+    const Vec e = vexp(x);
+    d = d + e;
+    d_ref = d_ref + vexp(x_ref);
+    const Vec ref_banned = rj == vneg_inf;
+    a = at::vec::fmadd(e, Vec::blendv(x - x_ref, zero, ref_banned), a);
+    d_a = d_a + Vec::blendv(e, zero, ref_banned);
+    banned_top = at::vec::maximum(banned_top, Vec::blendv(vneg_inf, sj, ref_banned));
+  }
+  auto sum = [](Vec& u, Vec& v) { return u + v; };
+  acc_t total = at::vec::vec_reduce_all<acc_t>(sum, d), total_ref = at::vec::vec_reduce_all<acc_t>(sum, d_ref);
+  acc_t total_a = at::vec::vec_reduce_all<acc_t>(sum, a), total_d_a = at::vec::vec_reduce_all<acc_t>(sum, d_a);
+  acc_t top = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return at::vec::maximum(u, v); }, banned_top);
+  for (; j < V; ++j) {
+    const acc_t x = std::max(s[j] - m, lowest), x_ref = std::max(r[j] - m_ref, lowest);
+    const acc_t e = std::exp(x);
+    total += e;
+    total_ref += std::exp(x_ref);
+    if (r[j] == -inf) {
+      top = std::max(top, s[j]);
+    } else {
+      total_a += e * (x - x_ref);
+      total_d_a += e;
+    }
+  }
+  const acc_t log_d = std::log(total), log_d_ref = std::log(total_ref), lse = m + log_d;
+  const acc_t kl = std::exp(top - lse) > 0 ? inf : (total_a + total_d_a * (log_d_ref - log_d)) / total;
+  return {kl, lse, m_ref + log_d_ref};
+}
+
+bool row_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_kl_rows(const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& labels) {
+  for (const at::Tensor* t : {&logits, &ref_logits}) {
+    TORCH_CHECK(t->device().is_cpu(), "the native backend runs on CPU tensors");
+    TORCH_CHECK(t->dim() >= 1 && t->stride(-1) == 1, "logits and ref_logits must have a unit stride on the vocabulary");
+    TORCH_CHECK(row_dtype(t->scalar_type()), "logits must be float64, float32, bfloat16 or float16, got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), "ref_logits must have the logits' shape");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), "labels must be contiguous int64");
+  TORCH_CHECK(labels.numel() * logits.size(-1) == logits.numel(), "labels must have the shape logits.shape[:-1]");
+}
+
+template <typename acc_t>
+void full_kl_forward_kernel(const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& labels,
+                            double inv_temp_d, int64_t ignore_index, at::Tensor& kl, at::Tensor& lse,
+                            at::Tensor& ref_lse) {
+  const int64_t V = logits.size(-1), N = labels.numel();
+  const Rows rows = rows_of(logits), ref_rows = rows_of(ref_logits);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  acc_t *out_kl = kl.data_ptr<acc_t>(), *out_lse = lse.data_ptr<acc_t>(), *out_ref_lse = ref_lse.data_ptr<acc_t>();
+  const acc_t inv_temp = static_cast<acc_t>(inv_temp_d);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer, ref_buffer;
+    for (int64_t row = begin; row < end; ++row) {
+      if (y[row] == ignore_index) {
+        out_kl[row] = out_lse[row] = out_ref_lse[row] = 0;
+        continue;
+      }
+      const acc_t* s = scaled_row_of<acc_t>(logits, rows.offset(row), V, inv_temp, buffer);
+      const acc_t* r = scaled_row_of<acc_t>(ref_logits, ref_rows.offset(row), V, inv_temp, ref_buffer);
+      const KlRow<acc_t> result = full_kl_row(s, r, V);
+      out_kl[row] = result.kl;
+      out_lse[row] = result.lse;
+      out_ref_lse[row] = result.ref_lse;
+    }
+  });
+}
+
+std::vector<at::Tensor> full_kl_forward(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                        const at::Tensor& labels, double inv_temp, int64_t ignore_index) {
+  check_kl_rows(logits, ref_logits, labels);
+  const bool in_double = logits.scalar_type() == at::kDouble;
+  auto options = logits.options().dtype(in_double ? at::kDouble : at::kFloat);
+  at::Tensor kl = at::empty(labels.sizes(), options), lse = at::empty(labels.sizes(), options),
+             ref_lse = at::empty(labels.sizes(), options);
+  if (in_double) {
+    full_kl_forward_kernel<double>(logits, ref_logits, labels, inv_temp, ignore_index, kl, lse, ref_lse);
+  } else {
+    full_kl_forward_kernel<float>(logits, ref_logits, labels, inv_temp, ignore_index, kl, lse, ref_lse);
+  }
+  return {kl, lse, ref_lse};
+}
+
+template <typename acc_t>
+void full_kl_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, const at::Tensor& ref_logits,
+                             const at::Tensor& labels, const at::Tensor& kl, const at::Tensor& lse,
+                             const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp_d,
+                             int64_t ignore_index) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t V = logits.size(-1), N = labels.numel();
+  const Rows rows = rows_of(logits), ref_rows = rows_of(ref_logits), out_rows = rows_of(dlogits);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const acc_t *row_kl = kl.data_ptr<acc_t>(), *row_lse = lse.data_ptr<acc_t>(),
+              *row_ref_lse = ref_lse.data_ptr<acc_t>(), *g = grad_kl.data_ptr<acc_t>();
+  const acc_t inv_temp = static_cast<acc_t>(inv_temp_d);
+  const bool direct = dlogits.scalar_type() == kl.scalar_type();  // dlogits in the compute type
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer, ref_buffer, result(direct ? 0 : V);
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* d = direct ? dlogits.data_ptr<acc_t>() + out_rows.offset(row) : result.data();
+      if (y[row] == ignore_index) {
+        std::fill(d, d + V, acc_t(0));
+      } else {
+        const acc_t* s = scaled_row_of<acc_t>(logits, rows.offset(row), V, inv_temp, buffer);
+        const acc_t* r = scaled_row_of<acc_t>(ref_logits, ref_rows.offset(row), V, inv_temp, ref_buffer);
+        const acc_t l = row_lse[row], l_ref = row_ref_lse[row], k = row_kl[row], c = g[row] * inv_temp;
+        const Vec vl(l), vl_ref(l_ref), vk(k), vc(c), vlowest(std::numeric_limits<acc_t>::lowest()), zero(0);
+        int64_t j = 0;
+        for (; j + Vec::size() <= V; j += Vec::size()) {
+          const Vec log_p = Vec::loadu(s + j) - vl;
+          const Vec p = vexp(at::vec::maximum(log_p, vlowest));
+          // π_v = 0 gives 0 whatever ρ_v is (log π − log ρ may be −inf − −inf there).
+          const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
+          Vec::blendv(p * gap * vc, zero, p == zero).store(d + j);
+        }
+        for (; j < V; ++j) {
+          const acc_t log_p = s[j] - l;
+          const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
+          d[j] = p == 0 ? acc_t(0) : p * (log_p - (r[j] - l_ref) - k) * c;
+        }
+      }
+      if (!direct) store_row_of(dlogits, out_rows.offset(row), d, V);
+    }
+  });
+}
+
+void full_kl_backward(at::Tensor dlogits, const at::Tensor& logits, const at::Tensor& ref_logits,
+                      const at::Tensor& labels, const at::Tensor& kl, const at::Tensor& lse,
+                      const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp, int64_t ignore_index) {
+  check_kl_rows(logits, ref_logits, labels);
+  TORCH_CHECK(dlogits.sizes() == logits.sizes() && row_dtype(dlogits.scalar_type()) && dlogits.stride(-1) == 1,
+              "dlogits must have the logits' shape, a float dtype and a unit stride on the vocabulary");
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&kl, &lse, &ref_lse, &grad_kl}) {
+    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->numel() == labels.numel(),
+                "kl, lse, ref_lse and grad_kl must be contiguous ", acc, " of ", labels.numel(), " tokens");
+  }
+  if (acc == at::kDouble) {
+    full_kl_backward_kernel<double>(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
+                                    ignore_index);
+  } else {
+    full_kl_backward_kernel<float>(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
+                                   ignore_index);
+  }
+}
+
 // The PPO actor loss per token, fused into the row pass (kernels/ppo_loss.py has the same math).
 // With logp and H from the row and Δ = logp − old_logp:
 //   ratio = e^{clamp(Δ, ±20)},  pg = max(−A·ratio, −A·clip(ratio, 1 − ε_low, 1 + ε_high))
@@ -634,6 +851,8 @@ void register_batch_invariant(pybind11::module& m);  // csrc/batch_invariant_cpu
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_forward", &token_logprobs_forward);
   m.def("token_logprobs_backward", &token_logprobs_backward);
+  m.def("full_kl_forward", &full_kl_forward);
+  m.def("full_kl_backward", &full_kl_backward);
   m.def("gae_forward", &gae_forward);
   m.def("ppo_loss_forward", &ppo_loss_forward);
   m.def("empty_gradient_like", &empty_gradient_like);

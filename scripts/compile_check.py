@@ -44,6 +44,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 from ppo_fast.kernels import batch_invariant  # noqa: E402
+from ppo_fast.kernels import full_kl  # noqa: E402
 from ppo_fast.kernels import gae  # noqa: E402
 from ppo_fast.kernels import linear_logprobs as linear  # noqa: E402
 from ppo_fast.kernels import logprobs  # noqa: E402
@@ -101,6 +102,28 @@ def logprobs_bwd_plan(logits, with_entropy, labels=None) -> Launch:
                                       labels, vec, vec, vec, vec if with_entropy else None,
                                       torch.ones(1, dtype=_out(logits.dtype)), -100,
                                       _acc(logits.dtype))
+
+
+def full_kl_rows_fwd_plan(logits, ref_logits=None, labels=None) -> Launch:
+    ref_logits = torch.empty_like(logits) if ref_logits is None else ref_logits
+    out = torch.empty(logits.shape[:-1], dtype=_out(logits.dtype)).view(-1)
+    labels = torch.zeros(out.numel(), dtype=torch.int64) if labels is None else labels
+    rows, layout = logprobs.row_layout(logits)
+    ref_rows, ref_layout = logprobs.row_layout(ref_logits)
+    return full_kl.plan_full_kl_fwd(rows, layout, ref_rows, ref_layout, labels, out, out, out,
+                                    torch.ones(1, dtype=_out(logits.dtype)), -100, _acc(logits.dtype))
+
+
+def full_kl_rows_bwd_plan(logits, ref_logits=None, labels=None, dlogits_dtype=None) -> Launch:
+    ref_logits = torch.empty_like(logits) if ref_logits is None else ref_logits
+    vec = torch.empty(logits.shape[:-1], dtype=_out(logits.dtype)).view(-1)
+    labels = torch.zeros(vec.numel(), dtype=torch.int64) if labels is None else labels
+    rows, layout = logprobs.row_layout(logits)
+    ref_rows, ref_layout = logprobs.row_layout(ref_logits)
+    dlogits = torch.empty(logits.shape, dtype=dlogits_dtype or logits.dtype)
+    return full_kl.plan_full_kl_bwd(rows, layout, ref_rows, ref_layout, dlogits, logprobs.row_layout(dlogits)[1],
+                                    labels, vec, vec, vec, vec, torch.ones(1, dtype=_out(logits.dtype)), -100,
+                                    _acc(logits.dtype))
 
 
 def ppo_fwd_plan(logits, kl_mode="k3", dual_clip=True, tis=True, labels=None) -> Launch:
@@ -265,6 +288,20 @@ def cases() -> list[Case]:
             out.append(Case("full kl dlogits", config, full_kl_dlogits_plan(2, H, H_ref, V, dtype, bias)))
     out.append(Case("full kl dlogits", f"bfloat16 H=4096 H_ref=4096 V={ALIGNED_V} entries 4096-8191 bias=True",
                     full_kl_dlogits_plan(2, 4096, 4096, ALIGNED_V, torch.bfloat16, first=4096, entries=4096)))
+    # The full KL from two rows of logits: every dtype, a float32 reference beside 16-bit logits,
+    # float32 gradients of 16-bit logits (the heads' GEMM path on the CPU), and small vocabularies.
+    for dtype in LOGITS_DTYPES:
+        for V in (ALIGNED_V, UNALIGNED_V):
+            config = f"{_short(dtype)} V={V}"
+            out.append(Case("full kl rows fwd", config, full_kl_rows_fwd_plan(_logits(2, V, dtype)), V == ALIGNED_V))
+            out.append(Case("full kl rows bwd", config, full_kl_rows_bwd_plan(_logits(2, V, dtype)), V == ALIGNED_V))
+    mixed = (_logits(2, ALIGNED_V, torch.bfloat16), _logits(2, ALIGNED_V, torch.float32))
+    out.append(Case("full kl rows fwd", f"bfloat16 V={ALIGNED_V} ref float32", full_kl_rows_fwd_plan(*mixed), True))
+    out.append(Case("full kl rows bwd", f"bfloat16 V={ALIGNED_V} ref float32 dlogits float32",
+                    full_kl_rows_bwd_plan(*mixed, dlogits_dtype=torch.float32), True))
+    for V in (1, 7, 100, 1000, 4095):
+        out.append(Case("full kl rows fwd", f"bfloat16 V={V}", full_kl_rows_fwd_plan(_logits(2, V, torch.bfloat16))))
+        out.append(Case("full kl rows bwd", f"bfloat16 V={V}", full_kl_rows_bwd_plan(_logits(2, V, torch.bfloat16))))
     for power in range(11):
         out.append(Case("gae", f"float32 max_len={2 ** power}", gae_plan(2 ** power)))
     out.append(Case("gae", "float64 max_len=1024", gae_plan(1024, torch.float64)))
@@ -384,7 +421,9 @@ def batch_invariance_problems() -> list[str]:
                            ("logprobs fwd sum_pi_squared",
                             lambda x, y: logprobs_fwd_plan(x, True, y, sum_pi_squared=True)),
                            ("logprobs bwd", lambda x, y: logprobs_bwd_plan(x, True, y)),
-                           ("ppo fwd", lambda x, y: ppo_fwd_plan(x, labels=y))):
+                           ("ppo fwd", lambda x, y: ppo_fwd_plan(x, labels=y)),
+                           ("full kl rows fwd", lambda x, y: full_kl_rows_fwd_plan(x, x, y)),
+                           ("full kl rows bwd", lambda x, y: full_kl_rows_bwd_plan(x, x, y))):
             flat = batch.view(-1, V)
             variants = {
                 "batch": make(flat, labels.view(-1)),

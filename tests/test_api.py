@@ -131,6 +131,8 @@ PUBLIC_CALLS = {
     "linear_logprobs": lambda b: pf.fused_linear_ppo_loss(
         b["logits"], b["logits"].detach().reshape(-1, 11)[:7], b["labels"] % 7, b["old"], b["adv"], b["mask"]),
     "gae": lambda b: pf.gae(b["old"], b["adv"], b["mask"], whiten=False),
+    "full_kl": lambda b: pf.ppo_loss(b["logits"], b["labels"], b["old"], b["adv"], b["mask"], kl_estimator="full",
+                                     ref_logits=b["logits"].detach() * 0.5, kl_coef=0.1),
     "policy_loss": lambda b: pf.policy_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "value_loss": lambda b: pf.value_loss(b["old"], b["old"], b["adv"], b["mask"]),
     "kl_penalty": lambda b: pf.kl_penalty(b["old"], b["adv"]),
@@ -148,7 +150,7 @@ def _named_batch():
 
 
 def test_every_op_of_the_table_chooses_its_backend_there(monkeypatch):
-    assert set(dispatch.TABLE) == {"token_logprobs", "ppo_loss", "linear_logprobs", "gae"}
+    assert set(dispatch.TABLE) == {"token_logprobs", "ppo_loss", "linear_logprobs", "gae", "full_kl"}
     assert set(dispatch.TABLE) < set(PUBLIC_CALLS)
     chosen = []
     original = dispatch.choose
@@ -307,13 +309,14 @@ def test_cli_backends_prints_the_op_table(capsys):
     for op in dispatch.TABLE:
         assert op in out
     cpu = out.split("\n\n")[1]
-    for op in ("token_logprobs", "ppo_loss", "linear_logprobs", "gae"):
+    for op in ("token_logprobs", "ppo_loss", "linear_logprobs", "gae", "full_kl"):
         # The CPU default: native (the last column) where built, else the reference (the first).
         assert re.search(rf"^  {op} .* yes \*$" if NATIVE else rf"^  {op} +yes \* ", cpu, re.M), op
     assert re.search(r"^Every other function \(policy_loss, value_loss, .*\) runs its PyTorch spec", out, re.M)
 
 
-@pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "ppo_loss_tokens", "gae"])
+@pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "ppo_loss_tokens", "gae", "full_kl",
+                                "full_kl_backward"])
 def test_library_ops_have_one_kernel_per_device(op):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ppo_fast::{op}", key), key

@@ -23,7 +23,8 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = table.read_text()
     for kernel in ("logprobs fwd", "logprobs bwd", "ppo fwd", "linear fwd", "linear dlogits", "full kl fwd",
-                   "full kl dlogits", "gae", "bi matmul", "bi row reduce", "bi attention"):
+                   "full kl dlogits", "full kl rows fwd",
+                   "full kl rows bwd", "gae", "bi matmul", "bi row reduce", "bi attention"):
         for arch in ("sm_80", "sm_90"):
             assert f"| {kernel} |" in text and arch in text
     assert "compile error" not in text

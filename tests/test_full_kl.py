@@ -87,6 +87,98 @@ def test_ppo_loss_with_the_full_kl_matches_the_spec(backend, dtype, loss_type, d
     assert not torch.isnan(grad).any()
 
 
+def _banned_as_floor(t):
+    """−inf as −1e4, in float64: the same distribution (e^{−1e4} is exactly 0 there), and the spec's
+    autograd stays finite where a token is banned."""
+    return torch.where(t == float("-inf"), -1e4, t.double())
+
+
+@pytest.mark.parametrize("dtype,ref_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16), (torch.float64, torch.float64)])
+def test_every_backends_full_kl_op_and_its_gradient_match_the_spec(backend, dtype, ref_dtype, device):
+    """The op on logits read as a shifted view (``logits[:, :-1]``) with V not a multiple of any
+    block, tokens both models ban, one only the policy bans, NaN in the ignored rows of both, a
+    temperature, an upstream gradient that is not 1: the KL, both log-sum-exps and the gradient
+    against the float64 spec."""
+    B, T, V, temperature = 3, 5, 301, 0.7
+    full = random_logits((B, T + 1, V), dtype, device)
+    ref = random_logits((B, T, V), ref_dtype, device)
+    labels = random_labels((B, T), V, device)
+    labels[0, 0], labels[2, 1] = 3, -100
+    ignored = (labels == -100).unsqueeze(-1)
+    full[:, :-1, 4], ref[..., 4], full[0, 2, 9] = float("-inf"), float("-inf"), float("-inf")
+    full[:, :-1] = torch.where(ignored, float("nan"), full[:, :-1])
+    ref = torch.where(ignored, float("nan"), ref)
+    leaf = full.clone().requires_grad_()
+    kl, lse, ref_lse = full_kl_module.full_kl_op(leaf[:, :-1], ref, labels, 1.0 / temperature, -100)
+    upstream = torch.randn(B, T, dtype=torch.float64, device=device)
+    (grad,) = torch.autograd.grad((kl * upstream.to(kl.dtype)).sum(), leaf)
+
+    z64 = torch.where(ignored, 0.0, _banned_as_floor(full[:, :-1])).requires_grad_()
+    r64 = torch.where(ignored, 0.0, _banned_as_floor(ref))
+    kl_r = torch.where(ignored.squeeze(-1), 0.0, spec.full_kl(z64, r64, temperature))
+    (grad_r,) = torch.autograd.grad((kl_r * upstream).sum(), z64)
+    tolerance = TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(kl.double(), kl_r, **tolerance)
+    for got, rows in ((lse, z64), (ref_lse, r64)):
+        expected = torch.where(ignored.squeeze(-1), 0.0, torch.logsumexp(rows.detach() / temperature, -1))
+        torch.testing.assert_close(got.double(), expected, **tolerance)
+    assert grad.dtype == dtype and not torch.isnan(grad).any()
+    assert bool((grad[:, -1] == 0).all()), "the row outside the view got a gradient"
+    grad = grad[:, :-1].double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(grad, grad_r, **tolerance)
+    else:
+        # Error budget: float32 work on s − lse and s_ref − lse_ref (each within a few ulps of its
+        # terms' sizes), through π_v = e^{s − lse} and log π_v − log ρ_v − KL, then one rounding
+        # to the logits' dtype (half an ulp, one for the interpreter's cast; a subnormal's ulp is
+        # fixed).
+        with torch.no_grad():
+            s64, s_ref64 = z64 / temperature, r64 / temperature
+            lse64, ref_lse64 = torch.logsumexp(s64, -1, keepdim=True), torch.logsumexp(s_ref64, -1, keepdim=True)
+            p = (s64 - lse64).exp()
+            gap = (s64 - lse64) - (s_ref64 - ref_lse64) - kl_r.unsqueeze(-1)
+            size, ref_size = s64.abs() + lse64.abs(), s_ref64.abs() + ref_lse64.abs()
+            sizes = torch.where(p > 0, size * gap.abs() + size + ref_size + kl_r.abs().unsqueeze(-1), 0.0)
+            work = 4 * torch.finfo(torch.float32).eps * p * sizes * (upstream.abs() / temperature).unsqueeze(-1)
+        finfo = torch.finfo(dtype)
+        bound = work + finfo.eps * torch.clamp(grad_r.abs(), min=finfo.tiny)
+        excess = ((grad - grad_r).abs() / bound).max().item()
+        assert excess <= 1, f"{excess:.3f} of the bound"
+    assert kl[0, 0] > 0.1
+
+
+def test_a_non_finite_full_kl_names_the_model_and_the_token_on_every_backend(backend, device):
+    """NaN or +inf anywhere in a row, a row of −inf, a token only the reference bans: an error naming
+    whose logits and which token, whichever backend computes it."""
+    V = 37
+    logits, ref = random_logits((2, 3, V), torch.float32, device), random_logits((2, 3, V), torch.float32, device)
+    labels = torch.randint(0, V, (2, 3), device=device)
+
+    def kl(z=logits, r=ref):
+        return full_kl_module.full_kl_from_logits(z, r, labels, 0.9, -100)
+
+    assert torch.isfinite(kl()).all()
+    for bad in (float("nan"), float("inf")):
+        policy, reference = logits.clone(), ref.clone()
+        policy[1, 0, 20], reference[0, 1, 30] = bad, bad
+        with pytest.raises(ValueError, match=r"^logits at token 3 .* give no distribution"):
+            kl(z=policy)
+        with pytest.raises(ValueError, match=r"^ref_logits at token 1 .* give no distribution"):
+            kl(r=reference)
+    policy = logits.clone()
+    policy[0, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"^logits at token 2 .* give no distribution"):
+        kl(z=policy)
+    reference = ref.clone()
+    reference[1, 2, 11] = float("-inf")
+    with pytest.raises(ValueError, match=r"^ref_logits at token 5 .* the full KL is \+inf"):
+        kl(r=reference)
+    policy = logits.clone()
+    policy[1, 2, 11] = float("-inf")
+    assert torch.isfinite(kl(z=policy, r=reference)).all()
+
+
 @pytest.mark.parametrize("in_forward", [True, False], ids=["gradients-in-forward", "recomputed"])
 def test_the_fused_heads_full_kl_matches_the_spec_across_chunks(monkeypatch, in_forward):
     """Both heads in chunks of 4 tokens (the last one padded), the reference with its own hidden
@@ -125,22 +217,26 @@ def test_the_fused_heads_full_kl_matches_the_spec_across_chunks(monkeypatch, in_
         torch.testing.assert_close(metrics[name].double(), metrics_r[name], **tolerance, msg=name)
 
 
-def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch):
-    """Bitwise: a row alone, in a batch, at another position, and with chunks of 1, 3 or all rows."""
+def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch, backend):
+    """Bitwise, the KL and its gradient: a row alone, in a batch, at another position, and with
+    chunks of 1, 3 or all rows (the reference's)."""
     V = 300
     logits, ref_logits = random_logits((10, V), torch.float32, "cpu"), random_logits((10, V), torch.float32, "cpu")
     labels = torch.randint(0, V, (10,))
 
     def kl(rows, chunk_rows):
         monkeypatch.setattr(full_kl_module, "CHUNK_BYTES", chunk_rows * V * 4)
-        return full_kl_module.full_kl_from_logits(logits[rows], ref_logits[rows], labels[rows], 0.8, -100)
+        x = logits[rows].clone().requires_grad_()
+        value = full_kl_module.full_kl_from_logits(x, ref_logits[rows], labels[rows], 0.8, -100)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        return value, grad
 
-    whole = kl(torch.arange(10), 10)
+    whole, whole_grad = kl(torch.arange(10), 10)
     for chunk_rows in (1, 3):
-        assert torch.equal(kl(torch.arange(10), chunk_rows), whole)
+        assert all(map(torch.equal, kl(torch.arange(10), chunk_rows), (whole, whole_grad)))
     shuffled = torch.randperm(10)
-    assert torch.equal(kl(shuffled, 3), whole[shuffled])
-    assert torch.equal(kl(torch.tensor([6]), 10), whole[6:7])
+    assert all(map(torch.equal, kl(shuffled, 3), (whole[shuffled], whole_grad[shuffled])))
+    assert all(map(torch.equal, kl(torch.tensor([6]), 10), (whole[6:7], whole_grad[6:7])))
 
     # From the heads: chunks of 4 tokens, the last one padded, so every GEMM has one shape.
     monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 8 * V * 4)

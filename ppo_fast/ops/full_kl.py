@@ -1,4 +1,5 @@
-"""The exact KL to the reference over the whole vocabulary, ``kl_estimator="full"``:
+"""``ppo_fast::full_kl``: the exact KL to the reference over the whole vocabulary,
+``kl_estimator="full"``, and its backward ``ppo_fast::full_kl_backward``:
 
     KL_t = Σ_v π_v (log π_v − log ρ_v),   π = softmax(z / T),  ρ = softmax(r / T)
     ∂KL_t/∂z_u = π_u (log π_u − log ρ_u − KL_t) / T
@@ -7,56 +8,257 @@ with z the policy's logits and r the reference's at token t (a term with π_v = 
 estimators k1…k3+ see only the sampled token's two log-probs; this one sees both distributions,
 so it is exact and has no variance. The reference is data: no gradient reaches r.
 
-Two forms, both chunk by chunk over the tokens, so the float32 work is one chunk's logits at a
-time: from the two models' logits (here, :func:`full_kl_from_logits`), and from the two models'
-last hidden states and heads (:func:`ppo_fast.ops.linear_logprobs.full_kl_from_heads`, with the
-head's chunks), where neither model's logits are stored: each chunk's are computed, used and
-freed, forward and backward (which recomputes them). Both run in PyTorch on every device, so the
-op is not in :mod:`ppo_fast.dispatch`'s table; where the head runs on Triton, the heads' form runs
-two Triton kernels instead, which compute both heads' logits tile by tile and never store them
-(``kernels/linear_logprobs.py``). Every row's numbers are row-wise reductions, so they do not
-depend on the chunk or the batch around the row.
+Read top to bottom: the schema and fake kernel, the autograd formula, then the implementations,
+one per backend (reference PyTorch, Triton, native C++), and their table. Every implementation
+has the same two functions (:class:`KLOps`):
+
+    forward(logits, ref_logits, labels, inv_temp, ignore_index) -> (kl, lse, ref_lse)
+    backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index)
+        writes grad_kl · ∂KL/∂logits into dlogits (any float dtype)
+
+The Triton and native ones read each row of both models once per direction and never hold more
+than a block of a row (``kernels/full_kl.py``, ``csrc/ppo_fast_cpu.cpp``); the reference goes
+chunk by chunk over the tokens, so its float32 work is one chunk's logits at a time. The backward
+is elementwise given each row's KL and log-sum-exps: a ``[tokens, entries]`` tile of the
+vocabulary gets its entries' gradient (the heads' form, :func:`ppo_fast.ops.linear_logprobs.
+full_kl_from_heads`, runs the op on each chunk of logits it computes). Every row's numbers are
+row-wise reductions in an order fixed by V and the dtype, so they do not depend on the chunk or
+the batch around the row.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
-from .. import spec
+from .. import dispatch, native
+from ..spec import compute_dtype
+from .token_logprobs import DEVICE_TYPES, flat, native_rows, no_kernel, out_dtype
+
+
+class KLOps(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def kl_ops_for(device) -> KLOps:
+    """The implementation that serves tensors on ``device``."""
+    return dispatch.implementation("full_kl", device)
+
+
+# --------------------------------------------------------------------------------------------
+# Schema, fake kernel, autograd formula
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ppo_fast::full_kl", mutates_args=())
+def full_kl_op(logits: Tensor, ref_logits: Tensor, labels: Tensor, inv_temp: float,
+               ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(kl, lse, ref_lse)``, each ``[...]`` float32 (float64 for float64 logits), for logits and
+    ref_logits ``[..., V]`` (any float dtypes, one shape) and labels ``[...]``; 0 where the label is
+    ``ignore_index``, whatever those rows hold. Only ``kl`` is differentiable, in ``logits``; the
+    log-sum-exps of s = logits/T and of ref_logits/T are for the backward and the error checks."""
+    raise no_kernel("full_kl", logits)
+
+
+@full_kl_op.register_fake
+def _(logits, ref_logits, labels, inv_temp, ignore_index):
+    return tuple(logits.new_empty(logits.shape[:-1], dtype=out_dtype(logits.dtype)) for _ in range(3))
+
+
+@torch.library.custom_op("ppo_fast::full_kl_backward", mutates_args=("dlogits",))
+def full_kl_backward_op(dlogits: Tensor, logits: Tensor, ref_logits: Tensor, labels: Tensor, kl: Tensor,
+                        lse: Tensor, ref_lse: Tensor, grad_kl: Tensor, inv_temp: float, ignore_index: int) -> None:
+    """Writes ``grad_kl · ∂KL/∂logits`` into ``dlogits`` (the logits' shape, any float dtype, unit
+    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``; zeros on ignored rows."""
+    raise no_kernel("full_kl_backward", logits)
+
+
+@full_kl_backward_op.register_fake
+def _(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index):
+    return None
+
+
+def _forward(logits, ref_logits, labels, inv_temp, ignore_index):
+    return tuple(kl_ops_for(logits.device).forward(logits, ref_logits, labels, inv_temp, ignore_index))
+
+
+def _backward(dlogits, logits, *args):
+    kl_ops_for(logits.device).backward(dlogits, logits, *args)
+
+
+for _device_type in DEVICE_TYPES:
+    full_kl_op.register_kernel(_device_type)(_forward)
+    full_kl_backward_op.register_kernel(_device_type)(_backward)
+
+
+def _setup(ctx, inputs, output):
+    logits, ref_logits, labels, inv_temp, ignore_index = inputs
+    kl, lse, ref_lse = output
+    ctx.mark_non_differentiable(lse, ref_lse)
+    ctx.save_for_backward(logits, ref_logits, labels, kl, lse, ref_lse)
+    ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
+
+
+def _autograd_backward(ctx, grad_kl, _grad_lse, _grad_ref_lse):
+    logits, ref_logits, labels, kl, lse, ref_lse = ctx.saved_tensors
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    full_kl_backward_op(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl.to(kl.dtype), ctx.inv_temp,
+                        ctx.ignore_index)
+    return dlogits, None, None, None, None
+
+
+full_kl_op.register_autograd(_autograd_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# reference: PyTorch on any device, chunk by chunk over the tokens
+# --------------------------------------------------------------------------------------------
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes of one chunk's logits in the compute dtype (policy and reference each)."""
 
 
-def chunk_kl(z: Tensor, r: Tensor, active: Tensor, inv_temp: float, dtype: torch.dtype, with_gradient: bool):
-    """``(kl [C], ∂kl/∂z [C, V] or None)`` of one chunk's policy and reference logits, in
-    ``dtype``; 0 on the rows where ``active`` ``[C]`` is false, whatever they hold."""
-    rows = active.unsqueeze(-1)
-    logp = torch.log_softmax(torch.where(rows, z.to(dtype), 0.0) * inv_temp, dim=-1)
-    log_ref = torch.log_softmax(torch.where(rows, r.to(dtype), 0.0) * inv_temp, dim=-1)
-    p = logp.exp()
-    # π_v = 0 (a banned token, or an underflow) contributes 0, whatever ρ_v is: 0·log 0 = 0.
-    gap = torch.where(p > 0, logp - log_ref, 0.0)
-    kl = torch.where(active, (p * gap).sum(-1), 0.0)
-    if not with_gradient:
-        return kl, None
-    return kl, torch.where(rows, p * (gap - kl.unsqueeze(-1)) * inv_temp, 0.0)
+def _rows_per_chunk(vocab: int, dtype: torch.dtype) -> int:
+    itemsize = 8 if dtype == torch.float64 else 4
+    return max(CHUNK_BYTES // max(vocab * itemsize, 1), 1)
 
 
-def check_kl_finite(kl: Tensor, start: int, what: str, policy_lse: Tensor | None = None) -> None:
+def _chunks(logits: Tensor, *others: Tensor):
+    """``(part, logits_rows, *other_rows)`` over the rows of ``[..., V]`` tensors and their ``[...]``
+    per-row tensors, as ``[rows, V]`` and ``[rows]``, one chunk at a time."""
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    flat_others = [t.reshape(-1, vocab) if t.dim() == logits.dim() else t.reshape(-1) for t in others]
+    step = _rows_per_chunk(vocab, logits.dtype)
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        yield (part, rows[part], *(t[part] for t in flat_others))
+
+
+def reference_forward(logits, ref_logits, labels, inv_temp, ignore_index):
+    dtype = compute_dtype(logits)
+    kl, lse, ref_lse = (torch.zeros(labels.shape, dtype=dtype, device=logits.device) for _ in range(3))
+    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows in _chunks(logits, ref_logits, labels, kl.view(-1),
+                                                                     lse.view(-1), ref_lse.view(-1)):
+        active = lab != ignore_index
+        rows = active.unsqueeze(-1)
+        s = torch.where(rows, z.to(dtype), 0.0).mul_(inv_temp)
+        s_ref = torch.where(rows, r.to(dtype), 0.0).mul_(inv_temp)
+        lse_rows.copy_(torch.where(active, torch.logsumexp(s, -1), 0.0))
+        ref_lse_rows.copy_(torch.where(active, torch.logsumexp(s_ref, -1), 0.0))
+        log_p = s.sub_(lse_rows.unsqueeze(-1))
+        p = log_p.exp()
+        # π_v = 0 (a banned token, or an underflow) contributes 0, whatever ρ_v is: 0·log 0 = 0.
+        gap = torch.where(p > 0, log_p.sub_(s_ref.sub_(ref_lse_rows.unsqueeze(-1))), 0.0)
+        kl_rows.copy_(torch.where(active, (p * gap).sum(-1), 0.0))
+    return kl, lse, ref_lse
+
+
+def reference_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
+                       ignore_index) -> None:
+    dtype = lse.dtype
+    flat_dlogits = dlogits.view(-1, dlogits.shape[-1])
+    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows, g in _chunks(logits, ref_logits, labels, kl, lse,
+                                                                        ref_lse, grad_kl):
+        log_p = z.to(dtype).mul(inv_temp).sub_(lse_rows.unsqueeze(-1))
+        log_ref = r.to(dtype).mul(inv_temp).sub_(ref_lse_rows.unsqueeze(-1))
+        p = log_p.exp()
+        gap = torch.where(p > 0, log_p.sub_(log_ref).sub_(kl_rows.unsqueeze(-1)), 0.0)
+        dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
+        flat_dlogits[part] = dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0)
+
+
+REFERENCE = KLOps(reference_forward, reference_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# triton: kernels/full_kl.py, on CUDA or under TRITON_INTERPRET=1
+# --------------------------------------------------------------------------------------------
+
+
+def triton_forward(logits, ref_logits, labels, inv_temp, ignore_index):
+    from ..kernels import full_kl as kernels
+    from ..kernels.launch import accumulator, coefficients
+    from ..kernels.logprobs import row_layout
+
+    dtype = out_dtype(logits.dtype)
+    kl, lse, ref_lse = (torch.empty(labels.shape, dtype=dtype, device=logits.device) for _ in range(3))
+    rows, layout = row_layout(logits)
+    ref_rows, ref_layout = row_layout(ref_logits)
+    kernels.full_kl_fwd(rows, layout, ref_rows, ref_layout, flat(labels), kl.view(-1), lse.view(-1),
+                        ref_lse.view(-1), coefficients([inv_temp], logits.dtype, logits.device), ignore_index,
+                        accumulator(logits.dtype))
+    return kl, lse, ref_lse
+
+
+def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index) -> None:
+    from ..kernels import full_kl as kernels
+    from ..kernels.launch import accumulator, coefficients
+    from ..kernels.logprobs import row_layout
+
+    rows, layout = row_layout(logits)
+    ref_rows, ref_layout = row_layout(ref_logits)
+    drows, dlayout = row_layout(dlogits)
+    if drows is not dlogits:
+        raise ValueError("dlogits must have unit column stride and rows addressable as "
+                         f"[outer, inner, V]; got strides {tuple(dlogits.stride())}")
+    kernels.full_kl_bwd(rows, layout, ref_rows, ref_layout, dlogits, dlayout, flat(labels), flat(kl), flat(lse),
+                        flat(ref_lse), flat(grad_kl.to(kl.dtype)),
+                        coefficients([inv_temp], logits.dtype, logits.device), ignore_index,
+                        accumulator(logits.dtype))
+
+
+TRITON = KLOps(triton_forward, triton_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# native: C++ CPU kernels (csrc/ppo_fast_cpu.cpp, built by ppo_fast.native)
+# --------------------------------------------------------------------------------------------
+
+
+def native_forward(logits, ref_logits, labels, inv_temp, ignore_index):
+    return tuple(native.load().full_kl_forward(native_rows(logits), native_rows(ref_logits),
+                                               labels.long().contiguous(), float(inv_temp), int(ignore_index)))
+
+
+def native_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index) -> None:
+    dtype = kl.dtype
+    native.load().full_kl_backward(dlogits, native_rows(logits), native_rows(ref_logits), labels.long().contiguous(),
+                                   kl.contiguous(), lse.contiguous(), ref_lse.contiguous(),
+                                   grad_kl.to(dtype).contiguous(), float(inv_temp), int(ignore_index))
+
+
+NATIVE = KLOps(native_forward, native_backward)
+
+
+IMPLEMENTATIONS = dispatch.register("full_kl", {"reference": REFERENCE, "triton": TRITON, "native": NATIVE})
+
+
+# --------------------------------------------------------------------------------------------
+# The functions the losses call
+# --------------------------------------------------------------------------------------------
+
+
+
+
+def check_kl_finite(kl: Tensor, start: int, what: str, policy_lse: Tensor | None = None,
+                    policy: str = "the policy's logits") -> None:
     """A KL that is not finite at a token is an error naming it, not a NaN or inf step (not while
     tracing): +inf where the reference gives probability 0 to a token the policy does not, NaN
     where the reference's logits hold NaN or +inf, are all −inf, or overflow once divided by the
-    temperature. ``policy_lse`` (the policy's log-sum-exps of the same tokens, where known) names
-    the policy's logits instead when theirs is what is not finite."""
+    temperature. ``policy_lse`` (the policy's log-sum-exps of the same tokens, 0 at ignored ones)
+    names ``policy`` instead when theirs is what is not finite."""
+    kl, policy_lse = kl.reshape(-1), None if policy_lse is None else policy_lse.reshape(-1)
     if torch.compiler.is_compiling() or kl.device.type == "meta" or bool(torch.isfinite(kl).all()):
         return
     token = start + int((~torch.isfinite(kl)).nonzero()[0, 0])
     if policy_lse is not None and not bool(torch.isfinite(policy_lse[token - start])):
-        raise ValueError(f"the policy's logits at token {token} (of the flattened tokens, from 0) give no "
-                         "distribution: they hold NaN or +inf, are all -inf, or overflow float32 once divided by "
-                         "the temperature, and the full KL would be NaN")
+        raise ValueError(f"{policy} at token {token} (of the flattened tokens, from 0) give no distribution: they "
+                         "hold NaN or +inf, are all -inf, or overflow float32 once divided by the temperature, and "
+                         "the full KL would be NaN")
     if bool(torch.isinf(kl[token - start])):
         raise ValueError(f"{what} at token {token} (of the flattened tokens, from 0) give probability 0 to a token "
                          "the policy gives a positive probability: the full KL is +inf there. Ban a token in both "
@@ -66,43 +268,11 @@ def check_kl_finite(kl: Tensor, start: int, what: str, policy_lse: Tensor | None
                      "would be NaN")
 
 
-def _rows_per_chunk(vocab: int, dtype: torch.dtype) -> int:
-    itemsize = 8 if dtype == torch.float64 else 4
-    return max(CHUNK_BYTES // max(vocab * itemsize, 1), 1)
-
-
-class _FullKLFromLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, ref_logits, labels, inv_temp, ignore_index):
-        dtype = spec.compute_dtype(logits)
-        kl = torch.zeros(labels.shape, dtype=dtype, device=logits.device)
-        chunk = _rows_per_chunk(logits.shape[-1], logits.dtype)
-        for start in range(0, labels.shape[0], chunk):
-            part = slice(start, start + chunk)
-            kl[part], _ = chunk_kl(logits[part], ref_logits[part], labels[part] != ignore_index, inv_temp, dtype,
-                                   False)
-            check_kl_finite(kl[part], start, "ref_logits")
-        ctx.save_for_backward(logits, ref_logits, labels)
-        ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        logits, ref_logits, labels = ctx.saved_tensors
-        dtype = spec.compute_dtype(logits)
-        dlogits = torch.empty_like(logits)
-        chunk = _rows_per_chunk(logits.shape[-1], logits.dtype)
-        for start in range(0, labels.shape[0], chunk):
-            part = slice(start, start + chunk)
-            active = labels[part] != ctx.ignore_index
-            _, dz = chunk_kl(logits[part], ref_logits[part], active, ctx.inv_temp, dtype, True)
-            dlogits[part] = torch.where(active.unsqueeze(-1), dz * grad_kl[part].to(dtype).unsqueeze(-1), 0.0)
-        return dlogits, None, None, None, None
-
-
 def full_kl_from_logits(logits: Tensor, ref_logits: Tensor, labels: Tensor, temperature: float,
                         ignore_index: int) -> Tensor:
-    """``KL_t`` ``[N]`` for logits and ref_logits ``[N, V]`` (checked by the caller); 0 where the
+    """``KL_t`` ``[...]`` for logits and ref_logits ``[..., V]`` (checked by the caller); 0 where the
     label is ``ignore_index``, whatever those rows hold. float32 (float64 for float64 logits);
-    differentiable in ``logits``."""
-    return _FullKLFromLogits.apply(logits, ref_logits.detach(), labels, 1.0 / float(temperature), int(ignore_index))
+    differentiable in ``logits``. A token whose KL is not finite is an error naming it."""
+    kl, lse, _ = full_kl_op(logits, ref_logits.detach(), labels, 1.0 / float(temperature), int(ignore_index))
+    check_kl_finite(kl, 0, "ref_logits", lse, "logits")
+    return kl

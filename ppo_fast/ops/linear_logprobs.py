@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import arguments as check
 from .. import dispatch, objectives, spec
-from .full_kl import check_kl_finite, chunk_kl
+from .full_kl import check_kl_finite, full_kl_backward_op, full_kl_op
 from .ppo_loss import token_terms_from_logprobs, with_full_kl
 from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, row_ops_for
 from .token_logprobs import token_logprobs_backward_op
@@ -582,12 +582,14 @@ class _DifferentiatedTwice(torch.autograd.Function):
 
 class _FullKLFromHeads(torch.autograd.Function):
     """Forward: the KL and each row's two log-sum-exps; per chunk the two heads' logits (two GEMMs)
-    and :func:`chunk_kl` over them, or where the heads run on Triton one kernel over all tokens
+    and the full-KL op over them (:func:`ppo_fast.ops.full_kl.full_kl_op`: native C++ on the CPU),
+    or where the heads run on Triton one kernel over all tokens
     (:func:`triton_full_kl_forward`). Backward: ∂KL/∂z, from each row's KL and log-sum-exps, then
     one GEMM each for dhidden and dweight, in chunks of tokens (:class:`_Gradients`), or for 16-bit
     weights and fewer tokens than vocabulary entries per tile of the vocabulary-outer order
-    (:func:`vocabulary_outer_grads`); ∂KL/∂z comes from the two GEMMs again and PyTorch over the
-    logits, or on Triton from one kernel that recomputes both tiles (:func:`triton_full_kl_dlogits`)."""
+    (:func:`vocabulary_outer_grads`); ∂KL/∂z comes from the two GEMMs again and the op's backward
+    over their logits, or on Triton from one kernel that recomputes both tiles
+    (:func:`triton_full_kl_dlogits`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp, ignore_index):
@@ -620,13 +622,9 @@ class _FullKLFromHeads(torch.autograd.Function):
         def gemm_dlogits(h, part, dz_dtype, lab, h_ref, g, kl_c, lse_c, ref_lse_c):
             z = torch.nn.functional.linear(h, weight[part], part_of(bias, part))
             r = torch.nn.functional.linear(h_ref, ref_weight[part], part_of(ref_bias, part))
-            logp = z.to(dtype).mul_(inv_temp).sub_(lse_c.unsqueeze(-1))
-            log_ref = r.to(dtype).mul_(inv_temp).sub_(ref_lse_c.unsqueeze(-1))
-            del z, r
-            p = logp.exp()
-            gap = torch.where(p > 0, logp.sub_(log_ref), 0.0).sub_(kl_c.unsqueeze(-1))
-            dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
-            return dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0).to(dz_dtype)
+            dz = torch.empty(z.shape, dtype=dz_dtype, device=z.device)
+            full_kl_backward_op(dz, z, r, lab, kl_c, lse_c, ref_lse_c, g.to(dtype), inv_temp, ignore_index)
+            return dz
 
         tile_dlogits = triton_dlogits if ctx.triton else gemm_dlogits
         per_token = (ref_hidden, grad_kl, kl, lse, ref_lse)
@@ -647,8 +645,8 @@ class _FullKLFromHeads(torch.autograd.Function):
 
 def _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp,
                              ignore_index):
-    """``(kl, lse, ref_lse)`` ``[N]``: per chunk of tokens the two heads' logits by two GEMMs,
-    :func:`chunk_kl` and each row's two log-sum-exps over them."""
+    """``(kl, lse, ref_lse)`` ``[N]``: per chunk of tokens the two heads' logits by two GEMMs and
+    the full-KL op over them (:func:`ppo_fast.ops.full_kl.full_kl_op`, on its backend)."""
     dtype = spec.compute_dtype(hidden)
     kl, lse, ref_lse = (torch.zeros(labels.shape, dtype=dtype, device=hidden.device) for _ in range(3))
     # Half the head's chunk: two chunks of logits live at once, the policy's and the reference's.
@@ -656,14 +654,11 @@ def _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_b
     for start, stop, h, lab, h_ref in linear_chunks(hidden, labels, ignore_index, chunk, ref_hidden):
         z = torch.nn.functional.linear(h, weight, bias)
         r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
-        active = lab != ignore_index
-        kl_chunk, _ = chunk_kl(z, r, active, inv_temp, dtype, False)
         rows = stop - start
-        lse[start:stop] = _masked_lse(z, active, inv_temp, dtype)[:rows]
-        ref_lse[start:stop] = _masked_lse(r, active, inv_temp, dtype)[:rows]
+        kl_chunk, lse_chunk, ref_lse_chunk = (t[:rows] for t in full_kl_op(z, r, lab, inv_temp, ignore_index))
         del z, r
-        check_kl_finite(kl_chunk[:rows], start, "the reference head's logits", lse[start:stop])
-        kl[start:stop] = kl_chunk[:rows]
+        check_kl_finite(kl_chunk, start, "the reference head's logits", lse_chunk)
+        kl[start:stop], lse[start:stop], ref_lse[start:stop] = kl_chunk, lse_chunk, ref_lse_chunk
     return kl, lse, ref_lse
 
 
@@ -706,12 +701,6 @@ def triton_full_kl_dlogits(h, weight, bias, h_ref, ref_weight, ref_bias, vocab, 
         _contiguous(ref_bias), vocab, labels.contiguous(), kl.contiguous(), lse.contiguous(), ref_lse.contiguous(),
         grad_kl.contiguous(), _scalars(inv_temp, h.dtype, h.device), ignore_index, dlogits, accumulator(h.dtype))
     return dlogits
-
-
-def _masked_lse(logits, active, inv_temp, dtype):
-    """Each active row's log-sum-exp of ``logits / T`` in ``dtype``; 0 on the others, whatever they hold."""
-    rows = active.unsqueeze(-1)
-    return torch.where(active, torch.logsumexp(torch.where(rows, logits.to(dtype), 0.0) * inv_temp, dim=-1), 0.0)
 
 
 def full_kl_from_heads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,

@@ -288,8 +288,8 @@ def ppo_loss(
     The KL: an estimator (``kl_estimator`` k1…k3+) from ``ref_logp``, the reference's log-prob of
     the sampled token; or with ``kl_estimator="full"`` the exact ``Σ_v π_v log(π_v / π_ref,v)``
     from ``ref_logits`` (the reference model's logits, any float dtype, the same temperature),
-    computed chunk by chunk (:mod:`ppo_fast.ops.full_kl`; not with ``inplace_backward``, whose
-    backward overwrites the logits the KL's backward reads).
+    by one read of both rows forward and one backward (:mod:`ppo_fast.ops.full_kl`; not with
+    ``inplace_backward``, whose backward overwrites the logits the KL's backward reads).
 
     On CUDA, token-level ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
     row once and computes log-prob, entropy, ratio, clipped surrogate, KL and the per-token
@@ -324,10 +324,9 @@ def ppo_loss(
         terms = token_terms_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
                                           rollout_is_weights, opts)
     if ref_logits is not None:
-        vocab = logits.shape[-1]
-        kl = full_kl_from_logits(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), labels.reshape(-1),
-                                 opts.temperature, ignore_index)
-        terms = with_full_kl(terms, kl.view(labels.shape), opts)
+        # The rows are read where they lie: a shifted logits[:, :-1] is not copied.
+        terms = with_full_kl(terms, full_kl_from_logits(logits, ref_logits, labels, opts.temperature, ignore_index),
+                             opts)
     return spec.reduce(terms, valid, opts)
 
 
