@@ -31,14 +31,19 @@ With ``--full-kl`` the loss also carries the exact KL over the vocabulary to a r
 the same shape (``kl_estimator="full"``, a reference hidden state and weight beside the policy's),
 and the providers are the ones that compute it:
 
-- ``fused``, ``fused, recompute``, ``fused, token-outer``: as above, with the reference's head;
-  its KL runs on Triton on CUDA for 16-bit heads (two kernels, two GEMMs for its gradient) and
-  elsewhere as two GEMMs per chunk with the full-KL op over their logits (``ppo_fast::full_kl``:
-  native C++ on the CPU, Triton row kernels on CUDA).
-- ``fused, KL by GEMMs``: ``fused`` with the KL on that GEMM path on CUDA too (the same as
-  ``fused`` on the CPU): what the heads' Triton kernels save.
-- ``fused, KL in PyTorch``: the GEMM path with the op's PyTorch implementation (its reference
-  backend) over the logits: what the op's kernels save.
+- ``fused``, ``fused, recompute``, ``fused, token-outer``: as above, with the reference's head.
+  Where the gradients are computed in the forward (``fused`` for float32 weights, ``fused,
+  token-outer`` for every weight) the reference's logits join the policy's chunks (one GEMM more
+  per chunk) and the full-KL op (``ppo_fast::full_kl``: native C++ on the CPU, Triton row kernels
+  on CUDA) runs over the two while both are live. Elsewhere (``fused, recompute``, and ``fused``
+  for 16-bit weights with fewer tokens than vocabulary entries) the KL is computed apart: on
+  Triton on CUDA for 16-bit heads (two kernels, two GEMMs for its gradient), otherwise as two
+  GEMMs per chunk with the op over their logits, forward and backward.
+- ``fused, KL by GEMMs``: ``fused`` with the KL computed apart on the GEMM path on CUDA too (the
+  same as ``fused`` where the gradients are computed in the forward): what the heads' Triton
+  kernels save.
+- ``fused, KL in PyTorch``: ``fused, KL by GEMMs`` with the op's PyTorch implementation (its
+  reference backend) over the logits: what the op's kernels save.
 - ``fused, k3 KL``: ``fused`` with the k3 estimator on given reference log-probs instead: the cost
   of the loss without the full KL (the reference's log-probs come from a scoring pass not timed
   here).

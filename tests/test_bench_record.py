@@ -81,16 +81,28 @@ def test_the_linear_head_benchs_trl_provider_computes_the_same_loss_and_gradient
 def test_the_linear_head_benchs_full_kl_providers_compute_the_same_gradients(monkeypatch):
     """With ``--full-kl`` every provider but the k3 one takes the same loss, the full KL to the
     reference head included (the gradients agree to float32 rounding, and differ from the k3
-    provider's), and for bfloat16 heads ``fused, KL by GEMMs`` reaches the KL's GEMM path where the
+    provider's), the ``KL in PyTorch`` ones run the op's PyTorch implementation where the others
+    run its native kernels, and for bfloat16 heads ``fused, KL by GEMMs`` reaches the KL's GEMM path where the
     fused one runs Triton's kernels (forced here, under the interpreter): both heads' logits by
     GEMMs in the forward (over half the head's chunk of 1024 tokens) and again in the backward
     (over the vocabulary-outer order's token tiles), where Triton's kernels take none."""
     import linear_head
 
+    from ppo_fast.ops import full_kl
+
+    in_pytorch = ("fused, KL in PyTorch", "logits + pf.ppo_loss, KL in PyTorch")
+    calls, reference = [], full_kl.REFERENCE
+    counted = full_kl.KLOps(lambda *args: calls.append(1) or reference.forward(*args), reference.backward)
+    monkeypatch.setattr(full_kl, "REFERENCE", counted)
     inputs = linear_head.make_inputs(40, 16, 300, torch.float32, "cpu", full_kl=True)
     grads = {provider: linear_head.make_run(provider, inputs)()
              for provider in ("fused", "fused, recompute", "logits + pf.ppo_loss", "eager", "fused, k3 KL")}
-    for provider in ("fused, recompute", "logits + pf.ppo_loss", "eager"):
+    assert not calls
+    for provider in in_pytorch:
+        grads[provider] = linear_head.make_run(provider, inputs)()
+        assert calls, f"{provider} did not run the op's PyTorch implementation"
+        calls.clear()
+    for provider in ("fused, recompute", "logits + pf.ppo_loss", "eager", *in_pytorch):
         for got, want in zip(grads[provider], grads["fused"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=provider)
     assert not torch.allclose(grads["fused, k3 KL"][0], grads["fused"][0], rtol=1e-4, atol=1e-6)

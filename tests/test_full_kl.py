@@ -217,6 +217,63 @@ def test_the_fused_heads_full_kl_matches_the_spec_across_chunks(monkeypatch, in_
         torch.testing.assert_close(metrics[name].double(), metrics_r[name], **tolerance, msg=name)
 
 
+def _gemm_flops(fn) -> int:
+    """FLOPs of the GEMMs ``fn()`` runs, read by the profiler (it sees inside the custom ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    flops = 0
+    for event in prof.events():
+        first = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}.get(event.name)
+        if first is not None:
+            (m, k), (_, n) = event.input_shapes[first:first + 2]
+            flops += 2 * m * k * n
+    return flops
+
+
+def test_the_fused_loss_takes_the_full_kl_in_its_chunks_with_one_gemm_more():
+    """Where the gradients are computed in the forward, the full KL joins the policy's chunks: the
+    policy's three GEMMs and one for the reference's logits, against nine (the KL apart: two GEMMs
+    forward, four backward) where they are not; the same loss, metrics and gradients both ways,
+    and a fault in the reference's logits is still an error naming the token."""
+    N, H, H_ref, V = 300, 8, 6, 1000
+    padded = -(-N // linear_logprobs.linear_chunk_tokens(V, torch.float32)) * linear_logprobs.linear_chunk_tokens(
+        V, torch.float32)
+    policy_gemm, ref_gemm = 2 * padded * H * V, 2 * padded * H_ref * V
+    hidden, weight = torch.randn(N, H, requires_grad=True), (torch.randn(V, H) / 3).requires_grad_()
+    ref_hidden, ref_weight = torch.randn(N, H_ref), torch.randn(V, H_ref) / 3
+    labels = random_labels((N,), V, "cpu")
+    data, mask = _actor_batch((N,), torch.float32, "cpu")
+    options = dict(kl_estimator="full", kl_coef=0.3, entropy_coef=0.01, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    results = {}
+
+    def run(in_forward):
+        def step():
+            saved = linear_logprobs._gradients_in_forward
+            linear_logprobs._gradients_in_forward = lambda *args: in_forward
+            try:
+                loss, metrics = pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"],
+                                                         mask, **options)
+                results[in_forward] = (loss, metrics, torch.autograd.grad(loss, (hidden, weight)))
+            finally:
+                linear_logprobs._gradients_in_forward = saved
+        return step
+
+    assert _gemm_flops(run(True)) == 3 * policy_gemm + ref_gemm
+    recomputed = _gemm_flops(run(False))
+    assert recomputed > 3 * policy_gemm + ref_gemm
+    (loss, metrics, grads), (loss_r, metrics_r, grads_r) = results[True], results[False]
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-7)
+    for name in ("kl", "kl_loss", "pg_loss", "entropy"):
+        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-5, atol=1e-7, msg=name)
+    for got, want in zip(grads, grads_r):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    faulty = ref_hidden.clone()
+    faulty[int(mask.nonzero()[3])] = float("nan")
+    with pytest.raises(ValueError, match=rf"the reference head's logits at token {int(mask.nonzero()[3])} "):
+        pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"], mask,
+                                 **dict(options, ref_hidden=faulty))
+
+
 def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch, backend):
     """Bitwise, the KL and its gradient: a row alone, in a batch, at another position, and with
     chunks of 1, 3 or all rows (the reference's)."""

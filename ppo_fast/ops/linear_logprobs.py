@@ -470,10 +470,27 @@ IMPLEMENTATIONS = dispatch.register("linear_logprobs", {
 # the backward instead of being made in the backward.
 
 
+class ReferenceHead(NamedTuple):
+    """The reference model's head for the full KL in :func:`linear_logprobs_with_gradients`."""
+
+    hidden: Tensor  # [N, H_ref]
+    weight: Tensor  # [V, H_ref], hidden's dtype
+    bias: Optional[Tensor]  # [V] or None
+    kl_weights: Optional[Tensor]  # [N]: ∂loss/∂KL_t, in the policy's compute dtype; None: no gradient
+
+
+def _into(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``h @ weight.T + bias`` written into ``out`` (a chunk's reused buffer)."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
 def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                                    inv_temp: float, ignore_index: int, chunk_loss,
-                                   need_hidden: bool, need_weight: bool, need_bias: bool):
-    """``(logp, entropy, (dhidden, dweight, dbias))`` of the logits ``hidden @ weight.T + bias``
+                                   need_hidden: bool, need_weight: bool, need_bias: bool,
+                                   reference: Optional[ReferenceHead] = None):
+    """``(logp, entropy, kl, (dhidden, dweight, dbias))`` of the logits ``hidden @ weight.T + bias``
     (hidden ``[N, H]``, labels ``[N]``), where the gradients are those of the loss
     ``Σ_chunks chunk_loss(start, stop, logp[start:stop], entropy[start:stop])`` (each call a
     0-d tensor differentiable in the two ``[stop - start]`` tensors it is given, which must not
@@ -481,39 +498,70 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
     logits, the row forward, ``chunk_loss``'s gradient by autograd on the chunk's tokens, the row
     backward (over the logits where the backend can), one GEMM each for dhidden and dweight. The
     values (logp, entropy) are bitwise those of :func:`chunked_forward` with the same backend's
-    row op; nothing here is recorded by autograd."""
+    row op; nothing here is recorded by autograd.
+
+    With a ``reference`` head the loss also has ``Σ_t kl_weights_t · KL_t``, the full KL to it
+    (``kl`` ``[N]``; None without one): per chunk one more GEMM for the reference's logits, the
+    full-KL op over the two (:func:`ppo_fast.ops.full_kl.full_kl_op`, forward and backward while
+    both are live), its gradient added to the chunk's before the two gradient GEMMs: four GEMMs
+    per chunk for the whole loss, where computing the KL apart takes six more."""
     n = hidden.shape[0]
     logp, entropy = (torch.zeros(n, dtype=out_dtype(hidden.dtype), device=hidden.device) for _ in range(2))
+    kl = None if reference is None else torch.zeros_like(logp)
     hidden, weight, bias = (None if t is None else t.detach() for t in (hidden, weight, bias))
     grads = _Gradients(hidden, weight, need_hidden, need_weight, need_bias)
     chunk = linear_chunk_tokens(weight.shape[0], hidden.dtype)
     # The head's backend, from its own table, serves its rows with that backend's row op.
     row_ops = dispatch.TABLE["token_logprobs"][dispatch.choose("linear_logprobs", hidden.device)]
+    per_token = () if reference is None else (reference.hidden.detach(), reference.kl_weights)
     # One logits buffer (and one dlogits buffer where the backend cannot write over the logits)
     # serves every chunk: a fresh one per chunk costs its page faults each time on the CPU (0.4 s
-    # of 4 at 8192 × 32 000 fp32), and the GEMM writing into it gives the bits F.linear gives.
-    logits = dlogits = None
+    # of 4 at 8192 × 32 000 fp32), and the GEMM writing into it gives the bits F.linear gives. With
+    # a reference, its logits and the KL's gradient get one buffer each too.
+    logits = dlogits = ref_logits = kl_dlogits = None
     with torch.no_grad():
-        for start, stop, h, lab in linear_chunks(hidden, labels, ignore_index, chunk):
+        for start, stop, h, lab, *ref_tiles in linear_chunks(hidden, labels, ignore_index, chunk, *per_token):
             if logits is None:
                 logits = hidden.new_empty(chunk, weight.shape[0])
                 dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
-            if bias is None:
-                torch.mm(h, weight.t(), out=logits)
-            else:
-                torch.addmm(bias, h, weight.t(), out=logits)
+                if reference is not None:
+                    ref_logits = reference.hidden.new_empty(chunk, weight.shape[0])
+                    kl_dlogits = torch.empty_like(logits)
+            _into(logits, h, weight, bias)
             # The row ops see the chunk's tokens only (a row's numbers do not depend on its
             # neighbours), the GEMMs the padded chunk, whose padding rows of dlogits are zeroed.
             rows = stop - start
             live, lab = logits[:rows], lab[:rows]
             logp_c, entropy_c, lse_c = row_ops.forward(live, lab, inv_temp, ignore_index, True)
             logp[start:stop], entropy[start:stop] = logp_c, entropy_c
+            if reference is not None:
+                # Before the row backward, which may write over the policy's logits.
+                kl[start:stop] = _chunk_full_kl(live, ref_logits, kl_dlogits[:rows], reference, lab, start,
+                                                ref_tiles, inv_temp, ignore_index)
             grad_logp, grad_entropy = _token_gradients(chunk_loss, start, stop, logp_c, entropy_c)
             token_logprobs_backward_op(dlogits[:rows], live, lab, lse_c, entropy_c, grad_logp, grad_entropy,
                                        inv_temp, ignore_index)
+            if reference is not None and reference.kl_weights is not None:
+                dlogits[:rows] += kl_dlogits[:rows]
             dlogits[rows:].zero_()
             grads.add_chunk(start, stop, dlogits, h)
-    return logp, entropy, grads.result()
+    return logp, entropy, kl, grads.result()
+
+
+def _chunk_full_kl(live, ref_logits, kl_dlogits, reference, labels, start, ref_tiles, inv_temp, ignore_index):
+    """One chunk's full KL ``[rows]`` to the reference head, from the policy's ``live`` logits and
+    the reference's, computed into ``ref_logits``; its gradient ``kl_weights · ∂KL/∂z`` into
+    ``kl_dlogits`` (not written where the KL gets no gradient). A KL that is not finite is an
+    error naming the token."""
+    h_ref, kl_weights = ref_tiles
+    rows = live.shape[0]
+    _into(ref_logits, h_ref, reference.weight, reference.bias)
+    kl, lse, ref_lse = full_kl_op(live, ref_logits[:rows], labels, inv_temp, ignore_index)
+    check_kl_finite(kl, start, "the reference head's logits", lse)
+    if kl_weights is not None:
+        full_kl_backward_op(kl_dlogits, live, ref_logits[:rows], labels, kl, lse, ref_lse,
+                            kl_weights[:rows].to(kl.dtype), inv_temp, ignore_index)
+    return kl
 
 
 def _token_gradients(chunk_loss, start, stop, logp, entropy):
@@ -816,9 +864,11 @@ def fused_linear_ppo_loss(
 
     ``kl_estimator="full"``: the exact KL over the vocabulary to the reference model's head,
     ``ref_hidden @ ref_weight.T + ref_bias`` (ref_hidden ``[..., H_ref]``, ref_weight ``[V, H_ref]``,
-    its own dtype), neither model's logits stored: per chunk of tokens both heads' logits are
-    computed, used and freed, forward and backward (:func:`full_kl_from_heads`); on CUDA, for two
-    bfloat16 or two float16 heads, Triton kernels compute them tile by tile instead.
+    its own dtype), neither model's logits stored. Where the gradients are computed in the forward
+    (above), each chunk's reference logits join the policy's (one GEMM more per chunk: four for the
+    whole loss) and the full-KL op runs over the two; otherwise both heads' logits are computed,
+    used and freed per chunk, forward and backward (:func:`full_kl_from_heads`), and there, on
+    CUDA, for two bfloat16 or two float16 heads, Triton kernels compute them tile by tile instead.
     """
     opts = check.actor_options(ref_logp, {"ref_hidden": ref_hidden, "ref_weight": ref_weight},
                                {"ref_bias": ref_bias}, loss_type=loss_type,
@@ -834,24 +884,18 @@ def fused_linear_ppo_loss(
                                 rollout_is_weights, opts)
     valid = labels != ignore_index
     per_token = (old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights)
-    kl = None
-    if ref_weight is not None:
+    reference = None if ref_weight is None else (ref_hidden, ref_weight, ref_bias)
+    if _gradients_in_forward(hidden, weight, bias, opts):
+        loss, terms = _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts, reference)
+        return loss, spec.reduce(terms, valid, opts)[1]
+    logp, entropy, _ = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
+    terms = token_terms_from_logprobs(logp, entropy, valid, *per_token, opts)
+    if reference is not None:
         kl = full_kl_from_heads(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                 ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
                                 labels.reshape(-1), opts.temperature, ignore_index).view(labels.shape)
-    if not _gradients_in_forward(hidden, weight, bias, opts):
-        logp, entropy, _ = _linear_logprobs(hidden, weight, bias, labels, opts.temperature, ignore_index, True)
-        terms = token_terms_from_logprobs(logp, entropy, valid, *per_token, opts)
-        return spec.reduce(terms if kl is None else with_full_kl(terms, kl, opts), valid, opts)
-    loss, terms = _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts)
-    if kl is None:
-        return loss, spec.reduce(terms, valid, opts)[1]
-    # The policy's terms carry the gradients computed in the forward; the full KL's joins through
-    # its own backward.
-    weights = spec.agg_weights(valid, opts.agg, num_tokens=opts.num_tokens, num_seqs=opts.num_seqs,
-                               dp_size=opts.dp_size, horizon=opts.horizon, dtype=kl.dtype)
-    loss = loss + opts.kl_coef * spec.aggregate(kl, weights, valid)
-    return loss, spec.reduce(with_full_kl(terms, kl.detach(), opts), valid, opts)[1]
+        terms = with_full_kl(terms, kl, opts)
+    return spec.reduce(terms, valid, opts)
 
 
 def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
@@ -866,11 +910,13 @@ def _gradients_in_forward(hidden, weight, bias, opts) -> bool:
             and not vocabulary_outer(hidden.numel() // max(hidden.shape[-1], 1), weight, weight.requires_grad))
 
 
-def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts):
+def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, opts, reference=None):
     """``(loss, its per-token terms)`` of :func:`fused_linear_ppo_loss` with the gradients of hidden, weight and
     bias computed in the forward, chunk by chunk (three GEMMs per chunk where the op's forward and
     backward take four): the loss is ``Σ_i w_i·term_i(logp_i, entropy_i)`` with the aggregation's
-    weights ``w`` fixed by the mask, so a chunk's tokens' share is known when its log-probs are."""
+    weights ``w`` fixed by the mask, so a chunk's tokens' share is known when its log-probs are.
+    ``reference``: ``(ref_hidden, ref_weight, ref_bias)`` for the full KL, whose term
+    ``kl_coef·w_i·KL_i`` joins the loss in the same chunks (one GEMM more per chunk)."""
     lead, valid_flat = valid.shape, valid.reshape(-1)
     old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights = (
         None if t is None else t.detach().reshape(-1) for t in per_token)
@@ -887,11 +933,17 @@ def _fused_loss_with_gradients(hidden, weight, bias, labels, valid, per_token, o
         return spec.aggregate(terms.loss, weights[part], valid_flat[part])
 
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    logp, entropy, (dhidden, dweight, dbias) = linear_logprobs_with_gradients(
+    if reference is not None:
+        ref_hidden, ref_weight, ref_bias = reference
+        kl_weights = None if opts.kl_coef == 0 else torch.where(valid_flat, opts.kl_coef * weights, 0.0)
+        reference = ReferenceHead(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, kl_weights)
+    logp, entropy, kl, (dhidden, dweight, dbias) = linear_logprobs_with_gradients(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0 / float(opts.temperature),
-        int(opts.ignore_index), chunk_loss, *need)
+        int(opts.ignore_index), chunk_loss, *need, reference=reference)
     with torch.no_grad():
         terms = token_terms_from_logprobs(logp.view(lead), entropy.view(lead), valid, *per_token, opts)
+        if kl is not None:
+            terms = with_full_kl(terms, kl.view(lead), opts)
         loss, _ = spec.reduce(terms, valid, opts)
     dhidden = dhidden.view(hidden.shape) if need[0] else dhidden
     return LossWithGradients.apply(loss, hidden, weight, bias, dhidden, dweight, dbias), terms
