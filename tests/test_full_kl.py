@@ -146,6 +146,12 @@ def test_every_backends_full_kl_op_and_its_gradient_match_the_spec(backend, dtyp
         excess = ((grad - grad_r).abs() / bound).max().item()
         assert excess <= 1, f"{excess:.3f} of the bound"
     assert kl[0, 0] > 0.1
+    # The gradient written over the reference's logits (as the fused loss does) is the same.
+    args = (full[:, :-1], ref, labels, kl.detach(), lse, ref_lse, upstream.to(kl.dtype), 1.0 / temperature, -100)
+    fresh, aliased = torch.empty_like(ref), ref.clone()
+    full_kl_module.full_kl_backward_op(fresh, *args)
+    full_kl_module.full_kl_backward_op(aliased, full[:, :-1], aliased, *args[2:])
+    assert torch.equal(aliased, fresh)
 
 
 def test_a_non_finite_full_kl_names_the_model_and_the_token_on_every_backend(backend, device):

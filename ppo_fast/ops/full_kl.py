@@ -72,7 +72,9 @@ def _(logits, ref_logits, labels, inv_temp, ignore_index):
 def full_kl_backward_op(dlogits: Tensor, logits: Tensor, ref_logits: Tensor, labels: Tensor, kl: Tensor,
                         lse: Tensor, ref_lse: Tensor, grad_kl: Tensor, inv_temp: float, ignore_index: int) -> None:
     """Writes ``grad_kl · ∂KL/∂logits`` into ``dlogits`` (the logits' shape, any float dtype, unit
-    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``; zeros on ignored rows."""
+    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``; zeros on ignored rows.
+    ``dlogits`` may be ``ref_logits`` itself (same dtype): every backend reads each element before
+    it writes it."""
     raise no_kernel("full_kl_backward", logits)
 
 

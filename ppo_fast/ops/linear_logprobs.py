@@ -517,7 +517,7 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
     # One logits buffer (and one dlogits buffer where the backend cannot write over the logits)
     # serves every chunk: a fresh one per chunk costs its page faults each time on the CPU (0.4 s
     # of 4 at 8192 × 32 000 fp32), and the GEMM writing into it gives the bits F.linear gives. With
-    # a reference, its logits and the KL's gradient get one buffer each too.
+    # a reference, its logits get one too.
     logits = dlogits = ref_logits = kl_dlogits = None
     with torch.no_grad():
         for start, stop, h, lab, *ref_tiles in linear_chunks(hidden, labels, ignore_index, chunk, *per_token):
@@ -526,7 +526,10 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
                 dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
                 if reference is not None:
                     ref_logits = reference.hidden.new_empty(chunk, weight.shape[0])
-                    kl_dlogits = torch.empty_like(logits)
+                    # The KL's gradient goes over the reference's logits where it can (the op's
+                    # backward reads each element before writing it): one buffer, not two.
+                    same = ref_logits.dtype == logits.dtype
+                    kl_dlogits = ref_logits if same else torch.empty_like(logits)
             _into(logits, h, weight, bias)
             # The row ops see the chunk's tokens only (a row's numbers do not depend on its
             # neighbours), the GEMMs the padded chunk, whose padding rows of dlogits are zeroed.
@@ -551,8 +554,8 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
 def _chunk_full_kl(live, ref_logits, kl_dlogits, reference, labels, start, ref_tiles, inv_temp, ignore_index):
     """One chunk's full KL ``[rows]`` to the reference head, from the policy's ``live`` logits and
     the reference's, computed into ``ref_logits``; its gradient ``kl_weights · ∂KL/∂z`` into
-    ``kl_dlogits`` (not written where the KL gets no gradient). A KL that is not finite is an
-    error naming the token."""
+    ``kl_dlogits`` (not written where the KL gets no gradient; it may be ``ref_logits``). A KL that
+    is not finite is an error naming the token."""
     h_ref, kl_weights = ref_tiles
     rows = live.shape[0]
     _into(ref_logits, h_ref, reference.weight, reference.bias)
