@@ -144,6 +144,25 @@ def completion_logprobs(model, sequences, attention_mask, prompt_len, *, tempera
                          fused_linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature))
 
 
+def completion_head_inputs(model, sequences, attention_mask, prompt_len):
+    """``(hidden [B, N, H], weight [V, H], bias [V] or None)``: what the model's head receives on
+    the positions that predict ``sequences[:, prompt_len:]``, and its parameters, as data (no
+    graph), from one forward without the logits: the reference head of a full KL
+    (``completion_ppo_loss(..., kl_estimator="full", ref_hidden=..., ref_weight=...)``). The
+    parameters are copied while the head's forward holds them, so a ZeRO-3 partitioned head hands
+    back whole ones (one head's size in memory while they live)."""
+    _check_call(sequences, attention_mask, prompt_len)
+    parameters = {}
+
+    def capture(hidden, weight, bias):
+        parameters.update(weight=weight.detach().clone(), bias=None if bias is None else bias.detach().clone())
+        return hidden
+
+    with torch.no_grad():
+        hidden = _through_head(model, sequences, attention_mask, prompt_len, capture)
+    return hidden, parameters["weight"], parameters["bias"]
+
+
 def completion_ppo_loss(model, sequences, attention_mask, prompt_len, old_logp, advantages, mask, **options):
     """``(loss, metrics)`` of :func:`ppo_fast.fused_linear_ppo_loss` on the completion tokens;
     ``options`` as there."""

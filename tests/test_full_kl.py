@@ -378,11 +378,16 @@ def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error(
                                  ref_weight=weight, kl_coef=0.1)
 
 
-def test_the_trainers_kl_from_log_probs_refuses_the_full_kl_by_name():
+def test_the_trainers_kl_from_log_probs_refuses_the_full_kl_by_name_and_its_kl_loss_takes_it():
     from ppo_fast.trainer.config import ConfigError, PPOConfig
 
-    with pytest.raises(ConfigError, match="kl_estimator='full' needs both models' whole distributions; the KL penalty"):
+    with pytest.raises(ConfigError, match="kl_estimator='full' needs both models' whole distributions; the KL penalty"
+                                          ".* the full KL goes in the actor loss \\(kl_loss_estimator='full'"):
         PPOConfig(kl_estimator="full")
+    assert PPOConfig(kl_loss_coef=0.1, kl_loss_estimator="full").kl_loss_estimator == "full"
+    assert PPOConfig(kl_loss_estimator="low_var_kl").kl_loss_estimator == "low_var_kl"
+    with pytest.raises(ConfigError, match="kl_loss_estimator must be one of .*'full'; got 'k4'"):
+        PPOConfig(kl_loss_estimator="k4")
 
 
 def test_both_forms_compile_in_one_graph():

@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import ppo_fast as pf  # noqa: E402
-from ppo_fast.head import completion_logprobs, completion_ppo_loss, fused_head_unsupported  # noqa: E402
+from ppo_fast.head import (completion_head_inputs, completion_logprobs, completion_ppo_loss,  # noqa: E402
+                           fused_head_unsupported)
 from ppo_fast.sequences import completion_logits  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -75,6 +76,39 @@ def test_log_probs_loss_and_every_gradient_equal_the_logits_path(tie):
     grads_r = torch.autograd.grad(loss_r, list(model.parameters()))
     torch.testing.assert_close(loss, loss_r, rtol=1e-11, atol=1e-12)
     assert metrics.keys() == metrics_r.keys()
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
+    for (name, _), got, exp in zip(model.named_parameters(), grads, grads_r):
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_full_kl_to_a_reference_head_equals_the_logits_path(tie):
+    """A reference model's head inputs (its hidden states and a copy of its head, no graph) give its
+    completion logits, and the actor's loss with the full KL to them equals the logits
+    path's with the reference's logits, loss, metrics and every gradient."""
+    model, reference = _llama(tie), _llama(tie)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    seqs, attn, P, mask, old, adv = _batch()
+    ref_hidden, ref_weight, ref_bias = completion_head_inputs(reference, seqs, attn, P)
+    assert not ref_hidden.requires_grad and ref_weight.data_ptr() != reference.lm_head.weight.data_ptr()
+    with torch.no_grad():
+        ref_logits = completion_logits(reference, seqs, attn, P)
+    # To rounding: the model's head multiplies one more position (logits_to_keep), another GEMM shape.
+    torch.testing.assert_close(torch.nn.functional.linear(ref_hidden, ref_weight, ref_bias), ref_logits, rtol=1e-12,
+                               atol=1e-12)
+
+    options = dict(clip_low=0.2, entropy_coef=0.01, temperature=0.7, kl_estimator="full", kl_coef=0.3)
+    loss, metrics = completion_ppo_loss(model, seqs, attn, P, old, adv, mask, ref_hidden=ref_hidden,
+                                        ref_weight=ref_weight, ref_bias=ref_bias, **options)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    loss_r, metrics_r = pf.ppo_loss(completion_logits(model, seqs, attn, P), seqs[:, P:], old, adv, mask,
+                                    ref_logits=ref_logits, **options)
+    grads_r = torch.autograd.grad(loss_r, list(model.parameters()))
+    torch.testing.assert_close(loss, loss_r, rtol=1e-11, atol=1e-12)
+    assert metrics["kl"] > 0.01
     for name in metrics:
         torch.testing.assert_close(metrics[name], metrics_r[name], rtol=1e-10, atol=1e-12, msg=name)
     for (name, _), got, exp in zip(model.named_parameters(), grads, grads_r):

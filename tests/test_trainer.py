@@ -313,10 +313,12 @@ def test_offloaded_frozen_models_give_the_same_run(tmp_path):
     """Reference and reward models as ZeRO-3 inference engines with parameters in CPU memory
     score as the plain modules do: exactly in float32 on the CPU. On a GPU both run in bf16 and
     round differently (an H100 gave a step-0 proxy reward of -7.977 offloaded, -7.972 plain), so
-    there the rows agree to bf16 precision."""
-    plain = _config(tmp_path, steps=2, run_name="plain", save_every=100, eval_every=2)
+    there the rows agree to bf16 precision. The actor loss carries the full KL, whose reference
+    head is read whole from inside its partitioned forward."""
+    kl_loss = dict(kl_loss_coef=0.05, kl_loss_estimator="full")
+    plain = _config(tmp_path, steps=2, run_name="plain", save_every=100, eval_every=2, **kl_loss)
     offload = _config(tmp_path, steps=2, run_name="offload", save_every=100, eval_every=2,
-                      offload_frozen=True)
+                      offload_frozen=True, **kl_loss)
     train(plain)
     train(offload)
 
@@ -364,6 +366,25 @@ def test_training_from_hugging_face_directories(tmp_path):
         rows[2][f"eval_reward[{reward_dir}]"] + 0.5 * rows[2]["eval_reward[0.5*brevity:score]"], rel=1e-5)
     assert rows[2]["eval_gold_reward"] == pytest.approx(rows[2]["eval_reward[0.5*brevity:score]"], rel=1e-5)
     assert (tmp_path / "dirs" / "final_policy" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_the_full_kl_loss_gives_the_same_run_through_the_fused_head_and_the_logits(tmp_path):
+    """kl_loss_estimator="full": the actor loss's KL over the whole vocabulary, from the reference's
+    hidden states and head beside the actor's, or from both models' logits with the fused head
+    off: the same run to rounding, and the KL term positive once the policy has moved."""
+    rows = {}
+    for fused in (True, False):
+        config = _config(tmp_path, run_name=f"full_{fused}", steps=2, save_every=0, eval_every=0, fused_head=fused,
+                         kl_loss_coef=0.05, kl_loss_estimator="full")
+        train(config)
+        rows[fused] = _rows(tmp_path / f"full_{fused}")
+    assert len(rows[True]) == len(rows[False]) == 3
+    assert rows[True][-1]["kl_loss"] > 0
+    for on, off in zip(rows[True], rows[False]):
+        for name in ("score", "kl", "actor_loss", "kl_loss", "entropy"):
+            if name in off:
+                assert on[name] == pytest.approx(off[name], rel=1e-4, abs=1e-6), (on["step"], name)
 
 
 @pytest.mark.slow

@@ -187,8 +187,13 @@ class PPOConfig(RunConfig):
     """Policy objective (pf.ppo_loss's loss_type: vanilla, gspo, cispo, gpg, clip_cov, kl_cov,
     ...)."""
     kl_loss_coef: float = 0.0
-    """Weight of a KL-to-reference term (k3) in the actor loss, as verl's use_kl_loss (0: off;
-    the KL penalty in the reward, kl_coef, applies to every algorithm)."""
+    """Weight of a KL-to-reference term in the actor loss, as verl's use_kl_loss (0: off; the KL
+    penalty in the reward, kl_coef, applies to every algorithm)."""
+    kl_loss_estimator: str = "k3"
+    """The KL term's estimator: one of the reward's (from the sampled tokens' log-probs, verl's
+    kl_loss_type names accepted), or full: the exact KL over the whole vocabulary, from the
+    reference's hidden states and head beside the actor's (the fused head; both models' logits on
+    the logits path), one more reference forward per micro-batch."""
 
     # --- rewards and advantages --------------------------------------------------------------
     kl_coef: float = 0.3
@@ -326,11 +331,16 @@ class PPOConfig(RunConfig):
         if self.kl_estimator == "full":
             raise ConfigError("kl_estimator='full' needs both models' whole distributions; the KL penalty in the "
                               "reward reads the sampled tokens' log-probs: pick k1, abs, k2, k3, k1+, k3+, or verl's "
-                              "kl, mse, low_var_kl")
+                              "kl, mse, low_var_kl; the full KL goes in the actor loss (kl_loss_estimator='full' "
+                              "with kl_loss_coef > 0)")
         try:
             kl_estimator_name(self.kl_estimator)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        try:
+            kl_estimator_name(self.kl_loss_estimator, full=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("kl_estimator", "kl_loss_estimator", 1)) from None
         if self.samples_per_prompt == 0:
             self.samples_per_prompt = GROUP_SIZE if self.algorithm in GROUPED else 1
         if self.minibatch_size % self.micro_batch_size:

@@ -37,7 +37,8 @@ import torch
 
 import ppo_fast as pf
 
-from ..head import completion_logprobs, completion_ppo_loss, fused_head_unsupported
+from ..arguments import kl_estimator_name
+from ..head import completion_head_inputs, completion_logprobs, completion_ppo_loss, fused_head_unsupported
 from ..sequences import completion_logits, position_ids
 from . import diagnostics
 from .checkpoint import Checkpoints, StopSignals, _write_atomically, export_policy, rng_state, seed_everything, set_rng_state
@@ -356,10 +357,8 @@ class PPOTrainer:
                 for idx in minibatch.split(cfg.micro_batch_size):
                     seqs, attn = exp.sequences[idx], exp.attention_mask[idx]
                     batch = (exp.old_logp[idx], exp.advantages[idx], exp.action_mask[idx])
-                    options = dict(self.loss_options)
-                    if cfg.kl_loss_coef:
-                        options.update(ref_logp=exp.ref_logp[idx], kl_coef=cfg.kl_loss_coef, kl_estimator="k3")
-                    if self.fused_head["actor"]:
+                    options, fused = self._kl_loss_options(exp, idx)
+                    if fused:
                         actor_loss, metrics = completion_ppo_loss(actor, seqs, attn, P, *batch, **options)
                     else:
                         logits = completion_logits(actor, seqs, attn, P)
@@ -392,6 +391,28 @@ class PPOTrainer:
                     for name, value in {**metrics, **vmetrics, **losses}.items():
                         sums[name] = sums.get(name, 0.0) + value.item()
         return self._averages(sums, updates)
+
+    def _kl_loss_options(self, exp: Experience, idx: torch.Tensor) -> tuple[dict, bool]:
+        """The actor loss's options for a micro-batch, with the KL term when kl_loss_coef is set,
+        and whether the actor's loss goes through the fused head. An estimator reads the stored
+        reference log-probs; the full KL reads the reference's distribution, from one more forward:
+        its hidden states and head where both models take the fused head, else its logits (and
+        then the actor's logits too: the fused loss takes the reference as a head)."""
+        cfg = self.config
+        options, fused = dict(self.loss_options), self.fused_head["actor"]
+        if not cfg.kl_loss_coef:
+            return options, fused
+        estimator = kl_estimator_name(cfg.kl_loss_estimator, full=True)
+        options.update(kl_coef=cfg.kl_loss_coef, kl_estimator=estimator)
+        if estimator != "full":
+            return dict(options, ref_logp=exp.ref_logp[idx]), fused
+        seqs, attn, P, reference = exp.sequences[idx], exp.attention_mask[idx], exp.prompt_length, self.models.reference
+        fused = fused and self.fused_head["reference"]
+        if fused:
+            ref_hidden, ref_weight, ref_bias = completion_head_inputs(reference, seqs, attn, P)
+            return dict(options, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias), True
+        with torch.no_grad():
+            return dict(options, ref_logits=completion_logits(reference, seqs, attn, P)), False
 
     @staticmethod
     def _averages(sums: dict, updates: int) -> dict:
