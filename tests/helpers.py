@@ -103,3 +103,17 @@ def poison_actor_loss(after: int, patch=setattr) -> None:
 
     patch(pf, "ppo_loss", poisoned(pf.ppo_loss))
     patch(loop, "completion_ppo_loss", poisoned(loop.completion_ppo_loss))
+
+
+def gemm_flops(fn) -> int:
+    """FLOPs of the GEMMs ``fn()`` runs, read by the profiler (which, unlike a dispatch mode, sees
+    inside the custom ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    flops = 0
+    for event in prof.events():
+        first = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}.get(event.name)
+        if first is not None:
+            (m, k), (_, n) = event.input_shapes[first:first + 2]
+            flops += 2 * m * k * n
+    return flops

@@ -11,7 +11,7 @@ from ppo_fast import spec
 from ppo_fast.ops import full_kl as full_kl_module
 from ppo_fast.ops import linear_logprobs
 
-from helpers import random_labels, random_logits
+from helpers import gemm_flops, random_labels, random_logits
 
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
              torch.bfloat16: dict(rtol=2e-5, atol=2e-6)}
@@ -223,19 +223,6 @@ def test_the_fused_heads_full_kl_matches_the_spec_across_chunks(monkeypatch, in_
         torch.testing.assert_close(metrics[name].double(), metrics_r[name], **tolerance, msg=name)
 
 
-def _gemm_flops(fn) -> int:
-    """FLOPs of the GEMMs ``fn()`` runs, read by the profiler (it sees inside the custom ops)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    flops = 0
-    for event in prof.events():
-        first = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}.get(event.name)
-        if first is not None:
-            (m, k), (_, n) = event.input_shapes[first:first + 2]
-            flops += 2 * m * k * n
-    return flops
-
-
 def test_the_fused_loss_takes_the_full_kl_in_its_chunks_with_one_gemm_more():
     """Where the gradients are computed in the forward, the full KL joins the policy's chunks: the
     policy's three GEMMs and one for the reference's logits, against nine (the KL apart: two GEMMs
@@ -264,8 +251,8 @@ def test_the_fused_loss_takes_the_full_kl_in_its_chunks_with_one_gemm_more():
                 linear_logprobs._gradients_in_forward = saved
         return step
 
-    assert _gemm_flops(run(True)) == 3 * policy_gemm + ref_gemm
-    recomputed = _gemm_flops(run(False))
+    assert gemm_flops(run(True)) == 3 * policy_gemm + ref_gemm
+    recomputed = gemm_flops(run(False))
     assert recomputed > 3 * policy_gemm + ref_gemm
     (loss, metrics, grads), (loss_r, metrics_r, grads_r) = results[True], results[False]
     torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-7)
@@ -501,7 +488,6 @@ def test_the_triton_heads_full_kl_and_its_gradients_match_the_spec(dtype, bias, 
     over the same logits (the chain rule through them: dhidden = dz·W, dW = dzᵀ·x), NaN in both
     hidden states of the ignored row reaching nothing. The forward runs no GEMM and the backward
     two (dhidden, dweight), where the GEMM path runs two and four."""
-    from test_linear_head import _gemm_flops
 
     N, H, H_ref, V, temperature = 13, 37, 21, 203, 0.7
     # Chunks of 16 tokens (the least): the interpreter runs each padding row's tiles too.
@@ -521,9 +507,9 @@ def test_the_triton_heads_full_kl_and_its_gradients_match_the_spec(dtype, bias, 
         if dtype == torch.bfloat16 and bias:
             # 16-bit weights, fewer tokens than entries: the vocabulary-outer order's token tiles.
             padded = linear_logprobs.vocabulary_tile(V, H)[0]
-            assert _gemm_flops(lambda: linear_logprobs.full_kl_from_heads(
+            assert gemm_flops(lambda: linear_logprobs.full_kl_from_heads(
                 hidden, weight, b, ref_hidden, ref_weight, ref_b, labels, temperature, -100)) == 0
-            assert _gemm_flops(kl_and_grads) == 2 * (2 * padded * H * V)
+            assert gemm_flops(kl_and_grads) == 2 * (2 * padded * H * V)
     z = _kernel_logits(hidden, weight, b, active).requires_grad_()
     expected = torch.where(active, spec.full_kl(z, _kernel_logits(ref_hidden, ref_weight, ref_b, active),
                                                 temperature), 0.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from helpers import OBJECTIVE_PARAMS, max_err
+from helpers import OBJECTIVE_PARAMS, gemm_flops, max_err
 from ppo_fast import objectives
 from ppo_fast import spec as R
 from ppo_fast.arguments import LossOptions
@@ -309,20 +309,6 @@ def test_module_refuses_a_head_it_cannot_compute():
 # --------------------------------------------------------------------------------------------
 
 
-def _gemm_flops(fn) -> int:
-    """FLOPs of the GEMMs ``fn()`` runs, read by the profiler (which, unlike a dispatch mode, sees
-    inside the custom ops)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    flops = 0
-    for event in prof.events():
-        first = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}.get(event.name)
-        if first is not None:
-            (m, k), (_, n) = event.input_shapes[first:first + 2]
-            flops += 2 * m * k * n
-    return flops
-
-
 def _actor_batch(lead, V, dtype, device, seed=5, garbage=True):
     """old/ref/rollout log-probs, advantages, IS weights and a mask for ``lead`` tokens; with
     ``garbage`` the masked positions of every per-token tensor hold NaN/inf (as after EOS)."""
@@ -454,7 +440,7 @@ def test_the_loss_takes_three_gemms_per_chunk_and_only_those_it_needs(monkeypatc
             loss, _ = pf.fused_linear_ppo_loss(*inputs, labels, old, adv, mask, loss_type=loss_type, entropy_coef=0.1)
             if loss.requires_grad:
                 torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
-        return _gemm_flops(run) / (2 * padded * H * V)
+        return gemm_flops(run) / (2 * padded * H * V)
 
     assert units((hidden, weight)) == 3
     assert units((hidden, weight.detach())) == 2
@@ -464,7 +450,7 @@ def test_the_loss_takes_three_gemms_per_chunk_and_only_those_it_needs(monkeypatc
     assert units((hidden, weight), loss_type="gspo") == 4
     logp = lambda: torch.autograd.grad(  # noqa: E731
         (pf.fused_linear_token_logprobs(hidden, weight, labels) * adv).sum(), (hidden, weight))
-    assert _gemm_flops(logp) / (2 * padded * H * V) == 4
+    assert gemm_flops(logp) / (2 * padded * H * V) == 4
 
 
 def test_the_triton_backward_takes_only_the_two_gradient_gemms(force_backend, device):
@@ -480,7 +466,7 @@ def test_the_triton_backward_takes_only_the_two_gradient_gemms(force_backend, de
         def run():
             logp = pf.fused_linear_token_logprobs(inputs[0], inputs[1], labels, bias=b)
             torch.autograd.grad((logp * upstream).sum(), [t for t in inputs if t.requires_grad])
-        return _gemm_flops(run) / (2 * padded * H * V)
+        return gemm_flops(run) / (2 * padded * H * V)
 
     for backend, full, frozen in (("triton", 2, 1), ("reference", 4, 3)):
         with force_backend(backend):
