@@ -104,11 +104,16 @@ def _full_kl_fwd_kernel(
         m_ref = m_ref_new
 
     lse = m + tl.log(d)
+    ref_lse = m_ref + tl.log(d_ref)
     kl = (a + d_a * (tl.log(d_ref) - tl.log(d))) / d
     kl = tl.where(tl.exp(banned_top - lse) > 0, float("inf"), kl)
+    # A model with no distribution (NaN or +inf in its row, or all of it −inf: a log-sum-exp that
+    # is not finite) gives NaN, not the +inf of a banned token.
+    defined = (tl.abs(lse) < float("inf")) & (tl.abs(ref_lse) < float("inf"))
+    kl = tl.where(defined, kl, float("nan"))
     tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
-    tl.store(ref_lse_ptr + row, tl.where(active, m_ref + tl.log(d_ref), 0.0))
+    tl.store(ref_lse_ptr + row, tl.where(active, ref_lse, 0.0))
 
 
 @triton.jit(do_not_specialize=ROW_ADDRESSING + REF_ADDRESSING + OUT_ADDRESSING,

@@ -428,6 +428,9 @@ def _linear_full_kl_fwd_kernel(
     # bans has π > 0 (as the spec: a term with π = 0 is 0, whatever ρ is).
     kl = (a + d_a * (tl.log(d_ref) - tl.log(d))) / d
     kl = tl.where(tl.exp(banned_top - lse) > 0, float("inf"), kl)
+    # A head with no distribution (a log-sum-exp that is not finite) gives NaN, not the +inf of a
+    # banned token, as the other backends do.
+    kl = tl.where((tl.abs(lse) < float("inf")) & (tl.abs(ref_lse) < float("inf")), kl, float("nan"))
     tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=in_batch)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_batch)
     tl.store(ref_lse_ptr + rows, tl.where(active, ref_lse, 0.0), mask=in_batch)

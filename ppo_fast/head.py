@@ -152,15 +152,18 @@ def completion_head_inputs(model, sequences, attention_mask, prompt_len):
     parameters are copied while the head's forward holds them, so a ZeRO-3 partitioned head hands
     back whole ones (one head's size in memory while they live)."""
     _check_call(sequences, attention_mask, prompt_len)
-    parameters = {}
+    captured = {}
 
     def capture(hidden, weight, bias):
-        parameters.update(weight=weight.detach().clone(), bias=None if bias is None else bias.detach().clone())
+        captured.update(hidden=hidden, weight=weight.detach().clone(),
+                        bias=None if bias is None else bias.detach().clone())
         return hidden
 
     with torch.no_grad():
-        hidden = _through_head(model, sequences, attention_mask, prompt_len, capture)
-    return hidden, parameters["weight"], parameters["bias"]
+        # What the head received, not what the model returns: a model that upcasts its logits
+        # would hand back float32 hidden states beside a 16-bit head.
+        _through_head(model, sequences, attention_mask, prompt_len, capture)
+    return captured["hidden"], captured["weight"], captured["bias"]
 
 
 def completion_ppo_loss(model, sequences, attention_mask, prompt_len, old_logp, advantages, mask, **options):

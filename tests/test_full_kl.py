@@ -154,6 +154,19 @@ def test_every_backends_full_kl_op_and_its_gradient_match_the_spec(backend, dtyp
     assert torch.equal(aliased, fresh)
 
 
+def test_one_token_as_1_d_logits_on_every_backend(backend, device):
+    """Logits ``[V]`` with a 0-d label: the op's shapes have no token dimension at all."""
+    z, r = random_logits((29,), torch.float32, device).requires_grad_(), random_logits((29,), torch.float32, device)
+    kl = full_kl_module.full_kl_from_logits(z, r, torch.tensor(3, device=device), 0.8, -100)
+    (grad,) = torch.autograd.grad(kl, z)
+    z64 = z.detach().double().requires_grad_()
+    expected = spec.full_kl(z64, r.double(), 0.8)
+    (grad_r,) = torch.autograd.grad(expected, z64)
+    assert kl.shape == ()
+    torch.testing.assert_close(kl.double(), expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(grad.double(), grad_r, rtol=1e-4, atol=1e-6)
+
+
 def test_a_non_finite_full_kl_names_the_model_and_the_token_on_every_backend(backend, device):
     """NaN or +inf anywhere in a row, a row of −inf, a token only the reference bans: an error naming
     whose logits and which token, whichever backend computes it."""
@@ -172,10 +185,16 @@ def test_a_non_finite_full_kl_names_the_model_and_the_token_on_every_backend(bac
             kl(z=policy)
         with pytest.raises(ValueError, match=r"^ref_logits at token 1 .* give no distribution"):
             kl(r=reference)
-    policy = logits.clone()
-    policy[0, 2] = float("-inf")
+    policy, reference = logits.clone(), ref.clone()
+    policy[0, 2], reference[1, 1] = float("-inf"), float("-inf")
     with pytest.raises(ValueError, match=r"^logits at token 2 .* give no distribution"):
         kl(z=policy)
+    with pytest.raises(ValueError, match=r"^ref_logits at token 4 .* give no distribution"):
+        kl(r=reference)
+    reference = ref.clone()
+    reference[0, 0, 3] = 3.3e38  # +inf once divided by the temperature, 0.9
+    with pytest.raises(ValueError, match=r"^ref_logits at token 0 .* give no distribution"):
+        kl(r=reference)
     reference = ref.clone()
     reference[1, 2, 11] = float("-inf")
     with pytest.raises(ValueError, match=r"^ref_logits at token 5 .* the full KL is \+inf"):
@@ -265,6 +284,38 @@ def test_the_fused_loss_takes_the_full_kl_in_its_chunks_with_one_gemm_more():
     with pytest.raises(ValueError, match=rf"the reference head's logits at token {int(mask.nonzero()[3])} "):
         pf.fused_linear_ppo_loss(hidden, weight, labels, data["old_logp"], data["advantages"], mask,
                                  **dict(options, ref_hidden=faulty))
+
+
+def test_the_full_kl_from_logits_differentiates_twice_and_from_heads_refuses_to():
+    """create_graph=True: from logits the gradient is itself differentiable (second derivatives
+    checked against finite differences); from two heads, whose kernels' gradient is a constant to
+    autograd, a second backward is an error, not a silent zero, in the fused loss and apart."""
+    V = 7
+    logits = torch.randn(3, 4, V, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(3, 4, V, dtype=torch.float64)
+    labels = torch.randint(0, V, (3, 4))
+    labels[1, 2] = -100
+
+    def kl(x):
+        return full_kl_module.full_kl_from_logits(x, ref_logits, labels, 0.8, -100)
+
+    assert torch.autograd.gradcheck(kl, (logits,)) and torch.autograd.gradgradcheck(kl, (logits,))
+    (with_graph,) = torch.autograd.grad(kl(logits).sum(), logits, create_graph=True)
+    (kernels,) = torch.autograd.grad(kl(logits).sum(), logits)
+    torch.testing.assert_close(with_graph, kernels, rtol=1e-12, atol=1e-14)
+
+    hidden, weight = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(V, 5, dtype=torch.float64)
+    ref_hidden, ref_weight = torch.randn(6, 4, dtype=torch.float64), torch.randn(V, 4, dtype=torch.float64)
+    zeros, mask = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.bool)
+    head_labels = labels.view(-1)[:6] % V
+    loss, _ = pf.fused_linear_ppo_loss(hidden, weight, head_labels, zeros, zeros + 1, mask, kl_estimator="full",
+                                       kl_coef=0.5, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    apart = linear_logprobs.full_kl_from_heads(hidden, weight, None, ref_hidden, ref_weight, None, head_labels, 0.8,
+                                               -100).sum()
+    for value in (loss, apart):
+        (dhidden,) = torch.autograd.grad(value, hidden, create_graph=True)
+        with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+            torch.autograd.grad(dhidden.square().sum(), hidden)
 
 
 def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch, backend):

@@ -115,6 +115,27 @@ def test_the_full_kl_to_a_reference_head_equals_the_logits_path(tie):
         torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_the_reference_heads_inputs_are_what_its_head_receives_when_the_model_upcasts_its_logits():
+    """A model that returns its logits in float32 (older Hugging Face Llamas did) gives its head's
+    bfloat16 inputs, which the full KL takes beside its bfloat16 head."""
+
+    class Upcasting(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits.float()
+            return out
+
+    torch.manual_seed(0)
+    model, reference = (Upcasting(LlamaConfig(**SMALL)).to(torch.bfloat16) for _ in range(2))
+    seqs, attn, P, mask, old, adv = _batch()
+    assert fused_head_unsupported(reference, seqs, attn) is None
+    ref_hidden, ref_weight, ref_bias = completion_head_inputs(reference, seqs, attn, P)
+    assert ref_hidden.dtype == ref_weight.dtype == torch.bfloat16 and ref_bias is None
+    loss, metrics = completion_ppo_loss(model, seqs, attn, P, old.float(), adv.float(), mask, ref_hidden=ref_hidden,
+                                        ref_weight=ref_weight, kl_estimator="full", kl_coef=0.1)
+    assert torch.isfinite(loss) and metrics["kl"] > 0
+
+
 def test_the_head_is_restored_after_an_error():
     model = _llama()
     seqs, attn, P, mask, old, adv = _batch()

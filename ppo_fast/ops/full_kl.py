@@ -106,10 +106,31 @@ def _setup(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_kl, _grad_lse, _grad_ref_lse):
     logits, ref_logits, labels, kl, lse, ref_lse = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the kernels' gradient would be a constant to a second backward (a
+        # gradient penalty silently missing the KL's share), so the formula runs in PyTorch ops.
+        return (_differentiable_dlogits(logits, ref_logits, labels, grad_kl, ctx.inv_temp, ctx.ignore_index),
+                None, None, None, None)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     full_kl_backward_op(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl.to(kl.dtype), ctx.inv_temp,
                         ctx.ignore_index)
     return dlogits, None, None, None, None
+
+
+def _differentiable_dlogits(logits, ref_logits, labels, grad_kl, inv_temp, ignore_index):
+    """``grad_kl · ∂KL/∂logits`` in PyTorch ops over the whole ``[..., V]``, differentiable in the
+    logits and in ``grad_kl``: the backward under ``create_graph=True``."""
+    dtype = compute_dtype(logits)
+    rows = (labels != ignore_index).unsqueeze(-1)
+    log_p = torch.log_softmax(torch.where(rows, logits.to(dtype), 0.0) * inv_temp, dim=-1)
+    log_ref = torch.log_softmax(torch.where(rows, ref_logits.to(dtype), 0.0) * inv_temp, dim=-1)
+    p = log_p.exp()
+    # Selected before any arithmetic, so no −inf − −inf at π = 0 reaches a second backward either.
+    present = p > 0
+    gap = torch.where(present, log_p, 0.0) - torch.where(present, log_ref, 0.0)
+    kl = (p * gap).sum(-1, keepdim=True)
+    dz = p * (gap - kl) * (grad_kl.to(dtype) * inv_temp).unsqueeze(-1)
+    return torch.where(rows, dz, 0.0).to(logits.dtype)
 
 
 full_kl_op.register_autograd(_autograd_backward, setup_context=_setup)
@@ -128,16 +149,16 @@ def _rows_per_chunk(vocab: int, dtype: torch.dtype) -> int:
     return max(CHUNK_BYTES // max(vocab * itemsize, 1), 1)
 
 
-def _chunks(logits: Tensor, *others: Tensor):
-    """``(part, logits_rows, *other_rows)`` over the rows of ``[..., V]`` tensors and their ``[...]``
-    per-row tensors, as ``[rows, V]`` and ``[rows]``, one chunk at a time."""
+def _chunks(logits: Tensor, ref_logits: Tensor, *per_row: Tensor):
+    """``(part, logits_rows, ref_rows, *per_row_rows)`` over the rows of the two ``[..., V]`` tensors
+    and their ``[...]`` per-row tensors, as ``[rows, V]`` and ``[rows]``, one chunk at a time."""
     vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
-    flat_others = [t.reshape(-1, vocab) if t.dim() == logits.dim() else t.reshape(-1) for t in others]
+    rows, ref_rows = logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab)
+    flat_per_row = [t.reshape(-1) for t in per_row]
     step = _rows_per_chunk(vocab, logits.dtype)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
-        yield (part, rows[part], *(t[part] for t in flat_others))
+        yield (part, rows[part], ref_rows[part], *(t[part] for t in flat_per_row))
 
 
 def reference_forward(logits, ref_logits, labels, inv_temp, ignore_index):
@@ -155,7 +176,10 @@ def reference_forward(logits, ref_logits, labels, inv_temp, ignore_index):
         p = log_p.exp()
         # π_v = 0 (a banned token, or an underflow) contributes 0, whatever ρ_v is: 0·log 0 = 0.
         gap = torch.where(p > 0, log_p.sub_(s_ref.sub_(ref_lse_rows.unsqueeze(-1))), 0.0)
-        kl_rows.copy_(torch.where(active, (p * gap).sum(-1), 0.0))
+        # A model with no distribution (NaN or +inf in its row, or all of it −inf) gives NaN, as
+        # on the other backends, not the +inf of a banned token.
+        defined = torch.isfinite(lse_rows) & torch.isfinite(ref_lse_rows)
+        kl_rows.copy_(torch.where(active, torch.where(defined, (p * gap).sum(-1), float("nan")), 0.0))
     return kl, lse, ref_lse
 
 

@@ -621,9 +621,9 @@ class _DifferentiatedTwice(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(
-            "pf.fused_linear_ppo_loss computed its gradients in its forward and cannot be differentiated twice "
-            "(a backward through the gradient of a create_graph=True backward); compute the loss from logits "
-            "(pf.ppo_loss) for higher-order gradients")
+            "pf.fused_linear_ppo_loss computes its gradients with kernels (in its forward, or the full KL's in its "
+            "backward) and cannot be differentiated twice (a backward through the gradient of a create_graph=True "
+            "backward); compute the loss from logits (pf.ppo_loss) for higher-order gradients")
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,8 +690,12 @@ class _FullKLFromHeads(torch.autograd.Function):
             for start, stop, h, lab, *tiles in linear_chunks(hidden, labels, ignore_index, chunk, *per_token):
                 grads.add_chunk(start, stop, tile_dlogits(h, whole, hidden.dtype, lab, *tiles), h)
             dhidden, dweight, dbias = grads.result()
-        return (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None,
-                None, None, None, None, None, None)
+        grads = (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None)
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' gradients are constants to autograd, so a second
+            # backward through them is an error, not a silent zero.
+            grads = tuple(None if g is None else _DifferentiatedTwice.apply(g, hidden, weight, bias) for g in grads)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, inv_temp,
