@@ -423,3 +423,24 @@ def test_cli_backends_with_an_unknown_backend_is_one_line(monkeypatch, capsys):
     assert main(["backends"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ppo-fast: PPO_FAST_BACKEND must be one of") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("call", ["token_logprobs", "ppo_loss"])
+def test_a_second_backward_through_a_kernels_gradient_is_an_error_not_a_zero(backend, call):
+    """create_graph=True gives the kernels' gradient, which a second backward (a gradient penalty)
+    refuses by name: autograd would take it as a constant and add 0."""
+    logits, labels, old, adv, mask = _batch()
+    x = logits.detach().double().requires_grad_()
+
+    def value():
+        if call == "token_logprobs":
+            return (pf.token_logprobs(x, labels, temperature=0.8) * adv.double()).sum()
+        return pf.ppo_loss(x, labels, old.double(), adv.double(), mask, ref_logp=old.double(), kl_coef=0.1,
+                           entropy_coef=0.01)[0]
+
+    (with_graph,) = torch.autograd.grad(value(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(value(), x)
+    torch.testing.assert_close(with_graph, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"pf.{call}'s gradient comes from its kernels and cannot be "
+                                           "differentiated twice"):
+        torch.autograd.grad(with_graph.square().sum(), x)

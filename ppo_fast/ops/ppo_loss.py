@@ -24,7 +24,8 @@ from .. import arguments as check
 from .. import dispatch, native, spec
 from ..arguments import LossOptions
 from .full_kl import full_kl_from_logits
-from .token_logprobs import DEVICE_TYPES, dlogits_of, flat, native_rows, no_kernel, out_dtype, rows
+from .token_logprobs import (DEVICE_TYPES, dlogits_of, flat, native_rows, no_kernel, out_dtype, refuse_second_backward,
+                             rows)
 from .token_logprobs import reference_forward as reference_rows
 
 PPO_OUTPUTS = ("token_loss", "dloss_dlogp", "logp", "entropy", "lse", "pg", "kl", "log_ratio",
@@ -110,7 +111,7 @@ def _autograd_backward(ctx, grad_token_loss, *_grads_of_metrics):
     grad_entropy = grad_token_loss * -entropy_coef if entropy_coef != 0 else None
     dlogits = dlogits_of(logits, labels, lse, entropy, grad_token_loss * dloss_dlogp, grad_entropy,
                          ctx.coefficients.inv_temp, ctx.ignore_index, ctx.inplace_backward)
-    return (dlogits,) + (None,) * (ctx.input_count - 1)
+    return (refuse_second_backward(dlogits, logits, "pf.ppo_loss"),) + (None,) * (ctx.input_count - 1)
 
 
 ppo_loss_tokens_op.register_autograd(_autograd_backward, setup_context=_setup)

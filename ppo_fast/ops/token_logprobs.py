@@ -135,6 +135,30 @@ def dlogits_of(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
     return dlogits
 
 
+class _SecondBackwardRefused(torch.autograd.Function):
+    """``apply(dlogits, logits, name)``: a kernel's gradient, which autograd sees as a constant,
+    tied to the logits so that a second backward (through the gradient of a ``create_graph=True``
+    backward, as a gradient penalty takes) reaches this node and says why it cannot go on, rather
+    than adding a silent zero."""
+
+    @staticmethod
+    def forward(ctx, dlogits, logits, name):
+        ctx.name = name
+        return dlogits.view_as(dlogits)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name}'s gradient comes from its kernels and cannot be differentiated twice (a "
+                           "backward through the gradient of a create_graph=True backward); compute the loss with "
+                           "ppo_fast.spec's functions, in PyTorch ops, for higher-order gradients")
+
+
+def refuse_second_backward(dlogits: Tensor, logits: Tensor, name: str) -> Tensor:
+    """``dlogits``, which a second backward refuses where the backward runs under
+    ``create_graph=True``; as it is otherwise."""
+    return _SecondBackwardRefused.apply(dlogits, logits, name) if torch.is_grad_enabled() else dlogits
+
+
 def _setup(ctx, inputs, output):
     logits, labels, inv_temp, ignore_index, with_entropy, inplace_backward = inputs[:6]
     _, entropy, lse, sum_pi_squared = output
@@ -151,7 +175,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_sum_pi_squ
     dlogits = dlogits_of(logits, labels, lse, entropy, grad_logp,
                          grad_entropy if ctx.with_entropy else None, ctx.inv_temp, ctx.ignore_index,
                          ctx.inplace_backward)
-    return dlogits, None, None, None, None, None, None
+    return refuse_second_backward(dlogits, logits, "pf.token_logprobs"), None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup)
