@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, rows_aligned
-from .linear_logprobs import INTERPRETED, to_element
+from .linear_logprobs import INTERPRETED, full_kl_of_sums, to_element
 from .logprobs import ROW_ADDRESSING, block_config, row_pointer
 
 REF_ADDRESSING = ["ref_rows_inner", "ref_stride_outer", "ref_stride_inner"]
@@ -103,14 +103,7 @@ def _full_kl_fwd_kernel(
         m = m_new
         m_ref = m_ref_new
 
-    lse = m + tl.log(d)
-    ref_lse = m_ref + tl.log(d_ref)
-    kl = (a + d_a * (tl.log(d_ref) - tl.log(d))) / d
-    kl = tl.where(tl.exp(banned_top - lse) > 0, float("inf"), kl)
-    # A model with no distribution (NaN or +inf in its row, or all of it −inf: a log-sum-exp that
-    # is not finite) gives NaN, not the +inf of a banned token.
-    defined = (tl.abs(lse) < float("inf")) & (tl.abs(ref_lse) < float("inf"))
-    kl = tl.where(defined, kl, float("nan"))
+    kl, lse, ref_lse = full_kl_of_sums(m, d, m_ref, d_ref, a, d_a, banned_top)
     tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     tl.store(ref_lse_ptr + row, tl.where(active, ref_lse, 0.0))

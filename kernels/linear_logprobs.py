@@ -124,6 +124,23 @@ def tile_logits(
 
 
 @triton.jit
+def full_kl_of_sums(m, d, m_ref, d_ref, a, d_a, banned_top):
+    """``(kl, lse, ref_lse)`` from a row's (or rows') online sums of the full KL: both maxima and
+    sums, ``a``, ``d_a`` and the largest policy logit the reference bans (the module's docstring;
+    :mod:`kernels.full_kl` keeps the same sums)."""
+    lse = m + tl.log(d)
+    ref_lse = m_ref + tl.log(d_ref)
+    # KL = Σ π (log π − log ρ) = (a + d_a·(log d_ref − log d))/d, +inf where a token the reference
+    # bans has π > 0 (as the spec: a term with π = 0 is 0, whatever ρ is).
+    kl = (a + d_a * (tl.log(d_ref) - tl.log(d))) / d
+    kl = tl.where(tl.exp(banned_top - lse) > 0, float("inf"), kl)
+    # A model with no distribution (NaN or +inf in its row, or all of it −inf: a log-sum-exp that
+    # is not finite) gives NaN, not the +inf of a banned token, as the other backends do.
+    kl = tl.where((tl.abs(lse) < float("inf")) & (tl.abs(ref_lse) < float("inf")), kl, float("nan"))
+    return kl, lse, ref_lse
+
+
+@triton.jit
 def to_element(
     x,  # float32 or float64
     ELEMENT: tl.constexpr,
@@ -422,15 +439,7 @@ def _linear_full_kl_fwd_kernel(
         m = m_new
         m_ref = m_ref_new
 
-    lse = m + tl.log(d)
-    ref_lse = m_ref + tl.log(d_ref)
-    # KL = Σ π (log π − log ρ) = (a + d_a·(log d_ref − log d))/d, +inf where a token the reference
-    # bans has π > 0 (as the spec: a term with π = 0 is 0, whatever ρ is).
-    kl = (a + d_a * (tl.log(d_ref) - tl.log(d))) / d
-    kl = tl.where(tl.exp(banned_top - lse) > 0, float("inf"), kl)
-    # A head with no distribution (a log-sum-exp that is not finite) gives NaN, not the +inf of a
-    # banned token, as the other backends do.
-    kl = tl.where((tl.abs(lse) < float("inf")) & (tl.abs(ref_lse) < float("inf")), kl, float("nan"))
+    kl, lse, ref_lse = full_kl_of_sums(m, d, m_ref, d_ref, a, d_a, banned_top)
     tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=in_batch)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_batch)
     tl.store(ref_lse_ptr + rows, tl.where(active, ref_lse, 0.0), mask=in_batch)

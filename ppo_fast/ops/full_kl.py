@@ -268,8 +268,6 @@ IMPLEMENTATIONS = dispatch.register("full_kl", {"reference": REFERENCE, "triton"
 # --------------------------------------------------------------------------------------------
 
 
-
-
 def check_kl_finite(kl: Tensor, start: int, what: str, policy_lse: Tensor | None = None,
                     policy: str = "the policy's logits") -> None:
     """A KL that is not finite at a token is an error naming it, not a NaN or inf step (not while

@@ -34,7 +34,9 @@ from .. import dispatch, objectives, spec
 from .full_kl import check_kl_finite, full_kl_backward_op, full_kl_op
 from .ppo_loss import token_terms_from_logprobs, with_full_kl
 from .token_logprobs import DEVICE_TYPES, native_forward, no_kernel, out_dtype, reference_forward, row_ops_for
-from .token_logprobs import token_logprobs_backward_op
+from .token_logprobs import refuse_second_backward, token_logprobs_backward_op
+
+FUSED_LOSS = "pf.fused_linear_ppo_loss"
 
 # --------------------------------------------------------------------------------------------
 # Chunks of tokens: the forward off CUDA and every backward compute the logits chunk by chunk
@@ -592,7 +594,7 @@ class LossWithGradients(torch.autograd.Function):
     is not kept (no copy: a leaf's ``.grad`` becomes the buffer itself), copied when it is, so a
     second backward with ``retain_graph=True`` gets the same gradients. Not twice differentiable:
     under ``create_graph=True`` the gradients come back differentiable, and differentiating them
-    is an error (:class:`_DifferentiatedTwice`), never a silent zero."""
+    is an error (:func:`refuse_second_backward`), never a silent zero."""
 
     @staticmethod
     def forward(ctx, value, hidden, weight, bias, dhidden, dweight, dbias):
@@ -604,26 +606,9 @@ class LossWithGradients(torch.autograd.Function):
         hidden, weight, bias, *saved = ctx.saved_tensors
         with torch.no_grad():
             scaled = [t * grad for t in saved] if _graph_kept() else [t.mul_(grad) for t in saved]
-        if torch.is_grad_enabled():
-            scaled = [_DifferentiatedTwice.apply(t, hidden, weight, bias) for t in scaled]
+        scaled = [refuse_second_backward(t, FUSED_LOSS, hidden, weight, bias) for t in scaled]
         return (None, *(g if need else None for g, need in zip(scaled, ctx.needs_input_grad[1:4])),
                 None, None, None)
-
-
-class _DifferentiatedTwice(torch.autograd.Function):
-    """``apply(gradient, hidden, weight, bias)``: the gradient, tied to the inputs it depends on
-    so that a second backward reaches this node, whose backward says why it cannot go on."""
-
-    @staticmethod
-    def forward(ctx, gradient, hidden, weight, bias):
-        return gradient.view_as(gradient)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "pf.fused_linear_ppo_loss computes its gradients with kernels (in its forward, or the full KL's in its "
-            "backward) and cannot be differentiated twice (a backward through the gradient of a create_graph=True "
-            "backward); compute the loss from logits (pf.ppo_loss) for higher-order gradients")
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,10 +676,10 @@ class _FullKLFromHeads(torch.autograd.Function):
                 grads.add_chunk(start, stop, tile_dlogits(h, whole, hidden.dtype, lab, *tiles), h)
             dhidden, dweight, dbias = grads.result()
         grads = (dhidden if need_hidden else None, dweight if need_weight else None, dbias if need_bias else None)
-        if torch.is_grad_enabled():
-            # create_graph=True: the kernels' gradients are constants to autograd, so a second
-            # backward through them is an error, not a silent zero.
-            grads = tuple(None if g is None else _DifferentiatedTwice.apply(g, hidden, weight, bias) for g in grads)
+        # create_graph=True: the kernels' gradients are constants to autograd, so a second backward
+        # through them is an error, not a silent zero.
+        grads = tuple(None if g is None else refuse_second_backward(g, FUSED_LOSS, hidden, weight, bias)
+                      for g in grads)
         return (*grads, None, None, None, None, None, None)
 
 

@@ -111,7 +111,7 @@ def _autograd_backward(ctx, grad_token_loss, *_grads_of_metrics):
     grad_entropy = grad_token_loss * -entropy_coef if entropy_coef != 0 else None
     dlogits = dlogits_of(logits, labels, lse, entropy, grad_token_loss * dloss_dlogp, grad_entropy,
                          ctx.coefficients.inv_temp, ctx.ignore_index, ctx.inplace_backward)
-    return (refuse_second_backward(dlogits, logits, "pf.ppo_loss"),) + (None,) * (ctx.input_count - 1)
+    return (refuse_second_backward(dlogits, "pf.ppo_loss", logits),) + (None,) * (ctx.input_count - 1)
 
 
 ppo_loss_tokens_op.register_autograd(_autograd_backward, setup_context=_setup)

@@ -135,16 +135,16 @@ def dlogits_of(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, 
     return dlogits
 
 
-class _SecondBackwardRefused(torch.autograd.Function):
-    """``apply(dlogits, logits, name)``: a kernel's gradient, which autograd sees as a constant,
-    tied to the logits so that a second backward (through the gradient of a ``create_graph=True``
-    backward, as a gradient penalty takes) reaches this node and says why it cannot go on, rather
-    than adding a silent zero."""
+class SecondBackwardRefused(torch.autograd.Function):
+    """``apply(gradient, name, *inputs)``: a kernel's gradient, which autograd sees as a constant,
+    tied to the inputs it depends on so that a second backward (through the gradient of a
+    ``create_graph=True`` backward, as a gradient penalty takes) reaches this node and says why it
+    cannot go on, rather than adding a silent zero."""
 
     @staticmethod
-    def forward(ctx, dlogits, logits, name):
+    def forward(ctx, gradient, name, *inputs):
         ctx.name = name
-        return dlogits.view_as(dlogits)
+        return gradient.view_as(gradient)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -153,10 +153,10 @@ class _SecondBackwardRefused(torch.autograd.Function):
                            "ppo_fast.spec's functions, in PyTorch ops, for higher-order gradients")
 
 
-def refuse_second_backward(dlogits: Tensor, logits: Tensor, name: str) -> Tensor:
-    """``dlogits``, which a second backward refuses where the backward runs under
+def refuse_second_backward(gradient: Tensor, name: str, *inputs: Tensor) -> Tensor:
+    """``gradient``, which a second backward refuses where the backward runs under
     ``create_graph=True``; as it is otherwise."""
-    return _SecondBackwardRefused.apply(dlogits, logits, name) if torch.is_grad_enabled() else dlogits
+    return SecondBackwardRefused.apply(gradient, name, *inputs) if torch.is_grad_enabled() else gradient
 
 
 def _setup(ctx, inputs, output):
@@ -175,7 +175,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_sum_pi_squ
     dlogits = dlogits_of(logits, labels, lse, entropy, grad_logp,
                          grad_entropy if ctx.with_entropy else None, ctx.inv_temp, ctx.ignore_index,
                          ctx.inplace_backward)
-    return refuse_second_backward(dlogits, logits, "pf.token_logprobs"), None, None, None, None, None, None
+    return refuse_second_backward(dlogits, "pf.token_logprobs", logits), None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup)
