@@ -13,6 +13,7 @@ Qwen2-0.5B's shape (random weights either way).
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import transformers
 
 import ppo_fast as pf
+from ppo_fast import native
 from ppo_fast.sequences import position_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,25 +115,44 @@ def main():
     for name in args.dtypes:
         model = build(args.model, getattr(torch, name), device)
         data["parameters"] = sum(p.numel() for p in model.parameters())
-        samples = {mode: {"forward": [], "decode": []} for mode in ("off", "on")}
-        for round_ in range(args.rounds + 1):  # round 0 warms both up and is dropped
-            for mode in ("off", "on"):
-                if mode == "on":
-                    pf.enable_batch_invariant()
-                try:
+        modes = ["off", "on"]
+        if device.type == "cpu" and name == "bfloat16" and pf.batch_invariant_bfloat16_gemm() == "amx":
+            modes.append("on, vector GEMM")  # what a CPU without AMX runs: what the tiles buy
+        samples = {mode: {"forward": [], "decode": []} for mode in modes}
+        for round_ in range(args.rounds + 1):  # round 0 warms every mode up and is dropped
+            for mode in modes:
+                with setting(mode):
                     f = forward_seconds(model, ids, mask)
                     d = decode_seconds(model, ids[:, : args.prompt], mask[:, : args.prompt], args.steps)
-                finally:
-                    if mode == "on":
-                        pf.disable_batch_invariant()
                 if round_:
                     samples[mode]["forward"].append(tokens / f)
                     samples[mode]["decode"].append(args.batch * args.steps / d)
         data["runs"][name] = {mode: {what: summary(s) for what, s in kinds.items()} for mode, kinds in samples.items()}
-        data["runs"][name]["slowdown"] = {
-            what: summary(off / on for off, on in zip(samples["off"][what], samples["on"][what]))
-            for what in ("forward", "decode")}
+        for mode in modes[1:]:
+            data["runs"][name]["slowdown" + mode[2:]] = {
+                what: summary(off / on for off, on in zip(samples["off"][what], samples[mode][what]))
+                for what in ("forward", "decode")}
+        data["runs"][name]["gemm"] = pf.batch_invariant_bfloat16_gemm() if name == "bfloat16" else None
     publish(args.out, data, render)
+
+
+@contextlib.contextmanager
+def setting(mode):
+    """The mode off, on, or on with the CPU's bfloat16 GEMM on the vector kernel instead of the
+    AMX tiles (switched back after)."""
+    if mode == "off":
+        yield
+        return
+    kernels = native.load() if mode == "on, vector GEMM" else None
+    if kernels is not None:
+        kernels.bi_amx(False)
+    pf.enable_batch_invariant()
+    try:
+        yield
+    finally:
+        pf.disable_batch_invariant()
+        if kernels is not None:
+            kernels.bi_amx(True)
 
 
 def render(doc):
@@ -145,9 +166,16 @@ def render(doc):
              "| dtype | forward tokens/s off | on | slowdown (time on ÷ off) | decode tokens/s off | on | slowdown |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, run in doc["runs"].items():
-        lines.append(f"| {name} | {fmt(run['off']['forward'], digits=0)} | {fmt(run['on']['forward'], digits=0)} | "
-                     f"{fmt(run['slowdown']['forward'], digits=2)}× | {fmt(run['off']['decode'], digits=0)} | "
-                     f"{fmt(run['on']['decode'], digits=0)} | {fmt(run['slowdown']['decode'], digits=2)}× |")
+        for mode in [m for m in run if m.startswith("on")]:
+            label = name
+            if mode != "on":
+                label += f" ({mode[4:]})"
+            elif run.get("gemm"):
+                label += f" ({'AMX' if run['gemm'] == 'amx' else 'vector'} GEMM)"
+            slowdown = run["slowdown" + mode[2:]]
+            lines.append(f"| {label} | {fmt(run['off']['forward'], digits=0)} | {fmt(run[mode]['forward'], digits=0)} | "
+                         f"{fmt(slowdown['forward'], digits=2)}× | {fmt(run['off']['decode'], digits=0)} | "
+                         f"{fmt(run[mode]['decode'], digits=0)} | {fmt(slowdown['decode'], digits=2)}× |")
     return lines
 
 

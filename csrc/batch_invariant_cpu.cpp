@@ -17,12 +17,22 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -134,14 +144,14 @@ inline int64_t grain(int64_t per_item, int64_t work = kChunkWork) {
 }
 
 // Writes rows [m_begin, m_end) × columns [n_begin, n_end) of C from a row block's sums (the sum of
-// (m, n) at sums[(n − n_begin)·mv·lanes + (m − m_begin)]). C = alpha·sum + beta·bias with explicit
+// (m, n) at sums[(n − n_begin)·step_n + (m − m_begin)]). C = alpha·sum + beta·bias with explicit
 // roundings (one product, or one fma with the bias), so no compiler contraction can make two calls
 // round differently.
 template <typename T, typename A>
-void store_block(const A* sums, int mv, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, T* C,
-                 int64_t ldc, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
+void store_block(const A* sums, int64_t step_n, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end,
+                 T* C, int64_t ldc, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
   const int64_t width = n_end - n_begin;
-  int64_t step_n = static_cast<int64_t>(mv) * Vectorized<A>::size(), step_m = 1;
+  int64_t step_m = 1;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
     at::vec::transpose_mxn<float>(sums, step_n, C + m_begin * ldc + n_begin, ldc, static_cast<int>(width),
                                   static_cast<int>(m_end - m_begin));
@@ -212,10 +222,230 @@ void gemm_nt(const T* X, int64_t sxm, int64_t sxk, const T* W, int64_t swn, int6
           }
         }
       }
-      store_block<T, A>(block_sums.data(), mv, p0 * lanes, std::min<int64_t>(M, (p0 + mv) * lanes), n_begin,
+      store_block<T, A>(block_sums.data(), static_cast<int64_t>(mv) * lanes, p0 * lanes, std::min<int64_t>(M, (p0 + mv) * lanes), n_begin,
                         n_end, C, ldc, alpha, beta, bias, bias_sm, bias_sn);
     }
   });
+}
+
+// bfloat16 on the AMX tiles (Intel Sapphire Rapids and later), where torch's own bfloat16 GEMM
+// runs on them and the widening vector kernel above reaches a tenth of their rate. TDPBF16PS adds
+// a k pair's two products to an output's accumulator with roundings of the hardware's own (its bits
+// are not the vector kernel's FMA chain once K passes a few hundred), but an output is still one
+// chain over the k pairs in order, from its row's inputs alone. The tiles compute Cᵀ: a W tile is
+// 16 rows of W (n) × 32 k, read in place; an X tile is 16 pairs of k × 16 rows of X, packed; a
+// sums tile is 16 n × 16 m. K is padded with zero products to a multiple of 32 whatever M is, so a
+// row's chain depends on K alone. Whether this path runs is decided once per process, by the CPU
+// and PPO_FAST_AMX (never by M, N or K): a row keeps its bits in every batch because every batch
+// takes the same path.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+#define PPO_FAST_AMX 1
+#endif
+
+using bf16 = at::BFloat16;
+
+#ifdef PPO_FAST_AMX
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileDepth = 32;                          // bfloat16 k per tile row (64 bytes)
+constexpr int64_t kTileElements = kTileRows * kTileDepth;   // one packed X tile
+constexpr int64_t kPairRow = 2 * kTileRows;                 // an X tile row: one k pair of 16 rows
+constexpr int64_t kSumsStride = 2 * kTileRows;              // floats between two n of a block's sums
+constexpr int64_t kMPairsPerItem = 4;                       // 128 rows of X per work item
+
+bool cpu_has_amx_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return ((d >> 22) & 1) && ((d >> 24) & 1);  // AMX-BF16, AMX-TILE
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0–3: sums of (n block i, m block j) in tmm(2i + j); tmm4, tmm5: W blocks; tmm6, tmm7: X blocks.
+// All eight are 16 rows of 64 bytes. A thread configures before its first tile and releases after.
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  // Not _tile_loadconfig: GCC 12's declares an 8-byte operand, so the rows and widths above are dead
+  // stores to its optimiser and the tiles stay unconfigured.
+  asm volatile("ldtilecfg %0" : : "m"(config));
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// sums (kSumsStride floats a row of n) += the products of NB blocks of W (16 rows each, the second
+// swn·16 elements after the first, rows w_stride bytes apart) and MB packed X blocks (the second
+// x_block elements after the first), over every k chunk in order.
+template <int NB, int MB>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const bf16* W, int64_t swn, const bf16* X,
+                                                          int64_t x_block, int64_t k_chunks, float* sums) {
+  const int64_t w_stride = swn * static_cast<int64_t>(sizeof(bf16));
+  _tile_zero(0);
+  if constexpr (MB == 2) _tile_zero(1);
+  if constexpr (NB == 2) _tile_zero(2);
+  if constexpr (NB == 2 && MB == 2) _tile_zero(3);
+  for (int64_t kc = 0; kc < k_chunks; ++kc) {
+    _tile_loadd(4, W + kc * kTileDepth, w_stride);
+    _tile_loadd(6, X + kc * kTileElements, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (MB == 2) {
+      _tile_loadd(7, X + x_block + kc * kTileElements, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (NB == 2) {
+      _tile_loadd(5, W + kTileRows * swn + kc * kTileDepth, w_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (MB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t stride = kSumsStride * sizeof(float);
+  _tile_stored(0, sums, stride);
+  if constexpr (MB == 2) _tile_stored(1, sums + kTileRows, stride);
+  if constexpr (NB == 2) _tile_stored(2, sums + kTileRows * kSumsStride, stride);
+  if constexpr (NB == 2 && MB == 2) _tile_stored(3, sums + kTileRows * kSumsStride + kTileRows, stride);
+}
+
+// Writes C[m_begin:m_end, n_begin:n_end] from the sums of amx_block (n-major): transposed to rows
+// of C, then C = alpha·sum + beta·bias with the roundings of store_block, rounded to bfloat16 a
+// vector at a time.
+void store_tiles(const float* sums, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, bf16* C,
+                 int64_t ldc, float alpha, float beta, const bf16* bias, int64_t bias_sm, int64_t bias_sn) {
+  alignas(64) float rows[2 * kTileRows * kSumsStride];
+  const int64_t width = n_end - n_begin;
+  at::vec::transpose_mxn<float>(sums, kSumsStride, rows, kSumsStride, static_cast<int>(width),
+                                static_cast<int>(m_end - m_begin));
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    float* row = rows + (m - m_begin) * kSumsStride;
+    if (bias != nullptr) {
+      const bf16* b = bias + m * bias_sm + n_begin * bias_sn;
+      for (int64_t j = 0; j < width; ++j) {
+        const float term = beta == 1.f ? static_cast<float>(b[j * bias_sn]) : beta * static_cast<float>(b[j * bias_sn]);
+        row[j] = std::fma(alpha, row[j], term);
+      }
+    } else if (alpha != 1.f) {
+      for (int64_t j = 0; j < width; ++j) row[j] = alpha * row[j];
+    }
+    at::vec::convert(row, C + m * ldc + n_begin, width);
+  }
+}
+
+void gemm_amx(const bf16* X, int64_t sxm, int64_t sxk, const bf16* W, int64_t swn, int64_t swk, bf16* C,
+              int64_t ldc, int64_t M, int64_t N, int64_t K, float alpha, float beta, const bf16* bias,
+              int64_t bias_sm, int64_t bias_sn) {
+  const int64_t k_chunks = (K + kTileDepth - 1) / kTileDepth, k_padded = k_chunks * kTileDepth;
+  const int64_t m_blocks = (M + kTileRows - 1) / kTileRows, n_blocks = (N + kTileRows - 1) / kTileRows;
+  const int64_t x_block = k_chunks * kTileElements;
+  // X as tiles of k pairs: element (m, k) at [m / 16][k / 32][(k % 32) / 2][m % 16][k % 2]; zeros past M and K.
+  std::vector<bf16> packed_x(static_cast<size_t>(m_blocks * x_block), bf16(0.f));
+  at::parallel_for(0, m_blocks, grain(kTileRows * K, at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
+    for (int64_t mb = begin; mb < end; ++mb) {
+      const int64_t rows = std::min(kTileRows, M - mb * kTileRows);
+      bf16* to = packed_x.data() + mb * x_block;
+      for (int64_t l = 0; l < rows; ++l) {
+        const bf16* from = X + (mb * kTileRows + l) * sxm;
+        auto at = [&](int64_t k) { return (k / kTileDepth) * kTileElements + (k % kTileDepth) / 2 * kPairRow + l * 2 + k % 2; };
+        int64_t k = 0;
+        if (sxk == 1) {  // a k pair is 4 contiguous bytes in both layouts
+          for (; k + 1 < K; k += 2) std::memcpy(to + at(k), from + k, 2 * sizeof(bf16));
+        }
+        for (; k < K; ++k) to[at(k)] = from[k * sxk];
+      }
+    }
+  });
+  // W is read in place when its rows are unit-stride and whole tiles; otherwise a zero-padded copy.
+  std::vector<bf16> packed_w;
+  if (swk != 1 || N % kTileRows != 0 || K % kTileDepth != 0) {
+    packed_w.assign(static_cast<size_t>(n_blocks * kTileRows * k_padded), bf16(0.f));
+    at::parallel_for(0, N, grain(K, at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t k = 0; k < K; ++k) packed_w[n * k_padded + k] = W[n * swn + k * swk];
+    });
+    W = packed_w.data();
+    swn = k_padded;
+  }
+  const int64_t n_pairs = (n_blocks + 1) / 2, m_pairs = (m_blocks + 1) / 2;
+  const int64_t m_groups = (m_pairs + kMPairsPerItem - 1) / kMPairsPerItem, items = n_pairs * m_groups;
+  const int64_t item_rows = std::min(M, 2 * kTileRows * kMPairsPerItem);
+  at::parallel_for(0, items, grain(2 * kTileRows * item_rows * K), [&](int64_t begin, int64_t end) {
+    alignas(64) float sums[2 * kTileRows * kSumsStride];
+    amx_configure();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t nb0 = (item / m_groups) * 2, nb = std::min<int64_t>(2, n_blocks - nb0);
+      const int64_t mp_end = std::min(m_pairs, (item % m_groups + 1) * kMPairsPerItem);
+      for (int64_t mp = (item % m_groups) * kMPairsPerItem; mp < mp_end; ++mp) {
+        const int64_t mb0 = mp * 2, mb = std::min<int64_t>(2, m_blocks - mb0);
+        const bf16* w = W + nb0 * kTileRows * swn;
+        const bf16* x = packed_x.data() + mb0 * x_block;
+        if (nb == 2 && mb == 2) amx_block<2, 2>(w, swn, x, x_block, k_chunks, sums);
+        else if (nb == 2) amx_block<2, 1>(w, swn, x, x_block, k_chunks, sums);
+        else if (mb == 2) amx_block<1, 2>(w, swn, x, x_block, k_chunks, sums);
+        else amx_block<1, 1>(w, swn, x, x_block, k_chunks, sums);
+        store_tiles(sums, mb0 * kTileRows, std::min(M, (mb0 + mb) * kTileRows), nb0 * kTileRows,
+                    std::min(N, (nb0 + nb) * kTileRows), C, ldc, alpha, beta, bias, bias_sm, bias_sn);
+      }
+    }
+    amx_release();
+  });
+}
+
+// -1: not decided yet; then 0 or 1 for the rest of the process (bi_use_amx changes it, for A/B runs).
+std::atomic<int> amx_in_use{-1};
+
+bool amx_usable() {
+  static const bool usable = cpu_has_amx_bf16() && at::cpu::init_amx();
+  return usable;
+}
+#else
+bool amx_usable() { return false; }
+#endif
+
+bool use_amx() {
+#ifdef PPO_FAST_AMX
+  int state = amx_in_use.load();
+  if (state < 0) {
+    const char* setting = std::getenv("PPO_FAST_AMX");
+    state = amx_usable() && !(setting != nullptr && std::string(setting) == "0") ? 1 : 0;
+    amx_in_use.store(state);
+  }
+  return state == 1;
+#else
+  return false;
+#endif
+}
+
+// The GEMM of the mode: the AMX tiles for bfloat16 where this process uses them, the vector kernel
+// otherwise.
+template <typename T, typename A = typename Acc<T>::type>
+void gemm(const T* X, int64_t sxm, int64_t sxk, const T* W, int64_t swn, int64_t swk, T* C, int64_t ldc,
+          int64_t M, int64_t N, int64_t K, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
+#ifdef PPO_FAST_AMX
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (use_amx()) {
+      return gemm_amx(X, sxm, sxk, W, swn, swk, C, ldc, M, N, K, alpha, beta, bias, bias_sm, bias_sn);
+    }
+  }
+#endif
+  gemm_nt<T>(X, sxm, sxk, W, swn, swk, C, ldc, M, N, K, alpha, beta, bias, bias_sm, bias_sn);
+}
+
+// Whether bfloat16 GEMMs run on the AMX tiles in this process; with a value, switches them (for
+// measuring one path against the other; a row's bits differ between the two paths).
+bool bi_amx(c10::optional<bool> enable) {
+  if (enable.has_value()) {
+    TORCH_CHECK(!*enable || amx_usable(), "batch_invariant: this CPU or kernel offers no AMX-BF16 tiles");
+#ifdef PPO_FAST_AMX
+    amx_in_use.store(*enable ? 1 : 0);
+#endif
+  }
+  return use_amx();
 }
 
 void check_float(const at::Tensor& t, const char* name) {
@@ -242,7 +472,7 @@ at::Tensor bi_addmm(const c10::optional<at::Tensor>& bias_opt, const at::Tensor&
   if (M == 0 || N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "batch_invariant_mm", [&] {
     using A = typename Acc<scalar_t>::type;
-    gemm_nt<scalar_t>(a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(1),
+    gemm<scalar_t>(a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(1),
                       b.stride(0), out.data_ptr<scalar_t>(), N, M, N, K, static_cast<A>(alpha),
                       static_cast<A>(beta), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                       bias.defined() ? bias.stride(0) : 0, bias.defined() ? bias.stride(1) : 0);
@@ -271,7 +501,7 @@ at::Tensor bi_bmm(const at::Tensor& a, const at::Tensor& b) {
     const bool side_by_side = M * N * K < kChunkWork * at::get_num_threads();
     at::parallel_for(0, batch, side_by_side ? grain(M * N * K) : batch, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        gemm_nt<scalar_t>(ap + i * a.stride(0), a.stride(1), a.stride(2), bp + i * b.stride(0), b.stride(2),
+        gemm<scalar_t>(ap + i * a.stride(0), a.stride(1), a.stride(2), bp + i * b.stride(0), b.stride(2),
                           b.stride(1), op + i * M * N, N, M, N, K, A(1), A(0), nullptr, 0, 0);
     });
   });
@@ -431,4 +661,5 @@ void register_batch_invariant(pybind11::module& m) {
   m.def("bi_bmm", &bi_bmm);
   m.def("bi_row_reduce", &bi_row_reduce);
   m.def("bi_attention", &bi_attention);
+  m.def("bi_amx", &bi_amx, pybind11::arg("enable") = pybind11::none());
 }

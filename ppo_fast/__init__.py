@@ -16,7 +16,8 @@ triton|native`` forces one.
 """
 
 from .batch_invariant import attention as batch_invariant_attention
-from .batch_invariant import batch_invariant, disable_batch_invariant, enable_batch_invariant, is_batch_invariant
+from .batch_invariant import (batch_invariant, batch_invariant_bfloat16_gemm, disable_batch_invariant,
+                              enable_batch_invariant, is_batch_invariant)
 from .correction import rollout_correction
 from .dispatch import BackendUnavailable
 from .estimators import advantages
@@ -51,6 +52,7 @@ __all__ = [
     "ValueLoss",
     "advantages",
     "batch_invariant",
+    "batch_invariant_bfloat16_gemm",
     "batch_invariant_attention",
     "disable_batch_invariant",
     "enable_batch_invariant",

@@ -23,6 +23,12 @@ keys in one order (the ``eager`` name routes there too while the mode is on; fla
 flex attention are refused with an error naming the model). Autograd sits above the dispatch key,
 so gradients flow through torch's own derivative formulas (which then run the same kernels); the
 backward is correct, not invariant.
+
+On a CPU with AMX-BF16 (Intel Sapphire Rapids and later) bfloat16 GEMMs run on the AMX tiles;
+elsewhere, and with ``PPO_FAST_AMX=0`` in the environment, on a vector kernel. Each path is
+batch-invariant, but their bits differ from each other, so processes whose numbers must agree (a
+rollout and its trainer, the ranks of a run) need the same path: :func:`batch_invariant_bfloat16_gemm` says
+which one a process takes.
 """
 
 from __future__ import annotations
@@ -45,6 +51,15 @@ transformers' ``AttentionInterface`` the first time the mode is enabled."""
 
 def _kernels():
     return _native.load()
+
+
+def batch_invariant_bfloat16_gemm() -> str | None:
+    """The path of the mode's bfloat16 GEMM on the CPU in this process: ``"amx"`` (the AMX tiles) or
+    ``"vector"``; None where the native kernels are unavailable. Decided on first use for the whole
+    process, by the CPU and ``PPO_FAST_AMX``."""
+    if _native.unavailable() is not None:
+        return None
+    return "amx" if _kernels().bi_amx() else "vector"
 
 
 def _cpu_mm(self, mat2):

@@ -1,7 +1,10 @@
 """ppo_fast.batch_invariant(): bitwise (torch.equal) invariance of ops and of Hugging Face causal
 LMs on the CPU, and, with the mode off, the mismatch it removes (so these tests can fail)."""
 
+import contextlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ import torch.nn.functional as F
 import ppo_fast as pf
 from ppo_fast import native
 from ppo_fast.sequences import position_ids
+
+from helpers import subprocess_env
 
 pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"native kernels: {native.unavailable()}")
 
@@ -100,6 +105,96 @@ def test_the_thread_count_changes_no_bit():
                 torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+_AMX_USABLE = native.unavailable() is None and native.load().bi_amx()
+
+
+@contextlib.contextmanager
+def _bfloat16_gemm(path):
+    """The mode's CPU bfloat16 GEMM switched to ``path`` ("amx" or "vector") for the block."""
+    kernels = native.load()
+    before = kernels.bi_amx()
+    kernels.bi_amx(path == "amx")
+    try:
+        yield
+    finally:
+        kernels.bi_amx(before)
+
+
+# (M, K, N, W transposed in memory): K not a multiple of the AMX tile's 32, N not of its 16 (a
+# zero-padded copy of W); whole tiles read in place; a transposed W; one row (decode); a shape
+# where the two paths' bits part in some outputs of the first rows (so taking one path for some
+# batch sizes and the other for the rest fails here).
+_GEMM_SHAPES = [(37, 264, 90, False), (40, 512, 160, False), (35, 96, 48, True), (1, 64, 16, False),
+                (33, 512, 1408, False)]
+
+
+@pytest.mark.parametrize("path", [
+    "vector", pytest.param("amx", marks=pytest.mark.skipif(not _AMX_USABLE, reason="this CPU has no AMX-BF16 tiles"))])
+def test_each_bfloat16_gemm_path_keeps_a_rows_bits_in_every_batch_and_thread_count(path):
+    """Either path the CPU may take: a row's bits do not depend on the rows beside it, their number
+    (1 … 9, the tile tails included), their order or the thread count, for mm, addmm (bias, alpha,
+    beta) and bmm; and the result is the GEMM within bfloat16's rounding of the float64 one."""
+    g = torch.Generator().manual_seed(21)
+    threads = torch.get_num_threads()
+    for m, k, n, transposed in _GEMM_SHAPES:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        w = w.t().contiguous().t() if transposed else w
+        bias = torch.randn(n, generator=g).bfloat16()
+        calls = {"mm": lambda rows: rows @ w.t(),
+                 "addmm": lambda rows: torch.addmm(bias, rows, w.t(), beta=0.5, alpha=2.0),
+                 "bmm": lambda rows: torch.bmm(rows[:, None], w.t()[None].expand(rows.shape[0], -1, -1))}
+        with _bfloat16_gemm(path), pf.batch_invariant():
+            for name, call in calls.items():
+                full = call(x)
+                bad = [b for b in range(1, min(m, 9) + 1) if not torch.equal(call(x[:b].contiguous()), full[:b])]
+                perm = torch.randperm(m, generator=g)
+                if not torch.equal(call(x[perm].contiguous()), full[perm]):
+                    bad.append("shuffled")
+                for count in (1, 3):
+                    torch.set_num_threads(count)
+                    try:
+                        if not torch.equal(call(x), full):
+                            bad.append(f"{count} threads")
+                    finally:
+                        torch.set_num_threads(threads)
+                assert bad == [], (path, name, (m, k, n, transposed), bad)
+                exact = {"mm": x.double() @ w.double().t(),
+                         "addmm": 0.5 * bias.double() + 2.0 * (x.double() @ w.double().t()),
+                         "bmm": (x.double() @ w.double().t())[:, None]}[name]
+                # float32 sums of k products (k float32 roundings, times alpha = 2), then one
+                # bfloat16 rounding (half a unit: 2^-9 of the value, 2^-8 for slack)
+                magnitude = (x.double().abs() @ w.double().abs().t()).reshape(exact.shape)
+                budget = exact.abs() * 2.0 ** -8 + 4 * k * 2.0 ** -24 * magnitude
+                assert ((full.double() - exact).abs() <= budget).all(), (path, name, (m, k, n, transposed))
+
+
+@pytest.mark.skipif(not _AMX_USABLE, reason="this CPU has no AMX-BF16 tiles")
+def test_the_two_bfloat16_gemm_paths_round_differently():
+    """Why a rollout and its trainer must take the same path: the tiles' rounding of a k pair is not
+    the vector kernel's FMA chain, and a few outputs in a thousand round to another bfloat16."""
+    g = torch.Generator().manual_seed(21)
+    x, w = torch.randn(9, 512, generator=g).bfloat16(), torch.randn(1408, 512, generator=g).bfloat16()
+    results = {}
+    for path in ("amx", "vector"):
+        with _bfloat16_gemm(path), pf.batch_invariant():
+            results[path] = x @ w.t()
+    assert not torch.equal(results["amx"], results["vector"])
+
+
+def test_the_bfloat16_gemm_path_is_the_processs_own_and_can_be_forced_to_the_vector_kernel():
+    """PPO_FAST_AMX=0 is read once, when the process first multiplies; asking for tiles the CPU
+    lacks is an error that says so."""
+    code = "import ppo_fast as pf; print(pf.batch_invariant_bfloat16_gemm())"
+    forced = subprocess.run([sys.executable, "-c", code], env=subprocess_env(PPO_FAST_AMX="0"),
+                            capture_output=True, text=True, timeout=120)
+    assert forced.stdout.strip() == "vector", forced.stderr
+    assert pf.batch_invariant_bfloat16_gemm() == ("amx" if _AMX_USABLE else "vector")
+    if not _AMX_USABLE:
+        with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
+            native.load().bi_amx(True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
