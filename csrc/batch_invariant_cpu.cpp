@@ -251,6 +251,8 @@ constexpr int64_t kTileElements = kTileRows * kTileDepth;   // one packed X tile
 constexpr int64_t kPairRow = 2 * kTileRows;                 // an X tile row: one k pair of 16 rows
 constexpr int64_t kSumsStride = 2 * kTileRows;              // floats between two n of a block's sums
 constexpr int64_t kMPairsPerItem = 4;                       // 128 rows of X per work item
+constexpr int64_t kStreamBytes = int64_t(8) << 20;          // a C larger than this is written past the caches
+constexpr int64_t kChunksPerBlock = 8;                      // 256 k: 16 KiB of W's 32 rows, in L1
 
 bool cpu_has_amx_bf16() {
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -282,17 +284,29 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
 // sums (kSumsStride floats a row of n) += the products of NB blocks of W (16 rows each, the second
-// swn·16 elements after the first, rows w_stride bytes apart) and MB packed X blocks (the second
-// x_block elements after the first), over every k chunk in order.
+// swn·16 elements after the first) and MB packed X blocks (the second x_block elements after the
+// first), over the k chunks [kc_begin, kc_end) in order; `first`: the sums start at zero rather
+// than from memory (a float32 stored and reloaded is the same number: the chain goes on unchanged).
 template <int NB, int MB>
 __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const bf16* W, int64_t swn, const bf16* X,
-                                                          int64_t x_block, int64_t k_chunks, float* sums) {
+                                                          int64_t x_block, int64_t kc_begin, int64_t kc_end,
+                                                          bool first, float* sums) {
   const int64_t w_stride = swn * static_cast<int64_t>(sizeof(bf16));
-  _tile_zero(0);
-  if constexpr (MB == 2) _tile_zero(1);
-  if constexpr (NB == 2) _tile_zero(2);
-  if constexpr (NB == 2 && MB == 2) _tile_zero(3);
-  for (int64_t kc = 0; kc < k_chunks; ++kc) {
+  constexpr int64_t stride = kSumsStride * sizeof(float);
+  float* const sums_of[4] = {sums, sums + kTileRows, sums + kTileRows * kSumsStride,
+                             sums + kTileRows * kSumsStride + kTileRows};
+  if (first) {
+    _tile_zero(0);
+    if constexpr (MB == 2) _tile_zero(1);
+    if constexpr (NB == 2) _tile_zero(2);
+    if constexpr (NB == 2 && MB == 2) _tile_zero(3);
+  } else {
+    _tile_loadd(0, sums_of[0], stride);
+    if constexpr (MB == 2) _tile_loadd(1, sums_of[1], stride);
+    if constexpr (NB == 2) _tile_loadd(2, sums_of[2], stride);
+    if constexpr (NB == 2 && MB == 2) _tile_loadd(3, sums_of[3], stride);
+  }
+  for (int64_t kc = kc_begin; kc < kc_end; ++kc) {
     _tile_loadd(4, W + kc * kTileDepth, w_stride);
     _tile_loadd(6, X + kc * kTileElements, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -306,35 +320,75 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const bf16* W, int64
       if constexpr (MB == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  constexpr int64_t stride = kSumsStride * sizeof(float);
-  _tile_stored(0, sums, stride);
-  if constexpr (MB == 2) _tile_stored(1, sums + kTileRows, stride);
-  if constexpr (NB == 2) _tile_stored(2, sums + kTileRows * kSumsStride, stride);
-  if constexpr (NB == 2 && MB == 2) _tile_stored(3, sums + kTileRows * kSumsStride + kTileRows, stride);
+  _tile_stored(0, sums_of[0], stride);
+  if constexpr (MB == 2) _tile_stored(1, sums_of[1], stride);
+  if constexpr (NB == 2) _tile_stored(2, sums_of[2], stride);
+  if constexpr (NB == 2 && MB == 2) _tile_stored(3, sums_of[3], stride);
 }
 
-// Writes C[m_begin:m_end, n_begin:n_end] from the sums of amx_block (n-major): transposed to rows
-// of C, then C = alpha·sum + beta·bias with the roundings of store_block, rounded to bfloat16 a
-// vector at a time.
-void store_tiles(const float* sums, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, bf16* C,
-                 int64_t ldc, float alpha, float beta, const bf16* bias, int64_t bias_sm, int64_t bias_sn) {
-  alignas(64) float rows[2 * kTileRows * kSumsStride];
-  const int64_t width = n_end - n_begin;
-  at::vec::transpose_mxn<float>(sums, kSumsStride, rows, kSumsStride, static_cast<int>(width),
-                                static_cast<int>(m_end - m_begin));
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    float* row = rows + (m - m_begin) * kSumsStride;
+// One packed X tile from 16 rows (rows elements apart) × 32 k of X: the 16 × 16 matrix of 4-byte k
+// pairs, transposed (unpacks of 32-bit, then 64-bit elements, then two shuffles of 128-bit lanes).
+__attribute__((target("avx512f"))) void transpose_pairs(const bf16* X, int64_t rows, bf16* tile) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(X + i * rows);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(tile + i * kPairRow, r[i]);
+}
+
+// Writes C[m_begin:m_end, n_begin:n_end] from the sums of amx_block (n-major, kSumsStride apart):
+// C = alpha·sum + beta·bias with the roundings of store_block, each n's row rounded to bfloat16 a
+// vector at a time, the 16-bit block transposed to rows of C. `stream`: a C too large for the caches
+// gets its whole 64-byte lines written past them (no read of the line first: writing 32 columns of
+// many rows at a time, those reads are most of the time).
+__attribute__((target("avx512f"))) void store_tiles(float* sums, int64_t m_begin, int64_t m_end, int64_t n_begin,
+                                                   int64_t n_end, bf16* C, int64_t ldc, float alpha, float beta,
+                                                   const bf16* bias, int64_t bias_sm, int64_t bias_sn, bool stream) {
+  alignas(64) bf16 rounded[2 * kTileRows * kSumsStride];
+  alignas(64) bf16 rows[2 * kTileRows * kSumsStride];
+  const int64_t height = m_end - m_begin, width = n_end - n_begin;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    float* row = sums + (n - n_begin) * kSumsStride;
     if (bias != nullptr) {
-      const bf16* b = bias + m * bias_sm + n_begin * bias_sn;
-      for (int64_t j = 0; j < width; ++j) {
-        const float term = beta == 1.f ? static_cast<float>(b[j * bias_sn]) : beta * static_cast<float>(b[j * bias_sn]);
-        row[j] = std::fma(alpha, row[j], term);
+      const bf16* b = bias + m_begin * bias_sm + n * bias_sn;
+      for (int64_t i = 0; i < height; ++i) {
+        const float term = beta == 1.f ? static_cast<float>(b[i * bias_sm]) : beta * static_cast<float>(b[i * bias_sm]);
+        row[i] = std::fma(alpha, row[i], term);
       }
     } else if (alpha != 1.f) {
-      for (int64_t j = 0; j < width; ++j) row[j] = alpha * row[j];
+      for (int64_t i = 0; i < height; ++i) row[i] = alpha * row[i];
     }
-    at::vec::convert(row, C + m * ldc + n_begin, width);
+    at::vec::convert(row, rounded + (n - n_begin) * kSumsStride, height);
   }
+  const bool lines = stream && width == kSumsStride && reinterpret_cast<uintptr_t>(C + m_begin * ldc + n_begin) % 64 == 0 &&
+                     (ldc * sizeof(bf16)) % 64 == 0;
+  if (!lines) {
+    at::vec::transpose_mxn<bf16>(rounded, kSumsStride, C + m_begin * ldc + n_begin, ldc, static_cast<int>(width),
+                                 static_cast<int>(height));
+    return;
+  }
+  at::vec::transpose_mxn<bf16>(rounded, kSumsStride, rows, kSumsStride, static_cast<int>(width),
+                               static_cast<int>(height));
+  for (int64_t m = m_begin; m < m_end; ++m)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(C + m * ldc + n_begin), _mm512_load_si512(rows + (m - m_begin) * kSumsStride));
 }
 
 void gemm_amx(const bf16* X, int64_t sxm, int64_t sxk, const bf16* W, int64_t swn, int64_t swk, bf16* C,
@@ -349,15 +403,15 @@ void gemm_amx(const bf16* X, int64_t sxm, int64_t sxk, const bf16* W, int64_t sw
     for (int64_t mb = begin; mb < end; ++mb) {
       const int64_t rows = std::min(kTileRows, M - mb * kTileRows);
       bf16* to = packed_x.data() + mb * x_block;
-      for (int64_t l = 0; l < rows; ++l) {
-        const bf16* from = X + (mb * kTileRows + l) * sxm;
-        auto at = [&](int64_t k) { return (k / kTileDepth) * kTileElements + (k % kTileDepth) / 2 * kPairRow + l * 2 + k % 2; };
-        int64_t k = 0;
-        if (sxk == 1) {  // a k pair is 4 contiguous bytes in both layouts
-          for (; k + 1 < K; k += 2) std::memcpy(to + at(k), from + k, 2 * sizeof(bf16));
-        }
-        for (; k < K; ++k) to[at(k)] = from[k * sxk];
+      const bf16* from = X + mb * kTileRows * sxm;
+      int64_t k_begin = 0;  // whole blocks of 16 rows × 32 unit-stride k: one transpose of 4-byte k pairs each
+      if (rows == kTileRows && sxk == 1) {
+        for (; k_begin + kTileDepth <= K; k_begin += kTileDepth)
+          transpose_pairs(from + k_begin, sxm, to + (k_begin / kTileDepth) * kTileElements);
       }
+      for (int64_t l = 0; l < rows; ++l)
+        for (int64_t k = k_begin; k < K; ++k)
+          to[(k / kTileDepth) * kTileElements + (k % kTileDepth) / 2 * kPairRow + l * 2 + k % 2] = from[l * sxm + k * sxk];
     }
   });
   // W is read in place when its rows are unit-stride and whole tiles; otherwise a zero-padded copy.
@@ -372,26 +426,40 @@ void gemm_amx(const bf16* X, int64_t sxm, int64_t sxk, const bf16* W, int64_t sw
     swn = k_padded;
   }
   const int64_t n_pairs = (n_blocks + 1) / 2, m_pairs = (m_blocks + 1) / 2;
+  // A work item is a pair of W blocks × kMPairsPerItem pairs of X blocks.
   const int64_t m_groups = (m_pairs + kMPairsPerItem - 1) / kMPairsPerItem, items = n_pairs * m_groups;
   const int64_t item_rows = std::min(M, 2 * kTileRows * kMPairsPerItem);
+  const bool stream = M * N * static_cast<int64_t>(sizeof(bf16)) > kStreamBytes;
   at::parallel_for(0, items, grain(2 * kTileRows * item_rows * K), [&](int64_t begin, int64_t end) {
-    alignas(64) float sums[2 * kTileRows * kSumsStride];
+    // An item's sums, one 32 × 32 block per pair of X blocks: K is walked in blocks of kChunksPerBlock
+    // chunks across all of them, so a block of W's 32 rows stays in L1 while every X pair uses it.
+    alignas(64) float sums[kMPairsPerItem * 2 * kTileRows * kSumsStride];
     amx_configure();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb0 = (item / m_groups) * 2, nb = std::min<int64_t>(2, n_blocks - nb0);
-      const int64_t mp_end = std::min(m_pairs, (item % m_groups + 1) * kMPairsPerItem);
-      for (int64_t mp = (item % m_groups) * kMPairsPerItem; mp < mp_end; ++mp) {
+      const int64_t mp_begin = (item % m_groups) * kMPairsPerItem;
+      const int64_t mp_end = std::min(m_pairs, mp_begin + kMPairsPerItem);
+      const bf16* w = W + nb0 * kTileRows * swn;
+      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k_chunks, 1); kc0 += kChunksPerBlock) {
+        const int64_t kc1 = std::min(k_chunks, kc0 + kChunksPerBlock);
+        for (int64_t mp = mp_begin; mp < mp_end; ++mp) {
+          const int64_t mb = std::min<int64_t>(2, m_blocks - mp * 2);
+          const bf16* x = packed_x.data() + mp * 2 * x_block;
+          float* block = sums + (mp - mp_begin) * 2 * kTileRows * kSumsStride;
+          if (nb == 2 && mb == 2) amx_block<2, 2>(w, swn, x, x_block, kc0, kc1, kc0 == 0, block);
+          else if (nb == 2) amx_block<2, 1>(w, swn, x, x_block, kc0, kc1, kc0 == 0, block);
+          else if (mb == 2) amx_block<1, 2>(w, swn, x, x_block, kc0, kc1, kc0 == 0, block);
+          else amx_block<1, 1>(w, swn, x, x_block, kc0, kc1, kc0 == 0, block);
+        }
+      }
+      for (int64_t mp = mp_begin; mp < mp_end; ++mp) {
         const int64_t mb0 = mp * 2, mb = std::min<int64_t>(2, m_blocks - mb0);
-        const bf16* w = W + nb0 * kTileRows * swn;
-        const bf16* x = packed_x.data() + mb0 * x_block;
-        if (nb == 2 && mb == 2) amx_block<2, 2>(w, swn, x, x_block, k_chunks, sums);
-        else if (nb == 2) amx_block<2, 1>(w, swn, x, x_block, k_chunks, sums);
-        else if (mb == 2) amx_block<1, 2>(w, swn, x, x_block, k_chunks, sums);
-        else amx_block<1, 1>(w, swn, x, x_block, k_chunks, sums);
-        store_tiles(sums, mb0 * kTileRows, std::min(M, (mb0 + mb) * kTileRows), nb0 * kTileRows,
-                    std::min(N, (nb0 + nb) * kTileRows), C, ldc, alpha, beta, bias, bias_sm, bias_sn);
+        store_tiles(sums + (mp - mp_begin) * 2 * kTileRows * kSumsStride, mb0 * kTileRows,
+                    std::min(M, (mb0 + mb) * kTileRows), nb0 * kTileRows, std::min(N, (nb0 + nb) * kTileRows), C,
+                    ldc, alpha, beta, bias, bias_sm, bias_sn, stream);
       }
     }
+    if (stream) _mm_sfence();  // the streamed lines are visible before the call returns
     amx_release();
   });
 }

@@ -172,6 +172,24 @@ def test_each_bfloat16_gemm_path_keeps_a_rows_bits_in_every_batch_and_thread_cou
 
 
 @pytest.mark.skipif(not _AMX_USABLE, reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("n", [32000, 32001], ids=["whole-lines", "ragged"])
+def test_a_product_too_large_for_the_caches_gives_its_rows_the_bits_of_a_small_one(n):
+    """Over 8 MiB, the tiles' results are written past the caches (whole 64-byte lines only): the
+    same row written that way or the usual way has the same bits."""
+    g = torch.Generator().manual_seed(22)
+    x, w = torch.randn(136, 64, generator=g).bfloat16(), torch.randn(n, 64, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    assert x.shape[0] * n * 2 > 8 << 20
+    with _bfloat16_gemm("amx"), pf.batch_invariant():
+        for call in (lambda rows: rows @ w.t(), lambda rows: torch.addmm(bias, rows, w.t(), beta=0.5, alpha=2.0)):
+            full = call(x)
+            for rows in (slice(0, 1), slice(5, 14), slice(127, 136)):
+                assert torch.equal(call(x[rows].contiguous()), full[rows])
+    torch.testing.assert_close(full.double(), 0.5 * bias.double() + 2.0 * (x.double() @ w.double().t()),
+                               atol=0.1, rtol=2 ** -7)
+
+
+@pytest.mark.skipif(not _AMX_USABLE, reason="this CPU has no AMX-BF16 tiles")
 def test_the_two_bfloat16_gemm_paths_round_differently():
     """Why a rollout and its trainer must take the same path: the tiles' rounding of a k pair is not
     the vector kernel's FMA chain, and a few outputs in a thousand round to another bfloat16."""
