@@ -132,6 +132,12 @@ def describe() -> str:
                                                          for name in BACKENDS).rstrip())
         lines.append("")
     lines += [f"[{i}] {reason}" for i, reason in enumerate(notes, 1)]
+    from .batch_invariant import batch_invariant_bfloat16_gemm
+
+    gemm = batch_invariant_bfloat16_gemm()
+    if gemm is not None:
+        lines.append(f"batch_invariant() multiplies bfloat16 on the CPU with the {'AMX tiles' if gemm == 'amx' else 'vector kernel'} "
+                     "in this process (PPO_FAST_AMX=0: the vector kernel).")
     lines.append("Every other function (policy_loss, value_loss, kl_penalty, masked_whiten, masked_mean, "
                  "group_advantages, advantages, rollout_correction) runs its PyTorch spec on any device.")
     return "\n".join(lines)

@@ -205,10 +205,11 @@ def test_the_two_bfloat16_gemm_paths_round_differently():
 def test_the_bfloat16_gemm_path_is_the_processs_own_and_can_be_forced_to_the_vector_kernel():
     """PPO_FAST_AMX=0 is read once, when the process first multiplies; asking for tiles the CPU
     lacks is an error that says so."""
-    code = "import ppo_fast as pf; print(pf.batch_invariant_bfloat16_gemm())"
+    code = "import ppo_fast as pf; from ppo_fast.dispatch import describe; print(pf.batch_invariant_bfloat16_gemm()); print(describe())"
     forced = subprocess.run([sys.executable, "-c", code], env=subprocess_env(PPO_FAST_AMX="0"),
                             capture_output=True, text=True, timeout=120)
-    assert forced.stdout.strip() == "vector", forced.stderr
+    assert forced.stdout.splitlines()[0] == "vector", forced.stderr
+    assert "multiplies bfloat16 on the CPU with the vector kernel" in forced.stdout  # ppo-fast backends
     assert pf.batch_invariant_bfloat16_gemm() == ("amx" if _AMX_USABLE else "vector")
     if not _AMX_USABLE:
         with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
