@@ -229,10 +229,11 @@ void gemm_nt(const T* X, int64_t sxm, int64_t sxk, const T* W, int64_t swn, int6
 }
 
 // bfloat16 on the AMX tiles (Intel Sapphire Rapids and later), where torch's own bfloat16 GEMM
-// runs on them and the widening vector kernel above reaches a tenth of their rate. TDPBF16PS adds
-// a k pair's two products to an output's accumulator with roundings of the hardware's own (its bits
-// are not the vector kernel's FMA chain once K passes a few hundred), but an output is still one
-// chain over the k pairs in order, from its row's inputs alone. The tiles compute Cᵀ: a W tile is
+// runs on them and the widening vector kernel above reaches a tenth of their rate. Inside one
+// TDPBF16PS the hardware adds a row's 32 products in an order of its own, not k's (measured: even
+// and odd k behave as if summed apart), so its bits are not the vector kernel's FMA chain; but the
+// order is fixed, the chunks of 32 k follow each other in order, and an output is computed from
+// its own row's inputs alone. The tiles compute Cᵀ: a W tile is
 // 16 rows of W (n) × 32 k, read in place; an X tile is 16 pairs of k × 16 rows of X, packed; a
 // sums tile is 16 n × 16 m. K is padded with zero products to a multiple of 32 whatever M is, so a
 // row's chain depends on K alone. Whether this path runs is decided once per process, by the CPU
@@ -269,19 +270,35 @@ struct alignas(64) TileConfig {
 };
 
 // tmm0–3: sums of (n block i, m block j) in tmm(2i + j); tmm4, tmm5: W blocks; tmm6, tmm7: X blocks.
-// All eight are 16 rows of 64 bytes. A thread configures before its first tile and releases after.
-__attribute__((target("amx-tile"))) void amx_configure() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = kTileRows;
+// All eight are 16 rows of 64 bytes. A thread's tiles are configured for the span of a TileScope,
+// then given back as they were: another AMX user on the thread (oneDNN, compiled micro-kernels)
+// may remember its configuration rather than load it before each use.
+class TileScope {
+ public:
+  __attribute__((target("amx-tile"))) TileScope() {
+    // Not _tile_loadconfig / _tile_storeconfig: GCC 12's declare an 8-byte operand, so the rows and
+    // widths below are dead stores to its optimiser and the tiles stay unconfigured.
+    asm volatile("sttilecfg %0" : "=m"(saved_));
+    TileConfig ours;
+    for (int t = 0; t < 8; ++t) {
+      ours.colsb[t] = 64;
+      ours.rows[t] = kTileRows;
+    }
+    asm volatile("ldtilecfg %0" : : "m"(ours));
   }
-  // Not _tile_loadconfig: GCC 12's declares an 8-byte operand, so the rows and widths above are dead
-  // stores to its optimiser and the tiles stay unconfigured.
-  asm volatile("ldtilecfg %0" : : "m"(config));
-}
+  __attribute__((target("amx-tile"))) ~TileScope() {
+    if (saved_.palette == 0) {  // no configuration before (STTILECFG writes zeros): the initial state
+      _tile_release();
+    } else {
+      asm volatile("ldtilecfg %0" : : "m"(saved_));
+    }
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
 
-__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+ private:
+  TileConfig saved_;
+};
 
 // sums (kSumsStride floats a row of n) += the products of NB blocks of W (16 rows each, the second
 // swn·16 elements after the first) and MB packed X blocks (the second x_block elements after the
@@ -434,7 +451,7 @@ void gemm_amx(const bf16* X, int64_t sxm, int64_t sxk, const bf16* W, int64_t sw
     // An item's sums, one 32 × 32 block per pair of X blocks: K is walked in blocks of kChunksPerBlock
     // chunks across all of them, so a block of W's 32 rows stays in L1 while every X pair uses it.
     alignas(64) float sums[kMPairsPerItem * 2 * kTileRows * kSumsStride];
-    amx_configure();
+    TileScope tiles;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb0 = (item / m_groups) * 2, nb = std::min<int64_t>(2, n_blocks - nb0);
       const int64_t mp_begin = (item % m_groups) * kMPairsPerItem;
@@ -460,7 +477,6 @@ void gemm_amx(const bf16* X, int64_t sxm, int64_t sxk, const bf16* W, int64_t sw
       }
     }
     if (stream) _mm_sfence();  // the streamed lines are visible before the call returns
-    amx_release();
   });
 }
 
@@ -489,14 +505,15 @@ bool use_amx() {
 #endif
 }
 
-// The GEMM of the mode: the AMX tiles for bfloat16 where this process uses them, the vector kernel
-// otherwise.
+// The GEMM of the mode: the AMX tiles for bfloat16 when `amx` (use_amx(), read once per aten call, so
+// that the entries of one bmm take one path even while another thread switches it), the vector
+// kernel otherwise.
 template <typename T, typename A = typename Acc<T>::type>
-void gemm(const T* X, int64_t sxm, int64_t sxk, const T* W, int64_t swn, int64_t swk, T* C, int64_t ldc,
+void gemm(bool amx, const T* X, int64_t sxm, int64_t sxk, const T* W, int64_t swn, int64_t swk, T* C, int64_t ldc,
           int64_t M, int64_t N, int64_t K, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
 #ifdef PPO_FAST_AMX
   if constexpr (std::is_same_v<T, bf16>) {
-    if (use_amx()) {
+    if (amx) {
       return gemm_amx(X, sxm, sxk, W, swn, swk, C, ldc, M, N, K, alpha, beta, bias, bias_sm, bias_sn);
     }
   }
@@ -534,13 +551,18 @@ at::Tensor bi_addmm(const c10::optional<at::Tensor>& bias_opt, const at::Tensor&
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   at::Tensor out = at::empty({M, N}, a.options());
   at::Tensor bias;
+  TORCH_CHECK(!(bias_opt.has_value() && bias_opt->defined()) || bias_opt->scalar_type() == a.scalar_type(),
+              "addmm: expected the operands to have one dtype, got ", a.scalar_type(), " and ", b.scalar_type(),
+              " (and ", bias_opt.has_value() && bias_opt->defined() ? bias_opt->scalar_type() : a.scalar_type(),
+              " for self)");
   if (bias_opt.has_value() && bias_opt->defined() && beta != 0.0) {
-    bias = bias_opt->to(a.scalar_type()).expand({M, N});
+    bias = bias_opt->expand({M, N});
   }
   if (M == 0 || N == 0) return out;
+  const bool amx = use_amx();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "batch_invariant_mm", [&] {
     using A = typename Acc<scalar_t>::type;
-    gemm<scalar_t>(a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(1),
+    gemm<scalar_t>(amx, a.data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.data_ptr<scalar_t>(), b.stride(1),
                       b.stride(0), out.data_ptr<scalar_t>(), N, M, N, K, static_cast<A>(alpha),
                       static_cast<A>(beta), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                       bias.defined() ? bias.stride(0) : 0, bias.defined() ? bias.stride(1) : 0);
@@ -561,6 +583,7 @@ at::Tensor bi_bmm(const at::Tensor& a, const at::Tensor& b) {
   const int64_t batch = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
   at::Tensor out = at::empty({batch, M, N}, a.options());
   if (out.numel() == 0) return out;
+  const bool amx = use_amx();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "batch_invariant_bmm", [&] {
     using A = typename Acc<scalar_t>::type;
     const scalar_t* ap = a.data_ptr<scalar_t>();
@@ -569,7 +592,7 @@ at::Tensor bi_bmm(const at::Tensor& a, const at::Tensor& b) {
     const bool side_by_side = M * N * K < kChunkWork * at::get_num_threads();
     at::parallel_for(0, batch, side_by_side ? grain(M * N * K) : batch, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        gemm<scalar_t>(ap + i * a.stride(0), a.stride(1), a.stride(2), bp + i * b.stride(0), b.stride(2),
+        gemm<scalar_t>(amx, ap + i * a.stride(0), a.stride(1), a.stride(2), bp + i * b.stride(0), b.stride(2),
                           b.stride(1), op + i * M * N, N, M, N, K, A(1), A(0), nullptr, 0, 0);
     });
   });

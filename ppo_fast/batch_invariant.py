@@ -203,21 +203,52 @@ def _triton_attention(query, key, value, bias, scale):
     return out
 
 
+def _written_into_out(name: str, functional: Callable) -> Callable:
+    """``name.out`` from its functional form, with torch's out= contract: ``out`` must have the
+    result's dtype, and is resized to its shape (with torch's warning when it held elements)."""
+
+    def written(*args, out, **kwargs):
+        result = functional(*args, **kwargs)
+        if out.dtype != result.dtype:
+            raise RuntimeError(f"{name}: expected out tensor to have dtype {result.dtype}, but got {out.dtype} instead")
+        if out.shape != result.shape:
+            if out.numel():
+                warnings.warn(f"{name}: an output with one or more elements was resized since it had shape "
+                              f"{list(out.shape)}, which does not match the required output shape "
+                              f"{list(result.shape)}", UserWarning, stacklevel=2)
+            out.resize_(result.shape)
+        return out.copy_(result)
+
+    return written
+
+
+def _with_variants(ops: dict[str, Callable]) -> dict[str, Callable]:
+    """A device's table with the out= forms of its GEMMs and the in-place addmm_, which would
+    otherwise run torch's kernels under the mode."""
+    addmm = ops["addmm"]
+
+    def addmm_in_place(self, mat1, mat2, *, beta=1, alpha=1):
+        return self.copy_(addmm(self, mat1, mat2, beta=beta, alpha=alpha))
+
+    return {**ops, **{f"{name}.out": _written_into_out(name, ops[name]) for name in ("mm", "addmm", "bmm")},
+            "addmm_": addmm_in_place}
+
+
 OPS: dict[str, dict[str, Callable]] = {
-    "CPU": {
+    "CPU": _with_variants({
         "mm": _cpu_mm,
         "addmm": _cpu_addmm,
         "bmm": _cpu_bmm,
         "mean.dim": _cpu_mean,
         "sum.dim_IntList": _cpu_sum,
-    },
-    "CUDA": {
+    }),
+    "CUDA": _with_variants({
         "mm": _triton_mm,
         "addmm": _triton_addmm,
         "bmm": _triton_bmm,
         "mean.dim": _triton_mean,
         "sum.dim_IntList": _triton_sum,
-    },
+    }),
 }
 """dispatch key → {aten overload: its batch-invariant implementation}, registered while the mode is
 on. A device's kernels (CUDA: Triton) enter as one more key; the ops of a key not listed run torch's

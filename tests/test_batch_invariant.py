@@ -90,6 +90,47 @@ def test_with_the_mode_off_torch_linear_is_not_batch_invariant(dtype, k, rows):
         assert all(torch.equal(op(x[:b]), full[:b]) for b in BATCH_SIZES)
 
 
+def _variants_of_the_gemm(w, bias):
+    """rows → their product with w through each out= and in-place form, beside its functional form."""
+    def into(call):
+        def run(rows):
+            out = torch.empty(0, dtype=rows.dtype)
+            return call(rows, out)
+        return run
+
+    def in_place(rows):
+        target = bias.expand(rows.shape[0], -1).clone()
+        return target.addmm_(rows, w.t(), beta=0.5, alpha=2.0)
+
+    return {
+        "mm.out": (into(lambda r, o: torch.mm(r, w.t(), out=o)), lambda r: r @ w.t()),
+        "addmm.out": (into(lambda r, o: torch.addmm(bias, r, w.t(), beta=0.5, alpha=2.0, out=o)),
+                      lambda r: torch.addmm(bias, r, w.t(), beta=0.5, alpha=2.0)),
+        "addmm_": (in_place, lambda r: torch.addmm(bias, r, w.t(), beta=0.5, alpha=2.0)),
+        "bmm.out": (into(lambda r, o: torch.bmm(r[None], w.t()[None], out=o)[0]), lambda r: torch.bmm(r[None], w.t()[None])[0]),
+    }
+
+
+@pytest.mark.parametrize("variant", ["mm.out", "addmm.out", "addmm_", "bmm.out"])
+def test_the_out_and_in_place_gemms_are_covered_too(variant):
+    """torch.mm(..., out=), addmm.out, addmm_ and bmm.out run the mode's kernel (torch's own gives
+    the first rows other bits in a smaller batch, so this can fail), with torch's out= contract."""
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    w, bias = _weight(256, 256, torch.float32), torch.randn(256, generator=torch.Generator().manual_seed(3))
+    written, functional = _variants_of_the_gemm(w, bias)[variant]
+    full = written(x)
+    assert [b for b in BATCH_SIZES if not torch.equal(written(x[:b]), full[:b])], "torch's kernel agreed here"
+    with pf.batch_invariant():
+        full = written(x)
+        assert all(torch.equal(written(x[:b]), full[:b]) for b in BATCH_SIZES)
+        assert torch.equal(full, functional(x))
+        if variant.endswith(".out"):
+            with pytest.raises(RuntimeError, match="expected out tensor to have dtype torch.float32"):
+                torch.mm(x, w.t(), out=torch.empty(0, dtype=torch.float64))
+            with pytest.warns(UserWarning, match="was resized"):
+                torch.mm(x, w.t(), out=torch.empty(2, 2))
+
+
 def test_the_thread_count_changes_no_bit():
     # Large enough that every kernel splits its work across threads (small calls run on one thread).
     x = torch.randn(200, 1000, generator=torch.Generator().manual_seed(11))
@@ -191,15 +232,19 @@ def test_a_product_too_large_for_the_caches_gives_its_rows_the_bits_of_a_small_o
 
 @pytest.mark.skipif(not _AMX_USABLE, reason="this CPU has no AMX-BF16 tiles")
 def test_the_two_bfloat16_gemm_paths_round_differently():
-    """Why a rollout and its trainer must take the same path: the tiles' rounding of a k pair is not
-    the vector kernel's FMA chain, and a few outputs in a thousand round to another bfloat16."""
+    """Why a rollout and its trainer must take the same path: inside one tile instruction the
+    hardware does not add a row's products in k order (1e30 − 1e30 + 1 is 1 in k order; the tiles
+    add 1 to 1e30 first), and on random inputs a few outputs in a thousand round apart."""
+    crafted = torch.zeros(1, 32)
+    crafted[0, :3] = torch.tensor([1e30, -1e30, 1.0])
     g = torch.Generator().manual_seed(21)
     x, w = torch.randn(9, 512, generator=g).bfloat16(), torch.randn(1408, 512, generator=g).bfloat16()
     results = {}
     for path in ("amx", "vector"):
         with _bfloat16_gemm(path), pf.batch_invariant():
-            results[path] = x @ w.t()
-    assert not torch.equal(results["amx"], results["vector"])
+            results[path] = (crafted.bfloat16() @ torch.ones(32, 16, dtype=torch.bfloat16), x @ w.t())
+    assert results["vector"][0].eq(1).all() and results["amx"][0].eq(0).all()
+    assert not torch.equal(results["amx"][1], results["vector"][1])
 
 
 def test_the_bfloat16_gemm_path_is_the_processs_own_and_can_be_forced_to_the_vector_kernel():

@@ -63,6 +63,27 @@ def test_each_op_gives_a_row_the_same_bits_in_every_batch(name, dtype, triton_on
     assert got.dtype == op(x).dtype
 
 
+def test_the_out_and_in_place_gemms_run_the_triton_kernels_too(triton_on_the_cpu):
+    """CUDA's table carries mm.out, addmm.out, addmm_ and bmm.out like the CPU's: each keeps a row's
+    bits in every batch and gives the functional op's bits."""
+    k, n = 70, 45
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    w = _weight(n, k, torch.float32).to(DEVICE)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    into = {"mm.out": lambda r: torch.mm(r, w.t(), out=torch.empty(0, device=DEVICE)),
+            "addmm.out": lambda r: torch.addmm(bias, r, w.t(), beta=0.5, alpha=2.0, out=torch.empty(0, device=DEVICE)),
+            "addmm_": lambda r: bias.expand(r.shape[0], -1).clone().addmm_(r, w.t(), beta=0.5, alpha=2.0),
+            "bmm.out": lambda r: torch.bmm(r[None], w.t()[None], out=torch.empty(0, device=DEVICE))[0]}
+    functional = {"mm.out": lambda r: r @ w.t(), "bmm.out": lambda r: torch.bmm(r[None], w.t()[None])[0],
+                  "addmm.out": lambda r: torch.addmm(bias, r, w.t(), beta=0.5, alpha=2.0)}
+    functional["addmm_"] = functional["addmm.out"]
+    with triton_on_the_cpu():
+        for name, call in into.items():
+            full = call(x)
+            assert all(torch.equal(call(x[:b]), full[:b]) for b in (1, 4, 7)), name
+            assert torch.equal(full, functional[name](x)), name
+
+
 def test_float64_integers_and_booleans_keep_torch_semantics(triton_on_the_cpu):
     x = torch.randn(5, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     w = torch.randn(33, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
