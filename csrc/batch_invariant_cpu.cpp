@@ -753,4 +753,5 @@ void register_batch_invariant(pybind11::module& m) {
   m.def("bi_row_reduce", &bi_row_reduce);
   m.def("bi_attention", &bi_attention);
   m.def("bi_amx", &bi_amx, pybind11::arg("enable") = pybind11::none());
+  m.def("bi_amx_usable", &amx_usable);
 }

@@ -3,6 +3,7 @@ LMs on the CPU, and, with the mode off, the mismatch it removes (so these tests 
 
 import contextlib
 import math
+import os
 import subprocess
 import sys
 
@@ -148,7 +149,7 @@ def test_the_thread_count_changes_no_bit():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-_AMX_USABLE = native.unavailable() is None and native.load().bi_amx()
+_AMX_USABLE = native.unavailable() is None and native.load().bi_amx_usable()  # the CPU's tiles, on or off
 
 
 @contextlib.contextmanager
@@ -255,7 +256,8 @@ def test_the_bfloat16_gemm_path_is_the_processs_own_and_can_be_forced_to_the_vec
                             capture_output=True, text=True, timeout=120)
     assert forced.stdout.splitlines()[0] == "vector", forced.stderr
     assert "multiplies bfloat16 on the CPU with the vector kernel" in forced.stdout  # ppo-fast backends
-    assert pf.batch_invariant_bfloat16_gemm() == ("amx" if _AMX_USABLE else "vector")
+    on_by_default = _AMX_USABLE and os.environ.get("PPO_FAST_AMX") != "0"
+    assert pf.batch_invariant_bfloat16_gemm() == ("amx" if on_by_default else "vector")
     if not _AMX_USABLE:
         with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
             native.load().bi_amx(True)
