@@ -67,9 +67,31 @@ inline A tree(const Vectorized<A>& acc) {
   return t[0];
 }
 
+// The same tree for float32 in registers: each step adds the same pairs of lanes (the upper half
+// onto the lower), so the bits are the loop's; attention runs it once per query and key.
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline float tree<float>(const Vectorized<float>& acc) {
+  const __m512 all = acc;
+  __m256 half = _mm256_add_ps(_mm512_castps512_ps256(all), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(all), 1)));
+  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline float tree<float>(const Vectorized<float>& acc) {
+  const __m256 all = acc;
+  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
+  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+#endif
+
 // One dot product Σ_k a[k]·b[k] (attention's q·k): lanes, tree(), then the tail, as the header says.
-template <typename T, typename A = typename Acc<T>::type>
-inline A dot(const T* a, const T* b, int64_t K) {
+// The operands may be of two types (a query widened once, its keys as stored): widening is exact.
+template <typename A, typename TA, typename TB>
+inline A dot(const TA* a, const TB* b, int64_t K) {
   using V = Vectorized<A>;
   constexpr int lanes = V::size();
   V acc(A(0));
@@ -675,11 +697,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const float masked_below = -std::numeric_limits<float>::max() / 2;
   // A query's work: a dot product and an FMA row per key.
   at::parallel_for(0, B * H * Tq, grain(2 * S * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(S), acc(D);
+    std::vector<float> scores(S), acc(D), query(D);
     std::vector<int64_t> keys(S);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (H * Tq), h = (item / Tq) % H, t = item % Tq, hk = h / group;
       const T* qrow = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
+      for (int64_t d = 0; d < D; ++d) query[d] = widen<float>(qrow[d]);
       const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
       const T* vbase = vp + b * v.stride(0) + hk * v.stride(1);
       const float* brow = bp ? bp + b * bias.stride(0) + h * bias.stride(1) + t * bias.stride(2) : nullptr;
@@ -692,7 +715,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           extra = brow[j * bias.stride(3)];
           if (!(extra > masked_below)) continue;  // −inf, a lowest-float mask, or NaN
         }
-        const float s = dot<T, float>(qrow, kbase + j * k.stride(2), D) * scale + extra;
+        // One fma, written out: a compiler's choice to contract a·b + c must not decide the bits.
+        const float s = std::fma(dot<float>(query.data(), kbase + j * k.stride(2), D), scale, extra);
         scores[n] = s;
         keys[n++] = j;
         top = std::max(top, s);
@@ -708,7 +732,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const float p = std::exp(scores[i] - top);
         total += p;
         const T* vrow = vbase + keys[i] * v.stride(2);
-        for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(p, widen<float>(vrow[d]), acc[d]);
+        // acc[d] = fma(p, v[d], acc[d]) for every d, a vector of d at a time: each lane one fma.
+        constexpr int lanes = Vectorized<float>::size();
+        const int64_t body = D - D % lanes;
+        const Vectorized<float> weight(p);
+        for (int64_t d = 0; d < body; d += lanes)
+          at::vec::fmadd(weight, load<float>(vrow + d), Vectorized<float>::loadu(acc.data() + d)).store(acc.data() + d);
+        for (int64_t d = body; d < D; ++d) acc[d] = std::fma(p, widen<float>(vrow[d]), acc[d]);
       }
       for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(acc[d] / total);
     }
