@@ -165,10 +165,17 @@ inline int64_t grain(int64_t per_item, int64_t work = kChunkWork) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, per_item));
 }
 
+// addmm's epilogue of one output, alpha·sum + beta·bias, as one fma (beta·bias rounded first unless
+// beta is 1): written out, so no compiler contraction can make two calls round differently.
+template <typename A, typename T>
+inline A with_bias(A alpha, A sum, A beta, T bias) {
+  return std::fma(alpha, sum, beta == A(1) ? widen<A>(bias) : beta * widen<A>(bias));
+}
+
 // Writes rows [m_begin, m_end) × columns [n_begin, n_end) of C from a row block's sums (the sum of
 // (m, n) at sums[(n − n_begin)·step_n + (m − m_begin)]). C = alpha·sum + beta·bias with explicit
-// roundings (one product, or one fma with the bias), so no compiler contraction can make two calls
-// round differently.
+// roundings (one product, or with_bias), so no compiler contraction can make two calls round
+// differently.
 template <typename T, typename A>
 void store_block(const A* sums, int64_t step_n, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end,
                  T* C, int64_t ldc, A alpha, A beta, const T* bias, int64_t bias_sm, int64_t bias_sn) {
@@ -191,10 +198,7 @@ void store_block(const A* sums, int64_t step_n, int64_t m_begin, int64_t m_end, 
       for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(alpha * from[j * step_n]);
     } else {
       const T* b = bias + m * bias_sm + n_begin * bias_sn;
-      for (int64_t j = 0; j < width; ++j) {
-        const A term = beta == A(1) ? widen<A>(b[j * bias_sn]) : beta * widen<A>(b[j * bias_sn]);
-        to[j] = static_cast<T>(std::fma(alpha, from[j * step_n], term));
-      }
+      for (int64_t j = 0; j < width; ++j) to[j] = static_cast<T>(with_bias(alpha, from[j * step_n], beta, b[j * bias_sn]));
     }
   }
 }
@@ -408,10 +412,7 @@ __attribute__((target("avx512f"))) void store_tiles(float* sums, int64_t m_begin
     float* row = sums + (n - n_begin) * kSumsStride;
     if (bias != nullptr) {
       const bf16* b = bias + m_begin * bias_sm + n * bias_sn;
-      for (int64_t i = 0; i < height; ++i) {
-        const float term = beta == 1.f ? static_cast<float>(b[i * bias_sm]) : beta * static_cast<float>(b[i * bias_sm]);
-        row[i] = std::fma(alpha, row[i], term);
-      }
+      for (int64_t i = 0; i < height; ++i) row[i] = with_bias(alpha, row[i], beta, b[i * bias_sm]);
     } else if (alpha != 1.f) {
       for (int64_t i = 0; i < height; ++i) row[i] = alpha * row[i];
     }
