@@ -9,6 +9,11 @@
 * the PPO actor loss forward+backward on the same shape (KL k3, entropy bonus, dual clip,
   token-mean): the eager composite (log_softmax, gather, entropy, the clipped surrogate, k3, mean)
   against pf.ppo_loss on each backend.
+* the same loss with the full KL to a reference's fp32 logits of the same shape
+  (``kl_estimator="full"``): the eager composite, the KL computed apart from the rest (the loss
+  without KL on its fused kernel, the full-KL op's KL alone, autograd summing the two
+  gradients: how pf.ppo_loss computed it until the op gave the log-prob and entropy too), and
+  pf.ppo_loss on each backend. Its floor reads both models' logits twice and writes dlogits once.
 * GAE on [512, 1024]: the Python loop over T (the spec) against pf.gae.
 * the embedded default's training tokens/s (``ppo-fast train``) with the native kernels switched
   off (PPO_FAST_NATIVE=0) and on, runs alternating.
@@ -31,6 +36,7 @@ import torch
 import ppo_fast as pf
 from ppo_fast import native
 from ppo_fast import spec
+from ppo_fast.ops.full_kl import full_kl_op
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_providers import ForcedBackend  # noqa: E402
@@ -41,15 +47,16 @@ from record import fmt, publish, summary  # noqa: E402
 KL_COEF, ENTROPY_COEF, CLIP, DUAL_CLIP = 0.05, 0.01, 0.2, 3.0
 
 
-def inputs(N: int, V: int):
+def inputs(N: int, V: int, with_reference: bool = True):
     torch.manual_seed(0)
     logits = torch.randn(N, V).mul_(3)
+    ref_logits = logits + torch.randn(N, V) if with_reference else None
     labels = torch.randint(0, V, (N,))
     with torch.no_grad():  # in chunks: no [N, V] temporary before the peak-memory measurement
         logp = torch.cat([torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
                           for z, y in zip(logits.split(256), labels.split(256))])
     return dict(logits=logits, labels=labels, grad=torch.randn(N), old=logp + 0.3 * torch.randn(N),
-                ref=logp + 0.3 * torch.randn(N), adv=torch.randn(N), mask=torch.rand(N) > 0.1)
+                ref=logp + 0.3 * torch.randn(N), adv=torch.randn(N), mask=torch.rand(N) > 0.1, ref_logits=ref_logits)
 
 
 def eager_logprobs(x, z):
@@ -84,6 +91,40 @@ def public_ppo(x, z):
     loss.backward()
 
 
+def eager_ppo_full_kl(x, z):
+    """The full-KL loss in eager PyTorch: both models' log-softmax over the vocabulary."""
+    logp_all = torch.log_softmax(z, -1)
+    ref_all = torch.log_softmax(x["ref_logits"], -1)
+    p = logp_all.exp()
+    logp = logp_all.gather(-1, x["labels"][:, None]).squeeze(-1)
+    entropy = -(p * logp_all).sum(-1)
+    kl = (p * (logp_all - ref_all)).sum(-1)
+    ratio = (logp - x["old"]).clamp(-20, 20).exp()
+    adv = x["adv"]
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * DUAL_CLIP), pg)
+    mask = x["mask"].float()
+    loss = ((pg + KL_COEF * kl - ENTROPY_COEF * entropy) * mask).sum() / mask.sum()
+    loss.backward()
+
+
+def kl_apart_ppo_full_kl(x, z):
+    """The loss without KL on its fused kernel plus the full-KL op's KL alone: two passes over the
+    policy's logits forward, two backward writing a gradient each, and autograd's sum of the two."""
+    loss, _ = pf.ppo_loss(z, x["labels"], x["old"], x["adv"], x["mask"], entropy_coef=ENTROPY_COEF, clip_low=CLIP,
+                          clip_high=CLIP, dual_clip=DUAL_CLIP, agg="token-mean")
+    labels = x["labels"].masked_fill(~x["mask"], -100)
+    kl = full_kl_op(z, x["ref_logits"], labels, 1.0, -100)[0]
+    (loss + KL_COEF * kl.sum() / x["mask"].sum()).backward()
+
+
+def public_ppo_full_kl(x, z):
+    loss, _ = pf.ppo_loss(z, x["labels"], x["old"], x["adv"], x["mask"], ref_logits=x["ref_logits"],
+                          kl_coef=KL_COEF, kl_estimator="full", entropy_coef=ENTROPY_COEF, clip_low=CLIP,
+                          clip_high=CLIP, dual_clip=DUAL_CLIP, agg="token-mean")
+    loss.backward()
+
+
 PROVIDERS = {
     "logprobs": {"eager (log_softmax + gather)": (eager_logprobs, None),
                  "pf.token_logprobs, reference backend": (public_logprobs, "reference"),
@@ -91,7 +132,14 @@ PROVIDERS = {
     "ppo": {"eager composite": (eager_ppo, None),
             "pf.ppo_loss, reference backend": (public_ppo, "reference"),
             "pf.ppo_loss, native backend": (public_ppo, "native")},
+    "ppo_full_kl": {"eager composite": (eager_ppo_full_kl, None),
+                    "the KL apart, native backend": (kl_apart_ppo_full_kl, "native"),
+                    "pf.ppo_loss, reference backend": (public_ppo_full_kl, "reference"),
+                    "pf.ppo_loss, native backend": (public_ppo_full_kl, "native")},
 }
+PASSES = {"logprobs": 3, "ppo": 3, "ppo_full_kl": 5}
+"""[N, V] fp32 passes a forward+backward must make: read the logits (and the reference's) once
+each way, write dlogits once."""
 
 
 def forced(backend: str | None):
@@ -108,7 +156,7 @@ def timed(op: str, name: str, x, repeats: int) -> dict:
 def peak_extra_child(op: str, name: str, N: int, V: int) -> None:
     """In a fresh process: the resident high-water mark of one forward+backward above the inputs
     (the mark is reset first by writing 5 to /proc/self/clear_refs)."""
-    x = inputs(N, V)
+    x = inputs(N, V, with_reference=op == "ppo_full_kl")
     z = x["logits"].detach().requires_grad_()
     fn, backend = PROVIDERS[op][name]
     with forced(backend):
@@ -147,6 +195,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trainer-pairs", type=int, default=2)
+    parser.add_argument("--ops", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument("--peak-child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -167,12 +216,12 @@ def main():
         "shape": [B, T], "loop_ms": summary(loops), "native_ms": summary(ours),
         "ratio": summary(a / b for a, b in zip(loops, ours))}}
 
-    x = inputs(N, V)
+    x = inputs(N, V, with_reference="ppo_full_kl" in args.ops)
     bandwidth = copy_bandwidth("cpu", Timer("cpu"), 4 * N * V)
     data.update(copy_bandwidth_GBps=bandwidth / 1e9, floor_ms=1e3 * 3 * 4 * N * V / bandwidth, ops={})
-    for op, providers in PROVIDERS.items():
+    for op in args.ops:
         data["ops"][op] = [{"provider": name, "ms": timed(op, name, x, args.repeats),
-                            "peak_extra_bytes": peak_extra(op, name, N, V)} for name in providers]
+                            "peak_extra_bytes": peak_extra(op, name, N, V)} for name in PROVIDERS[op]]
     if args.trainer_pairs:
         data["trainer_tokens_per_s"] = trainer_tokens_per_second(args.trainer_pairs)
     publish(args.out, data, render)
@@ -191,14 +240,20 @@ def render(doc: dict) -> list[str]:
     ]
     titles = {"logprobs": f"token_logprobs forward+backward, fp32 logits [{N}, {V}]",
               "ppo": f"PPO actor loss forward+backward, fp32 logits [{N}, {V}] (KL k3 {KL_COEF}, entropy "
-                     f"{ENTROPY_COEF}, clip {CLIP}, dual clip {DUAL_CLIP}, token-mean)"}
+                     f"{ENTROPY_COEF}, clip {CLIP}, dual clip {DUAL_CLIP}, token-mean)",
+              "ppo_full_kl": f"PPO actor loss with the full KL forward+backward, fp32 logits and reference logits "
+                             f"[{N}, {V}] (full KL {KL_COEF}, entropy {ENTROPY_COEF}, clip {CLIP}, dual clip "
+                             f"{DUAL_CLIP}, token-mean)"}
     for op, rows in doc["ops"].items():
         base = rows[0]["ms"]["median"]
-        lines += ["", titles[op] + ":", "", "| provider | median ms (p20-p80) | × eager speed | × floor | "
-                  "peak extra MiB |", "| --- | --- | --- | --- | --- |"]
+        # Older results files have one floor, of 3 passes, for every op.
+        op_floor = floor * PASSES.get(op, 3) / 3
+        lines += ["", f"{titles[op]}; floor {op_floor:.0f} ms ({PASSES.get(op, 3)} passes over [N, V]):", "",
+                  "| provider | median ms (p20-p80) | × eager speed | × floor | peak extra MiB |",
+                  "| --- | --- | --- | --- | --- |"]
         for r in rows:
             ms = r["ms"]["median"]
-            lines.append(f"| {r['provider']} | {fmt(r['ms'], digits=0)} | {base / ms:.2f} | {ms / floor:.1f} | "
+            lines.append(f"| {r['provider']} | {fmt(r['ms'], digits=0)} | {base / ms:.2f} | {ms / op_floor:.1f} | "
                          f"{r['peak_extra_bytes'] / 2**20:.0f} |")
     gae = doc["gae"]
     lines += ["", f"GAE [{gae['shape'][0]}, {gae['shape'][1]}] fp32: Python loop over T "

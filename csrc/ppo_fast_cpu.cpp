@@ -316,9 +316,13 @@ void token_logprobs_backward(at::Tensor dlogits, const at::Tensor& logits, const
 // s = z / τ the policy's row, r = z_ref / τ the reference's, x = s − max s, x_ref = r − max r:
 //   d = Σ e^x,  d_ref = Σ e^{x_ref},  a = Σ_{ρ_v > 0} e^x (x − x_ref),  d_a = Σ_{ρ_v > 0} e^x
 //   KL = Σ π (log π − log ρ) = (a + d_a (log d_ref − log d)) / d
-// and +inf where a token the reference bans (r_v = −inf) has π_v > 0. Backward, with g = ∂L/∂KL:
-//   ∂L/∂z_v = g · π_v (log π_v − log ρ_v − KL) / τ   (0 where π_v = 0)
-// Both rows are read once each way; the logits of either model are never copied beyond a row.
+// and +inf where a token the reference bans (r_v = −inf) has π_v > 0. The same pass gives the
+// policy's log-prob of the label and its entropy, with the sums of row_sums (so the bits of the
+// token_logprobs kernels): H = log d − Σ e^x x / d. Backward, with g = ∂L/∂KL and, when the
+// log-prob and entropy have gradients too, g_y = ∂L/∂logp and h = ∂L/∂H:
+//   ∂L/∂z_v = ( g π_v (log π_v − log ρ_v − KL) + g_y (1[v = y] − π_v) − h π_v (log π_v + H) ) / τ
+// (the π_v terms are 0 where π_v = 0). Both rows are read once each way; the logits of either
+// model are never copied beyond a row.
 
 // One row of any float dtype as s = z·inv_temp in the compute type: into `buffer` unless the row
 // can be read as it is.
@@ -359,22 +363,26 @@ void store_row_of(at::Tensor& out, int64_t offset, const acc_t* d, int64_t V) {
 
 template <typename acc_t>
 struct KlRow {
-  acc_t kl, lse, ref_lse;
+  acc_t kl, lse, ref_lse, logp, entropy;
 };
 
 // A row whose maximum is not finite (NaN anywhere, a +inf, or every entry −inf) has no
 // distribution: its log-sum-exp is that maximum (NaN, +inf, −inf, as torch.logsumexp gives) and
 // the KL is NaN, which the public function reports, naming the model whose row it is.
+// A label outside [0, V) (only possible when the public checks are skipped, as under
+// torch.compile) is never read: its log-prob is NaN, as in row_forward.
 template <typename acc_t>
-KlRow<acc_t> full_kl_row(const acc_t* s, const acc_t* r, int64_t V) {
+KlRow<acc_t> full_kl_row(const acc_t* s, const acc_t* r, int64_t V, int64_t label) {
   using Vec = Vectorized<acc_t>;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity(), lowest = std::numeric_limits<acc_t>::lowest();
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t m = row_max(s, V), m_ref = row_max(r, V);
+  const bool in_row = label >= 0 && label < V;
   if (!std::isfinite(m) || !std::isfinite(m_ref)) {
-    return {std::numeric_limits<acc_t>::quiet_NaN(), m, m_ref};
+    return {nan, m, m_ref, in_row ? s[label] - m : nan, nan};
   }
   const Vec vm(m), vm_ref(m_ref), vlowest(lowest), vneg_inf(-inf), zero(0);
-  Vec d(0), d_ref(0), a(0), d_a(0), banned_top(-inf);
+  Vec d(0), weighted(0), d_ref(0), a(0), d_a(0), banned_top(-inf);
   int64_t j = 0;
   for (; j + Vec::size() <= V; j += Vec::size()) {
     const Vec sj = Vec::loadu(s + j), rj = Vec::loadu(r + j);
@@ -382,6 +390,7 @@ KlRow<acc_t> full_kl_row(const acc_t* s, const acc_t* r, int64_t V) {
     const Vec x = at::vec::maximum(sj - vm, vlowest), x_ref = at::vec::maximum(rj - vm_ref, vlowest);
     const Vec e = vexp(x);
     d = d + e;
+    weighted = at::vec::fmadd(e, x, weighted);
     d_ref = d_ref + vexp(x_ref);
     const Vec ref_banned = rj == vneg_inf;
     a = at::vec::fmadd(e, Vec::blendv(x - x_ref, zero, ref_banned), a);
@@ -390,12 +399,14 @@ KlRow<acc_t> full_kl_row(const acc_t* s, const acc_t* r, int64_t V) {
   }
   auto sum = [](Vec& u, Vec& v) { return u + v; };
   acc_t total = at::vec::vec_reduce_all<acc_t>(sum, d), total_ref = at::vec::vec_reduce_all<acc_t>(sum, d_ref);
+  acc_t total_weighted = at::vec::vec_reduce_all<acc_t>(sum, weighted);
   acc_t total_a = at::vec::vec_reduce_all<acc_t>(sum, a), total_d_a = at::vec::vec_reduce_all<acc_t>(sum, d_a);
   acc_t top = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return at::vec::maximum(u, v); }, banned_top);
   for (; j < V; ++j) {
     const acc_t x = std::max(s[j] - m, lowest), x_ref = std::max(r[j] - m_ref, lowest);
     const acc_t e = std::exp(x);
     total += e;
+    total_weighted += e * x;
     total_ref += std::exp(x_ref);
     if (r[j] == -inf) {
       top = std::max(top, s[j]);
@@ -406,7 +417,7 @@ KlRow<acc_t> full_kl_row(const acc_t* s, const acc_t* r, int64_t V) {
   }
   const acc_t log_d = std::log(total), log_d_ref = std::log(total_ref), lse = m + log_d;
   const acc_t kl = std::exp(top - lse) > 0 ? inf : (total_a + total_d_a * (log_d_ref - log_d)) / total;
-  return {kl, lse, m_ref + log_d_ref};
+  return {kl, lse, m_ref + log_d_ref, in_row ? s[label] - lse : nan, log_d - total_weighted / total};
 }
 
 bool row_dtype(at::ScalarType t) {
@@ -427,50 +438,61 @@ void check_kl_rows(const at::Tensor& logits, const at::Tensor& ref_logits, const
 
 template <typename acc_t>
 void full_kl_forward_kernel(const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& labels,
-                            double inv_temp_d, int64_t ignore_index, at::Tensor& kl, at::Tensor& lse,
-                            at::Tensor& ref_lse) {
+                            double inv_temp_d, int64_t ignore_index, std::vector<at::Tensor>& out) {
   const int64_t V = logits.size(-1), N = labels.numel();
   const Rows rows = rows_of(logits), ref_rows = rows_of(ref_logits);
   const int64_t* y = labels.data_ptr<int64_t>();
-  acc_t *out_kl = kl.data_ptr<acc_t>(), *out_lse = lse.data_ptr<acc_t>(), *out_ref_lse = ref_lse.data_ptr<acc_t>();
+  acc_t *out_kl = out[0].data_ptr<acc_t>(), *out_lse = out[1].data_ptr<acc_t>(),
+        *out_ref_lse = out[2].data_ptr<acc_t>(), *out_logp = out[3].data_ptr<acc_t>(),
+        *out_entropy = out[4].data_ptr<acc_t>();
   const acc_t inv_temp = static_cast<acc_t>(inv_temp_d);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer, ref_buffer;
     for (int64_t row = begin; row < end; ++row) {
       if (y[row] == ignore_index) {
-        out_kl[row] = out_lse[row] = out_ref_lse[row] = 0;
+        out_kl[row] = out_lse[row] = out_ref_lse[row] = out_logp[row] = out_entropy[row] = 0;
         continue;
       }
       const acc_t* s = scaled_row_of<acc_t>(logits, rows.offset(row), V, inv_temp, buffer);
       const acc_t* r = scaled_row_of<acc_t>(ref_logits, ref_rows.offset(row), V, inv_temp, ref_buffer);
-      const KlRow<acc_t> result = full_kl_row(s, r, V);
+      const KlRow<acc_t> result = full_kl_row(s, r, V, y[row]);
       out_kl[row] = result.kl;
       out_lse[row] = result.lse;
       out_ref_lse[row] = result.ref_lse;
+      out_logp[row] = result.logp;
+      out_entropy[row] = result.entropy;
     }
   });
 }
 
+// {kl, lse, ref_lse, logp, entropy}, each of the labels' shape in the compute dtype.
 std::vector<at::Tensor> full_kl_forward(const at::Tensor& logits, const at::Tensor& ref_logits,
                                         const at::Tensor& labels, double inv_temp, int64_t ignore_index) {
   check_kl_rows(logits, ref_logits, labels);
   const bool in_double = logits.scalar_type() == at::kDouble;
   auto options = logits.options().dtype(in_double ? at::kDouble : at::kFloat);
-  at::Tensor kl = at::empty(labels.sizes(), options), lse = at::empty(labels.sizes(), options),
-             ref_lse = at::empty(labels.sizes(), options);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 5; ++i) out.push_back(at::empty(labels.sizes(), options));
   if (in_double) {
-    full_kl_forward_kernel<double>(logits, ref_logits, labels, inv_temp, ignore_index, kl, lse, ref_lse);
+    full_kl_forward_kernel<double>(logits, ref_logits, labels, inv_temp, ignore_index, out);
   } else {
-    full_kl_forward_kernel<float>(logits, ref_logits, labels, inv_temp, ignore_index, kl, lse, ref_lse);
+    full_kl_forward_kernel<float>(logits, ref_logits, labels, inv_temp, ignore_index, out);
   }
-  return {kl, lse, ref_lse};
+  return out;
 }
+
+// The log-prob and entropy terms of the backward, when they have gradients: the upstream
+// gradients of logp and H and the forward's H, per token.
+template <typename acc_t>
+struct RowGrads {
+  const acc_t *grad_logp, *grad_entropy, *entropy;
+};
 
 template <typename acc_t>
 void full_kl_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, const at::Tensor& ref_logits,
                              const at::Tensor& labels, const at::Tensor& kl, const at::Tensor& lse,
                              const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp_d,
-                             int64_t ignore_index) {
+                             int64_t ignore_index, const RowGrads<acc_t>* row_grads) {
   using Vec = Vectorized<acc_t>;
   const int64_t V = logits.size(-1), N = labels.numel();
   const Rows rows = rows_of(logits), ref_rows = rows_of(ref_logits), out_rows = rows_of(dlogits);
@@ -486,22 +508,43 @@ void full_kl_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, cons
       if (y[row] == ignore_index) {
         std::fill(d, d + V, acc_t(0));
       } else {
+        // Both rows are read (into the buffers when converted) element by element before the
+        // element is written: dlogits may be the logits or the reference's logits.
         const acc_t* s = scaled_row_of<acc_t>(logits, rows.offset(row), V, inv_temp, buffer);
         const acc_t* r = scaled_row_of<acc_t>(ref_logits, ref_rows.offset(row), V, inv_temp, ref_buffer);
         const acc_t l = row_lse[row], l_ref = row_ref_lse[row], k = row_kl[row], c = g[row] * inv_temp;
         const Vec vl(l), vl_ref(l_ref), vk(k), vc(c), vlowest(std::numeric_limits<acc_t>::lowest()), zero(0);
         int64_t j = 0;
-        for (; j + Vec::size() <= V; j += Vec::size()) {
-          const Vec log_p = Vec::loadu(s + j) - vl;
-          const Vec p = vexp(at::vec::maximum(log_p, vlowest));
-          // π_v = 0 gives 0 whatever ρ_v is (log π − log ρ may be −inf − −inf there).
-          const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
-          Vec::blendv(p * gap * vc, zero, p == zero).store(d + j);
-        }
-        for (; j < V; ++j) {
-          const acc_t log_p = s[j] - l;
-          const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
-          d[j] = p == 0 ? acc_t(0) : p * (log_p - (r[j] - l_ref) - k) * c;
+        if (row_grads == nullptr) {
+          for (; j + Vec::size() <= V; j += Vec::size()) {
+            const Vec log_p = Vec::loadu(s + j) - vl;
+            const Vec p = vexp(at::vec::maximum(log_p, vlowest));
+            // π_v = 0 gives 0 whatever ρ_v is (log π − log ρ may be −inf − −inf there).
+            const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
+            Vec::blendv(p * gap * vc, zero, p == zero).store(d + j);
+          }
+          for (; j < V; ++j) {
+            const acc_t log_p = s[j] - l;
+            const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
+            d[j] = p == 0 ? acc_t(0) : p * (log_p - (r[j] - l_ref) - k) * c;
+          }
+        } else {
+          const acc_t c_y = row_grads->grad_logp[row] * inv_temp, c_h = row_grads->grad_entropy[row] * inv_temp;
+          const acc_t entropy = row_grads->entropy[row];
+          const Vec vc_y(c_y), vc_h(c_h), ventropy(entropy);
+          for (; j + Vec::size() <= V; j += Vec::size()) {
+            const Vec log_p = Vec::loadu(s + j) - vl;
+            const Vec p = vexp(at::vec::maximum(log_p, vlowest));
+            const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
+            const Vec dj = p * (gap * vc - vc_y - (log_p + ventropy) * vc_h);
+            Vec::blendv(dj, zero, p == zero).store(d + j);
+          }
+          for (; j < V; ++j) {
+            const acc_t log_p = s[j] - l;
+            const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
+            d[j] = p == 0 ? acc_t(0) : p * ((log_p - (r[j] - l_ref) - k) * c - c_y - (log_p + entropy) * c_h);
+          }
+          if (y[row] >= 0 && y[row] < V) d[y[row]] += c_y;
         }
       }
       if (!direct) store_row_of(dlogits, out_rows.offset(row), d, V);
@@ -509,23 +552,39 @@ void full_kl_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, cons
   });
 }
 
+// Writes the gradient of the full KL into dlogits, and with grad_logp and grad_entropy (both or
+// neither; entropy with them) that of the log-prob and entropy the forward gave too.
 void full_kl_backward(at::Tensor dlogits, const at::Tensor& logits, const at::Tensor& ref_logits,
                       const at::Tensor& labels, const at::Tensor& kl, const at::Tensor& lse,
-                      const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp, int64_t ignore_index) {
+                      const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp, int64_t ignore_index,
+                      const c10::optional<at::Tensor>& entropy, const c10::optional<at::Tensor>& grad_logp,
+                      const c10::optional<at::Tensor>& grad_entropy) {
   check_kl_rows(logits, ref_logits, labels);
   TORCH_CHECK(dlogits.sizes() == logits.sizes() && row_dtype(dlogits.scalar_type()) && dlogits.stride(-1) == 1,
               "dlogits must have the logits' shape, a float dtype and a unit stride on the vocabulary");
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&kl, &lse, &ref_lse, &grad_kl}) {
+  std::vector<const at::Tensor*> per_token = {&kl, &lse, &ref_lse, &grad_kl};
+  const bool with_rows = grad_logp.has_value();
+  TORCH_CHECK(with_rows == grad_entropy.has_value() && with_rows == entropy.has_value(),
+              "grad_logp, grad_entropy and entropy come together or not at all");
+  if (with_rows) per_token.insert(per_token.end(), {&*entropy, &*grad_logp, &*grad_entropy});
+  for (const at::Tensor* t : per_token) {
     TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->numel() == labels.numel(),
-                "kl, lse, ref_lse and grad_kl must be contiguous ", acc, " of ", labels.numel(), " tokens");
+                "kl, lse, ref_lse, grad_kl (and entropy, grad_logp, grad_entropy) must be contiguous ", acc, " of ",
+                labels.numel(), " tokens");
   }
   if (acc == at::kDouble) {
+    const RowGrads<double> rows{with_rows ? grad_logp->data_ptr<double>() : nullptr,
+                                with_rows ? grad_entropy->data_ptr<double>() : nullptr,
+                                with_rows ? entropy->data_ptr<double>() : nullptr};
     full_kl_backward_kernel<double>(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                                    ignore_index);
+                                    ignore_index, with_rows ? &rows : nullptr);
   } else {
+    const RowGrads<float> rows{with_rows ? grad_logp->data_ptr<float>() : nullptr,
+                               with_rows ? grad_entropy->data_ptr<float>() : nullptr,
+                               with_rows ? entropy->data_ptr<float>() : nullptr};
     full_kl_backward_kernel<float>(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                                   ignore_index);
+                                   ignore_index, with_rows ? &rows : nullptr);
   }
 }
 

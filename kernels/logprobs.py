@@ -60,6 +60,27 @@ def row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED: 
 
 
 @triton.jit
+def online_softmax_step(s, m, d, t, WITH_ENTROPY: tl.constexpr):
+    """One block ``s`` of a row into the running maximum ``m``, ``d = Σ exp(s − m)`` and, with
+    ``WITH_ENTROPY``, ``t = Σ exp(s − m)·s``: ``(m_new, m_safe, rescale, e, d, t)``, where the
+    earlier terms are multiplied by ``rescale`` and ``e = exp(s − m_safe)`` are the block's. Every
+    kernel that gives a row's log-sum-exp, log-prob or entropy (the log-prob, PPO loss and full-KL
+    kernels) takes its sums from here, so each gives the same bits for them."""
+    m_new = tl.maximum(m, tl.max(s, axis=0))
+    # A row of −inf so far keeps m_new = −inf; exp(−inf − −inf) would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # A +inf in the row makes m_new = +inf, where exp(+inf − +inf) would be NaN: the terms at the
+    # maximum are 1 by definition, so d counts the +inf entries and lse is +inf, which the public
+    # function reports. Rows without +inf take the exp as before, bit for bit.
+    rescale = tl.where(m == float("inf"), 1.0, tl.exp(m - m_safe))
+    e = tl.where(s == float("inf"), 1.0, tl.exp(s - m_safe))
+    d = d * rescale + tl.sum(e, axis=0)
+    if WITH_ENTROPY:
+        t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)
+    return m_new, m_safe, rescale, e, d, t
+
+
+@triton.jit
 def row_softmax_stats(
     row_ptr,  # pointer to logits[row, 0]; the row is contiguous
     V,
@@ -82,17 +103,7 @@ def row_softmax_stats(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_read
         s = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(ACC) * inv_temp
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        # A row of −inf so far keeps m_new = −inf; exp(−inf − −inf) would be NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # A +inf in the row makes m_new = +inf, where exp(+inf − +inf) would be NaN: the terms at
-        # the maximum are 1 by definition, so d counts the +inf entries and lse is +inf, which
-        # the public function reports. Rows without +inf take the exp as before, bit for bit.
-        rescale = tl.where(m == float("inf"), 1.0, tl.exp(m - m_safe))
-        e = tl.where(s == float("inf"), 1.0, tl.exp(s - m_safe))
-        d = d * rescale + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)
+        m_new, _, rescale, e, d, t = online_softmax_step(s, m, d, t, WITH_ENTROPY)
         if WITH_SUM_PI_SQUARED:
             # rescale² underflows to 0 only where the max jumps by half the exponent range:
             # the old terms are then negligible next to the new maximum's own term, 1.

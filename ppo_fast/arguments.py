@@ -240,7 +240,8 @@ def actor_inputs(source_name, source, lead, what, vocab, labels, old_logp, advan
     labels = labels_in_vocab(labels, vocab, opts.ignore_index, source)
     seq_mask(opts.agg, mask)
     sequence_objective(opts.loss_type, opts.loss_params, mask)
-    weights("rollout_is_weights", rollout_is_weights, mask)
+    # A token whose label is ignore_index is skipped like a masked one: its weight is not read.
+    weights("rollout_is_weights", rollout_is_weights, labels != opts.ignore_index)
     return labels
 
 
@@ -317,17 +318,18 @@ FULL_KL = "full"
 from both models' logits or heads; log-probs alone cannot give it."""
 
 
-def kl_estimator_name(value, *, full: bool = False) -> str:
-    """The canonical estimator name (verl's aliases accepted); ``full``: also ``"full"``."""
+def kl_estimator_name(value, *, full: bool = False, name: str = "kl_estimator") -> str:
+    """The canonical estimator name (verl's aliases accepted); ``full``: also ``"full"``; ``name``:
+    the argument's, for the errors."""
     canonical = KL_ALIASES.get(value, value) if isinstance(value, str) else value
     if canonical == FULL_KL and not full:
-        raise ValueError("kl_estimator='full' is the KL over the whole vocabulary: it needs both models' logits "
+        raise ValueError(f"{name}='full' is the KL over the whole vocabulary: it needs both models' logits "
                          "(pf.ppo_loss with ref_logits) or heads (pf.fused_linear_ppo_loss with ref_hidden and "
                          "ref_weight), not their log-probs; here pick one of "
                          f"{', '.join(map(repr, KL_ESTIMATORS + tuple(KL_ALIASES)))}")
     if canonical not in KL_ESTIMATORS + ((FULL_KL,) if full else ()):
         names = KL_ESTIMATORS + tuple(KL_ALIASES) + ((FULL_KL,) if full else ())
-        raise ValueError(f"kl_estimator must be one of {', '.join(map(repr, names))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, names))}; got {value!r}")
     return canonical
 
 

@@ -246,7 +246,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
       k3 = e^(−Δ) + Δ − 1, with −Δ clamped to ±20 before exp and the result clamped to ±10;
       k1+ / k3+ = the value of k1 / k3 with the gradient of k2 (unbiased value, low-variance grad).
     """
-    estimator = arguments.kl_estimator_name(estimator)
+    estimator = arguments.kl_estimator_name(estimator, name="estimator")
     if estimator.endswith("+"):
         value = kl_penalty(logp, ref_logp, estimator[:-1])
         k2 = kl_penalty(logp, ref_logp, "k2")
@@ -458,7 +458,10 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
     logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     log_ref = torch.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - log_ref), 0.0).sum(-1)
+    # Selected before the subtraction: where π_v = 0 (a token the policy bans), log π_v − log ρ_v
+    # may be −inf − −inf, and a NaN computed there would reach the gradient through the select.
+    present = p > 0
+    return (p * (torch.where(present, logp, 0.0) - torch.where(present, log_ref, 0.0))).sum(-1)
 
 
 def ppo_loss(logits, labels, old_logp, advantages, mask, *, ref_logp=None, ref_logits=None, rollout_logp=None,

@@ -59,7 +59,7 @@ def test_readme_contract_runs_on_cpu():
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a[:, :3], m), r"advantages must have shape \(2, 5\)"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, num_tokens=0), "num_tokens must be"),
     (lambda logits, y, lp, a, m: pf.policy_loss(lp, lp, a, m, dp_size=0), "dp_size must be"),
-    (lambda logits, y, lp, a, m: pf.kl_penalty(lp, lp, "k4"), "kl_estimator must be one of"),
+    (lambda logits, y, lp, a, m: pf.kl_penalty(lp, lp, "k4"), "^estimator must be one of"),
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp, a, m, kl_estimator="kl2"), "kl_estimator must be one of"),
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp, a, m, ref_logp=lp[0]), r"ref_logp must have shape"),
     (lambda logits, y, lp, a, m: pf.ppo_loss(logits, y, lp.long(), a, m), "old_logp must be a floating-point"),

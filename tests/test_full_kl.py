@@ -42,6 +42,15 @@ def test_the_spec_is_the_kl_of_torch_distributions_with_banned_tokens_and_a_temp
                                                      torch.distributions.Categorical(logits=ref / temperature))
         torch.testing.assert_close(spec.full_kl(logits, ref, temperature), expected, rtol=1e-12, atol=1e-12)
     assert bool((spec.full_kl(logits, logits) == 0).all())
+    # Its gradient is finite where a token is banned, and is the one of the same distributions with
+    # −inf as −1e4 (e^{−1e4} is exactly 0 in float64).
+    for z in (logits, torch.where(logits == float("-inf"), -1e4, logits)):
+        x = z.clone().requires_grad_()
+        spec.full_kl(x, ref, 0.6).sum().backward()
+        if z is logits:
+            banned_grad = x.grad
+    assert bool(torch.isfinite(banned_grad).all())
+    torch.testing.assert_close(banned_grad, x.grad, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -110,7 +119,7 @@ def test_every_backends_full_kl_op_and_its_gradient_match_the_spec(backend, dtyp
     full[:, :-1] = torch.where(ignored, float("nan"), full[:, :-1])
     ref = torch.where(ignored, float("nan"), ref)
     leaf = full.clone().requires_grad_()
-    kl, lse, ref_lse = full_kl_module.full_kl_op(leaf[:, :-1], ref, labels, 1.0 / temperature, -100)
+    kl, lse, ref_lse, _, _ = full_kl_module.full_kl_op(leaf[:, :-1], ref, labels, 1.0 / temperature, -100)
     upstream = torch.randn(B, T, dtype=torch.float64, device=device)
     (grad,) = torch.autograd.grad((kl * upstream.to(kl.dtype)).sum(), leaf)
 
@@ -154,10 +163,119 @@ def test_every_backends_full_kl_op_and_its_gradient_match_the_spec(backend, dtyp
     assert torch.equal(aliased, fresh)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_full_kl_ops_log_prob_and_entropy_and_the_one_backward_of_all_three_match_the_spec(backend, dtype,
+                                                                                                device):
+    """The op's log-prob of the label and entropy, and the gradient of a loss over the KL, the
+    log-prob and the entropy at once (the PPO loss's), against the float64 spec: logits read as a
+    shifted view, V not a multiple of any block, a token both models ban, NaN in the ignored rows;
+    the same gradient written over the logits, and a gradient of the log-prob alone (a zero for the
+    entropy's)."""
+    B, T, V, temperature = 2, 5, 301, 0.7
+    full = random_logits((B, T + 1, V), dtype, device)
+    ref = random_logits((B, T, V), torch.float32, device)
+    labels = random_labels((B, T), V, device)
+    labels[1, 3] = -100
+    ignored = (labels == -100).unsqueeze(-1)
+    full[:, :-1, 4], ref[..., 4] = float("-inf"), float("-inf")
+    full[:, :-1] = torch.where(ignored, float("nan"), full[:, :-1])
+    ref = torch.where(ignored, float("nan"), ref)
+    upstream = torch.randn(3, B, T, dtype=torch.float64, device=device)
+
+    def loss(kl, logp, entropy, weights=upstream):
+        return sum((t * w.to(t.dtype)).sum() for t, w in zip((kl, logp, entropy), weights))
+
+    leaf = full.clone().requires_grad_()
+    kl, _, _, logp, entropy = full_kl_module.full_kl_op(leaf[:, :-1], ref, labels, 1.0 / temperature, -100)
+    (grad,) = torch.autograd.grad(loss(kl, logp, entropy), leaf)
+
+    z64 = torch.where(ignored, 0.0, _banned_as_floor(full[:, :-1])).requires_grad_()
+    r64 = torch.where(ignored, 0.0, _banned_as_floor(ref))
+    kept = ~ignored.squeeze(-1)
+    logp_r, entropy_r = spec.token_logprobs(z64, labels.masked_fill(~kept, 0), temperature=temperature,
+                                            return_entropy=True)
+    expected = [torch.where(kept, t, 0.0) for t in (spec.full_kl(z64, r64, temperature), logp_r, entropy_r)]
+    (grad_r,) = torch.autograd.grad(loss(*expected), z64, retain_graph=True)
+    tolerance = TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32]
+    for got, want, name in zip((kl, logp, entropy), expected, ("kl", "logp", "entropy")):
+        torch.testing.assert_close(got.double(), want.detach(), **tolerance, msg=name)
+    assert grad.dtype == dtype and not torch.isnan(grad).any() and bool((grad[:, -1] == 0).all())
+    grad = grad[:, :-1].double()
+    # float32 work on each term of the gradient (within a few ulps of its size), then one rounding
+    # to the logits' dtype.
+    with torch.no_grad():
+        s64 = z64 / temperature
+        lse64 = torch.logsumexp(s64, -1, keepdim=True)
+        p = (s64 - lse64).exp()
+        size = s64.abs() + lse64.abs() + 1
+        u_kl, u_y, u_h = (u.abs().unsqueeze(-1) / temperature for u in upstream)
+        terms = p * size * (u_kl * (size + r64.abs() / temperature + 1) + u_y + u_h * (size + entropy_r.abs().unsqueeze(-1)))
+        work = 8 * torch.finfo(torch.float32).eps * (terms + u_y)
+    finfo = torch.finfo(dtype)
+    bound = work + finfo.eps * torch.clamp(grad_r.abs(), min=finfo.tiny)
+    excess = ((grad - grad_r).abs() / bound).max().item()
+    assert excess <= 1, f"{excess:.3f} of the bound"
+
+    over_logits = full.clone()[:, :-1].requires_grad_()
+    x = full[:, :-1].clone().requires_grad_()
+    fresh_kl = full_kl_module.full_kl_op(x, ref, labels, 1.0 / temperature, -100, False)
+    (fresh,) = torch.autograd.grad(loss(*fresh_kl[:1], *fresh_kl[3:]), x)
+    in_place = full_kl_module.full_kl_op(over_logits, ref, labels, 1.0 / temperature, -100, True)
+    (written,) = torch.autograd.grad(loss(*in_place[:1], *in_place[3:]), over_logits)
+    assert torch.equal(written, fresh)
+
+    x = full[:, :-1].clone().requires_grad_()
+    _, _, _, logp_alone, _ = full_kl_module.full_kl_op(x, ref, labels, 1.0 / temperature, -100)
+    (grad_logp_alone,) = torch.autograd.grad((logp_alone * upstream[1].to(logp_alone.dtype)).sum(), x)
+    (grad_logp_r,) = torch.autograd.grad((expected[1] * upstream[1]).sum(), z64)
+    torch.testing.assert_close(grad_logp_alone.double(), grad_logp_r,
+                               **(tolerance if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_full_kl_ops_log_prob_and_entropy_are_bitwise_token_logprobs(backend, dtype, device):
+    """On the kernels' backends the full-KL pass takes the policy's sums as the log-prob kernels
+    do, block for block: a rollout's log-probs (``pf.token_logprobs``) and those of the loss with
+    the full KL are the same numbers, so the first step's ratio is exactly 1. V spans several
+    blocks of every dtype."""
+    if backend == "reference":
+        pytest.skip("the reference backend's two ops are different PyTorch compositions (close, not equal)")
+    lead, V = (2, 3), 20011
+    logits = random_logits((*lead, V), dtype, device)
+    labels = random_labels(lead, V, device)
+    for temperature in (1.0, 0.7):
+        _, _, _, logp, entropy = full_kl_module.full_kl_op(logits, random_logits((*lead, V), torch.float32, device),
+                                                           labels, 1.0 / temperature, -100)
+        rollout_logp, rollout_entropy = pf.token_logprobs(logits, labels, temperature=temperature,
+                                                          return_entropy=True)
+        assert torch.equal(logp, rollout_logp) and torch.equal(entropy, rollout_entropy)
+
+
+def test_ppo_loss_with_the_full_kl_writes_its_gradient_over_the_logits_when_asked(backend, device):
+    """``inplace_backward=True`` with ``ref_logits``: the gradient is the one computed apart, bit
+    for bit, written over the logits' buffer where the backend can (native, Triton)."""
+    lead, V = (3, 6), 53
+    labels = random_labels(lead, V, device)
+    data, mask = _actor_batch(lead, torch.float32, device)
+    logits = random_logits((*lead, V), torch.float32, device)
+    ref_logits = random_logits((*lead, V), torch.bfloat16, device)
+    options = dict(kl_estimator="full", kl_coef=0.2, entropy_coef=0.01, temperature=0.9, clip_high=0.28)
+    grads = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        loss, _ = pf.ppo_loss(x, labels, data["old_logp"], data["advantages"], mask, ref_logits=ref_logits,
+                              inplace_backward=inplace, **options)
+        (grad,) = torch.autograd.grad(loss, x)
+        grads.append(grad)
+        if inplace and backend != "reference":
+            assert grad.data_ptr() == x.data_ptr()
+    assert torch.equal(*grads)
+
+
 def test_one_token_as_1_d_logits_on_every_backend(backend, device):
     """Logits ``[V]`` with a 0-d label: the op's shapes have no token dimension at all."""
     z, r = random_logits((29,), torch.float32, device).requires_grad_(), random_logits((29,), torch.float32, device)
-    kl = full_kl_module.full_kl_from_logits(z, r, torch.tensor(3, device=device), 0.8, -100)
+    kl, _, _ = full_kl_module.full_kl_from_logits(z, r, torch.tensor(3, device=device), 0.8, -100)
     (grad,) = torch.autograd.grad(kl, z)
     z64 = z.detach().double().requires_grad_()
     expected = spec.full_kl(z64, r.double(), 0.8)
@@ -175,7 +293,7 @@ def test_a_non_finite_full_kl_names_the_model_and_the_token_on_every_backend(bac
     labels = torch.randint(0, V, (2, 3), device=device)
 
     def kl(z=logits, r=ref):
-        return full_kl_module.full_kl_from_logits(z, r, labels, 0.9, -100)
+        return full_kl_module.full_kl_from_logits(z, r, labels, 0.9, -100)[0]
 
     assert torch.isfinite(kl()).all()
     for bad in (float("nan"), float("inf")):
@@ -297,12 +415,17 @@ def test_the_full_kl_from_logits_differentiates_twice_and_from_heads_refuses_to(
     labels[1, 2] = -100
 
     def kl(x):
-        return full_kl_module.full_kl_from_logits(x, ref_logits, labels, 0.8, -100)
+        return full_kl_module.full_kl_from_logits(x, ref_logits, labels, 0.8, -100)[0]
 
-    assert torch.autograd.gradcheck(kl, (logits,)) and torch.autograd.gradgradcheck(kl, (logits,))
-    (with_graph,) = torch.autograd.grad(kl(logits).sum(), logits, create_graph=True)
-    (kernels,) = torch.autograd.grad(kl(logits).sum(), logits)
-    torch.testing.assert_close(with_graph, kernels, rtol=1e-12, atol=1e-14)
+    def with_log_prob_and_entropy(x):
+        value, logp, entropy = full_kl_module.full_kl_from_logits(x, ref_logits, labels, 0.8, -100)
+        return 0.7 * value - 1.3 * logp + 0.4 * entropy
+
+    for function in (kl, with_log_prob_and_entropy):
+        assert torch.autograd.gradcheck(function, (logits,)) and torch.autograd.gradgradcheck(function, (logits,))
+        (with_graph,) = torch.autograd.grad(function(logits).sum(), logits, create_graph=True)
+        (kernels,) = torch.autograd.grad(function(logits).sum(), logits)
+        torch.testing.assert_close(with_graph, kernels, rtol=1e-12, atol=1e-14)
 
     hidden, weight = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(V, 5, dtype=torch.float64)
     ref_hidden, ref_weight = torch.randn(6, 4, dtype=torch.float64), torch.randn(V, 4, dtype=torch.float64)
@@ -328,16 +451,16 @@ def test_a_tokens_full_kl_does_not_depend_on_the_batch_or_the_chunks(monkeypatch
     def kl(rows, chunk_rows):
         monkeypatch.setattr(full_kl_module, "CHUNK_BYTES", chunk_rows * V * 4)
         x = logits[rows].clone().requires_grad_()
-        value = full_kl_module.full_kl_from_logits(x, ref_logits[rows], labels[rows], 0.8, -100)
-        (grad,) = torch.autograd.grad(value.sum(), x)
-        return value, grad
+        value, logp, entropy = full_kl_module.full_kl_from_logits(x, ref_logits[rows], labels[rows], 0.8, -100)
+        (grad,) = torch.autograd.grad((value + 0.5 * logp - 0.25 * entropy).sum(), x)
+        return torch.stack([value, logp, entropy]), grad
 
     whole, whole_grad = kl(torch.arange(10), 10)
     for chunk_rows in (1, 3):
         assert all(map(torch.equal, kl(torch.arange(10), chunk_rows), (whole, whole_grad)))
     shuffled = torch.randperm(10)
-    assert all(map(torch.equal, kl(shuffled, 3), (whole[shuffled], whole_grad[shuffled])))
-    assert all(map(torch.equal, kl(torch.tensor([6]), 10), (whole[6:7], whole_grad[6:7])))
+    assert all(map(torch.equal, kl(shuffled, 3), (whole[:, shuffled], whole_grad[shuffled])))
+    assert all(map(torch.equal, kl(torch.tensor([6]), 10), (whole[:, 6:7], whole_grad[6:7])))
 
     # From the heads: chunks of 4 tokens, the last one padded, so every GEMM has one shape.
     monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 8 * V * 4)
@@ -370,8 +493,6 @@ def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error(
         loss(kl_estimator="full", ref_logp=old, ref_logits=logits)
     with pytest.raises(ValueError, match=r"ref_logits must have shape \(2, 3, 11\) \(logits.shape\)"):
         loss(kl_estimator="full", ref_logits=logits[..., :-1])
-    with pytest.raises(ValueError, match="inplace_backward=True overwrites the logits"):
-        loss(kl_estimator="full", ref_logits=logits, inplace_backward=True)
     banned = logits.clone()
     banned[1, 2, 4] = float("-inf")
     with pytest.raises(ValueError, match=r"ref_logits at token 5 .* the full KL is \+inf"):
@@ -383,7 +504,7 @@ def test_a_full_kl_without_the_reference_or_with_the_wrong_one_is_a_clear_error(
             loss(kl_estimator="full", kl_coef=0.1, ref_logits=faulty)
     with pytest.raises(ValueError, match="give no distribution"):
         loss(kl_estimator="full", ref_logits=torch.full_like(logits, float("-inf")))
-    with pytest.raises(ValueError, match="kl_estimator='full' is the KL over the whole vocabulary"):
+    with pytest.raises(ValueError, match="^estimator='full' is the KL over the whole vocabulary"):
         pf.kl_penalty(old, old, "full")
 
     hidden, weight = torch.randn(*lead, 4), torch.randn(V, 4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppo_fast as pf
-from helpers import OBJECTIVE_PARAMS, assert_loss_matches_spec
+from helpers import OBJECTIVE_PARAMS, assert_loss_matches_spec, random_labels, random_logits
 from ppo_fast import objectives
 from ppo_fast import spec as R
 
@@ -318,3 +318,24 @@ def test_bad_weights_are_named():
         pf.policy_loss(logp, old, adv, mask, rollout_is_weights=weights[:, :2])
     with pytest.raises(ValueError, match="rollout_is_weights must be a floating-point tensor"):
         pf.policy_loss(logp, old, adv, mask, rollout_is_weights=mask.long())
+
+
+def test_a_weight_at_an_ignored_label_is_not_read_like_a_masked_ones(backend, device):
+    """pf.ppo_loss skips a token whose label is ignore_index as it skips a masked one: a negative
+    weight there is no error, and the loss is the one with the token masked out."""
+    lead, V = (2, 4), 7
+    logits = random_logits((*lead, V), torch.float32, device)
+    labels = random_labels(lead, V, device)
+    old, adv = torch.randn(lead, device=device) - 2, torch.randn(lead, device=device)
+    weights = torch.rand(lead, device=device) + 0.5
+    weights[0, 3] = -1.0
+    mask = torch.ones(lead, dtype=torch.bool, device=device)
+    ignored = labels.clone()
+    ignored[0, 3] = -100
+    masked_out = mask.clone()
+    masked_out[0, 3] = False
+    loss, _ = pf.ppo_loss(logits, ignored, old, adv, mask, rollout_is_weights=weights)
+    expected, _ = pf.ppo_loss(logits, labels, old, adv, masked_out, rollout_is_weights=weights)
+    assert torch.equal(loss, expected)
+    with pytest.raises(ValueError, match="rollout_is_weights must be >= 0 at the masked-in tokens"):
+        pf.ppo_loss(logits, labels, old, adv, mask, rollout_is_weights=weights)

@@ -8,13 +8,20 @@ with z the policy's logits and r the reference's at token t (a term with π_v = 
 estimators k1…k3+ see only the sampled token's two log-probs; this one sees both distributions,
 so it is exact and has no variance. The reference is data: no gradient reaches r.
 
+The pass that computes the KL also gives the policy's log-prob of the label and its entropy, and
+the backward takes their gradients with the KL's: a loss over all three (the PPO loss with
+``kl_estimator="full"``) reads each row of both models once forward and once backward, and writes
+dlogits once.
+
 Read top to bottom: the schema and fake kernel, the autograd formula, then the implementations,
 one per backend (reference PyTorch, Triton, native C++), and their table. Every implementation
 has the same two functions (:class:`KLOps`):
 
-    forward(logits, ref_logits, labels, inv_temp, ignore_index) -> (kl, lse, ref_lse)
-    backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index)
-        writes grad_kl · ∂KL/∂logits into dlogits (any float dtype)
+    forward(logits, ref_logits, labels, inv_temp, ignore_index) -> (kl, lse, ref_lse, logp, entropy)
+    backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
+             row_grads=None)
+        writes grad_kl · ∂KL/∂logits into dlogits (any float dtype), plus with
+        row_grads = (entropy, grad_logp, grad_entropy) the log-prob's and entropy's gradients
 
 The Triton and native ones read each row of both models once per direction and never hold more
 than a block of a row (``kernels/full_kl.py``, ``csrc/ppo_fast_cpu.cpp``); the reference goes
@@ -28,14 +35,14 @@ the batch around the row.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import dispatch, native
 from ..spec import compute_dtype
-from .token_logprobs import DEVICE_TYPES, flat, native_rows, no_kernel, out_dtype
+from .token_logprobs import DEVICE_TYPES, flat, native_rows, no_kernel, out_dtype, row_ops_for
 
 
 class KLOps(NamedTuple):
@@ -54,41 +61,54 @@ def kl_ops_for(device) -> KLOps:
 
 
 @torch.library.custom_op("ppo_fast::full_kl", mutates_args=())
-def full_kl_op(logits: Tensor, ref_logits: Tensor, labels: Tensor, inv_temp: float,
-               ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(kl, lse, ref_lse)``, each ``[...]`` float32 (float64 for float64 logits), for logits and
-    ref_logits ``[..., V]`` (any float dtypes, one shape) and labels ``[...]``; 0 where the label is
-    ``ignore_index``, whatever those rows hold. Only ``kl`` is differentiable, in ``logits``; the
-    log-sum-exps of s = logits/T and of ref_logits/T are for the backward and the error checks."""
+def full_kl_op(logits: Tensor, ref_logits: Tensor, labels: Tensor, inv_temp: float, ignore_index: int,
+               inplace_backward: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, lse, ref_lse, logp, entropy)``, each ``[...]`` float32 (float64 for float64 logits),
+    for logits and ref_logits ``[..., V]`` (any float dtypes, one shape) and labels ``[...]``; 0
+    where the label is ``ignore_index``, whatever those rows hold. ``kl``, ``logp`` (the policy's
+    log-prob of the label) and ``entropy`` (the policy's) are differentiable, in ``logits``; the
+    log-sum-exps of s = logits/T and of ref_logits/T are for the backward and the error checks.
+    ``inplace_backward``: the backward writes dlogits over the logits where the serving backend
+    can (as :func:`ppo_fast.token_logprobs`'s)."""
     raise no_kernel("full_kl", logits)
 
 
 @full_kl_op.register_fake
-def _(logits, ref_logits, labels, inv_temp, ignore_index):
-    return tuple(logits.new_empty(logits.shape[:-1], dtype=out_dtype(logits.dtype)) for _ in range(3))
+def _(logits, ref_logits, labels, inv_temp, ignore_index, inplace_backward=False):
+    return tuple(logits.new_empty(logits.shape[:-1], dtype=out_dtype(logits.dtype)) for _ in range(5))
 
 
 @torch.library.custom_op("ppo_fast::full_kl_backward", mutates_args=("dlogits",))
 def full_kl_backward_op(dlogits: Tensor, logits: Tensor, ref_logits: Tensor, labels: Tensor, kl: Tensor,
-                        lse: Tensor, ref_lse: Tensor, grad_kl: Tensor, inv_temp: float, ignore_index: int) -> None:
+                        lse: Tensor, ref_lse: Tensor, grad_kl: Tensor, inv_temp: float, ignore_index: int,
+                        entropy: Optional[Tensor] = None, grad_logp: Optional[Tensor] = None,
+                        grad_entropy: Optional[Tensor] = None) -> None:
     """Writes ``grad_kl · ∂KL/∂logits`` into ``dlogits`` (the logits' shape, any float dtype, unit
-    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``; zeros on ignored rows.
-    ``dlogits`` may be ``ref_logits`` itself (same dtype): every backend reads each element before
-    it writes it."""
+    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``, plus, given the forward's
+    ``entropy`` with ``grad_logp`` and ``grad_entropy`` (all three or none, of kl's dtype), the
+    gradients of the log-prob and the entropy; zeros on ignored rows. ``dlogits`` may be ``logits``
+    or ``ref_logits`` itself (same dtype): every backend reads each element before it writes it."""
     raise no_kernel("full_kl_backward", logits)
 
 
 @full_kl_backward_op.register_fake
-def _(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index):
+def _(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index, entropy=None,
+      grad_logp=None, grad_entropy=None):
     return None
 
 
-def _forward(logits, ref_logits, labels, inv_temp, ignore_index):
+def _forward(logits, ref_logits, labels, inv_temp, ignore_index, inplace_backward=False):
+    # inplace_backward is for the autograd formula.
     return tuple(kl_ops_for(logits.device).forward(logits, ref_logits, labels, inv_temp, ignore_index))
 
 
-def _backward(dlogits, logits, *args):
-    kl_ops_for(logits.device).backward(dlogits, logits, *args)
+def _backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index, entropy=None,
+              grad_logp=None, grad_entropy=None):
+    given = [t is not None for t in (entropy, grad_logp, grad_entropy)]
+    if any(given) and not all(given):
+        raise ValueError("full_kl_backward takes entropy, grad_logp and grad_entropy together or not at all")
+    kl_ops_for(logits.device).backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
+                                       ignore_index, (entropy, grad_logp, grad_entropy) if all(given) else None)
 
 
 for _device_type in DEVICE_TYPES:
@@ -97,39 +117,59 @@ for _device_type in DEVICE_TYPES:
 
 
 def _setup(ctx, inputs, output):
-    logits, ref_logits, labels, inv_temp, ignore_index = inputs
-    kl, lse, ref_lse = output
+    logits, ref_logits, labels, inv_temp, ignore_index, inplace_backward = inputs
+    kl, lse, ref_lse, _logp, entropy = output
     ctx.mark_non_differentiable(lse, ref_lse)
-    ctx.save_for_backward(logits, ref_logits, labels, kl, lse, ref_lse)
-    ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
+    ctx.save_for_backward(logits, ref_logits, labels, kl, lse, ref_lse, entropy)
+    ctx.inv_temp, ctx.ignore_index, ctx.inplace_backward = inv_temp, ignore_index, inplace_backward
 
 
-def _autograd_backward(ctx, grad_kl, _grad_lse, _grad_ref_lse):
-    logits, ref_logits, labels, kl, lse, ref_lse = ctx.saved_tensors
+def _autograd_backward(ctx, grad_kl, _grad_lse, _grad_ref_lse, grad_logp, grad_entropy):
+    logits, ref_logits, labels, kl, lse, ref_lse, entropy = ctx.saved_tensors
+    grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.to(kl.dtype)
+    # Either of logp and entropy with a gradient brings both in (a zero for the other): one pass.
+    if grad_logp is None and grad_entropy is None:
+        row_grads = (None, None, None)
+    else:
+        row_grads = (entropy, *(torch.zeros_like(kl) if g is None else g.to(kl.dtype) for g in (grad_logp, grad_entropy)))
     if torch.is_grad_enabled():
         # create_graph=True: the kernels' gradient would be a constant to a second backward (a
         # gradient penalty silently missing the KL's share), so the formula runs in PyTorch ops.
-        return (_differentiable_dlogits(logits, ref_logits, labels, grad_kl, ctx.inv_temp, ctx.ignore_index),
-                None, None, None, None)
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    full_kl_backward_op(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl.to(kl.dtype), ctx.inv_temp,
-                        ctx.ignore_index)
-    return dlogits, None, None, None, None
+        return (_differentiable_dlogits(logits, ref_logits, labels, grad_kl, *row_grads[1:], ctx.inv_temp,
+                                        ctx.ignore_index), None, None, None, None, None)
+    # The backends that write the log-prob backward over the logits read every element of both rows
+    # before writing it here too.
+    if ctx.inplace_backward and row_ops_for(logits.device).writes_in_place(logits):
+        dlogits = logits
+    else:
+        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    full_kl_backward_op(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, ctx.inv_temp,
+                        ctx.ignore_index, *row_grads)
+    return dlogits, None, None, None, None, None
 
 
-def _differentiable_dlogits(logits, ref_logits, labels, grad_kl, inv_temp, ignore_index):
-    """``grad_kl · ∂KL/∂logits`` in PyTorch ops over the whole ``[..., V]``, differentiable in the
-    logits and in ``grad_kl``: the backward under ``create_graph=True``."""
+def _differentiable_dlogits(logits, ref_logits, labels, grad_kl, grad_logp, grad_entropy, inv_temp, ignore_index):
+    """``∂L/∂logits`` from the upstream gradients of the KL, the log-prob and the entropy (the last
+    two None where they have none) in PyTorch ops over the whole ``[..., V]``, differentiable in
+    the logits and in the upstream gradients: the backward under ``create_graph=True``."""
     dtype = compute_dtype(logits)
-    rows = (labels != ignore_index).unsqueeze(-1)
+    active = labels != ignore_index
+    rows = active.unsqueeze(-1)
     log_p = torch.log_softmax(torch.where(rows, logits.to(dtype), 0.0) * inv_temp, dim=-1)
     log_ref = torch.log_softmax(torch.where(rows, ref_logits.to(dtype), 0.0) * inv_temp, dim=-1)
     p = log_p.exp()
     # Selected before any arithmetic, so no −inf − −inf at π = 0 reaches a second backward either.
     present = p > 0
-    gap = torch.where(present, log_p, 0.0) - torch.where(present, log_ref, 0.0)
+    kept_log_p = torch.where(present, log_p, 0.0)
+    gap = kept_log_p - torch.where(present, log_ref, 0.0)
     kl = (p * gap).sum(-1, keepdim=True)
     dz = p * (gap - kl) * (grad_kl.to(dtype) * inv_temp).unsqueeze(-1)
+    if grad_logp is not None:
+        index = labels.masked_fill(~active, 0).long().unsqueeze(-1)
+        chosen = torch.zeros_like(p).scatter_(-1, index, 1.0)
+        entropy = -(p * kept_log_p).sum(-1, keepdim=True)
+        dz = dz + (chosen - p) * (grad_logp.to(dtype) * inv_temp).unsqueeze(-1) \
+            - p * (kept_log_p + entropy) * (grad_entropy.to(dtype) * inv_temp).unsqueeze(-1)
     return torch.where(rows, dz, 0.0).to(logits.dtype)
 
 
@@ -163,9 +203,9 @@ def _chunks(logits: Tensor, ref_logits: Tensor, *per_row: Tensor):
 
 def reference_forward(logits, ref_logits, labels, inv_temp, ignore_index):
     dtype = compute_dtype(logits)
-    kl, lse, ref_lse = (torch.zeros(labels.shape, dtype=dtype, device=logits.device) for _ in range(3))
-    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows in _chunks(logits, ref_logits, labels, kl.view(-1),
-                                                                     lse.view(-1), ref_lse.view(-1)):
+    out = tuple(torch.zeros(labels.shape, dtype=dtype, device=logits.device) for _ in range(5))
+    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows, logp_rows, entropy_rows in _chunks(
+            logits, ref_logits, labels, *(t.view(-1) for t in out)):
         active = lab != ignore_index
         rows = active.unsqueeze(-1)
         s = torch.where(rows, z.to(dtype), 0.0).mul_(inv_temp)
@@ -173,28 +213,41 @@ def reference_forward(logits, ref_logits, labels, inv_temp, ignore_index):
         lse_rows.copy_(torch.where(active, torch.logsumexp(s, -1), 0.0))
         ref_lse_rows.copy_(torch.where(active, torch.logsumexp(s_ref, -1), 0.0))
         log_p = s.sub_(lse_rows.unsqueeze(-1))
+        index = lab.masked_fill(~active, 0).long().unsqueeze(-1)
+        logp_rows.copy_(torch.where(active, log_p.gather(-1, index).squeeze(-1), 0.0))
         p = log_p.exp()
+        # p·log p is 0 where p = 0: selected, so 0·(−inf) gives no NaN.
+        entropy_rows.copy_(torch.where(active, -torch.where(p > 0, p * log_p, 0.0).sum(-1), 0.0))
         # π_v = 0 (a banned token, or an underflow) contributes 0, whatever ρ_v is: 0·log 0 = 0.
         gap = torch.where(p > 0, log_p.sub_(s_ref.sub_(ref_lse_rows.unsqueeze(-1))), 0.0)
         # A model with no distribution (NaN or +inf in its row, or all of it −inf) gives NaN, as
         # on the other backends, not the +inf of a banned token.
         defined = torch.isfinite(lse_rows) & torch.isfinite(ref_lse_rows)
         kl_rows.copy_(torch.where(active, torch.where(defined, (p * gap).sum(-1), float("nan")), 0.0))
-    return kl, lse, ref_lse
+    return out
 
 
 def reference_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                       ignore_index) -> None:
+                       ignore_index, row_grads=None) -> None:
     dtype = lse.dtype
     flat_dlogits = dlogits.view(-1, dlogits.shape[-1])
-    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows, g in _chunks(logits, ref_logits, labels, kl, lse,
-                                                                        ref_lse, grad_kl):
+    per_row = (kl, lse, ref_lse, grad_kl) + (() if row_grads is None else tuple(row_grads))
+    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows, g, *rows in _chunks(logits, ref_logits, labels, *per_row):
         log_p = z.to(dtype).mul(inv_temp).sub_(lse_rows.unsqueeze(-1))
         log_ref = r.to(dtype).mul(inv_temp).sub_(ref_lse_rows.unsqueeze(-1))
         p = log_p.exp()
+        active = lab != ignore_index
+        if rows:
+            entropy, g_y, h = (t.to(dtype).unsqueeze(-1) for t in rows)
+            # −h·π·(log π + H), 0 where π = 0, before log_p is overwritten below.
+            entropy_term = torch.where(p > 0, p * (log_p + entropy), 0.0).mul_(h * inv_temp)
         gap = torch.where(p > 0, log_p.sub_(log_ref).sub_(kl_rows.unsqueeze(-1)), 0.0)
-        dz = p.mul_(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
-        flat_dlogits[part] = dz.masked_fill_(~(lab != ignore_index).unsqueeze(-1), 0.0)
+        dz = p.mul(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
+        if rows:
+            dz.sub_(p.mul_(g_y * inv_temp)).sub_(entropy_term)
+            index = lab.masked_fill(~active, 0).long().unsqueeze(-1)
+            dz.scatter_add_(-1, index, (g_y * inv_temp).to(dz.dtype))
+        flat_dlogits[part] = dz.masked_fill_(~active.unsqueeze(-1), 0.0)
 
 
 REFERENCE = KLOps(reference_forward, reference_backward)
@@ -211,16 +264,16 @@ def triton_forward(logits, ref_logits, labels, inv_temp, ignore_index):
     from ..kernels.logprobs import row_layout
 
     dtype = out_dtype(logits.dtype)
-    kl, lse, ref_lse = (torch.empty(labels.shape, dtype=dtype, device=logits.device) for _ in range(3))
+    out = tuple(torch.empty(labels.shape, dtype=dtype, device=logits.device) for _ in range(5))
     rows, layout = row_layout(logits)
     ref_rows, ref_layout = row_layout(ref_logits)
-    kernels.full_kl_fwd(rows, layout, ref_rows, ref_layout, flat(labels), kl.view(-1), lse.view(-1),
-                        ref_lse.view(-1), coefficients([inv_temp], logits.dtype, logits.device), ignore_index,
-                        accumulator(logits.dtype))
-    return kl, lse, ref_lse
+    kernels.full_kl_fwd(rows, layout, ref_rows, ref_layout, flat(labels), *(t.view(-1) for t in out),
+                        coefficients([inv_temp], logits.dtype, logits.device), ignore_index, accumulator(logits.dtype))
+    return out
 
 
-def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index) -> None:
+def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
+                    row_grads=None) -> None:
     from ..kernels import full_kl as kernels
     from ..kernels.launch import accumulator, coefficients
     from ..kernels.logprobs import row_layout
@@ -234,7 +287,8 @@ def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_
     kernels.full_kl_bwd(rows, layout, ref_rows, ref_layout, dlogits, dlayout, flat(labels), flat(kl), flat(lse),
                         flat(ref_lse), flat(grad_kl.to(kl.dtype)),
                         coefficients([inv_temp], logits.dtype, logits.device), ignore_index,
-                        accumulator(logits.dtype))
+                        accumulator(logits.dtype),
+                        None if row_grads is None else tuple(flat(t.to(kl.dtype)) for t in row_grads))
 
 
 TRITON = KLOps(triton_forward, triton_backward)
@@ -250,11 +304,15 @@ def native_forward(logits, ref_logits, labels, inv_temp, ignore_index):
                                                labels.long().contiguous(), float(inv_temp), int(ignore_index)))
 
 
-def native_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index) -> None:
+def native_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
+                    row_grads=None) -> None:
     dtype = kl.dtype
+    entropy, grad_logp, grad_entropy = (None,) * 3 if row_grads is None else (t.to(dtype).contiguous()
+                                                                               for t in row_grads)
     native.load().full_kl_backward(dlogits, native_rows(logits), native_rows(ref_logits), labels.long().contiguous(),
                                    kl.contiguous(), lse.contiguous(), ref_lse.contiguous(),
-                                   grad_kl.to(dtype).contiguous(), float(inv_temp), int(ignore_index))
+                                   grad_kl.to(dtype).contiguous(), float(inv_temp), int(ignore_index), entropy,
+                                   grad_logp, grad_entropy)
 
 
 NATIVE = KLOps(native_forward, native_backward)
@@ -293,10 +351,14 @@ def check_kl_finite(kl: Tensor, start: int, what: str, policy_lse: Tensor | None
 
 
 def full_kl_from_logits(logits: Tensor, ref_logits: Tensor, labels: Tensor, temperature: float,
-                        ignore_index: int) -> Tensor:
-    """``KL_t`` ``[...]`` for logits and ref_logits ``[..., V]`` (checked by the caller); 0 where the
-    label is ``ignore_index``, whatever those rows hold. float32 (float64 for float64 logits);
-    differentiable in ``logits``. A token whose KL is not finite is an error naming it."""
-    kl, lse, _ = full_kl_op(logits, ref_logits.detach(), labels, 1.0 / float(temperature), int(ignore_index))
+                        ignore_index: int, inplace_backward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(kl, logp, entropy)`` ``[...]`` for logits and ref_logits ``[..., V]`` (checked by the
+    caller): the full KL, and the policy's log-prob of the label and entropy from the same pass;
+    0 where the label is ``ignore_index``, whatever those rows hold. float32 (float64 for float64
+    logits); differentiable in ``logits``, one backward pass for all three, written over the
+    logits with ``inplace_backward`` where the backend can. A token whose KL is not finite is an
+    error naming it."""
+    kl, lse, _, logp, entropy = full_kl_op(logits, ref_logits.detach(), labels, 1.0 / float(temperature),
+                                           int(ignore_index), bool(inplace_backward))
     check_kl_finite(kl, 0, "ref_logits", lse, "logits")
-    return kl
+    return kl, logp, entropy

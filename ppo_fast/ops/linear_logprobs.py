@@ -561,7 +561,7 @@ def _chunk_full_kl(live, ref_logits, kl_dlogits, reference, labels, start, ref_t
     h_ref, kl_weights = ref_tiles
     rows = live.shape[0]
     _into(ref_logits, h_ref, reference.weight, reference.bias)
-    kl, lse, ref_lse = full_kl_op(live, ref_logits[:rows], labels, inv_temp, ignore_index)
+    kl, lse, ref_lse = full_kl_op(live, ref_logits[:rows], labels, inv_temp, ignore_index)[:3]
     check_kl_finite(kl, start, "the reference head's logits", lse)
     if kl_weights is not None:
         full_kl_backward_op(kl_dlogits, live, ref_logits[:rows], labels, kl, lse, ref_lse,
@@ -695,7 +695,7 @@ def _chunked_full_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_b
         z = torch.nn.functional.linear(h, weight, bias)
         r = torch.nn.functional.linear(h_ref, ref_weight, ref_bias)
         rows = stop - start
-        kl_chunk, lse_chunk, ref_lse_chunk = (t[:rows] for t in full_kl_op(z, r, lab, inv_temp, ignore_index))
+        kl_chunk, lse_chunk, ref_lse_chunk = (t[:rows] for t in full_kl_op(z, r, lab, inv_temp, ignore_index)[:3])
         del z, r
         check_kl_finite(kl_chunk, start, "the reference head's logits", lse_chunk)
         kl[start:stop], lse[start:stop], ref_lse[start:stop] = kl_chunk, lse_chunk, ref_lse_chunk

@@ -288,9 +288,10 @@ def ppo_loss(
 
     The KL: an estimator (``kl_estimator`` k1…k3+) from ``ref_logp``, the reference's log-prob of
     the sampled token; or with ``kl_estimator="full"`` the exact ``Σ_v π_v log(π_v / π_ref,v)``
-    from ``ref_logits`` (the reference model's logits, any float dtype, the same temperature),
-    by one read of both rows forward and one backward (:mod:`ppo_fast.ops.full_kl`; not with
-    ``inplace_backward``, whose backward overwrites the logits the KL's backward reads).
+    from ``ref_logits`` (the reference model's logits, any float dtype, the same temperature):
+    one read of both rows forward gives the log-prob, the entropy and the KL, one read of both
+    backward writes dlogits (:mod:`ppo_fast.ops.full_kl`), then the objective runs on
+    ``[tokens]``-sized tensors.
 
     On CUDA, token-level ``loss_type="vanilla"`` without ``rollout_is_weights``: one kernel reads each logits
     row once and computes log-prob, entropy, ratio, clipped surrogate, KL and the per-token
@@ -309,14 +310,19 @@ def ppo_loss(
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     if ref_logits is not None:
         check.reference_logits(logits, ref_logits)
-        if inplace_backward:
-            raise ValueError("inplace_backward=True overwrites the logits in the backward, where the full KL's "
-                             "backward still reads them: leave it False with ref_logits")
     labels = check.actor_inputs("logits", logits, logits.shape[:-1], "logits.shape[:-1]", logits.shape[-1],
                                 labels, old_logp, advantages, mask, ref_logp, rollout_logp,
                                 rollout_is_weights, opts)
     valid = labels != ignore_index
-    if opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
+    if ref_logits is not None:
+        # One pass over each row of both models gives the log-prob, the entropy and the KL, and one
+        # backward pass their three gradients; the rows are read where they lie (a shifted
+        # logits[:, :-1] is not copied). The objective then runs on [tokens]-sized tensors.
+        kl, logp, entropy = full_kl_from_logits(logits, ref_logits, labels, opts.temperature, ignore_index,
+                                                inplace_backward)
+        terms = with_full_kl(token_terms_from_logprobs(logp, entropy, valid, old_logp, advantages, None, rollout_logp,
+                                                       rollout_is_weights, opts), kl, opts)
+    elif opts.loss_type == "vanilla" and opts.loss_params["importance_level"] == "token" \
             and rollout_is_weights is None:
         terms = ppo_token_terms(logits, labels, old_logp, advantages, ref_logp, rollout_logp, opts,
                                 inplace_backward)
@@ -324,10 +330,6 @@ def ppo_loss(
         logp, entropy, _ = rows(logits, labels, opts.temperature, ignore_index, True, inplace_backward)
         terms = token_terms_from_logprobs(logp, entropy, valid, old_logp, advantages, ref_logp, rollout_logp,
                                           rollout_is_weights, opts)
-    if ref_logits is not None:
-        # The rows are read where they lie: a shifted logits[:, :-1] is not copied.
-        terms = with_full_kl(terms, full_kl_from_logits(logits, ref_logits, labels, opts.temperature, ignore_index),
-                             opts)
     return spec.reduce(terms, valid, opts)
 
 
