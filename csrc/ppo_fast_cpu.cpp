@@ -246,8 +246,7 @@ void logprobs_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, con
       // The row is read (into the buffer when it is converted) before any of it is written: the
       // gradient may go into the logits' own storage.
       const acc_t* s = scaled_row<in_t, acc_t>(base + in_rows.offset(r), V, inv_temp, buffer);
-      const acc_t gr = g[r], hr = h ? h[r] : acc_t(0), l = row_lse[r];
-      const acc_t mean_s = l - row_entropy[r];
+      const acc_t gr = g[r], hr = h ? h[r] : acc_t(0), l = row_lse[r], entropy_r = row_entropy[r];
       acc_t* d = nullptr;
       if constexpr (std::is_same_v<in_t, acc_t>) {
         d = d_row;
@@ -255,18 +254,20 @@ void logprobs_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, con
         result.resize(V);
         d = result.data();
       }
-      const Vec vl(l), vg(gr), vh(hr), vmean(mean_s), vtemp(inv_temp), lowest(std::numeric_limits<acc_t>::lowest());
+      const Vec vl(l), vg(gr), vh(hr), ventropy(entropy_r), vtemp(inv_temp),
+          lowest(std::numeric_limits<acc_t>::lowest());
       int64_t j = 0;
       for (; j + Vec::size() <= V; j += Vec::size()) {
         Vec sj = Vec::loadu(s + j);
         Vec p = vexp(sj - vl);
-        Vec centred = at::vec::maximum(sj - vmean, lowest);
+        // s_j − Σ p·s as log p_j + H: no term of the logits' size, whose rounding would swamp it.
+        Vec centred = at::vec::maximum((sj - vl) + ventropy, lowest);
         Vec dj = (Vec(0) - p * vg - p * centred * vh) * vtemp;
         dj.store(d + j);
       }
       for (; j < V; ++j) {
         acc_t p = std::exp(s[j] - l);
-        acc_t centred = std::max(s[j] - mean_s, std::numeric_limits<acc_t>::lowest());
+        acc_t centred = std::max((s[j] - l) + entropy_r, std::numeric_limits<acc_t>::lowest());
         d[j] = (acc_t(0) - p * gr - p * centred * hr) * inv_temp;
       }
       if (y[r] >= 0 && y[r] < V) d[y[r]] += gr * inv_temp;

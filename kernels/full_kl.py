@@ -13,8 +13,8 @@ per row keeps the online statistics of both softmaxes and one more sum,
 over the tokens the reference does not ban (ρ_v > 0), each term relative to both maxima, so an
 offset between the two rows cancels term by term; the KL is +inf where a banned one has π_v > 0
 at the end (a term with π_v = 0 is 0, whatever ρ_v is, as in the spec). The same pass keeps
-t = Σ_v exp(s_v − m)·s_v for the policy's entropy H = lse − t/d, and reads the label's logit for
-logp = s_y − lse. The policy's m, d and t come from :func:`kernels.logprobs.online_softmax_step`
+t = Σ_v exp(s_v − m)·(s_v − m) for the policy's entropy H = log d − t/d, and reads the label's logit
+for logp = s_y − lse. The policy's m, d and t come from :func:`kernels.logprobs.online_softmax_step`
 over blocks of the log-prob kernel's size, so its logp, H and lse are bitwise those of
 ``pf.token_logprobs``: a rollout's log-probs and the full-KL loss's agree exactly. The forward
 writes the KL, both log-sum-exps, logp and H; the backward reads both rows again and writes
@@ -116,7 +116,7 @@ def _full_kl_fwd_kernel(
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     tl.store(ref_lse_ptr + row, tl.where(active, ref_lse, 0.0))
     tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
-    tl.store(entropy_ptr + row, tl.where(active, lse - t / d, 0.0))
+    tl.store(entropy_ptr + row, tl.where(active, tl.log(d) - t / d, 0.0))
 
 
 @triton.jit(do_not_specialize=ROW_ADDRESSING + REF_ADDRESSING + OUT_ADDRESSING,

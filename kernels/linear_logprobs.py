@@ -7,10 +7,10 @@ keeps, per token, the online statistics of :mod:`kernels.logprobs`:
 
     m       = max_v s_v                      (running; the sums are rescaled when it rises)
     d       = Σ_v exp(s_v − m)
-    t       = Σ_v exp(s_v − m)·s_v           (entropy only)
+    t       = Σ_v exp(s_v − m)·(s_v − m)     (entropy only; moved by the rise of m, as d is rescaled)
     lse     = m + log d
     logp    = s_y − lse                      (s_y picked from the tile that holds y)
-    entropy = lse − t/d
+    entropy = log d − t/d
 
 A tile's logits are ``tl.dot`` products over H in BLOCK_H chunks, accumulated in float32 (tensor
 cores for bf16/fp16, IEEE products for float32 inputs, never TF32) or in float64 for float64
@@ -31,9 +31,9 @@ entropy), one program per [BLOCK_N, BLOCK_V] tile of a range of the vocabulary c
 logits again with the forward's code and blocks over H (:func:`dlogits_tile_plan`: each logit the
 same products summed in the same order) and writes
 
-    ∂/∂z_v = ( g·(1[v = y] − p_v) − h·p_v·(s_v − E[s]) ) / τ,   p_v = exp(s_v − lse)
+    ∂/∂z_v = ( g·(1[v = y] − p_v) − h·p_v·(log p_v + entropy) ) / τ,   p_v = exp(s_v − lse)
 
-from the forward's lse and entropy (E[s] = lse − entropy), the row backward of
+from the forward's lse and entropy, the row backward of
 :mod:`kernels.logprobs` applied in the GEMM's epilogue: the logits never reach memory, only
 dlogits do, for the two gradient GEMMs (dhidden = dlogits·W, dW = dlogitsᵀ·x) that follow.
 
@@ -265,9 +265,14 @@ def _linear_logprobs_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         rescale = tl.exp(m - m_safe)
         e = tl.exp(s - m_safe[:, None])
-        d = d * rescale + tl.sum(e, axis=1)
         if WITH_ENTROPY:
-            t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=1)
+            # As in the row kernel (kernels/logprobs.py, online_softmax_step): t is relative to
+            # the running max, and its earlier terms move by the rise. Where e = 0 its term is
+            # selected away (the row kernel floors s − m instead: each form is the one that
+            # compiles without a spill under both Triton versions in its kernel).
+            rise = tl.where(d > 0, m_safe - m, 0.0)
+            t = (t - rise * d) * rescale + tl.sum(tl.where(e > 0, e * (s - m_safe[:, None]), 0.0), axis=1)
+        d = d * rescale + tl.sum(e, axis=1)
         if WITH_SUM_PI_SQUARED:
             # As in the row kernel (kernels/logprobs.py): rescale² underflows only where the old
             # terms are negligible beside the new maximum's own, 1.
@@ -280,7 +285,7 @@ def _linear_logprobs_fwd_kernel(
     tl.store(logp_ptr + rows, tl.where(active, s_label - lse, 0.0), mask=in_batch)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_batch)
     if WITH_ENTROPY:
-        entropy = tl.where(active, lse - t / d, 0.0)
+        entropy = tl.where(active, tl.log(d) - t / d, 0.0)
     else:
         entropy = tl.zeros((BLOCK_N,), ACC)
     tl.store(entropy_ptr + rows, entropy, mask=in_batch)
@@ -337,8 +342,8 @@ def _linear_logprobs_dlogits_kernel(
     ds = tl.where((first + cols)[None, :] == labels[:, None], g[:, None], 0.0) - g[:, None] * p
     if HAS_GRAD_ENTROPY:
         h = tl.load(grad_entropy_ptr + rows, mask=in_batch, other=0.0).to(ACC)
-        expected = lse - tl.load(entropy_ptr + rows, mask=in_batch, other=0.0).to(ACC)
-        ds -= h[:, None] * tl.where(p > 0, p * (s - expected[:, None]), 0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=in_batch, other=0.0).to(ACC)
+        ds -= h[:, None] * tl.where(p > 0, p * ((s - lse[:, None]) + entropy[:, None]), 0.0)
     ds = tl.where(active[:, None], ds * inv_temp, 0.0)
     tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :],
              to_element(ds, dlogits_ptr.dtype.element_ty, BY_SUM), mask=in_batch[:, None] & in_entries[None, :])

@@ -4,9 +4,14 @@ For a row of logits z (length V), label y and temperature τ, with s = z/τ:
 
     lse     = log Σ_j exp(s_j)                  (online: running max m, running sum d)
     logp    = s_y − lse
-    E[s]    = Σ_j p_j s_j = (Σ_j e^(s_j − m) s_j) / d
-    entropy = lse − E[s]
+    t       = Σ_j e^(s_j − m) (s_j − m)          (≤ 0)
+    entropy = lse − Σ_j p_j s_j = log d − t/d   (two terms ≥ 0)
     Σ_j p_j² = (Σ_j e^(2(s_j − m))) / d²         (optional; forward only)
+
+t is kept relative to the running max (when it rises by δ, every earlier term moves by −δ·e^(s − m),
+so t becomes (t − δ·d)·rescale), as the native kernels keep it: lse − Σ p·s would subtract two
+numbers of the logits' size, and lose the entropy's digits to them when |s| is large (a low
+temperature, or a row with an offset).
 
 The sum of e^(2(s−m)) is rescaled like d (by the square of d's factor) whenever the running max
 rises, so each of its terms is at most 1: no logit magnitude overflows it, and Σ p² ∈ [1/V, 1]
@@ -14,10 +19,11 @@ since the maximum's own term makes both sums at least 1.
 
 Backward, for upstream gradients g (of logp) and h (of entropy), with p_j = exp(s_j − lse):
 
-    ∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(s_j − E[s]) ) / τ
+    ∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(log p_j + entropy) ) / τ
 
-The forward saves only lse per token (entropy is an output, E[s] = lse − entropy), so the
-backward recomputes p from one read of the logits and writes dlogits in the logits' dtype. Σ p²
+(log p_j + entropy = s_j − Σ p·s, computed without the logits' size in it). The forward saves only
+lse per token (entropy is an output), so the backward recomputes p from one read of the logits
+and writes dlogits in the logits' dtype. Σ p²
 gets no gradient: it is a statistic of the old policy (verl's optimal-token-baseline advantages
 read it), and the op marks it non-differentiable.
 
@@ -62,8 +68,8 @@ def row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED: 
 @triton.jit
 def online_softmax_step(s, m, d, t, WITH_ENTROPY: tl.constexpr):
     """One block ``s`` of a row into the running maximum ``m``, ``d = Σ exp(s − m)`` and, with
-    ``WITH_ENTROPY``, ``t = Σ exp(s − m)·s``: ``(m_new, m_safe, rescale, e, d, t)``, where the
-    earlier terms are multiplied by ``rescale`` and ``e = exp(s − m_safe)`` are the block's. Every
+    ``WITH_ENTROPY``, ``t = Σ exp(s − m)·(s − m)``: ``(m_new, m_safe, rescale, e, d, t)``, where
+    the earlier terms are multiplied by ``rescale`` and ``e = exp(s − m_safe)`` are the block's. Every
     kernel that gives a row's log-sum-exp, log-prob or entropy (the log-prob, PPO loss and full-KL
     kernels) takes its sums from here, so each gives the same bits for them."""
     m_new = tl.maximum(m, tl.max(s, axis=0))
@@ -74,9 +80,13 @@ def online_softmax_step(s, m, d, t, WITH_ENTROPY: tl.constexpr):
     # function reports. Rows without +inf take the exp as before, bit for bit.
     rescale = tl.where(m == float("inf"), 1.0, tl.exp(m - m_safe))
     e = tl.where(s == float("inf"), 1.0, tl.exp(s - m_safe))
-    d = d * rescale + tl.sum(e, axis=0)
     if WITH_ENTROPY:
-        t = t * rescale + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)
+        # The earlier terms were relative to the old maximum: each moves by the rise. Where d is
+        # still 0 the old maximum may be −inf: no terms, no shift, and no inf·0. The floor makes
+        # e·(s − m) 0 where e is (s = −inf), not 0·(−inf).
+        rise = tl.where(d > 0, m_safe - m, 0.0)
+        t = (t - rise * d) * rescale + tl.sum(e * tl.maximum(s - m_safe, -3.0e38), axis=0)
+    d = d * rescale + tl.sum(e, axis=0)
     return m_new, m_safe, rescale, e, d, t
 
 
@@ -91,9 +101,10 @@ def row_softmax_stats(
     WITH_SUM_PI_SQUARED: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 logits
 ):
-    """(lse, E[s], Σ p²) of one row of s = logits·inv_temp in one pass; E[s] is 0 without
-    entropy, Σ p² is 0 without ``WITH_SUM_PI_SQUARED``. An inactive row gives lse = −inf, and
-    NaN (0/0) for E[s] and Σ p² where they are computed: callers select them away."""
+    """(lse, entropy, Σ p²) of one row of s = logits·inv_temp in one pass; the entropy is 0
+    without ``WITH_ENTROPY``, Σ p² is 0 without ``WITH_SUM_PI_SQUARED``. An inactive row gives
+    lse = −inf, and NaN (0/0) for the entropy and Σ p² where they are computed: callers select
+    them away."""
     m = tl.full((), float("-inf"), ACC)
     d = tl.zeros((), ACC)
     t = tl.zeros((), ACC)
@@ -111,18 +122,18 @@ def row_softmax_stats(
         m = m_new
     lse = m + tl.log(d)
     if WITH_ENTROPY:
-        expected = t / d
+        entropy = tl.log(d) - t / d
     else:
-        expected = tl.zeros((), ACC)
+        entropy = tl.zeros((), ACC)
     if WITH_SUM_PI_SQUARED:
         sum_sq = q / (d * d)
     else:
         sum_sq = tl.zeros((), ACC)
-    return lse, expected, sum_sq
+    return lse, entropy, sum_sq
 
 
 @triton.jit
-def row_lse_expected(
+def row_lse_entropy(
     row_ptr,
     V,
     inv_temp,
@@ -131,10 +142,10 @@ def row_lse_expected(
     WITH_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """(lse, E[s]) of one row, as :func:`row_softmax_stats` without Σ p²."""
-    lse, expected, _ = row_softmax_stats(row_ptr, V, inv_temp, active, BLOCK_V, WITH_ENTROPY,
-                                         False, ACC)
-    return lse, expected
+    """(lse, entropy) of one row, as :func:`row_softmax_stats` without Σ p²."""
+    lse, entropy, _ = row_softmax_stats(row_ptr, V, inv_temp, active, BLOCK_V, WITH_ENTROPY,
+                                        False, ACC)
+    return lse, entropy
 
 
 @triton.jit(do_not_specialize=ROW_ADDRESSING,
@@ -165,7 +176,7 @@ def _logprobs_fwd_kernel(
     active = label != ignore_index
     in_range = (label >= 0) & (label < V)
     row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
-    lse, expected, sum_sq = row_softmax_stats(row_ptr, V, inv_temp, active & in_range, BLOCK_V,
+    lse, entropy, sum_sq = row_softmax_stats(row_ptr, V, inv_temp, active & in_range, BLOCK_V,
                                               WITH_ENTROPY, WITH_SUM_PI_SQUARED, ACC)
     lse = tl.where(in_range, lse, float("nan"))
     s_label = tl.load(row_ptr + tl.where(in_range, label, 0), mask=active & in_range,
@@ -173,7 +184,7 @@ def _logprobs_fwd_kernel(
     tl.store(logp_ptr + row, tl.where(active, s_label - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(active, lse - expected, 0.0))
+        tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
     if WITH_SUM_PI_SQUARED:
         # An out-of-range label left the row unread: Σ p² is 0/0, NaN, as lse is made above.
         tl.store(sum_sq_ptr + row, tl.where(active, sum_sq, 0.0))
@@ -213,7 +224,7 @@ def _logprobs_bwd_kernel(
     g = tl.load(grad_logp_ptr + row).to(ACC)
     if HAS_GRAD_ENTROPY:
         h = tl.load(grad_entropy_ptr + row).to(ACC)
-        expected = lse - tl.load(entropy_ptr + row).to(ACC)
+        entropy = tl.load(entropy_ptr + row).to(ACC)
     row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
     drow_ptr = row_pointer(dlogits_ptr, row, drows_inner, dstride_outer, dstride_inner, ALIGNED)
     n_read = tl.where(active, V, 0)
@@ -224,7 +235,7 @@ def _logprobs_bwd_kernel(
         p = tl.where(active, tl.exp(s - lse), 0.0)
         ds = tl.where(cols == label, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
-            ds -= h * tl.where(p > 0, p * (s - expected), 0.0)
+            ds -= h * tl.where(p > 0, p * ((s - lse) + entropy), 0.0)
         ds = tl.where(active, ds * inv_temp, 0.0)
         tl.store(drow_ptr + cols, ds.to(dlogits_ptr.dtype.element_ty), mask=in_row)
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, rows_aligned
-from .logprobs import ROW_ADDRESSING, block_config, row_lse_expected, row_pointer
+from .logprobs import ROW_ADDRESSING, block_config, row_lse_entropy, row_pointer
 
 KL_MODES = {None: 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4, "k1+": 5, "k3+": 6}
 SCALARS = ("inv_temp", "clip_low", "clip_high", "dual_clip", "tis_cap", "kl_coef", "entropy_coef")
@@ -105,12 +105,11 @@ def _ppo_fwd_kernel(
     active = label != ignore_index
     in_range = (label >= 0) & (label < V)
     row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
-    lse, expected = row_lse_expected(row_ptr, V, inv_temp, active & in_range, BLOCK_V, True, ACC)
+    lse, entropy = row_lse_entropy(row_ptr, V, inv_temp, active & in_range, BLOCK_V, True, ACC)
     lse = tl.where(in_range, lse, float("nan"))
     s_label = tl.load(row_ptr + tl.where(in_range, label, 0), mask=active & in_range,
                       other=0.0).to(ACC)
     logp = s_label * inv_temp - lse
-    entropy = lse - expected
 
     adv = tl.load(adv_ptr + row).to(ACC)
     raw_log_ratio = logp - tl.load(old_logp_ptr + row).to(ACC)

@@ -487,6 +487,9 @@ class LossOptions:
         for name in ("num_tokens", "num_seqs", "horizon"):
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
+        if self.horizon is not None and self.agg != "seq-mean-token-sum-norm":
+            raise ValueError(f"horizon is the divisor of agg='seq-mean-token-sum-norm' only, got agg={self.agg!r}: "
+                             "it would be ignored; leave it unset or pick that aggregation")
         if not (isinstance(self.dp_size, int) and not isinstance(self.dp_size, bool)
                 and self.dp_size >= 1):
             raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")

@@ -113,6 +113,39 @@ def test_token_logprobs_extreme_rows(device, backend):
     torch.testing.assert_close(grad, grad_r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0, 5000.0])
+def test_the_entropy_keeps_its_digits_when_the_logits_are_large(offset, device, backend):
+    """float32 logits far from 0 (an offset, a low temperature): the entropy is a small number
+    beside them, and every kernel keeps its sums relative to the row's maximum, so it stays within
+    a few float32 ulps of (1 + H) of the float64 spec on the same rounded logits (Σ p·s subtracted
+    from the log-sum-exp would lose the digits: 1e-3 off at an offset of 5000). The same for the
+    PPO loss's entropy metric, and for the fused head, whose logits are exact here (small
+    integers)."""
+    torch.manual_seed(0)
+    V, temperature = 3001, 0.5
+
+    def assert_within_ulps(entropy, expected):
+        bound = 8 * torch.finfo(torch.float32).eps * (1 + expected)
+        assert ((entropy.double() - expected).abs() / bound).max() <= 1
+
+    logits = (random_logits((4, V), F64, device, scale=2.0) + offset).float()
+    labels = random_labels((4,), V, device, ignore_fraction=0.0)
+    expected = R.token_logprobs(logits.double(), labels, temperature=temperature, return_entropy=True)[1]
+    assert_within_ulps(pf.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)[1], expected)
+    mask = torch.ones(4, dtype=torch.bool, device=device)
+    zeros = torch.zeros(4, device=device)
+    _, metrics = pf.ppo_loss(logits, labels, zeros, zeros, mask, temperature=temperature, entropy_coef=0.01)
+    assert_within_ulps(metrics["entropy"], expected.mean())
+
+    hidden = torch.randint(-1, 2, (4, 4), device=device).float()
+    weight = torch.randint(-1, 2, (V, 4), device=device).float()
+    bias = torch.randint(-2, 3, (V,), device=device).float() + offset
+    exact = hidden.double() @ weight.double().T + bias.double()
+    expected = R.token_logprobs(exact, labels, temperature=temperature, return_entropy=True)[1]
+    assert_within_ulps(pf.fused_linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                                      return_entropy=True)[1], expected)
+
+
 def test_a_banned_label_has_log_prob_minus_infinity_and_a_finite_gradient(device, backend):
     logits = random_logits((3, 50), F64, device)
     logits[1, 7] = float("-inf")

@@ -296,6 +296,7 @@ def test_numpy_scalars_are_numbers():
     (dict(loss_type="clip_cov", loss_params={"clip_cov_lb": 5.0, "clip_cov_ub": 1.0}), "clip_cov_lb < clip_cov_ub"),
     (dict(loss_type="cispo", loss_params={"ratio_min": 2.0}), "must not exceed the upper"),
     (dict(loss_type="vanilla", loss_params={"token_gradient": 1}), r"token_gradient'\] must be a bool"),
+    (dict(horizon=100.0), r"horizon is the divisor of agg='seq-mean-token-sum-norm' only, got agg='token-mean'"),
 ])
 def test_bad_options_are_named(kwargs, match):
     logp, old, adv, mask, _ = _logp_inputs(2, 3)

@@ -216,7 +216,7 @@ def _tile_dlogits(z, labels, lse, entropy, grad_logp, grad_entropy, inv_temp, ig
         d = p.mul_(-g)
     else:
         # s − (lse − H) = log p + H, in place of s; the floor keeps 0·(−inf) from giving NaN.
-        centred = s.sub_((lse - entropy).unsqueeze(-1)).clamp_(min=torch.finfo(dtype).min)
+        centred = s.sub_(lse.unsqueeze(-1)).add_(entropy.to(dtype).unsqueeze(-1)).clamp_(min=torch.finfo(dtype).min)
         entropy_term = centred.mul_(p).mul_(grad_entropy.to(dtype).unsqueeze(-1))
         d = p.mul_(-g).sub_(entropy_term)
     del s

@@ -235,7 +235,8 @@ def reference_forward(logits, labels, inv_temp, ignore_index, with_entropy, with
 
 def reference_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_entropy,
                        inv_temp, ignore_index) -> None:
-    """∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(s_j − E[s]) ) / τ, zero on ignored rows."""
+    """∂/∂z_j = ( g·(1[j = y] − p_j) − h·p_j·(log p_j + H) ) / τ, zero on ignored rows (log p_j + H
+    is s_j − E[s] without the logits' size in it)."""
     dtype = lse.dtype
     s = _scaled(logits, inv_temp, dtype)
     active = labels != ignore_index
@@ -246,7 +247,7 @@ def reference_backward(dlogits, logits, labels, lse, entropy, grad_logp, grad_en
     if grad_entropy is None:
         d = p.mul_(-g)
     else:
-        centred = torch.sub(s, (lse - entropy).unsqueeze(-1)).clamp_(min=torch.finfo(dtype).min)
+        centred = torch.sub(s, lse.unsqueeze(-1)).add_(entropy.to(dtype).unsqueeze(-1)).clamp_(min=torch.finfo(dtype).min)
         entropy_term = centred.mul_(p).mul_(grad_entropy.to(dtype).unsqueeze(-1))
         d = p.mul_(-g).sub_(entropy_term)
     d.scatter_add_(-1, labels.masked_fill(~active, 0).long().unsqueeze(-1), g)
