@@ -319,8 +319,8 @@ void token_logprobs_backward(at::Tensor dlogits, const at::Tensor& logits, const
 //   KL = Σ π (log π − log ρ) = (a + d_a (log d_ref − log d)) / d
 // and +inf where a token the reference bans (r_v = −inf) has π_v > 0. The same pass gives the
 // policy's log-prob of the label and its entropy, with the sums of row_sums (so the bits of the
-// token_logprobs kernels): H = log d − Σ e^x x / d. Backward, with g = ∂L/∂KL and, when the
-// log-prob and entropy have gradients too, g_y = ∂L/∂logp and h = ∂L/∂H:
+// token_logprobs kernels): H = log d − Σ e^x x / d. Backward, with g = ∂L/∂KL, g_y = ∂L/∂logp and
+// h = ∂L/∂H:
 //   ∂L/∂z_v = ( g π_v (log π_v − log ρ_v − KL) + g_y (1[v = y] − π_v) − h π_v (log π_v + H) ) / τ
 // (the π_v terms are 0 where π_v = 0). Both rows are read once each way; the logits of either
 // model are never copied beyond a row.
@@ -482,26 +482,22 @@ std::vector<at::Tensor> full_kl_forward(const at::Tensor& logits, const at::Tens
   return out;
 }
 
-// The log-prob and entropy terms of the backward, when they have gradients: the upstream
-// gradients of logp and H and the forward's H, per token.
-template <typename acc_t>
-struct RowGrads {
-  const acc_t *grad_logp, *grad_entropy, *entropy;
-};
-
+// The gradient of g·KL + g_y·logp + h·H, with the forward's KL, log-sum-exps and entropy (g_y and
+// h are 0 for a KL alone: their terms add exact zeros).
 template <typename acc_t>
 void full_kl_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, const at::Tensor& ref_logits,
-                             const at::Tensor& labels, const at::Tensor& kl, const at::Tensor& lse,
-                             const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp_d,
-                             int64_t ignore_index, const RowGrads<acc_t>* row_grads) {
+                             const at::Tensor& labels, const std::vector<at::Tensor>& per_token, double inv_temp_d,
+                             int64_t ignore_index) {
   using Vec = Vectorized<acc_t>;
   const int64_t V = logits.size(-1), N = labels.numel();
   const Rows rows = rows_of(logits), ref_rows = rows_of(ref_logits), out_rows = rows_of(dlogits);
   const int64_t* y = labels.data_ptr<int64_t>();
-  const acc_t *row_kl = kl.data_ptr<acc_t>(), *row_lse = lse.data_ptr<acc_t>(),
-              *row_ref_lse = ref_lse.data_ptr<acc_t>(), *g = grad_kl.data_ptr<acc_t>();
+  const acc_t *row_kl = per_token[0].data_ptr<acc_t>(), *row_lse = per_token[1].data_ptr<acc_t>(),
+              *row_ref_lse = per_token[2].data_ptr<acc_t>(), *row_entropy = per_token[3].data_ptr<acc_t>(),
+              *g = per_token[4].data_ptr<acc_t>(), *g_y = per_token[5].data_ptr<acc_t>(),
+              *h = per_token[6].data_ptr<acc_t>();
   const acc_t inv_temp = static_cast<acc_t>(inv_temp_d);
-  const bool direct = dlogits.scalar_type() == kl.scalar_type();  // dlogits in the compute type
+  const bool direct = dlogits.scalar_type() == per_token[0].scalar_type();  // dlogits in the compute type
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer, ref_buffer, result(direct ? 0 : V);
     for (int64_t row = begin; row < end; ++row) {
@@ -513,79 +509,49 @@ void full_kl_backward_kernel(at::Tensor& dlogits, const at::Tensor& logits, cons
         // element is written: dlogits may be the logits or the reference's logits.
         const acc_t* s = scaled_row_of<acc_t>(logits, rows.offset(row), V, inv_temp, buffer);
         const acc_t* r = scaled_row_of<acc_t>(ref_logits, ref_rows.offset(row), V, inv_temp, ref_buffer);
-        const acc_t l = row_lse[row], l_ref = row_ref_lse[row], k = row_kl[row], c = g[row] * inv_temp;
-        const Vec vl(l), vl_ref(l_ref), vk(k), vc(c), vlowest(std::numeric_limits<acc_t>::lowest()), zero(0);
+        const acc_t l = row_lse[row], l_ref = row_ref_lse[row], k = row_kl[row], entropy = row_entropy[row];
+        const acc_t c = g[row] * inv_temp, c_y = g_y[row] * inv_temp, c_h = h[row] * inv_temp;
+        const Vec vl(l), vl_ref(l_ref), vk(k), vc(c), vc_y(c_y), vc_h(c_h), ventropy(entropy),
+            vlowest(std::numeric_limits<acc_t>::lowest()), zero(0);
         int64_t j = 0;
-        if (row_grads == nullptr) {
-          for (; j + Vec::size() <= V; j += Vec::size()) {
-            const Vec log_p = Vec::loadu(s + j) - vl;
-            const Vec p = vexp(at::vec::maximum(log_p, vlowest));
-            // π_v = 0 gives 0 whatever ρ_v is (log π − log ρ may be −inf − −inf there).
-            const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
-            Vec::blendv(p * gap * vc, zero, p == zero).store(d + j);
-          }
-          for (; j < V; ++j) {
-            const acc_t log_p = s[j] - l;
-            const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
-            d[j] = p == 0 ? acc_t(0) : p * (log_p - (r[j] - l_ref) - k) * c;
-          }
-        } else {
-          const acc_t c_y = row_grads->grad_logp[row] * inv_temp, c_h = row_grads->grad_entropy[row] * inv_temp;
-          const acc_t entropy = row_grads->entropy[row];
-          const Vec vc_y(c_y), vc_h(c_h), ventropy(entropy);
-          for (; j + Vec::size() <= V; j += Vec::size()) {
-            const Vec log_p = Vec::loadu(s + j) - vl;
-            const Vec p = vexp(at::vec::maximum(log_p, vlowest));
-            const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
-            const Vec dj = p * (gap * vc - vc_y - (log_p + ventropy) * vc_h);
-            Vec::blendv(dj, zero, p == zero).store(d + j);
-          }
-          for (; j < V; ++j) {
-            const acc_t log_p = s[j] - l;
-            const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
-            d[j] = p == 0 ? acc_t(0) : p * ((log_p - (r[j] - l_ref) - k) * c - c_y - (log_p + entropy) * c_h);
-          }
-          if (y[row] >= 0 && y[row] < V) d[y[row]] += c_y;
+        for (; j + Vec::size() <= V; j += Vec::size()) {
+          const Vec log_p = Vec::loadu(s + j) - vl;
+          const Vec p = vexp(at::vec::maximum(log_p, vlowest));
+          // π_v = 0 gives 0 whatever ρ_v is (log π − log ρ may be −inf − −inf there).
+          const Vec gap = log_p - (Vec::loadu(r + j) - vl_ref) - vk;
+          Vec::blendv(p * (gap * vc - vc_y - (log_p + ventropy) * vc_h), zero, p == zero).store(d + j);
         }
+        for (; j < V; ++j) {
+          const acc_t log_p = s[j] - l;
+          const acc_t p = std::exp(std::max(log_p, std::numeric_limits<acc_t>::lowest()));
+          d[j] = p == 0 ? acc_t(0) : p * ((log_p - (r[j] - l_ref) - k) * c - c_y - (log_p + entropy) * c_h);
+        }
+        if (y[row] >= 0 && y[row] < V) d[y[row]] += c_y;
       }
       if (!direct) store_row_of(dlogits, out_rows.offset(row), d, V);
     }
   });
 }
 
-// Writes the gradient of the full KL into dlogits, and with grad_logp and grad_entropy (both or
-// neither; entropy with them) that of the log-prob and entropy the forward gave too.
 void full_kl_backward(at::Tensor dlogits, const at::Tensor& logits, const at::Tensor& ref_logits,
                       const at::Tensor& labels, const at::Tensor& kl, const at::Tensor& lse,
-                      const at::Tensor& ref_lse, const at::Tensor& grad_kl, double inv_temp, int64_t ignore_index,
-                      const c10::optional<at::Tensor>& entropy, const c10::optional<at::Tensor>& grad_logp,
-                      const c10::optional<at::Tensor>& grad_entropy) {
+                      const at::Tensor& ref_lse, const at::Tensor& entropy, const at::Tensor& grad_kl,
+                      const at::Tensor& grad_logp, const at::Tensor& grad_entropy, double inv_temp,
+                      int64_t ignore_index) {
   check_kl_rows(logits, ref_logits, labels);
   TORCH_CHECK(dlogits.sizes() == logits.sizes() && row_dtype(dlogits.scalar_type()) && dlogits.stride(-1) == 1,
               "dlogits must have the logits' shape, a float dtype and a unit stride on the vocabulary");
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<const at::Tensor*> per_token = {&kl, &lse, &ref_lse, &grad_kl};
-  const bool with_rows = grad_logp.has_value();
-  TORCH_CHECK(with_rows == grad_entropy.has_value() && with_rows == entropy.has_value(),
-              "grad_logp, grad_entropy and entropy come together or not at all");
-  if (with_rows) per_token.insert(per_token.end(), {&*entropy, &*grad_logp, &*grad_entropy});
-  for (const at::Tensor* t : per_token) {
-    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->numel() == labels.numel(),
-                "kl, lse, ref_lse, grad_kl (and entropy, grad_logp, grad_entropy) must be contiguous ", acc, " of ",
+  const std::vector<at::Tensor> per_token = {kl, lse, ref_lse, entropy, grad_kl, grad_logp, grad_entropy};
+  for (const at::Tensor& t : per_token) {
+    TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous() && t.numel() == labels.numel(),
+                "kl, lse, ref_lse, entropy, grad_kl, grad_logp and grad_entropy must be contiguous ", acc, " of ",
                 labels.numel(), " tokens");
   }
   if (acc == at::kDouble) {
-    const RowGrads<double> rows{with_rows ? grad_logp->data_ptr<double>() : nullptr,
-                                with_rows ? grad_entropy->data_ptr<double>() : nullptr,
-                                with_rows ? entropy->data_ptr<double>() : nullptr};
-    full_kl_backward_kernel<double>(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                                    ignore_index, with_rows ? &rows : nullptr);
+    full_kl_backward_kernel<double>(dlogits, logits, ref_logits, labels, per_token, inv_temp, ignore_index);
   } else {
-    const RowGrads<float> rows{with_rows ? grad_logp->data_ptr<float>() : nullptr,
-                               with_rows ? grad_entropy->data_ptr<float>() : nullptr,
-                               with_rows ? entropy->data_ptr<float>() : nullptr};
-    full_kl_backward_kernel<float>(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                                   ignore_index, with_rows ? &rows : nullptr);
+    full_kl_backward_kernel<float>(dlogits, logits, ref_logits, labels, per_token, inv_temp, ignore_index);
   }
 }
 

@@ -21,8 +21,8 @@ writes the KL, both log-sum-exps, logp and H; the backward reads both rows again
 
     ∂L/∂z_v = ( g·π_v (log π_v − log ρ_v − KL) + g_y·(1[v = y] − π_v) − h·π_v (log π_v + H) ) / τ
 
-with π_v = exp(s_v − lse), g = ∂L/∂KL and, with ``HAS_ROW_GRADS``, g_y = ∂L/∂logp and h = ∂L/∂H
-(a loss over all three, as the PPO loss with the full KL, is one backward pass), in the dtype of
+with π_v = exp(s_v − lse), g = ∂L/∂KL, g_y = ∂L/∂logp and h = ∂L/∂H (a loss over all three, as
+the PPO loss with the full KL, is one backward pass; a KL alone has g_y = h = 0), in the dtype of
 its output (the logits', or float32 for a float32 GEMM after it). The same online update serves
 the two heads' kernel, which computes the rows tile by tile (:mod:`kernels.linear_logprobs`).
 
@@ -121,7 +121,7 @@ def _full_kl_fwd_kernel(
 
 @triton.jit(do_not_specialize=ROW_ADDRESSING + REF_ADDRESSING + OUT_ADDRESSING,
             do_not_specialize_on_alignment=["logits_ptr", "ref_logits_ptr", "dlogits_ptr", "labels_ptr", "kl_ptr",
-                                            "lse_ptr", "ref_lse_ptr", "grad_kl_ptr", "entropy_ptr",
+                                            "lse_ptr", "ref_lse_ptr", "entropy_ptr", "grad_kl_ptr",
                                             "grad_logp_ptr", "grad_entropy_ptr", "scalars_ptr"])
 def _full_kl_bwd_kernel(
     logits_ptr,  # [N, V] read, rows as in row_pointer
@@ -140,15 +140,14 @@ def _full_kl_bwd_kernel(
     kl_ptr,  # [N] ACC dtype, as the forward wrote them
     lse_ptr,  # [N]
     ref_lse_ptr,  # [N]
+    entropy_ptr,  # [N] ACC dtype, as the forward wrote it
     grad_kl_ptr,  # [N] ACC dtype
-    entropy_ptr,  # [N] ACC dtype, as the forward wrote it (read only with HAS_ROW_GRADS)
-    grad_logp_ptr,  # [N] ACC dtype (read only with HAS_ROW_GRADS)
-    grad_entropy_ptr,  # [N] ACC dtype (read only with HAS_ROW_GRADS)
+    grad_logp_ptr,  # [N] ACC dtype
+    grad_entropy_ptr,  # [N] ACC dtype
     scalars_ptr,  # [1] ACC dtype: 1/temperature
     V,
     ignore_index,
     BLOCK_V: tl.constexpr,
-    HAS_ROW_GRADS: tl.constexpr,  # logp and H have gradients too
     ALIGNED: tl.constexpr,  # rows of all three start 16-byte aligned
     ACC: tl.constexpr,
     BY_BITS: tl.constexpr,  # the interpreter: bfloat16 rounded on the bits (kernels.linear_logprobs.to_element)
@@ -160,11 +159,10 @@ def _full_kl_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     ref_lse = tl.load(ref_lse_ptr + row)
     kl = tl.load(kl_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
     scale = tl.load(grad_kl_ptr + row) * inv_temp
-    if HAS_ROW_GRADS:
-        scale_y = tl.load(grad_logp_ptr + row) * inv_temp
-        scale_h = tl.load(grad_entropy_ptr + row) * inv_temp
-        entropy = tl.load(entropy_ptr + row)
+    scale_y = tl.load(grad_logp_ptr + row) * inv_temp
+    scale_h = tl.load(grad_entropy_ptr + row) * inv_temp
     row_ptr = row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner, ALIGNED)
     ref_ptr = row_pointer(ref_logits_ptr, row, ref_rows_inner, ref_stride_outer, ref_stride_inner, ALIGNED)
     drow_ptr = row_pointer(dlogits_ptr, row, drows_inner, dstride_outer, dstride_inner, ALIGNED)
@@ -176,11 +174,8 @@ def _full_kl_bwd_kernel(
         log_ref = tl.load(ref_ptr + cols, mask=read, other=0.0).to(ACC) * inv_temp - ref_lse
         p = tl.exp(log_p)
         # π_v = 0 gives 0 whatever ρ_v is (log π − log ρ may be −inf − −inf there).
-        if HAS_ROW_GRADS:
-            dz = tl.where(p > 0, p * ((log_p - log_ref - kl) * scale - scale_y - (log_p + entropy) * scale_h), 0.0)
-            dz = tl.where(active & (cols == label), dz + scale_y, dz)
-        else:
-            dz = tl.where(p > 0, p * (log_p - log_ref - kl) * scale, 0.0)
+        dz = tl.where(p > 0, p * ((log_p - log_ref - kl) * scale - scale_y - (log_p + entropy) * scale_h), 0.0)
+        dz = tl.where(active & (cols == label), dz + scale_y, dz)
         tl.store(drow_ptr + cols, to_element(dz, dlogits_ptr.dtype.element_ty, BY_BITS), mask=cols < V)
 
 
@@ -206,22 +201,19 @@ def plan_full_kl_fwd(logits, layout, ref_logits, ref_layout, labels, kl, lse, re
         warps)
 
 
-def plan_full_kl_bwd(logits, layout, ref_logits, ref_layout, dlogits, dlayout, labels, kl, lse, ref_lse, grad_kl,
-                     scalars, ignore_index, acc, row_grads=None) -> Launch:
+def plan_full_kl_bwd(logits, layout, ref_logits, ref_layout, dlogits, dlayout, labels, kl, lse, ref_lse, entropy,
+                     grad_kl, grad_logp, grad_entropy, scalars, ignore_index, acc) -> Launch:
     """The backward into ``dlogits`` (any float dtype, addressed by ``dlayout``), from the
-    forward's ``kl``, ``lse``, ``ref_lse`` and the upstream ``grad_kl`` ``[N]`` of dtype ``acc``;
-    ``row_grads``: None, or ``(entropy, grad_logp, grad_entropy)`` ``[N]`` of that dtype when the
-    forward's logp and entropy have gradients too."""
+    forward's ``kl``, ``lse``, ``ref_lse``, ``entropy`` and the upstream gradients of the KL, the
+    log-prob and the entropy, all ``[N]`` of dtype ``acc``."""
     V = logits.shape[-1]
     block, warps = block_config(V, max(logits.element_size(), ref_logits.element_size(), 4))
     aligned = _layouts_aligned((logits, layout), (ref_logits, ref_layout), (dlogits, dlayout))
-    # Without them the kernel is handed grad_kl in their place, never read.
-    entropy, grad_logp, grad_entropy = row_grads if row_grads is not None else (grad_kl,) * 3
     return Launch(
         _full_kl_bwd_kernel, (labels.numel(),),
-        (logits, *layout, ref_logits, *ref_layout, dlogits, *dlayout, labels, kl, lse, ref_lse, grad_kl, entropy,
+        (logits, *layout, ref_logits, *ref_layout, dlogits, *dlayout, labels, kl, lse, ref_lse, entropy, grad_kl,
          grad_logp, grad_entropy, scalars, V, ignore_index),
-        dict(BLOCK_V=block, HAS_ROW_GRADS=row_grads is not None, ALIGNED=aligned, ACC=acc, BY_BITS=INTERPRETED),
+        dict(BLOCK_V=block, ALIGNED=aligned, ACC=acc, BY_BITS=INTERPRETED),
         warps)
 
 

@@ -97,7 +97,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     check.floating("logp", check.tensor("logp", logp))
     check.token_tensor("ref_logp", ref_logp, logp.shape, "logp.shape")
     check.same_device("logp", logp, ref_logp=ref_logp)
-    estimator = check.kl_estimator_name(estimator, name="estimator")
+    # The spec names the estimator (verl's aliases included) and refuses an unknown one.
     return spec.kl_penalty(logp, ref_logp, estimator)
 
 

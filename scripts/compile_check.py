@@ -114,8 +114,7 @@ def full_kl_rows_fwd_plan(logits, ref_logits=None, labels=None) -> Launch:
                                     torch.ones(1, dtype=_out(logits.dtype)), -100, _acc(logits.dtype))
 
 
-def full_kl_rows_bwd_plan(logits, ref_logits=None, labels=None, dlogits_dtype=None, row_grads=False) -> Launch:
-    """``row_grads``: the log-prob and entropy have gradients too (the PPO loss with the full KL)."""
+def full_kl_rows_bwd_plan(logits, ref_logits=None, labels=None, dlogits_dtype=None) -> Launch:
     ref_logits = torch.empty_like(logits) if ref_logits is None else ref_logits
     vec = torch.empty(logits.shape[:-1], dtype=_out(logits.dtype)).view(-1)
     labels = torch.zeros(vec.numel(), dtype=torch.int64) if labels is None else labels
@@ -123,8 +122,8 @@ def full_kl_rows_bwd_plan(logits, ref_logits=None, labels=None, dlogits_dtype=No
     ref_rows, ref_layout = logprobs.row_layout(ref_logits)
     dlogits = torch.empty(logits.shape, dtype=dlogits_dtype or logits.dtype)
     return full_kl.plan_full_kl_bwd(rows, layout, ref_rows, ref_layout, dlogits, logprobs.row_layout(dlogits)[1],
-                                    labels, vec, vec, vec, vec, torch.ones(1, dtype=_out(logits.dtype)), -100,
-                                    _acc(logits.dtype), (vec, vec, vec) if row_grads else None)
+                                    labels, vec, vec, vec, vec, vec, vec, vec, torch.ones(1, dtype=_out(logits.dtype)),
+                                    -100, _acc(logits.dtype))
 
 
 def ppo_fwd_plan(logits, kl_mode="k3", dual_clip=True, tis=True, labels=None) -> Launch:
@@ -296,14 +295,10 @@ def cases() -> list[Case]:
             config = f"{_short(dtype)} V={V}"
             out.append(Case("full kl rows fwd", config, full_kl_rows_fwd_plan(_logits(2, V, dtype)), V == ALIGNED_V))
             out.append(Case("full kl rows bwd", config, full_kl_rows_bwd_plan(_logits(2, V, dtype)), V == ALIGNED_V))
-            out.append(Case("full kl rows bwd", f"{config} with logp and entropy",
-                            full_kl_rows_bwd_plan(_logits(2, V, dtype), row_grads=True), V == ALIGNED_V))
     mixed = (_logits(2, ALIGNED_V, torch.bfloat16), _logits(2, ALIGNED_V, torch.float32))
     out.append(Case("full kl rows fwd", f"bfloat16 V={ALIGNED_V} ref float32", full_kl_rows_fwd_plan(*mixed), True))
     out.append(Case("full kl rows bwd", f"bfloat16 V={ALIGNED_V} ref float32 dlogits float32",
                     full_kl_rows_bwd_plan(*mixed, dlogits_dtype=torch.float32), True))
-    out.append(Case("full kl rows bwd", f"bfloat16 V={ALIGNED_V} ref float32 with logp and entropy",
-                    full_kl_rows_bwd_plan(*mixed, row_grads=True), True))
     for V in (1, 7, 100, 1000, 4095):
         out.append(Case("full kl rows fwd", f"bfloat16 V={V}", full_kl_rows_fwd_plan(_logits(2, V, torch.bfloat16))))
         out.append(Case("full kl rows bwd", f"bfloat16 V={V}", full_kl_rows_bwd_plan(_logits(2, V, torch.bfloat16))))
@@ -428,9 +423,7 @@ def batch_invariance_problems() -> list[str]:
                            ("logprobs bwd", lambda x, y: logprobs_bwd_plan(x, True, y)),
                            ("ppo fwd", lambda x, y: ppo_fwd_plan(x, labels=y)),
                            ("full kl rows fwd", lambda x, y: full_kl_rows_fwd_plan(x, x, y)),
-                           ("full kl rows bwd", lambda x, y: full_kl_rows_bwd_plan(x, x, y)),
-                           ("full kl rows bwd with logp and entropy",
-                            lambda x, y: full_kl_rows_bwd_plan(x, x, y, row_grads=True))):
+                           ("full kl rows bwd", lambda x, y: full_kl_rows_bwd_plan(x, x, y))):
             flat = batch.view(-1, V)
             variants = {
                 "batch": make(flat, labels.view(-1)),

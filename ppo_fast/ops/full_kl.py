@@ -18,10 +18,10 @@ one per backend (reference PyTorch, Triton, native C++), and their table. Every 
 has the same two functions (:class:`KLOps`):
 
     forward(logits, ref_logits, labels, inv_temp, ignore_index) -> (kl, lse, ref_lse, logp, entropy)
-    backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
-             row_grads=None)
-        writes grad_kl · ∂KL/∂logits into dlogits (any float dtype), plus with
-        row_grads = (entropy, grad_logp, grad_entropy) the log-prob's and entropy's gradients
+    backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, entropy, grad_kl, grad_logp,
+             grad_entropy, inv_temp, ignore_index)
+        writes the gradient of grad_kl·KL + grad_logp·logp + grad_entropy·entropy into dlogits
+        (any float dtype)
 
 The Triton and native ones read each row of both models once per direction and never hold more
 than a block of a row (``kernels/full_kl.py``, ``csrc/ppo_fast_cpu.cpp``); the reference goes
@@ -84,9 +84,9 @@ def full_kl_backward_op(dlogits: Tensor, logits: Tensor, ref_logits: Tensor, lab
                         entropy: Optional[Tensor] = None, grad_logp: Optional[Tensor] = None,
                         grad_entropy: Optional[Tensor] = None) -> None:
     """Writes ``grad_kl · ∂KL/∂logits`` into ``dlogits`` (the logits' shape, any float dtype, unit
-    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``, plus, given the forward's
-    ``entropy`` with ``grad_logp`` and ``grad_entropy`` (all three or none, of kl's dtype), the
-    gradients of the log-prob and the entropy; zeros on ignored rows. ``dlogits`` may be ``logits``
+    column stride) from the forward's ``kl``, ``lse`` and ``ref_lse``, plus those of the log-prob
+    and the entropy with ``grad_logp`` and ``grad_entropy`` (None: no gradient; ``grad_entropy``
+    needs the forward's ``entropy``); zeros on ignored rows. ``dlogits`` may be ``logits``
     or ``ref_logits`` itself (same dtype): every backend reads each element before it writes it."""
     raise no_kernel("full_kl_backward", logits)
 
@@ -104,11 +104,14 @@ def _forward(logits, ref_logits, labels, inv_temp, ignore_index, inplace_backwar
 
 def _backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index, entropy=None,
               grad_logp=None, grad_entropy=None):
-    given = [t is not None for t in (entropy, grad_logp, grad_entropy)]
-    if any(given) and not all(given):
-        raise ValueError("full_kl_backward takes entropy, grad_logp and grad_entropy together or not at all")
-    kl_ops_for(logits.device).backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                                       ignore_index, (entropy, grad_logp, grad_entropy) if all(given) else None)
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("full_kl_backward: grad_entropy needs the forward's entropy")
+    # One backward for every case: a gradient not given is a zero one (its terms add exact zeros).
+    zeros = torch.zeros_like(kl)
+    entropy, grad_logp, grad_entropy = (zeros if t is None else t.to(kl.dtype)
+                                        for t in (entropy, grad_logp, grad_entropy))
+    kl_ops_for(logits.device).backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, entropy,
+                                       grad_kl.to(kl.dtype), grad_logp, grad_entropy, inv_temp, ignore_index)
 
 
 for _device_type in DEVICE_TYPES:
@@ -126,16 +129,12 @@ def _setup(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_kl, _grad_lse, _grad_ref_lse, grad_logp, grad_entropy):
     logits, ref_logits, labels, kl, lse, ref_lse, entropy = ctx.saved_tensors
-    grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.to(kl.dtype)
-    # Either of logp and entropy with a gradient brings both in (a zero for the other): one pass.
-    if grad_logp is None and grad_entropy is None:
-        row_grads = (None, None, None)
-    else:
-        row_grads = (entropy, *(torch.zeros_like(kl) if g is None else g.to(kl.dtype) for g in (grad_logp, grad_entropy)))
+    grad_kl, grad_logp, grad_entropy = (torch.zeros_like(kl) if g is None else g.to(kl.dtype)
+                                        for g in (grad_kl, grad_logp, grad_entropy))
     if torch.is_grad_enabled():
         # create_graph=True: the kernels' gradient would be a constant to a second backward (a
         # gradient penalty silently missing the KL's share), so the formula runs in PyTorch ops.
-        return (_differentiable_dlogits(logits, ref_logits, labels, grad_kl, *row_grads[1:], ctx.inv_temp,
+        return (_differentiable_dlogits(logits, ref_logits, labels, grad_kl, grad_logp, grad_entropy, ctx.inv_temp,
                                         ctx.ignore_index), None, None, None, None, None)
     # The backends that write the log-prob backward over the logits read every element of both rows
     # before writing it here too, and a fresh buffer comes from where theirs does (on the CPU, 2 MiB
@@ -143,14 +142,14 @@ def _autograd_backward(ctx, grad_kl, _grad_lse, _grad_ref_lse, grad_logp, grad_e
     row_ops = row_ops_for(logits.device)
     dlogits = logits if ctx.inplace_backward and row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
     full_kl_backward_op(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, ctx.inv_temp,
-                        ctx.ignore_index, *row_grads)
+                        ctx.ignore_index, entropy, grad_logp, grad_entropy)
     return dlogits, None, None, None, None, None
 
 
 def _differentiable_dlogits(logits, ref_logits, labels, grad_kl, grad_logp, grad_entropy, inv_temp, ignore_index):
-    """``∂L/∂logits`` from the upstream gradients of the KL, the log-prob and the entropy (the last
-    two None where they have none) in PyTorch ops over the whole ``[..., V]``, differentiable in
-    the logits and in the upstream gradients: the backward under ``create_graph=True``."""
+    """``∂L/∂logits`` from the upstream gradients of the KL, the log-prob and the entropy in PyTorch
+    ops over the whole ``[..., V]``, differentiable in the logits and in the upstream gradients:
+    the backward under ``create_graph=True``."""
     dtype = compute_dtype(logits)
     active = labels != ignore_index
     rows = active.unsqueeze(-1)
@@ -162,13 +161,12 @@ def _differentiable_dlogits(logits, ref_logits, labels, grad_kl, grad_logp, grad
     kept_log_p = torch.where(present, log_p, 0.0)
     gap = kept_log_p - torch.where(present, log_ref, 0.0)
     kl = (p * gap).sum(-1, keepdim=True)
-    dz = p * (gap - kl) * (grad_kl.to(dtype) * inv_temp).unsqueeze(-1)
-    if grad_logp is not None:
-        index = labels.masked_fill(~active, 0).long().unsqueeze(-1)
-        chosen = torch.zeros_like(p).scatter_(-1, index, 1.0)
-        entropy = -(p * kept_log_p).sum(-1, keepdim=True)
-        dz = dz + (chosen - p) * (grad_logp.to(dtype) * inv_temp).unsqueeze(-1) \
-            - p * (kept_log_p + entropy) * (grad_entropy.to(dtype) * inv_temp).unsqueeze(-1)
+    index = labels.masked_fill(~active, 0).long().unsqueeze(-1)
+    chosen = torch.zeros_like(p).scatter_(-1, index, 1.0)
+    entropy = -(p * kept_log_p).sum(-1, keepdim=True)
+    dz = (p * (gap - kl) * (grad_kl.to(dtype) * inv_temp).unsqueeze(-1)
+          + (chosen - p) * (grad_logp.to(dtype) * inv_temp).unsqueeze(-1)
+          - p * (kept_log_p + entropy) * (grad_entropy.to(dtype) * inv_temp).unsqueeze(-1))
     return torch.where(rows, dz, 0.0).to(logits.dtype)
 
 
@@ -226,26 +224,23 @@ def reference_forward(logits, ref_logits, labels, inv_temp, ignore_index):
     return out
 
 
-def reference_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp,
-                       ignore_index, row_grads=None) -> None:
+def reference_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, entropy, grad_kl, grad_logp,
+                       grad_entropy, inv_temp, ignore_index) -> None:
     dtype = lse.dtype
     flat_dlogits = dlogits.view(-1, dlogits.shape[-1])
-    per_row = (kl, lse, ref_lse, grad_kl) + (() if row_grads is None else tuple(row_grads))
-    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows, g, *rows in _chunks(logits, ref_logits, labels, *per_row):
+    for part, z, r, lab, kl_rows, lse_rows, ref_lse_rows, *per_row in _chunks(
+            logits, ref_logits, labels, kl, lse, ref_lse, entropy, grad_kl, grad_logp, grad_entropy):
+        entropy_rows, g, g_y, h = (t.to(dtype).unsqueeze(-1) * scale
+                                   for t, scale in zip(per_row, (1.0, inv_temp, inv_temp, inv_temp)))
         log_p = z.to(dtype).mul(inv_temp).sub_(lse_rows.unsqueeze(-1))
         log_ref = r.to(dtype).mul(inv_temp).sub_(ref_lse_rows.unsqueeze(-1))
         p = log_p.exp()
         active = lab != ignore_index
-        if rows:
-            entropy, g_y, h = (t.to(dtype).unsqueeze(-1) for t in rows)
-            # −h·π·(log π + H), 0 where π = 0, before log_p is overwritten below.
-            entropy_term = torch.where(p > 0, p * (log_p + entropy), 0.0).mul_(h * inv_temp)
+        # −h·π·(log π + H), 0 where π = 0, before log_p is overwritten below.
+        entropy_term = torch.where(p > 0, p * (log_p + entropy_rows), 0.0).mul_(h)
         gap = torch.where(p > 0, log_p.sub_(log_ref).sub_(kl_rows.unsqueeze(-1)), 0.0)
-        dz = p.mul(gap).mul_((g.to(dtype) * inv_temp).unsqueeze(-1))
-        if rows:
-            dz.sub_(p.mul_(g_y * inv_temp)).sub_(entropy_term)
-            index = lab.masked_fill(~active, 0).long().unsqueeze(-1)
-            dz.scatter_add_(-1, index, (g_y * inv_temp).to(dz.dtype))
+        dz = p.mul(gap).mul_(g).sub_(p.mul_(g_y)).sub_(entropy_term)
+        dz.scatter_add_(-1, lab.masked_fill(~active, 0).long().unsqueeze(-1), g_y.to(dz.dtype))
         flat_dlogits[part] = dz.masked_fill_(~active.unsqueeze(-1), 0.0)
 
 
@@ -271,8 +266,8 @@ def triton_forward(logits, ref_logits, labels, inv_temp, ignore_index):
     return out
 
 
-def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
-                    row_grads=None) -> None:
+def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, entropy, grad_kl, grad_logp, grad_entropy,
+                    inv_temp, ignore_index) -> None:
     from ..kernels import full_kl as kernels
     from ..kernels.launch import accumulator, coefficients
     from ..kernels.logprobs import row_layout
@@ -283,11 +278,10 @@ def triton_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_
     if drows is not dlogits:
         raise ValueError("dlogits must have unit column stride and rows addressable as "
                          f"[outer, inner, V]; got strides {tuple(dlogits.stride())}")
-    kernels.full_kl_bwd(rows, layout, ref_rows, ref_layout, dlogits, dlayout, flat(labels), flat(kl), flat(lse),
-                        flat(ref_lse), flat(grad_kl.to(kl.dtype)),
+    kernels.full_kl_bwd(rows, layout, ref_rows, ref_layout, dlogits, dlayout, flat(labels),
+                        *(flat(t) for t in (kl, lse, ref_lse, entropy, grad_kl, grad_logp, grad_entropy)),
                         coefficients([inv_temp], logits.dtype, logits.device), ignore_index,
-                        accumulator(logits.dtype),
-                        None if row_grads is None else tuple(flat(t.to(kl.dtype)) for t in row_grads))
+                        accumulator(logits.dtype))
 
 
 TRITON = KLOps(triton_forward, triton_backward)
@@ -303,15 +297,12 @@ def native_forward(logits, ref_logits, labels, inv_temp, ignore_index):
                                                labels.long().contiguous(), float(inv_temp), int(ignore_index)))
 
 
-def native_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
-                    row_grads=None) -> None:
-    dtype = kl.dtype
-    entropy, grad_logp, grad_entropy = (None,) * 3 if row_grads is None else (t.to(dtype).contiguous()
-                                                                               for t in row_grads)
+def native_backward(dlogits, logits, ref_logits, labels, kl, lse, ref_lse, entropy, grad_kl, grad_logp, grad_entropy,
+                    inv_temp, ignore_index) -> None:
     native.load().full_kl_backward(dlogits, native_rows(logits), native_rows(ref_logits), labels.long().contiguous(),
-                                   kl.contiguous(), lse.contiguous(), ref_lse.contiguous(),
-                                   grad_kl.to(dtype).contiguous(), float(inv_temp), int(ignore_index), entropy,
-                                   grad_logp, grad_entropy)
+                                   *(t.contiguous() for t in (kl, lse, ref_lse, entropy, grad_kl, grad_logp,
+                                                              grad_entropy)),
+                                   float(inv_temp), int(ignore_index))
 
 
 NATIVE = KLOps(native_forward, native_backward)

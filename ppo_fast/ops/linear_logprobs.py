@@ -503,10 +503,11 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
     row op; nothing here is recorded by autograd.
 
     With a ``reference`` head the loss also has ``Σ_t kl_weights_t · KL_t``, the full KL to it
-    (``kl`` ``[N]``; None without one): per chunk one more GEMM for the reference's logits, the
-    full-KL op over the two (:func:`ppo_fast.ops.full_kl.full_kl_op`, forward and backward while
-    both are live), its gradient added to the chunk's before the two gradient GEMMs: four GEMMs
-    per chunk for the whole loss, where computing the KL apart takes six more."""
+    (``kl`` ``[N]``; None without one): per chunk one more GEMM for the reference's logits, and
+    the full-KL op over the two in place of the row op (:func:`ppo_fast.ops.full_kl.full_kl_op`:
+    the same log-prob and entropy from one pass over both, and one backward for the gradients of
+    all three while both are live): four GEMMs per chunk for the whole loss, where computing the
+    KL apart takes six more."""
     n = hidden.shape[0]
     logp, entropy = (torch.zeros(n, dtype=out_dtype(hidden.dtype), device=hidden.device) for _ in range(2))
     kl = None if reference is None else torch.zeros_like(logp)
@@ -520,7 +521,7 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
     # serves every chunk: a fresh one per chunk costs its page faults each time on the CPU (0.4 s
     # of 4 at 8192 × 32 000 fp32), and the GEMM writing into it gives the bits F.linear gives. With
     # a reference, its logits get one too.
-    logits = dlogits = ref_logits = kl_dlogits = None
+    logits = dlogits = ref_logits = None
     with torch.no_grad():
         for start, stop, h, lab, *ref_tiles in linear_chunks(hidden, labels, ignore_index, chunk, *per_token):
             if logits is None:
@@ -528,45 +529,43 @@ def linear_logprobs_with_gradients(hidden: Tensor, weight: Tensor, bias: Optiona
                 dlogits = logits if row_ops.writes_in_place(logits) else row_ops.empty_dlogits(logits)
                 if reference is not None:
                     ref_logits = reference.hidden.new_empty(chunk, weight.shape[0])
-                    # The KL's gradient goes over the reference's logits where it can (the op's
-                    # backward reads each element before writing it): one buffer, not two.
-                    same = ref_logits.dtype == logits.dtype
-                    kl_dlogits = ref_logits if same else torch.empty_like(logits)
             _into(logits, h, weight, bias)
             # The row ops see the chunk's tokens only (a row's numbers do not depend on its
             # neighbours), the GEMMs the padded chunk, whose padding rows of dlogits are zeroed.
             rows = stop - start
             live, lab = logits[:rows], lab[:rows]
-            logp_c, entropy_c, lse_c = row_ops.forward(live, lab, inv_temp, ignore_index, True)
+            if reference is None:
+                logp_c, entropy_c, lse_c = row_ops.forward(live, lab, inv_temp, ignore_index, True)
+                grad_logp, grad_entropy = _token_gradients(chunk_loss, start, stop, logp_c, entropy_c)
+                token_logprobs_backward_op(dlogits[:rows], live, lab, lse_c, entropy_c, grad_logp, grad_entropy,
+                                           inv_temp, ignore_index)
+            else:
+                logp_c, entropy_c, kl[start:stop] = _chunk_with_full_kl(live, ref_logits, dlogits[:rows], reference,
+                                                                        lab, start, stop, ref_tiles, chunk_loss,
+                                                                        inv_temp, ignore_index)
             logp[start:stop], entropy[start:stop] = logp_c, entropy_c
-            if reference is not None:
-                # Before the row backward, which may write over the policy's logits.
-                kl[start:stop] = _chunk_full_kl(live, ref_logits, kl_dlogits[:rows], reference, lab, start,
-                                                ref_tiles, inv_temp, ignore_index)
-            grad_logp, grad_entropy = _token_gradients(chunk_loss, start, stop, logp_c, entropy_c)
-            token_logprobs_backward_op(dlogits[:rows], live, lab, lse_c, entropy_c, grad_logp, grad_entropy,
-                                       inv_temp, ignore_index)
-            if reference is not None and reference.kl_weights is not None:
-                dlogits[:rows] += kl_dlogits[:rows]
             dlogits[rows:].zero_()
             grads.add_chunk(start, stop, dlogits, h)
     return logp, entropy, kl, grads.result()
 
 
-def _chunk_full_kl(live, ref_logits, kl_dlogits, reference, labels, start, ref_tiles, inv_temp, ignore_index):
-    """One chunk's full KL ``[rows]`` to the reference head, from the policy's ``live`` logits and
-    the reference's, computed into ``ref_logits``; its gradient ``kl_weights · ∂KL/∂z`` into
-    ``kl_dlogits`` (not written where the KL gets no gradient; it may be ``ref_logits``). A KL that
-    is not finite is an error naming the token."""
+def _chunk_with_full_kl(live, ref_logits, dlogits, reference, labels, start, stop, ref_tiles, chunk_loss, inv_temp,
+                        ignore_index):
+    """One chunk's ``(logp, entropy, kl)`` ``[rows]``, the full KL to the reference head, from the
+    policy's ``live`` logits and the reference's, computed into ``ref_logits``: one pass of the
+    full-KL op over both; then the gradient of ``chunk_loss`` and of ``kl_weights · KL`` into
+    ``dlogits`` (which may be ``live``) by its one backward. A KL that is not finite is an error
+    naming the token."""
     h_ref, kl_weights = ref_tiles
     rows = live.shape[0]
     _into(ref_logits, h_ref, reference.weight, reference.bias)
-    kl, lse, ref_lse = full_kl_op(live, ref_logits[:rows], labels, inv_temp, ignore_index)[:3]
+    kl, lse, ref_lse, logp, entropy = full_kl_op(live, ref_logits[:rows], labels, inv_temp, ignore_index)
     check_kl_finite(kl, start, "the reference head's logits", lse)
-    if kl_weights is not None:
-        full_kl_backward_op(kl_dlogits, live, ref_logits[:rows], labels, kl, lse, ref_lse,
-                            kl_weights[:rows].to(kl.dtype), inv_temp, ignore_index)
-    return kl
+    grad_logp, grad_entropy = _token_gradients(chunk_loss, start, stop, logp, entropy)
+    grad_kl = torch.zeros_like(kl) if kl_weights is None else kl_weights[:rows].to(kl.dtype)
+    full_kl_backward_op(dlogits, live, ref_logits[:rows], labels, kl, lse, ref_lse, grad_kl, inv_temp, ignore_index,
+                        entropy, grad_logp, grad_entropy)
+    return logp, entropy, kl
 
 
 def _token_gradients(chunk_loss, start, stop, logp, entropy):
